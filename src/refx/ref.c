@@ -1,0 +1,953 @@
+/*
+ * ref.c: the Ref type, the deref'ed forms Value and Index, and NOTHING.
+ *
+ * Ref.  A Ref owns three objects:
+ *
+ *   value       anything; read freely, written only through the checks
+ *               below.
+ *   collection  hashable, fixed at construction (None by default).
+ *   trace       a weakref to the JAX trace that was current when the Ref
+ *               was made.  JAX gives every trace one precomputed weakref
+ *               (Trace._weakref), and `trace_state.value` returns it, so
+ *               "same trace" is pointer identity of two weakrefs.  Holding
+ *               the weakref, never the trace, keeps a Ref from keeping a
+ *               finished trace (and its tracers) alive; once that trace is
+ *               gone the weakref is dead and matches no current trace.
+ *
+ * Who may write.  `ref.value = x` (and update_refs) succeed only when the
+ * current trace is the Ref's own: a Ref made outside jit/grad/vmap can't be
+ * written inside one, nor a Ref made inside jit outside of it.  The value
+ * itself is checked by refx._compat.check_value unless its type is known
+ * never to hold tracers (arrays, scalars): it may hold tracers of the Ref's
+ * trace or of a trace enclosing it (a jit tracer inside grad, say), never
+ * of an inner or finished trace.  Reading is always allowed.
+ *
+ * A Ref is a pytree leaf: it is not registered with JAX.  Equality and
+ * hash are identity.  Ref supports cyclic GC, weak references and
+ * subclassing; its __init__ does the work so subclasses can call
+ * super().__init__(value, collection).
+ *
+ * Value and Index.  deref turns the first occurrence of a Ref into
+ * Value(value, index, collection) and every later one into
+ * Index(index, collection); both derive from Deref.  They are immutable and
+ * registered with JAX by refx/_compat.py using the C functions at the end
+ * of this file: a Value has one child (its value), an Index none, and both
+ * carry the aux data (index, collection), a tuple that hashes and compares
+ * by value so a deref'ed tree's treedef is a stable jit cache key.  The
+ * ((children), aux) pair that jaxlib asks for is built on first flatten
+ * and cached in `flat`, so a tree flattened at every step allocates
+ * nothing for these nodes after the first time.
+ *
+ * GC.  Value and Index untrack themselves when nothing they hold can lead
+ * back to them (an untracked value such as a scalar or an array, and a
+ * collection of None, str or int): for a deref'ed model that is every
+ * node, so the collector never walks them.
+ *
+ * NOTHING.  A singleton registered as a pytree node with no children: it
+ * marks "this path belongs to another partition".
+ */
+#include "refx.h"
+#include <structmember.h>
+
+/* ------------------------------------------------------------------ */
+/* helpers                                                              */
+/* ------------------------------------------------------------------ */
+
+static inline int
+is_atomic(PyObject *o)
+{
+    return o == Py_None || PyUnicode_CheckExact(o) || PyLong_CheckExact(o) ||
+           PyBool_Check(o);
+}
+
+PyObject *
+refx_collection_of(refx_state *st, PyObject *leaf)
+{
+    if (Ref_Check(st, leaf)) {
+        return ((RefObject *)leaf)->collection;
+    }
+    if (Deref_Check(st, leaf)) {
+        return ((DerefObject *)leaf)->collection;
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* the write check                                                      */
+/* ------------------------------------------------------------------ */
+
+static int
+is_plain_value(refx_state *st, PyObject *value)
+{
+    PyTypeObject *tp = Py_TYPE(value);
+    if (value == Py_None || tp == &PyFloat_Type || tp == &PyLong_Type ||
+        tp == &PyBool_Type || tp == &PyComplex_Type ||
+        tp == &PyUnicode_Type || tp == &PyBytes_Type) {
+        return 1;
+    }
+    PyObject *plain = st->plain_types;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(plain); i++) {
+        if ((PyObject *)tp == PyTuple_GET_ITEM(plain, i)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* 0 if `ref` may be set to `value` while `current_trace` (a weakref) is
+ * current; -1 with ValueError otherwise. */
+int
+refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
+                 PyObject *current_trace)
+{
+    if (ref->trace != current_trace) {
+        PyErr_SetString(PyExc_ValueError,
+                        "Cannot mutate Ref from a different trace level");
+        return -1;
+    }
+    if (is_plain_value(st, value)) {
+        return 0;
+    }
+    PyObject *r = PyObject_CallFunctionObjArgs(st->check_value, value,
+                                               ref->trace, NULL);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Ref                                                                  */
+/* ------------------------------------------------------------------ */
+
+PyObject *
+refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
+                PyObject *collection, PyObject *trace)
+{
+    (void)st;
+    RefObject *self = (RefObject *)tp->tp_alloc(tp, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->value = Py_NewRef(value);
+    self->collection = Py_NewRef(collection);
+    self->trace = Py_NewRef(trace);
+    return (PyObject *)self;
+}
+
+static PyObject *
+ref_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    refx_state *st = refx_state_from_type(tp);
+    if (st == NULL || refx_require_jax(st, "Ref") < 0) {
+        return NULL;
+    }
+    PyObject *trace = refx_current_trace(st);
+    if (trace == NULL) {
+        return NULL;
+    }
+    /* __init__ fills value and collection */
+    PyObject *self = refx_ref_create(st, tp, Py_None, Py_None, trace);
+    Py_DECREF(trace);
+    return self;
+}
+
+static int
+ref_init(RefObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"value", "collection", NULL};
+    PyObject *value, *collection = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Ref", kwlist, &value,
+                                     &collection)) {
+        return -1;
+    }
+    if (refx_check_hashable(collection, "Ref", "collection") < 0) {
+        return -1;
+    }
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return -1;
+    }
+    /* __init__ on a live Ref is a write: same rules as .value = ... */
+    PyObject *trace = refx_current_trace(st);
+    if (trace == NULL) {
+        return -1;
+    }
+    int r = refx_check_write(st, self, value, trace);
+    Py_DECREF(trace);
+    if (r < 0) {
+        return -1;
+    }
+    Py_XSETREF(self->value, Py_NewRef(value));
+    Py_XSETREF(self->collection, Py_NewRef(collection));
+    return 0;
+}
+
+static int
+ref_traverse(RefObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->value);
+    Py_VISIT(self->collection);
+    Py_VISIT(self->trace);
+    return 0;
+}
+
+static int
+ref_clear(RefObject *self)
+{
+    Py_CLEAR(self->value);
+    Py_CLEAR(self->collection);
+    Py_CLEAR(self->trace);
+    return 0;
+}
+
+static void
+ref_dealloc(RefObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    ref_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+ref_get_value(RefObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->value != NULL ? self->value : Py_None);
+}
+
+static int
+ref_set_value(RefObject *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete Ref.value");
+        return -1;
+    }
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return -1;
+    }
+    PyObject *trace = refx_current_trace(st);
+    if (trace == NULL) {
+        return -1;
+    }
+    int r = refx_check_write(st, self, value, trace);
+    Py_DECREF(trace);
+    if (r < 0) {
+        return -1;
+    }
+    Py_XSETREF(self->value, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+ref_get_collection(RefObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->collection != NULL ? self->collection : Py_None);
+}
+
+static PyObject *
+ref_repr(RefObject *self)
+{
+    int rc = Py_ReprEnter((PyObject *)self);
+    if (rc != 0) {
+        return rc > 0 ? PyUnicode_FromFormat("%s(...)",
+                                             _PyType_Name(Py_TYPE(self)))
+                      : NULL;
+    }
+    PyObject *res = PyUnicode_FromFormat(
+        "%s(value=%R, collection=%R)", _PyType_Name(Py_TYPE(self)),
+        self->value != NULL ? self->value : Py_None,
+        self->collection != NULL ? self->collection : Py_None);
+    Py_ReprLeave((PyObject *)self);
+    return res;
+}
+
+static PyObject *
+ref_reduce(RefObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("O(OO)", Py_TYPE(self),
+                         self->value != NULL ? self->value : Py_None,
+                         self->collection != NULL ? self->collection
+                                                  : Py_None);
+}
+
+static PyGetSetDef ref_getset[] = {
+    {"value", (getter)ref_get_value, (setter)ref_set_value,
+     "The referenced value.  Setting it is allowed only from the JAX trace\n"
+     "the Ref was created in.",
+     NULL},
+    {"collection", (getter)ref_get_collection, NULL,
+     "The Ref's collection (hashable, read-only).", NULL},
+    {NULL},
+};
+
+static PyMemberDef ref_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(RefObject, weakreflist),
+     READONLY, NULL},
+    {NULL},
+};
+
+static PyMethodDef ref_methods[] = {
+    {"__reduce__", (PyCFunction)ref_reduce, METH_NOARGS,
+     "Pickle as Ref(value, collection); shared Refs stay shared."},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "See PEP 585."},
+    {NULL},
+};
+
+PyDoc_STRVAR(ref_doc,
+"Ref(value, collection=None)\n"
+"--\n\n"
+"A shared, mutable reference to a value.\n\n"
+"A Ref is a pytree leaf: the same Ref may sit at many places of a tree,\n"
+"and writing `ref.value` is seen through all of them.  Before a tree of\n"
+"Refs crosses a JAX transform, `deref` it; rebuild the Refs inside with\n"
+"`reref`.\n\n"
+"`collection` (hashable, default None) groups Refs for partitioning.\n"
+"A Ref remembers the JAX trace it was created in and may only be written\n"
+"from that trace (ValueError otherwise); reading is always allowed.");
+
+static PyType_Slot ref_slots[] = {
+    {Py_tp_doc, (void *)ref_doc},
+    {Py_tp_new, ref_new},
+    {Py_tp_init, ref_init},
+    {Py_tp_dealloc, ref_dealloc},
+    {Py_tp_traverse, ref_traverse},
+    {Py_tp_clear, ref_clear},
+    {Py_tp_repr, ref_repr},
+    {Py_tp_getset, ref_getset},
+    {Py_tp_members, ref_members},
+    {Py_tp_methods, ref_methods},
+    {0, NULL},
+};
+
+static PyType_Spec ref_spec = {
+    .name = "refx.Ref",
+    .basicsize = sizeof(RefObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = ref_slots,
+};
+
+/* ------------------------------------------------------------------ */
+/* Deref, Value, Index                                                  */
+/* ------------------------------------------------------------------ */
+
+static void
+deref_maybe_untrack(DerefObject *self, PyObject *value)
+{
+    if (!is_atomic(self->collection)) {
+        return;
+    }
+    if (value != NULL && PyObject_GC_IsTracked(value)) {
+        return;
+    }
+    PyObject_GC_UnTrack(self);
+}
+
+PyObject *
+refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
+                  PyObject *collection)
+{
+    ValueObject *self = PyObject_GC_New(ValueObject, st->Value_Type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->base.index = index;
+    self->base.collection = Py_NewRef(collection);
+    self->base.flat = NULL;
+    self->value = Py_NewRef(value);
+    PyObject_GC_Track(self);
+    deref_maybe_untrack(&self->base, value);
+    return (PyObject *)self;
+}
+
+PyObject *
+refx_index_create(refx_state *st, Py_ssize_t index, PyObject *collection)
+{
+    DerefObject *self = PyObject_GC_New(DerefObject, st->Index_Type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->index = index;
+    self->collection = Py_NewRef(collection);
+    self->flat = NULL;
+    PyObject_GC_Track(self);
+    deref_maybe_untrack(self, NULL);
+    return (PyObject *)self;
+}
+
+static int
+parse_index(PyObject *o, const char *fname, Py_ssize_t *out)
+{
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s: index must be an int, not %.200s",
+                     fname, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(o);
+    if (i == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (i < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: index must be >= 0, got %zd",
+                     fname, i);
+        return -1;
+    }
+    *out = i;
+    return 0;
+}
+
+static PyObject *
+value_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"value", "index", "collection", NULL};
+    PyObject *value, *index, *collection = Py_None;
+    Py_ssize_t i;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:Value", kwlist, &value,
+                                     &index, &collection)) {
+        return NULL;
+    }
+    if (parse_index(index, "Value", &i) < 0 ||
+        refx_check_hashable(collection, "Value", "collection") < 0) {
+        return NULL;
+    }
+    refx_state *st = refx_state_from_type(tp);
+    if (st == NULL) {
+        return NULL;
+    }
+    return refx_value_create(st, value, i, collection);
+}
+
+static PyObject *
+index_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"index", "collection", NULL};
+    PyObject *index, *collection = Py_None;
+    Py_ssize_t i;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Index", kwlist, &index,
+                                     &collection)) {
+        return NULL;
+    }
+    if (parse_index(index, "Index", &i) < 0 ||
+        refx_check_hashable(collection, "Index", "collection") < 0) {
+        return NULL;
+    }
+    refx_state *st = refx_state_from_type(tp);
+    if (st == NULL) {
+        return NULL;
+    }
+    return refx_index_create(st, i, collection);
+}
+
+static int
+deref_traverse(DerefObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->collection);
+    Py_VISIT(self->flat);
+    return 0;
+}
+
+static int
+deref_clear(DerefObject *self)
+{
+    Py_CLEAR(self->collection);
+    Py_CLEAR(self->flat);
+    return 0;
+}
+
+static void
+deref_dealloc(DerefObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    deref_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int
+value_traverse(ValueObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->value);
+    return deref_traverse(&self->base, visit, arg);
+}
+
+static int
+value_clear(ValueObject *self)
+{
+    Py_CLEAR(self->value);
+    return deref_clear(&self->base);
+}
+
+static void
+value_dealloc(ValueObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    value_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+deref_get_index(DerefObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->index);
+}
+
+static PyObject *
+deref_get_collection(DerefObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->collection != NULL ? self->collection : Py_None);
+}
+
+static PyObject *
+value_get_value(ValueObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->value != NULL ? self->value : Py_None);
+}
+
+/* Value and Index compare by contents: same type, index, collection (and
+ * value for Value, with == after an identity check). */
+static PyObject *
+deref_richcompare(PyObject *a, PyObject *b, int op)
+{
+    if ((op != Py_EQ && op != Py_NE) || Py_TYPE(a) != Py_TYPE(b)) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    DerefObject *x = (DerefObject *)a, *y = (DerefObject *)b;
+    int eq = x->index == y->index;
+    if (eq && x->collection != y->collection) {
+        eq = PyObject_RichCompareBool(x->collection, y->collection, Py_EQ);
+        if (eq < 0) {
+            return NULL;
+        }
+    }
+    refx_state *st = refx_state_from_type(Py_TYPE(a));
+    if (st == NULL) {
+        return NULL;
+    }
+    if (eq && Py_TYPE(a) == st->Value_Type) {
+        PyObject *va = ((ValueObject *)a)->value;
+        PyObject *vb = ((ValueObject *)b)->value;
+        if (va != vb) {
+            eq = (va != NULL && vb != NULL)
+                     ? PyObject_RichCompareBool(va, vb, Py_EQ)
+                     : 0;
+            if (eq < 0) {
+                return NULL;
+            }
+        }
+    }
+    return Py_NewRef((eq == (op == Py_EQ)) ? Py_True : Py_False);
+}
+
+static Py_hash_t
+index_hash(DerefObject *self)
+{
+    Py_hash_t h = PyObject_Hash(self->collection != NULL ? self->collection
+                                                         : Py_None);
+    if (h == -1) {
+        return -1;
+    }
+    Py_uhash_t x = (Py_uhash_t)h * 1000003u ^ (Py_uhash_t)self->index;
+    x ^= 0x5bd1e995u;
+    return x == (Py_uhash_t)-1 ? -2 : (Py_hash_t)x;
+}
+
+static PyObject *
+value_repr(ValueObject *self)
+{
+    int rc = Py_ReprEnter((PyObject *)self);
+    if (rc != 0) {
+        return rc > 0 ? PyUnicode_FromString("Value(...)") : NULL;
+    }
+    PyObject *res = PyUnicode_FromFormat(
+        "Value(value=%R, index=%zd, collection=%R)",
+        self->value != NULL ? self->value : Py_None, self->base.index,
+        self->base.collection != NULL ? self->base.collection : Py_None);
+    Py_ReprLeave((PyObject *)self);
+    return res;
+}
+
+static PyObject *
+index_repr(DerefObject *self)
+{
+    return PyUnicode_FromFormat(
+        "Index(index=%zd, collection=%R)", self->index,
+        self->collection != NULL ? self->collection : Py_None);
+}
+
+static PyObject *
+value_reduce(ValueObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("O(OnO)", Py_TYPE(self),
+                         self->value != NULL ? self->value : Py_None,
+                         self->base.index,
+                         self->base.collection != NULL ? self->base.collection
+                                                       : Py_None);
+}
+
+static PyObject *
+index_reduce(DerefObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("O(nO)", Py_TYPE(self), self->index,
+                         self->collection != NULL ? self->collection
+                                                  : Py_None);
+}
+
+static PyGetSetDef deref_getset[] = {
+    {"index", (getter)deref_get_index, NULL,
+     "Position of the Ref among the distinct Refs of the deref'ed tree.",
+     NULL},
+    {"collection", (getter)deref_get_collection, NULL,
+     "The collection of the Ref this stands for.", NULL},
+    {NULL},
+};
+
+static PyGetSetDef value_getset[] = {
+    {"value", (getter)value_get_value, NULL, "The Ref's value.", NULL},
+    {NULL},
+};
+
+static PyMethodDef value_methods[] = {
+    {"__reduce__", (PyCFunction)value_reduce, METH_NOARGS, NULL},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "See PEP 585."},
+    {NULL},
+};
+
+static PyMethodDef index_methods[] = {
+    {"__reduce__", (PyCFunction)index_reduce, METH_NOARGS, NULL},
+    {NULL},
+};
+
+PyDoc_STRVAR(deref_doc,
+"Base class of Value and Index, the deref'ed forms of a Ref.");
+
+PyDoc_STRVAR(value_doc,
+"Value(value, index, collection=None)\n"
+"--\n\n"
+"The first occurrence of a Ref in a deref'ed tree.\n\n"
+"A pytree node with one child (the value) and (index, collection) as\n"
+"static aux data.  `index` counts distinct Refs in leaf order from 0.");
+
+PyDoc_STRVAR(index_doc,
+"Index(index, collection=None)\n"
+"--\n\n"
+"A later occurrence of a Ref in a deref'ed tree: points at the Value\n"
+"with the same index.  A pytree node with no children.");
+
+static PyType_Slot deref_slots[] = {
+    {Py_tp_doc, (void *)deref_doc},
+    {Py_tp_dealloc, deref_dealloc},
+    {Py_tp_traverse, deref_traverse},
+    {Py_tp_clear, deref_clear},
+    {Py_tp_getset, deref_getset},
+    {0, NULL},
+};
+
+static PyType_Spec deref_spec = {
+    .name = "refx.Deref",
+    .basicsize = sizeof(DerefObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = deref_slots,
+};
+
+static PyType_Slot value_slots[] = {
+    {Py_tp_doc, (void *)value_doc},
+    {Py_tp_new, value_new},
+    {Py_tp_dealloc, value_dealloc},
+    {Py_tp_traverse, value_traverse},
+    {Py_tp_clear, value_clear},
+    {Py_tp_repr, value_repr},
+    {Py_tp_richcompare, deref_richcompare},
+    {Py_tp_getset, value_getset},
+    {Py_tp_methods, value_methods},
+    {0, NULL},
+};
+
+/* Value and Index are final: jaxlib registers node types exactly, so a
+ * subclass would silently be a leaf. */
+static PyType_Spec value_spec = {
+    .name = "refx.Value",
+    .basicsize = sizeof(ValueObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = value_slots,
+};
+
+static PyType_Slot index_slots[] = {
+    {Py_tp_doc, (void *)index_doc},
+    {Py_tp_new, index_new},
+    {Py_tp_dealloc, deref_dealloc},
+    {Py_tp_traverse, deref_traverse},
+    {Py_tp_clear, deref_clear},
+    {Py_tp_repr, index_repr},
+    {Py_tp_richcompare, deref_richcompare},
+    {Py_tp_hash, index_hash},
+    {Py_tp_methods, index_methods},
+    {0, NULL},
+};
+
+static PyType_Spec index_spec = {
+    .name = "refx.Index",
+    .basicsize = sizeof(DerefObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = index_slots,
+};
+
+/* ------------------------------------------------------------------ */
+/* NOTHING                                                              */
+/* ------------------------------------------------------------------ */
+
+static PyObject *
+nothing_repr(PyObject *self)
+{
+    (void)self;
+    return PyUnicode_FromString("NOTHING");
+}
+
+static PyObject *
+nothing_reduce(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    (void)self;
+    return PyUnicode_FromString("NOTHING");
+}
+
+static void
+nothing_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef nothing_methods[] = {
+    {"__reduce__", (PyCFunction)nothing_reduce, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyType_Slot nothing_slots[] = {
+    {Py_tp_doc, "The type of NOTHING, the placeholder for paths that belong "
+                "to another partition."},
+    {Py_tp_repr, nothing_repr},
+    {Py_tp_dealloc, nothing_dealloc},
+    {Py_tp_methods, nothing_methods},
+    {0, NULL},
+};
+
+static PyType_Spec nothing_spec = {
+    .name = "refx.Nothing",
+    .basicsize = sizeof(PyObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = nothing_slots,
+};
+
+/* ------------------------------------------------------------------ */
+/* pytree flatten/unflatten functions (registered by refx._compat)      */
+/* ------------------------------------------------------------------ */
+
+static PyObject *
+deref_flat(DerefObject *self, PyObject *value)
+{
+    if (self->flat == NULL) {
+        PyObject *children =
+            value != NULL ? PyTuple_Pack(1, value) : PyTuple_New(0);
+        PyObject *idx = PyLong_FromSsize_t(self->index);
+        PyObject *aux = NULL;
+        if (children != NULL && idx != NULL) {
+            aux = PyTuple_Pack(2, idx, self->collection);
+        }
+        if (aux != NULL) {
+            self->flat = PyTuple_Pack(2, children, aux);
+        }
+        Py_XDECREF(children);
+        Py_XDECREF(idx);
+        Py_XDECREF(aux);
+        if (self->flat == NULL) {
+            return NULL;
+        }
+    }
+    return Py_NewRef(self->flat);
+}
+
+static PyObject *
+value_flatten(PyObject *module, PyObject *v)
+{
+    refx_state *st = refx_get_state(module);
+    if (Py_TYPE(v) != st->Value_Type) {
+        PyErr_SetString(PyExc_TypeError, "_value_flatten expects a Value");
+        return NULL;
+    }
+    st->deref_nodes_seen++;
+    return deref_flat((DerefObject *)v, ((ValueObject *)v)->value);
+}
+
+static PyObject *
+index_flatten(PyObject *module, PyObject *v)
+{
+    refx_state *st = refx_get_state(module);
+    if (Py_TYPE(v) != st->Index_Type) {
+        PyErr_SetString(PyExc_TypeError, "_index_flatten expects an Index");
+        return NULL;
+    }
+    st->deref_nodes_seen++;
+    return deref_flat((DerefObject *)v, NULL);
+}
+
+static int
+parse_aux(PyObject *aux, const char *fname, Py_ssize_t *index,
+          PyObject **collection)
+{
+    if (!PyTuple_Check(aux) || PyTuple_GET_SIZE(aux) != 2) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: aux data must be (index, collection)", fname);
+        return -1;
+    }
+    *collection = PyTuple_GET_ITEM(aux, 1);
+    return parse_index(PyTuple_GET_ITEM(aux, 0), fname, index);
+}
+
+static PyObject *
+value_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_value_unflatten(aux, children) takes 2 arguments");
+        return NULL;
+    }
+    refx_state *st = refx_get_state(module);
+    Py_ssize_t index;
+    PyObject *collection;
+    if (parse_aux(args[0], "Value", &index, &collection) < 0) {
+        return NULL;
+    }
+    PyObject *children = PySequence_Fast(args[1], "children must be a sequence");
+    if (children == NULL) {
+        return NULL;
+    }
+    PyObject *res = NULL;
+    if (PySequence_Fast_GET_SIZE(children) != 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "Value: expected 1 child, got %zd",
+                     PySequence_Fast_GET_SIZE(children));
+    }
+    else {
+        res = refx_value_create(st, PySequence_Fast_GET_ITEM(children, 0),
+                                index, collection);
+    }
+    Py_DECREF(children);
+    return res;
+}
+
+static PyObject *
+index_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_index_unflatten(aux, children) takes 2 arguments");
+        return NULL;
+    }
+    refx_state *st = refx_get_state(module);
+    Py_ssize_t index;
+    PyObject *collection;
+    if (parse_aux(args[0], "Index", &index, &collection) < 0) {
+        return NULL;
+    }
+    return refx_index_create(st, index, collection);
+}
+
+static PyObject *
+nothing_flatten(PyObject *module, PyObject *v)
+{
+    (void)v;
+    refx_state *st = refx_get_state(module);
+    st->nothing_nodes_seen++;
+    return Py_BuildValue("(()O)", Py_None);
+}
+
+static PyObject *
+nothing_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)args;
+    (void)nargs;
+    return Py_NewRef(refx_get_state(module)->nothing);
+}
+
+PyMethodDef refx_ref_functions[] = {
+    {"_value_flatten", (PyCFunction)value_flatten, METH_O,
+     "_value_flatten($module, value, /)\n--\n\npytree flatten of Value."},
+    {"_value_unflatten", (PyCFunction)(void (*)(void))value_unflatten,
+     METH_FASTCALL,
+     "_value_unflatten($module, aux, children, /)\n--\n\n"
+     "pytree unflatten of Value."},
+    {"_index_flatten", (PyCFunction)index_flatten, METH_O,
+     "_index_flatten($module, index, /)\n--\n\npytree flatten of Index."},
+    {"_index_unflatten", (PyCFunction)(void (*)(void))index_unflatten,
+     METH_FASTCALL,
+     "_index_unflatten($module, aux, children, /)\n--\n\n"
+     "pytree unflatten of Index."},
+    {"_nothing_flatten", (PyCFunction)nothing_flatten, METH_O,
+     "_nothing_flatten($module, nothing, /)\n--\n\npytree flatten of NOTHING."},
+    {"_nothing_unflatten", (PyCFunction)(void (*)(void))nothing_unflatten,
+     METH_FASTCALL,
+     "_nothing_unflatten($module, aux, children, /)\n--\n\n"
+     "pytree unflatten of NOTHING."},
+    {NULL, NULL, 0, NULL},
+};
+
+/* ------------------------------------------------------------------ */
+/* type creation                                                        */
+/* ------------------------------------------------------------------ */
+
+static int
+add_type(PyObject *module, PyType_Spec *spec, PyObject *base,
+         PyTypeObject **out)
+{
+    PyObject *tp = PyType_FromModuleAndSpec(module, spec, base);
+    if (tp == NULL) {
+        return -1;
+    }
+    *out = (PyTypeObject *)tp;
+    return PyModule_AddType(module, (PyTypeObject *)tp);
+}
+
+int
+refx_init_ref_types(PyObject *module, refx_state *st)
+{
+    if (add_type(module, &ref_spec, NULL, &st->Ref_Type) < 0 ||
+        add_type(module, &deref_spec, NULL, &st->Deref_Type) < 0 ||
+        add_type(module, &value_spec, (PyObject *)st->Deref_Type,
+                 &st->Value_Type) < 0 ||
+        add_type(module, &index_spec, (PyObject *)st->Deref_Type,
+                 &st->Index_Type) < 0 ||
+        add_type(module, &nothing_spec, NULL, &st->Nothing_Type) < 0) {
+        return -1;
+    }
+    st->nothing = PyType_GenericAlloc(st->Nothing_Type, 0);
+    if (st->nothing == NULL) {
+        return -1;
+    }
+    return PyModule_AddObjectRef(module, "NOTHING", st->nothing);
+}
