@@ -1,0 +1,51 @@
+# refx: every target sets itself up from nothing (a fresh clone).
+#   make test    venv + install refx with test deps + the whole suite
+#   make demo    venv + install + the demo
+#   make bench   venv + install + peers (flax, equinox, optax) + benchmarks
+
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+PIP    := $(VPY) -m pip --disable-pip-version-check -q
+
+.PHONY: all venv install install-bench test pytest demo bench bench-smoke \
+        sanitize leakcheck lint clean
+
+all: test
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip 'setuptools>=70.1' wheel
+
+venv: $(VPY)
+
+# Always reinstall refx (cheap when nothing changed) so tests see the
+# current C sources.  pip replaces files by rename, so a running process
+# keeps the extension it loaded.
+install: venv
+	$(PIP) install --no-build-isolation '.[test]'
+
+install-bench: install
+	$(PIP) install '.[bench]'
+
+pytest: install
+	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
+
+test: pytest
+
+demo: install
+	$(PIP) install '.[demo]'
+	$(VPY) examples/quickstart.py
+
+bench: install-bench
+	$(VPY) benchmarks/run_all.py
+
+bench-smoke: install-bench
+	$(VPY) benchmarks/run_all.py --smoke
+
+lint: venv
+	$(PIP) install ruff
+	$(VENV)/bin/ruff check src tests benchmarks examples
+
+clean:
+	rm -rf build dist src/*.egg-info src/refx/*.so .pytest_cache

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Build refx into OUTDIR/refx (C extension + the Python files) for
+# development: PYTHONPATH=OUTDIR python -c 'import refx'.
+#
+# The new .so is moved into place with rename(2), never written over:
+# a process that has the old one loaded keeps its (still valid) mapping.
+# Extra environment (REFX_SANITIZE=1, REFX_DEBUG=1) is passed to setup.py.
+set -euo pipefail
+out=${1:?usage: tools/devbuild.sh OUTDIR}
+py=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out/refx" "$out/.stage"
+out=$(cd "$out" && pwd)
+cd "$here"
+"$py" setup.py -q build_ext -b "$out/.stage" -t "$out/.stage/tmp" >/dev/null
+cp src/refx/*.py src/refx/*.pyi src/refx/py.typed "$out/refx/" 2>/dev/null || cp src/refx/*.py "$out/refx/"
+for so in "$out"/.stage/refx/_core*.so; do
+    cp "$so" "$out/refx/.new.so"
+    mv -f "$out/refx/.new.so" "$out/refx/$(basename "$so")"
+done
