@@ -1,0 +1,296 @@
+"""deref, reref and clone: round trips over every kind of pytree node,
+sharing, pass-through of other leaves, the node types Value/Index/NOTHING,
+jit caching, and every error path."""
+
+import collections
+import dataclasses
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import refx
+
+NT = collections.namedtuple("NT", "x y")
+
+
+@dataclasses.dataclass
+class DC:
+    a: object
+    b: object
+
+
+jax.tree_util.register_dataclass(DC, data_fields=["a", "b"], meta_fields=[])
+
+
+class Custom:
+    def __init__(self, children, tag):
+        self.children, self.tag = children, tag
+
+
+jax.tree_util.register_pytree_node(
+    Custom, lambda c: (c.children, c.tag), lambda tag, ch: Custom(list(ch), tag)
+)
+
+
+def make_tree():
+    w = refx.Ref(jnp.ones(3), "params")
+    b = refx.Ref(jnp.zeros(3), "params")
+    s = refx.Ref(0, "state")
+    tree = {
+        "list": [w, b, 1.5, None],
+        "tuple": (w, 2.5, s),
+        "nt": NT(x=b, y=np.arange(2)),
+        "dc": DC(a=w, b=[s, s]),
+        "custom": Custom([w, 7], tag="t"),
+        "none": None,
+    }
+    return tree, (w, b, s)
+
+
+def leaves(t):
+    return jax.tree_util.tree_leaves(
+        t, is_leaf=lambda x: isinstance(x, (refx.Ref, refx.Deref))
+    )
+
+
+def test_first_occurrence_is_value_later_are_index():
+    a, b = refx.Ref(1, "x"), refx.Ref(2, "y")
+    d = refx.deref([a, b, a, [b, a]])
+    assert d == [
+        refx.Value(1, 0, "x"),
+        refx.Value(2, 1, "y"),
+        refx.Index(0, "x"),
+        [refx.Index(1, "y"), refx.Index(0, "x")],
+    ]
+
+
+def test_roundtrip_preserves_structure_and_sharing():
+    tree, (w, b, s) = make_tree()
+    d = refx.deref(tree)
+    assert not any(isinstance(x, refx.Ref) for x in leaves(d))
+    r = refx.reref(d)
+    assert jax.tree_util.tree_structure(r) == jax.tree_util.tree_structure(tree)
+    # sharing: every occurrence of w is the same new Ref
+    assert r["list"][0] is r["tuple"][0] is r["dc"].a is r["custom"].children[0]
+    assert r["list"][1] is r["nt"].x
+    assert r["tuple"][2] is r["dc"].b[0] is r["dc"].b[1]
+    assert r["list"][0] is not w  # new Refs
+    assert r["list"][0].value is w.value  # same value object
+    assert r["list"][0].collection == "params"
+    # non-Ref leaves pass through
+    assert r["list"][2] == 1.5 and r["tuple"][1] == 2.5
+    assert r["nt"].y is tree["nt"].y
+    assert r["custom"].tag == "t" and r["custom"].children[1] == 7
+
+
+def test_values_are_not_copied():
+    a = jnp.ones(4)
+    assert jax.tree_util.tree_leaves(refx.deref([refx.Ref(a)]))[0] is a
+    n = np.ones(4)
+    assert refx.reref(refx.deref([refx.Ref(n)]))[0].value is n
+
+
+def test_ref_holding_a_pytree_value():
+    r = refx.Ref({"m": jnp.ones(2), "v": (1, 2)})
+    d = refx.deref([r, r])
+    assert jax.tree_util.tree_leaves(d) == jax.tree_util.tree_leaves(r.value)
+    out = refx.reref(d)
+    assert out[0] is out[1] and out[0].value is r.value
+
+
+def test_empty_and_leafless_trees():
+    assert refx.deref([]) == []
+    assert refx.deref(None) is None
+    assert refx.reref({}) == {}
+    assert refx.deref(5) == 5
+    r = refx.Ref(1)
+    assert refx.deref(r) == refx.Value(1, 0, None)
+    assert refx.reref(refx.Value(1, 0, None)).value == 1
+
+
+def test_nothing_passes_through():
+    r = refx.Ref(1)
+    d = refx.deref({"a": r, "b": refx.NOTHING})
+    assert d["b"] is refx.NOTHING
+    assert refx.reref(d)["b"] is refx.NOTHING
+
+
+def test_deref_output_through_jit_and_back():
+    tree, (w, b, s) = make_tree()
+    d = refx.deref(tree)
+
+    @jax.jit
+    def f(d):
+        t = refx.reref(d)
+        t["list"][0].value = t["list"][0].value * 2
+        t["tuple"][2].value = t["tuple"][2].value + 1
+        return refx.deref(t)
+
+    out = refx.reref(f(d))
+    assert jnp.array_equal(out["dc"].a.value, 2 * jnp.ones(3))
+    assert out["dc"].b[1].value == 1
+    assert out["list"][0] is out["custom"].children[0]
+
+
+def test_jit_traces_once_for_same_shaped_trees():
+    traces = []
+
+    @jax.jit
+    def f(d):
+        traces.append(1)
+        t = refx.reref(d)
+        t["a"].value = t["a"].value + 1
+        return refx.deref(t)
+
+    for i in range(3):
+        r = refx.Ref(jnp.full(3, float(i)), "params")
+        out = f(refx.deref({"a": r, "b": r, "c": [r]}))
+    assert len(traces) == 1
+    assert refx.reref(out)["c"][0].value[0] == 3.0
+
+
+def test_treedef_is_stable():
+    def td(i):
+        r = refx.Ref(jnp.ones(2) * i, "c")
+        return jax.tree_util.tree_structure(refx.deref([r, r, refx.Ref(i)]))
+
+    assert td(1) == td(2)
+    assert hash(td(1)) == hash(td(2))
+
+
+def test_value_node():
+    v = refx.Value(jnp.ones(2), 3, "c")
+    assert v.index == 3 and v.collection == "c"
+    children, aux = jax.tree_util.tree_flatten(v)
+    assert len(children) == 1 and children[0] is v.value
+    assert aux.node_data()[1] == (3, "c")
+    v2 = jax.tree_util.tree_map(lambda x: x + 1, v)
+    assert isinstance(v2, refx.Value) and v2.index == 3 and v2.collection == "c"
+    assert jnp.array_equal(v2.value, 2 * jnp.ones(2))
+    assert repr(refx.Value(1, 0, "c")) == "Value(value=1, index=0, collection='c')"
+    with pytest.raises(AttributeError):
+        v.value = 2
+    with pytest.raises(AttributeError):
+        v.index = 2
+
+
+def test_index_node():
+    i = refx.Index(2, "c")
+    assert jax.tree_util.tree_leaves(i) == []
+    assert jax.tree_util.tree_structure(i).node_data()[1] == (2, "c")
+    assert i == refx.Index(2, "c") and i != refx.Index(2, "d") and i != refx.Index(1, "c")
+    assert hash(i) == hash(refx.Index(2, "c"))
+    assert repr(i) == "Index(index=2, collection='c')"
+    assert jax.tree_util.tree_map(lambda x: x, [i]) == [i]
+
+
+def test_deref_is_the_common_base():
+    assert issubclass(refx.Value, refx.Deref) and issubclass(refx.Index, refx.Deref)
+    with pytest.raises(TypeError):
+        refx.Deref()
+
+
+def test_value_index_constructor_errors():
+    with pytest.raises(TypeError, match="Value: index must be an int, not str"):
+        refx.Value(1, "0")
+    with pytest.raises(ValueError, match="Index: index must be >= 0, got -1"):
+        refx.Index(-1)
+    with pytest.raises(TypeError, match="Index: collection must be hashable"):
+        refx.Index(0, {})
+    with pytest.raises(TypeError, match="Value: index must be an int, not bool"):
+        refx.Value(1, True)
+
+
+def test_nothing():
+    assert jax.tree_util.tree_leaves(refx.NOTHING) == []
+    assert jax.tree_util.tree_leaves([refx.NOTHING, 1]) == [1]
+    assert repr(refx.NOTHING) == "NOTHING"
+    assert pickle.loads(pickle.dumps(refx.NOTHING)) is refx.NOTHING
+    with pytest.raises(TypeError):
+        type(refx.NOTHING)()
+
+
+def test_pickle_value_and_index():
+    v = refx.Value([1], 2, "c")
+    assert pickle.loads(pickle.dumps(v)) == v
+    i = refx.Index(2, "c")
+    assert pickle.loads(pickle.dumps(i)) == i
+
+
+def test_clone():
+    tree, (w, b, s) = make_tree()
+    c = refx.clone(tree)
+    assert c["list"][0] is not w and c["list"][0].value is w.value
+    assert c["list"][0] is c["tuple"][0] is c["dc"].a
+    c["list"][0].value = 5
+    assert w.value is not 5  # noqa: F632 - the original is untouched
+    assert c["dc"].a.value == 5
+
+
+# --- errors ---------------------------------------------------------------
+
+
+def test_deref_of_derefed_tree():
+    d = refx.deref({"a": [refx.Ref(1), refx.Ref(2)]})
+    with pytest.raises(
+        ValueError,
+        match=r"deref: Value found at \('a', '0'\); expected a tree of Refs \(was it already deref'ed\?\)",
+    ):
+        refx.deref(d)
+    with pytest.raises(ValueError, match=r"deref: Index found at \('b', '1'\)"):
+        refx.deref({"a": 1, "b": [refx.Ref(1), refx.Index(0)]})
+    with pytest.raises(ValueError, match=r"clone: Value found at \('a', '1'\)"):
+        refx.clone({"a": [refx.Ref(1), refx.Value(1, 0)]})
+
+
+def test_reref_of_ref_tree():
+    r = refx.Ref(1)
+    with pytest.raises(
+        ValueError,
+        match=r"reref: Ref found at \('x', 'y'\); expected a deref'ed tree of Values and Indexes",
+    ):
+        refx.reref({"x": {"y": r}})
+
+
+def test_reref_index_before_value():
+    with pytest.raises(
+        ValueError,
+        match=r"reref: Index\(0\) at \('a',\) comes before any Value with index 0",
+    ):
+        refx.reref({"a": refx.Index(0), "b": refx.Value(1, 0)})
+
+
+def test_reref_index_out_of_order():
+    with pytest.raises(
+        ValueError,
+        match=r"reref: Value at \('1',\) has index 5, expected 1; Values must be numbered",
+    ):
+        refx.reref([refx.Value(1, 0), refx.Value(2, 5)])
+
+
+def test_reref_collection_mismatch():
+    with pytest.raises(
+        ValueError,
+        match=r"reref: Index\(0\) at \('1',\) has collection 'b' but its Value has collection 'a'",
+    ):
+        refx.reref([refx.Value(1, 0, "a"), refx.Index(0, "b")])
+
+
+def test_user_exception_passes_through():
+    class Boom(Exception):
+        pass
+
+    class Bad:
+        pass
+
+    def flat(x):
+        raise Boom("from flatten")
+
+    jax.tree_util.register_pytree_node(Bad, flat, lambda a, c: Bad())
+    with pytest.raises(Boom, match="from flatten"):
+        refx.deref([refx.Ref(1), Bad()])
+    with pytest.raises(Boom, match="from flatten"):
+        refx.reref([Bad()])

@@ -1,0 +1,279 @@
+"""tree_partition, get_partition, merge_partitions and the Partition type."""
+
+import collections
+import dataclasses
+import pickle
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import refx
+
+NOTHING = refx.NOTHING
+NT = collections.namedtuple("NT", "x y")
+
+
+@dataclasses.dataclass
+class DC:
+    w: object
+    b: object
+
+
+jax.tree_util.register_dataclass(DC, data_fields=["w", "b"], meta_fields=[])
+
+
+class Custom:
+    def __init__(self, children):
+        self.children = children
+
+
+jax.tree_util.register_pytree_node(
+    Custom, lambda c: (c.children, None), lambda _, ch: Custom(list(ch))
+)
+
+
+def model():
+    w = refx.Ref(jnp.ones(2), "params")
+    b = refx.Ref(jnp.zeros(2), "params")
+    m = refx.Ref(jnp.zeros(2), "batch_stats")
+    tree = {"layers": [{"w": w, "b": b, "m": m}, {"w": w, "b": refx.Ref(jnp.ones(2), "params")}],
+            "head": w, "step": 3}
+    return tree, w, b, m
+
+
+# --- paths -----------------------------------------------------------------
+
+
+def test_paths_of_every_key_kind():
+    r = refx.Ref(0)
+    tree = {"d": {"k": r, "3": r}, "l": [r, (r,)], "nt": NT(x=r, y=r), "dc": DC(w=r, b=r),
+            "c": Custom([r, r]), "n": None}
+    (p,), _ = refx.tree_partition(tree)
+    assert list(p) == [
+        ("c", "0"), ("c", "1"),
+        ("d", "3"), ("d", "k"),
+        ("dc", "w"), ("dc", "b"),
+        ("l", "0"), ("l", "1", "0"),
+        ("nt", "x"), ("nt", "y"),
+    ]
+    assert all(type(s) is str for path in p for s in path)
+
+
+def test_partition_is_in_leaf_order():
+    tree, *_ = model()
+    (p,), _ = refx.tree_partition(tree)
+    assert list(p.values()) == jax.tree_util.tree_leaves(tree)
+
+
+class Twins:
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_with_keys(
+    Twins,
+    lambda t: (((jax.tree_util.GetAttrKey("x"), t.a), (jax.tree_util.GetAttrKey("x"), t.b)), None),
+    lambda _, ch: Twins(*ch),
+)
+
+
+def test_duplicate_paths_are_an_error():
+    with pytest.raises(ValueError, match=r"tree_partition: leaves 0 and 1 both map to path \('t', 'x'\); paths must be unique"):
+        refx.tree_partition({"t": Twins(refx.Ref(0), refx.Ref(1))})
+    # Partition keys are spliced into paths, so they can collide too
+    collide = refx.Partition({("a", "b"): 1, ("a",): {"b": 2}})
+    with pytest.raises(ValueError, match=r"get_partition: leaves 0 and 1 both map to path \('a', 'b'\)"):
+        refx.get_partition(collide, ...)
+
+
+def test_partition_of_a_partition_keeps_its_paths():
+    tree, w, b, m = model()
+    params, rest = refx.tree_partition(tree, "params")[0]
+    (p2, r2), td2 = refx.tree_partition(params, refx.Ref)
+    assert list(p2) == list(params)
+    assert dict(p2) == dict(params)
+    assert all(v is NOTHING for v in r2.values())
+    # NOTHING leaves are NOTHING in every partition, so such a path has no
+    # value to merge back: that is the documented merge_partitions rule
+    with pytest.raises(ValueError, match=r"merge_partitions: no value at path \('layers', '0', 'm'\)"):
+        refx.merge_partitions((p2, r2), td2)
+
+
+# --- tree_partition --------------------------------------------------------
+
+
+def test_filters_give_n_plus_one_partitions_first_match_wins():
+    tree, w, b, m = model()
+    (params, stats, rest), td = refx.tree_partition(
+        tree, "params", lambda x: isinstance(x, refx.Ref))
+    assert params[("layers", "0", "w")] is w
+    assert params[("head",)] is w
+    assert stats[("layers", "0", "m")] is m
+    assert stats[("layers", "0", "w")] is NOTHING  # went to the first filter
+    assert rest[("step",)] == 3
+    for path in params:
+        assert sum(p[path] is not NOTHING for p in (params, stats, rest)) == 1
+
+
+def test_zero_filters():
+    tree, *_ = model()
+    (only,), td = refx.tree_partition(tree)
+    assert NOTHING not in only.values()
+    assert refx.merge_partitions((only,), td) == tree
+
+
+def test_merge_roundtrip_keeps_ref_objects():
+    tree, w, b, m = model()
+    parts, td = refx.tree_partition(tree, "params", "batch_stats")
+    out = refx.merge_partitions(parts, td)
+    assert out["layers"][0]["w"] is w and out["head"] is w and out["layers"][1]["w"] is w
+    assert out["layers"][0]["m"] is m
+    assert out == tree
+
+
+def test_get_partition_is_the_first_partition():
+    tree, *_ = model()
+    for f in ("params", refx.Ref, lambda x: x == 3, ...):
+        assert refx.get_partition(tree, f) == refx.tree_partition(tree, f)[0][0]
+
+
+def test_partitioning_a_derefed_tree_by_collection():
+    tree, w, b, m = model()
+    (params, rest), td = refx.tree_partition(refx.deref(tree), "params")
+    # leaf order: "head" sorts before "layers", so it holds the Value
+    assert isinstance(params[("head",)], refx.Value)
+    assert isinstance(params[("layers", "0", "w")], refx.Index)
+    assert isinstance(params[("layers", "0", "b")], refx.Value)
+    assert isinstance(rest[("layers", "0", "m")], refx.Value)
+    assert rest[("step",)] == 3
+    back = refx.reref(refx.merge_partitions((params, rest), td))
+    assert back["head"] is back["layers"][0]["w"]
+
+
+def test_is_leaf():
+    tree = {"a": {"x": 1, "y": 2}, "b": refx.Ref(0)}
+    (p, rest), _ = refx.tree_partition(tree, lambda x: isinstance(x, dict) and "x" in x,
+                                       is_leaf=lambda x: isinstance(x, dict) and "x" in x)
+    assert p == {("a",): {"x": 1, "y": 2}, ("b",): NOTHING}
+    assert refx.get_partition(tree, dict, is_leaf=lambda x: x is tree["a"]) == p
+    with pytest.raises(TypeError, match="is_leaf must be a callable or None, not int"):
+        refx.tree_partition(tree, is_leaf=3)
+
+
+def test_keyword_errors():
+    with pytest.raises(TypeError, match="tree_partition\\(\\) got an unexpected keyword argument 'filters'"):
+        refx.tree_partition({}, filters=[])
+    with pytest.raises(TypeError, match="tree_partition\\(\\) missing required argument 'tree'"):
+        refx.tree_partition()
+    with pytest.raises(TypeError, match="get_partition\\(\\) takes 2 positional arguments"):
+        refx.get_partition({})
+
+
+def test_path_cache_reuses_path_objects():
+    tree, *_ = model()
+    (a,), _ = refx.tree_partition(tree)
+    (b,), _ = refx.tree_partition(tree)
+    assert all(x is y for x, y in zip(a, b))
+
+
+def test_unhashable_aux_data_still_works():
+    class U:
+        def __init__(self, ch):
+            self.ch = ch
+
+    jax.tree_util.register_pytree_node(U, lambda u: (u.ch, [1, 2]), lambda aux, ch: U(list(ch)))
+    r = refx.Ref(1, "c")
+    (p, rest), td = refx.tree_partition(U([r, 2]), "c")
+    assert p == {("0",): r, ("1",): NOTHING}
+    assert refx.merge_partitions((p, rest), td).ch == [r, 2]
+
+
+# --- merge_partitions errors -----------------------------------------------
+
+
+def test_merge_errors():
+    tree, w, b, m = model()
+    (p, r), td = refx.tree_partition(tree, "params")
+    with pytest.raises(ValueError, match=r"merge_partitions: two values at path \('layers', '0', 'b'\) \(partitions 0 and 1\); each path must have exactly one non-NOTHING value"):
+        refx.merge_partitions((p, {k: (b if k == ("layers", "0", "b") else v) for k, v in r.items()}), td)
+    with pytest.raises(ValueError, match=r"merge_partitions: no value at path \('head',\) \(NOTHING in all 2 partitions\)"):
+        refx.merge_partitions(({**p, ("head",): NOTHING}, r), td)
+    short = dict(list(r.items())[:-1])
+    with pytest.raises(ValueError, match=r"merge_partitions: partition 1 has 6 paths but partition 0 has 7; path \('step',\) is only in partition 0"):
+        refx.merge_partitions((p, short), td)
+    renamed = {("x",) if k == ("step",) else k: v for k, v in r.items()}
+    with pytest.raises(ValueError, match=r"merge_partitions: path \('step',\) is in partition 0 but not in partition 1"):
+        refx.merge_partitions((p, renamed), td)
+    other_td = jax.tree_util.tree_structure([1, 2])
+    with pytest.raises(ValueError, match="merge_partitions: treedef has 2 leaves but the partitions have 7 paths"):
+        refx.merge_partitions((p, r), other_td)
+    with pytest.raises(TypeError, match="merge_partitions: treedef must be a PyTreeDef"):
+        refx.merge_partitions((p, r), "td")
+    with pytest.raises(TypeError, match="merge_partitions: partition 1 is a list; expected a dict"):
+        refx.merge_partitions((p, []), td)
+    with pytest.raises(TypeError, match="merge_partitions: partitions must be a tuple or list of dicts, not refx.Partition"):
+        refx.merge_partitions(p, td)
+    with pytest.raises(ValueError, match="merge_partitions: no partitions given"):
+        refx.merge_partitions((), td)
+
+
+def test_merge_accepts_reordered_and_plain_dicts():
+    tree, *_ = model()
+    (p, r), td = refx.tree_partition(tree, "params")
+    reordered = dict(reversed(list(r.items())))
+    assert refx.merge_partitions((dict(p), reordered), td) == tree
+
+
+# --- the Partition type ----------------------------------------------------
+
+
+def test_partition_is_immutable():
+    (p,), _ = refx.tree_partition({"a": 1})
+    for op in (lambda: p.__setitem__(("b",), 2), lambda: p.__delitem__(("a",)),
+               lambda: p.update({}), p.clear, lambda: p.pop(("a",)), p.popitem,
+               lambda: p.setdefault(("c",), 1)):
+        with pytest.raises(TypeError, match="Partition is immutable"):
+            op()
+    with pytest.raises(TypeError, match="Partition is immutable"):
+        p |= {("z",): 1}
+    p.__init__({("q",): 1})  # a no-op, not a mutation
+    assert p == {("a",): 1}
+
+
+def test_partition_equals_dict_and_constructs():
+    p = refx.Partition({("a",): 1})
+    assert p == {("a",): 1} and isinstance(p, dict)
+    assert refx.Partition([(("a",), 1)]) == p
+    assert refx.Partition() == {}
+    assert repr(p) == "Partition({('a',): 1})"
+    assert (p | {("b",): 2}) == {("a",): 1, ("b",): 2}
+    assert pickle.loads(pickle.dumps(p)) == p
+    assert type(pickle.loads(pickle.dumps(p))) is refx.Partition
+
+
+def test_partition_is_a_pytree_with_keys():
+    p = refx.Partition({("a", "0"): jnp.ones(2), ("b",): NOTHING, ("c",): jnp.zeros(2)})
+    leaves, td = jax.tree_util.tree_flatten(p)
+    assert len(leaves) == 2  # NOTHING gives no leaf
+    q = jax.tree_util.tree_map(lambda x: x + 1, p)
+    assert type(q) is refx.Partition and list(q) == list(p) and q[("b",)] is NOTHING
+    kp = jax.tree_util.tree_flatten_with_path(p)[0]
+    assert [k for k, _ in kp] == [(jax.tree_util.DictKey(("a", "0")),), (jax.tree_util.DictKey(("c",)),)]
+    g = jax.grad(lambda p: sum(v.sum() for v in jax.tree_util.tree_leaves(p)))(p)
+    assert type(g) is refx.Partition and g[("b",)] is NOTHING
+
+
+def test_partition_treedef_is_stable_jit_key():
+    traces = []
+
+    @jax.jit
+    def f(p):
+        traces.append(1)
+        return jax.tree_util.tree_map(lambda x: x * 2, p)
+
+    for i in range(3):
+        tree = {"w": refx.Ref(jnp.ones(2) * i, "params"), "s": refx.Ref(jnp.ones(1), "stats")}
+        (p, r), _ = refx.tree_partition(refx.deref(tree), "params")
+        f(p)
+    assert len(traces) == 1

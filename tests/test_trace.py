@@ -1,0 +1,189 @@
+"""Trace-level awareness: a Ref may be written only from the JAX trace it
+was created in, and may not be made to hold tracers of a trace other than
+its own or one enclosing it."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import refx
+
+TRACE_MSG = "Cannot mutate Ref from a different trace level"
+
+
+def test_outer_ref_mutated_inside_jit():
+    r = refx.Ref(1.0)
+
+    @jax.jit
+    def f(x):
+        r.value = x
+        return x
+
+    with pytest.raises(ValueError, match=TRACE_MSG):
+        f(jnp.ones(()))
+    assert r.value == 1.0
+
+
+def test_outer_ref_mutated_inside_grad():
+    r = refx.Ref(1.0)
+
+    def loss(x):
+        r.value = x
+        return x
+
+    with pytest.raises(ValueError, match=TRACE_MSG):
+        jax.grad(loss)(1.0)
+    assert r.value == 1.0
+
+
+def test_outer_ref_mutated_inside_vmap():
+    r = refx.Ref(1.0)
+
+    def f(x):
+        r.value = x
+        return x
+
+    with pytest.raises(ValueError, match=TRACE_MSG):
+        jax.vmap(f)(jnp.ones(3))
+
+
+def test_outer_ref_with_concrete_value_inside_jit():
+    # even a concrete value may not be written from another trace
+    r = refx.Ref(1.0)
+
+    @jax.jit
+    def f():
+        r.value = 2.0
+        return 0
+
+    with pytest.raises(ValueError, match=TRACE_MSG):
+        f()
+
+
+def test_ref_created_inside_jit_is_mutable_there():
+    @jax.jit
+    def f(x):
+        r = refx.Ref(x)
+        r.value = r.value * 2
+        r.value = r.value + 1
+        return r.value
+
+    assert f(jnp.array(3.0)) == 7.0
+
+
+def test_ref_created_inside_jit_mutated_outside():
+    leaked = []
+
+    @jax.jit
+    def f(x):
+        leaked.append(refx.Ref(x))
+        return x
+
+    f(jnp.ones(()))
+    with pytest.raises(ValueError, match=TRACE_MSG):
+        leaked[0].value = 1.0
+
+
+def test_reading_is_always_allowed():
+    r = refx.Ref(jnp.array(2.0))
+
+    @jax.jit
+    def f(x):
+        return x * r.value
+
+    assert f(jnp.array(3.0)) == 6.0
+
+
+def test_reref_inside_jit_makes_refs_of_that_trace():
+    r = refx.Ref(jnp.array(1.0))
+    tree = refx.deref({"a": r, "b": r})
+
+    @jax.jit
+    def f(tree):
+        t = refx.reref(tree)
+        t["a"].value = t["a"].value + 1
+        return refx.deref(t)
+
+    out = refx.reref(f(tree))
+    assert out["b"].value == 2.0
+    out["a"].value = 5.0  # the rebuilt Refs belong to the top level
+    assert out["b"].value == 5.0
+
+
+def test_value_with_enclosing_trace_tracer_is_allowed():
+    # inside grad, values computed only from jit-level inputs are jit
+    # tracers: a Ref made in grad's trace may hold them (BatchNorm stats).
+    @jax.jit
+    def f(x, p):
+        def loss(p):
+            r = refx.Ref(jnp.zeros(()))
+            r.value = jax.lax.stop_gradient(x.mean())  # a jit tracer
+            r.value = r.value + (p * x).sum()
+            return r.value
+
+        return jax.grad(loss)(p)
+
+    assert f(jnp.arange(3.0), jnp.array(1.0)) == 3.0
+
+
+def test_value_with_inner_trace_tracer_is_rejected():
+    r = refx.Ref(0.0)
+    leaked = []
+
+    @jax.jit
+    def f(x):
+        leaked.append(x)
+        return x
+
+    f(jnp.ones(()))
+    with pytest.raises(ValueError, match="Cannot set a Ref to a value holding a tracer of another trace"):
+        r.value = leaked[0]
+    with pytest.raises(ValueError, match="Cannot set a Ref to a value holding a tracer of another trace"):
+        r.value = {"nested": [leaked[0]]}
+    assert r.value == 0.0
+
+
+def test_nested_jit_inner_tracer_into_outer_ref():
+    @jax.jit
+    def f(x):
+        r = refx.Ref(x)
+        inner = []
+
+        @jax.jit
+        def g(y):
+            inner.append(y)
+            return y
+
+        g(x)
+        with pytest.raises(ValueError, match="tracer of another trace"):
+            r.value = inner[0]
+        return r.value
+
+    f(jnp.ones(()))
+
+
+def test_update_refs_obeys_trace_check():
+    r = refx.Ref(1.0)
+    target = {"a": r}
+
+    @jax.jit
+    def f(x):
+        refx.update_refs(target, {"a": x})
+        return x
+
+    with pytest.raises(ValueError, match=r"update_refs: at \('a',\): Cannot mutate Ref from a different trace level"):
+        f(jnp.ones(()))
+    assert r.value == 1.0
+
+
+def test_ref_init_on_live_ref_obeys_trace_check():
+    r = refx.Ref(1.0)
+
+    @jax.jit
+    def f(x):
+        r.__init__(x)
+        return x
+
+    with pytest.raises(ValueError, match=TRACE_MSG):
+        f(jnp.ones(()))
+    assert r.value == 1.0
