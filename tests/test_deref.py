@@ -294,3 +294,43 @@ def test_user_exception_passes_through():
         refx.deref([refx.Ref(1), Bad()])
     with pytest.raises(Boom, match="from flatten"):
         refx.reref([Bad()])
+
+
+def test_marks_disturbed_by_a_nested_call_fall_back_to_a_map():
+    # deref/clone number Refs by stamping them; a nested deref run from a
+    # GC callback in the middle of the loop re-stamps the shared Refs.  The
+    # outer call must notice and redo its work with a private map.
+    import gc
+
+    from refx import _core
+
+    shared = [refx.Ref(i, "c") for i in range(40)]
+    tree = {"a": shared, "b": shared[::-1]}
+    expected_deref = refx.deref(tree)
+    busy = []
+
+    def nested(phase, info):
+        if phase == "start" and not busy:
+            busy.append(1)
+            try:
+                refx.deref(tree)
+                refx.clone(tree)
+            finally:
+                busy.pop()
+
+    before = _core._debug_counters()["mark_retries"]
+    threshold = gc.get_threshold()
+    gc.callbacks.append(nested)
+    gc.set_threshold(1)
+    try:
+        outs = [refx.deref(tree) for _ in range(5)]
+        clones = [refx.clone(tree) for _ in range(5)]
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(nested)
+    assert _core._debug_counters()["mark_retries"] > before
+    for out in outs:
+        assert out == expected_deref
+    for c in clones:
+        assert [r.value for r in c["a"]] == list(range(40))
+        assert all(x is y for x, y in zip(c["a"], c["b"][::-1]))

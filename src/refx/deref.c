@@ -9,11 +9,20 @@
  * the same treedef.  Other leaves pass through untouched; values are never
  * copied.
  *
- *   Identity table.  "Is this Ref new?" is answered by a pointer map
- *   (refx_ptrmap, module.c): Ref address -> its number, plus the one Index
- *   object every later occurrence shares (Index is immutable).  The map
- *   borrows its keys: the flattened leaves list keeps them alive, and the
- *   loop runs no Python code that could change the tree.
+ *   Identity.  "Is this Ref new?" is answered by marks in the Ref itself:
+ *   each deref/clone call takes a fresh epoch number and stamps every Ref
+ *   it numbers with (epoch, index).  That costs one load per leaf, where a
+ *   hash table keyed by address costs a cache miss per leaf once the table
+ *   outgrows the cache (measured: 1.67x of the flatten+unflatten floor at
+ *   100k Refs with a table, see git history).  The loop runs no Python
+ *   code of ours, but an allocation may run a finalizer that releases the
+ *   GIL, and another thread's deref may then re-stamp a shared Ref.  So
+ *   after the loop every numbered Ref is checked to still carry this
+ *   call's stamp and number; if one does not, the call is redone with a
+ *   pointer map (refx_ptrmap, module.c), which no one else can touch.
+ *   Either way each distinct Ref gets one slot holding the Index object
+ *   its later occurrences share (Index is immutable).  Slots borrow their
+ *   Refs: the flattened leaves list keeps them alive.
  *
  *   Already deref'ed input.  Value and Index are pytree nodes, so a plain
  *   flatten would walk into them.  Rather than pay for a leaf predicate on
@@ -84,6 +93,110 @@ flatten_ref_tree(refx_state *st, const char *fname, PyObject *tree,
 }
 
 /* ------------------------------------------------------------------ */
+/* numbering distinct Refs                                              */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    RefObject *ref; /* owned: the leaves list may be rewritten in place */
+    PyObject *obj;  /* owned: the shared Index (deref) or new Ref (clone) */
+} numbered;
+
+typedef struct {
+    uint64_t epoch;
+    int use_map; /* the fallback: a private pointer map instead of marks */
+    refx_ptrmap map;
+    numbered *slots;
+    Py_ssize_t count, cap;
+} numbering;
+
+static void
+numbering_init(refx_state *st, numbering *nb, int use_map)
+{
+    nb->epoch = ++st->epoch;
+    nb->use_map = use_map;
+    refx_ptrmap_init(&nb->map);
+    nb->slots = NULL;
+    nb->count = nb->cap = 0;
+}
+
+static void
+numbering_fini(numbering *nb)
+{
+    for (Py_ssize_t i = 0; i < nb->count; i++) {
+        Py_DECREF(nb->slots[i].ref);
+        Py_XDECREF(nb->slots[i].obj);
+    }
+    PyMem_Free(nb->slots);
+    nb->slots = NULL;
+    nb->count = nb->cap = 0;
+    refx_ptrmap_fini(&nb->map);
+}
+
+/* The number of `ref` in this call; *is_new says whether it was just
+ * given one.  -1 with MemoryError set. */
+static Py_ssize_t
+number_ref(numbering *nb, RefObject *ref, int *is_new)
+{
+    refx_ptrmap_entry *e = NULL;
+    if (!nb->use_map) {
+        if (ref->mark_epoch == nb->epoch) {
+            *is_new = 0;
+            return ref->mark_index;
+        }
+    }
+    else {
+        int found;
+        e = refx_ptrmap_get(&nb->map, ref, &found);
+        if (e == NULL) {
+            return -1;
+        }
+        if (found) {
+            *is_new = 0;
+            return e->value;
+        }
+    }
+    if (nb->count == nb->cap) {
+        Py_ssize_t ncap = nb->cap ? nb->cap * 2 : 64;
+        numbered *ns = PyMem_Realloc(nb->slots, (size_t)ncap * sizeof(*ns));
+        if (ns == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        nb->slots = ns;
+        nb->cap = ncap;
+    }
+    Py_ssize_t i = nb->count++;
+    nb->slots[i].ref = (RefObject *)Py_NewRef(ref);
+    nb->slots[i].obj = NULL;
+    if (e != NULL) {
+        e->value = i;
+    }
+    else {
+        ref->mark_epoch = nb->epoch;
+        ref->mark_index = i;
+    }
+    *is_new = 1;
+    return i;
+}
+
+/* 1 if every numbered Ref still carries this call's mark (always true in
+ * map mode), 0 if another call re-stamped one meanwhile. */
+static int
+numbering_intact(numbering *nb)
+{
+    if (nb->use_map) {
+        return 1;
+    }
+    for (Py_ssize_t i = 0; i < nb->count; i++) {
+        RefObject *r = nb->slots[i].ref;
+        if (r->mark_epoch != nb->epoch || r->mark_index != i) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
 /* deref                                                                */
 /* ------------------------------------------------------------------ */
 
@@ -97,61 +210,86 @@ PyDoc_STRVAR(deref_doc,
 "copied.  Call it before a tree of Refs crosses a JAX transform, and\n"
 "`reref` on the other side.  A Value or Index in `tree` is a ValueError.");
 
+/* Replace the Refs of `leaves` (a list only we hold) in place.  0 on
+ * success, -1 with an error, 1 with no error if the marks were disturbed
+ * (the list is then half-rewritten: the caller flattens again and retries
+ * with a map).  Rewriting in place saves a second list of n items. */
+static int
+deref_leaves(refx_state *st, PyObject *leaves, int use_map)
+{
+    numbering nb;
+    numbering_init(st, &nb, use_map);
+    Py_ssize_t n = PyList_GET_SIZE(leaves);
+    int res = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *leaf = PyList_GET_ITEM(leaves, i), *new;
+        if (!Ref_Check(st, leaf)) {
+            continue;
+        }
+        RefObject *ref = (RefObject *)leaf;
+        int is_new;
+        Py_ssize_t k = number_ref(&nb, ref, &is_new);
+        if (k < 0) {
+            goto done;
+        }
+        if (is_new) {
+            new = refx_value_create(st, ref->value, k, ref->collection);
+        }
+        else {
+            numbered *slot = &nb.slots[k];
+            if (slot->obj == NULL) {
+                slot->obj = refx_index_create(st, k, ref->collection);
+                if (slot->obj == NULL) {
+                    goto done;
+                }
+            }
+            new = Py_NewRef(slot->obj);
+        }
+        if (new == NULL) {
+            goto done;
+        }
+        /* the Ref stays alive: the slot owns it */
+        PyList_SET_ITEM(leaves, i, new);
+        Py_DECREF(leaf);
+    }
+    res = numbering_intact(&nb) ? 0 : 1;
+done:
+    numbering_fini(&nb);
+    return res;
+}
+
 static PyObject *
 refx_deref(PyObject *module, PyObject *tree)
 {
     refx_state *st = refx_get_state(module);
-    PyObject *leaves = NULL, *treedef = NULL, *out = NULL, *res = NULL;
-    refx_ptrmap map;
-    refx_ptrmap_init(&map);
+    PyObject *leaves = NULL, *treedef = NULL, *res = NULL;
     if (refx_require_jax(st, "deref") < 0) {
-        goto error;
+        return NULL;
     }
-    leaves = flatten_ref_tree(st, "deref", tree, &treedef);
-    if (leaves == NULL) {
-        goto error;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(leaves), count = 0;
-    out = PyList_New(n);
-    if (out == NULL) {
-        goto error;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *leaf = PyList_GET_ITEM(leaves, i), *new;
-        if (!Ref_Check(st, leaf)) {
-            PyList_SET_ITEM(out, i, Py_NewRef(leaf));
-            continue;
-        }
-        RefObject *ref = (RefObject *)leaf;
-        int found;
-        refx_ptrmap_entry *e = refx_ptrmap_get(&map, leaf, &found);
-        if (e == NULL) {
+    for (int use_map = 0; use_map < 2; use_map++) {
+        leaves = flatten_ref_tree(st, "deref", tree, &treedef);
+        if (leaves == NULL) {
             goto error;
         }
-        if (!found) {
-            e->value = count++;
-            new = refx_value_create(st, ref->value, e->value,
-                                    ref->collection);
-        }
-        else {
-            if (e->obj == NULL) {
-                e->obj = refx_index_create(st, e->value, ref->collection);
-                if (e->obj == NULL) {
-                    goto error;
-                }
+        if (Py_REFCNT(leaves) != 1) { /* not ours alone: work on a copy */
+            Py_SETREF(leaves, PyList_GetSlice(leaves, 0, PY_SSIZE_T_MAX));
+            if (leaves == NULL) {
+                goto error;
             }
-            new = Py_NewRef(e->obj);
         }
-        if (new == NULL) {
+        int r = deref_leaves(st, leaves, use_map);
+        if (r < 0) {
             goto error;
         }
-        PyList_SET_ITEM(out, i, new);
+        if (r == 0) {
+            break;
+        }
+        Py_CLEAR(leaves); /* marks disturbed: again, with a private map */
+        Py_CLEAR(treedef);
+        st->mark_retries++;
     }
-    res = refx_unflatten(st, treedef, out);
+    res = refx_unflatten(st, treedef, leaves);
 error:
-    refx_ptrmap_release_objs(&map);
-    refx_ptrmap_fini(&map);
-    Py_XDECREF(out);
     Py_XDECREF(leaves);
     Py_XDECREF(treedef);
     return res;
@@ -302,26 +440,12 @@ PyDoc_STRVAR(clone_doc,
 "(of the current trace) that share among themselves as the old ones did.");
 
 static PyObject *
-refx_clone(PyObject *module, PyObject *tree)
+clone_leaves(refx_state *st, PyObject *leaves, PyObject *trace, int use_map)
 {
-    refx_state *st = refx_get_state(module);
-    PyObject *leaves = NULL, *treedef = NULL, *out = NULL, *res = NULL;
-    PyObject *trace = NULL;
-    refx_ptrmap map;
-    refx_ptrmap_init(&map);
-    if (refx_require_jax(st, "clone") < 0) {
-        goto error;
-    }
-    leaves = flatten_ref_tree(st, "clone", tree, &treedef);
-    if (leaves == NULL) {
-        goto error;
-    }
-    trace = refx_current_trace(st);
-    if (trace == NULL) {
-        goto error;
-    }
+    numbering nb;
+    numbering_init(st, &nb, use_map);
     Py_ssize_t n = PyList_GET_SIZE(leaves);
-    out = PyList_New(n);
+    PyObject *out = PyList_New(n);
     if (out == NULL) {
         goto error;
     }
@@ -331,25 +455,60 @@ refx_clone(PyObject *module, PyObject *tree)
             PyList_SET_ITEM(out, i, Py_NewRef(leaf));
             continue;
         }
-        int found;
-        refx_ptrmap_entry *e = refx_ptrmap_get(&map, leaf, &found);
-        if (e == NULL) {
+        RefObject *ref = (RefObject *)leaf;
+        int is_new;
+        Py_ssize_t k = number_ref(&nb, ref, &is_new);
+        if (k < 0) {
             goto error;
         }
-        if (!found) {
-            RefObject *ref = (RefObject *)leaf;
-            e->obj = refx_ref_create(st, st->Ref_Type, ref->value,
-                                     ref->collection, trace);
-            if (e->obj == NULL) {
+        numbered *slot = &nb.slots[k];
+        if (is_new) {
+            slot->obj = refx_ref_create(st, st->Ref_Type, ref->value,
+                                        ref->collection, trace);
+            if (slot->obj == NULL) {
                 goto error;
             }
         }
-        PyList_SET_ITEM(out, i, Py_NewRef(e->obj));
+        PyList_SET_ITEM(out, i, Py_NewRef(slot->obj));
+    }
+    if (!numbering_intact(&nb)) {
+        Py_CLEAR(out); /* no error set: retry */
+    }
+    numbering_fini(&nb);
+    return out;
+error:
+    numbering_fini(&nb);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyObject *
+refx_clone(PyObject *module, PyObject *tree)
+{
+    refx_state *st = refx_get_state(module);
+    PyObject *leaves = NULL, *treedef = NULL, *out = NULL, *res = NULL;
+    PyObject *trace = NULL;
+    if (refx_require_jax(st, "clone") < 0) {
+        return NULL;
+    }
+    leaves = flatten_ref_tree(st, "clone", tree, &treedef);
+    if (leaves == NULL) {
+        goto error;
+    }
+    trace = refx_current_trace(st);
+    if (trace == NULL) {
+        goto error;
+    }
+    out = clone_leaves(st, leaves, trace, 0);
+    if (out == NULL && !PyErr_Occurred()) {
+        st->mark_retries++;
+        out = clone_leaves(st, leaves, trace, 1);
+    }
+    if (out == NULL) {
+        goto error;
     }
     res = refx_unflatten(st, treedef, out);
 error:
-    refx_ptrmap_release_objs(&map);
-    refx_ptrmap_fini(&map);
     Py_XDECREF(trace);
     Py_XDECREF(out);
     Py_XDECREF(leaves);

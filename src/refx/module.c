@@ -460,7 +460,21 @@ install_jax(PyObject *module, PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+debug_counters(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    refx_state *st = refx_get_state(module);
+    return Py_BuildValue("{sKsKsKsn}", "mark_retries",
+                         (unsigned long long)st->mark_retries, "deref_nodes_seen",
+                         (unsigned long long)st->deref_nodes_seen,
+                         "nothing_nodes_seen",
+                         (unsigned long long)st->nothing_nodes_seen,
+                         "path_cache_size", PyDict_GET_SIZE(st->path_cache));
+}
+
 static PyMethodDef module_functions[] = {
+    {"_debug_counters", (PyCFunction)debug_counters, METH_NOARGS,
+     "_debug_counters($module, /)\n--\n\nInternal counters, for tests."},
     {"_install_jax", (PyCFunction)(void (*)(void))install_jax,
      METH_VARARGS | METH_KEYWORDS, install_jax_doc},
     {"_is_deref_leaf", (PyCFunction)(void (*)(void))pred_deref, METH_FASTCALL,

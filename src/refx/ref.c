@@ -345,16 +345,16 @@ static PyType_Spec ref_spec = {
 /* Deref, Value, Index                                                  */
 /* ------------------------------------------------------------------ */
 
+/* Track a new Value/Index only if what it holds could lead back to it:
+ * never for an atomic collection with an untracked (or no) value. */
 static void
-deref_maybe_untrack(DerefObject *self, PyObject *value)
+deref_maybe_track(DerefObject *self, PyObject *value)
 {
-    if (!is_atomic(self->collection)) {
+    if (is_atomic(self->collection) &&
+        (value == NULL || !PyObject_GC_IsTracked(value))) {
         return;
     }
-    if (value != NULL && PyObject_GC_IsTracked(value)) {
-        return;
-    }
-    PyObject_GC_UnTrack(self);
+    PyObject_GC_Track(self);
 }
 
 PyObject *
@@ -369,8 +369,7 @@ refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
     self->base.collection = Py_NewRef(collection);
     self->base.flat = NULL;
     self->value = Py_NewRef(value);
-    PyObject_GC_Track(self);
-    deref_maybe_untrack(&self->base, value);
+    deref_maybe_track(&self->base, value);
     return (PyObject *)self;
 }
 
@@ -384,8 +383,7 @@ refx_index_create(refx_state *st, Py_ssize_t index, PyObject *collection)
     self->index = index;
     self->collection = Py_NewRef(collection);
     self->flat = NULL;
-    PyObject_GC_Track(self);
-    deref_maybe_untrack(self, NULL);
+    deref_maybe_track(self, NULL);
     return (PyObject *)self;
 }
 

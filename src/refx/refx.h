@@ -77,6 +77,8 @@ typedef struct {
     uint64_t deref_nodes_seen;
     uint64_t nothing_nodes_seen;
     int partition_hint; /* last tree_partition needed the predicate */
+    uint64_t epoch;     /* numbers deref/clone calls, for Ref marks */
+    uint64_t mark_retries; /* deref/clone calls redone with a map (tests) */
 
     /* interned strings */
     PyObject *str_value;
@@ -121,6 +123,11 @@ typedef struct {
     PyObject *collection; /* owned, hashable; None by default */
     PyObject *trace;      /* owned weakref to the creating JAX trace */
     PyObject *weakreflist;
+    /* Scratch marks for deref/clone (see deref.c): "this Ref is number
+     * mark_index in the deref call numbered mark_epoch".  Meaningless
+     * outside that call; never read by anything else. */
+    uint64_t mark_epoch;
+    Py_ssize_t mark_index;
 } RefObject;
 
 typedef struct {
