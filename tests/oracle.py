@@ -16,6 +16,7 @@ one pass per concern) and is written for clarity, not speed.
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -25,7 +26,8 @@ tu = jax.tree_util
 
 
 def _current_trace_ref():
-    return _jcore.trace_ctx.trace._weakref
+    # the trace's one plain weakref (the same object while anyone holds it)
+    return weakref.ref(_jcore.trace_ctx.trace)
 
 
 # ---------------------------------------------------------------------------

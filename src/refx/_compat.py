@@ -13,6 +13,8 @@ precomputed weak reference to itself (``Trace._weakref``).
 
 from __future__ import annotations
 
+import weakref
+
 import jax
 import numpy as np
 from jax._src import core as _jcore
@@ -30,7 +32,10 @@ if _flatten_with_path is None:  # older jaxlib: the Python wrapper does it
 
 
 # ``trace_state.value`` is the current trace's weakref (one attribute read
-# from C); older stackless versions only have ``trace_ctx.trace``.
+# from C).  Older stackless versions (0.4.36-0.5) only have
+# ``trace_ctx.trace`` and traces without a precomputed ``_weakref``;
+# ``weakref.ref(trace)`` then returns the trace's one plain weakref, the
+# same object for as long as any Ref holds it, so identity still works.
 if hasattr(_jcore, "trace_state") and hasattr(_jcore.trace_state, "value"):
     _trace_state = _jcore.trace_state
 else:
@@ -40,7 +45,9 @@ else:
 
         @property
         def value(self):
-            return _jcore.trace_ctx.trace._weakref
+            trace = _jcore.trace_ctx.trace
+            ref = getattr(trace, "_weakref", None)
+            return ref if ref is not None else weakref.ref(trace)
 
     _trace_state = _TraceState()
 
