@@ -5,6 +5,7 @@ jit caching, and every error path."""
 import collections
 import dataclasses
 import pickle
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -334,3 +335,55 @@ def test_marks_disturbed_by_a_nested_call_fall_back_to_a_map():
     for c in clones:
         assert [r.value for r in c["a"]] == list(range(40))
         assert all(x is y for x, y in zip(c["a"], c["b"][::-1]))
+
+
+def recurse(n):
+    return 0 if n == 0 else recurse(n - 1)
+
+
+@pytest.mark.parametrize("depth", [5000, 50000])
+def test_too_deep_tree_is_recursion_error(depth):
+    t = refx.Ref(1)
+    for _ in range(depth):
+        t = [t]
+    for f in (refx.deref, refx.reref, refx.clone, refx.tree_partition,
+              lambda t: refx.update_refs(t, t),
+              lambda t: refx.get_partition(t, ..., is_leaf=lambda x: False)):
+        for _ in range(3):
+            with pytest.raises(RecursionError, match="maximum recursion depth exceeded"):
+                f(t)
+        # jaxlib loses recursion budget on such errors; refx gives it back
+        recurse(sys.getrecursionlimit() - 100)
+
+
+def test_errors_inside_trees_do_not_leak_recursion_budget():
+    class Boom(Exception):
+        pass
+
+    class Bad:
+        pass
+
+    def flat(x):
+        raise Boom("no")
+
+    jax.tree_util.register_pytree_node(Bad, flat, lambda a, c: Bad())
+    deep = Bad()
+    for _ in range(200):
+        deep = [deep]
+    def bad_is_leaf(x):
+        if x == 7:
+            raise Boom("is_leaf")
+        return False
+
+    deep7 = 7
+    for _ in range(200):
+        deep7 = [deep7]
+    # 20 x 200 levels would exhaust a 1000-level budget if any leaked
+    for _ in range(20):
+        for f in (refx.deref, refx.reref, refx.clone, refx.tree_partition,
+                  lambda t: refx.update_refs(t, t)):
+            with pytest.raises(Boom):
+                f(deep)
+        with pytest.raises(Boom):
+            refx.tree_partition(deep7, is_leaf=bad_is_leaf)
+    recurse(sys.getrecursionlimit() - 100)

@@ -39,6 +39,7 @@
  * pointer map, module exec.
  */
 #include "refx.h"
+#include <structmember.h>
 
 /* ------------------------------------------------------------------ */
 /* pointer map                                                          */
@@ -157,13 +158,100 @@ refx_require_jax(refx_state *st, const char *fname)
     return 0;
 }
 
+/*
+ * Calling into jaxlib.  Two jaxlib (0.4.38 to 0.10) defects are contained
+ * here, so every refx call that reaches jaxlib gets them fixed:
+ *
+ *  - When an exception escapes from inside a tree (a leaf predicate or a
+ *    custom node's flatten raising at depth d), jaxlib unwinds its C++
+ *    recursion without Py_LeaveRecursiveCall, and the thread loses d levels
+ *    of its recursion budget for good; a few thousand failing calls later
+ *    every Python call raises RecursionError.  After a failed call we put
+ *    the thread's recursion counter back to its value before the call,
+ *    which is what a balanced callee leaves behind.
+ *  - Some errors, notably RecursionError for too-deep trees, arrive as
+ *    "SystemError: ... returned a result with an exception set" with the
+ *    real error as __cause__.  We raise the cause: a SystemError would say
+ *    "bug in refx or JAX" when the tree is at fault.
+ */
+typedef struct {
+    int py;
+    int c;
+} refx_depth;
+
+static inline void
+depth_save(refx_depth *d)
+{
+    PyThreadState *ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030E0000
+    (void)ts; /* 3.14 checks the C stack itself: nothing to restore */
+    d->py = d->c = 0;
+#elif PY_VERSION_HEX >= 0x030C0000
+    d->py = ts->py_recursion_remaining;
+    d->c = ts->c_recursion_remaining;
+#else
+    d->py = ts->recursion_remaining;
+    d->c = 0;
+#endif
+}
+
+static inline void
+depth_restore(const refx_depth *d)
+{
+    PyThreadState *ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030E0000
+    (void)ts;
+    (void)d;
+#elif PY_VERSION_HEX >= 0x030C0000
+    ts->py_recursion_remaining = d->py;
+    ts->c_recursion_remaining = d->c;
+#else
+    ts->recursion_remaining = d->py;
+#endif
+}
+
+void
+refx_unwrap_jax_error(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_SystemError)) {
+        return;
+    }
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    PyErr_NormalizeException(&et, &ev, &etb);
+    PyObject *cause = ev != NULL ? PyException_GetCause(ev) : NULL;
+    if (cause != NULL && PyExceptionInstance_Check(cause) &&
+        !PyErr_GivenExceptionMatches(cause, PyExc_SystemError)) {
+        PyObject *ctb = PyException_GetTraceback(cause);
+        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(cause)), cause, ctb);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(etb);
+        return;
+    }
+    Py_XDECREF(cause);
+    PyErr_Restore(et, ev, etb);
+}
+
+PyObject *
+refx_call_jax(PyObject *callable, PyObject *const *args, size_t nargsf)
+{
+    refx_depth d;
+    depth_save(&d);
+    PyObject *res = PyObject_Vectorcall(callable, args, nargsf, NULL);
+    if (res == NULL) {
+        depth_restore(&d);
+        refx_unwrap_jax_error();
+    }
+    return res;
+}
+
 PyObject *
 refx_flatten(refx_state *st, PyObject *tree, PyObject *pred,
              PyObject **treedef)
 {
     PyObject *args[2] = {tree, pred};
-    PyObject *res = PyObject_Vectorcall(st->flatten, args,
-                                        pred == NULL ? 1 : 2, NULL);
+    PyObject *res = refx_call_jax(st->flatten, args, pred == NULL ? 1 : 2);
     if (res == NULL) {
         return NULL;
     }
@@ -182,7 +270,13 @@ refx_flatten(refx_state *st, PyObject *tree, PyObject *pred,
 PyObject *
 refx_unflatten(refx_state *st, PyObject *treedef, PyObject *leaves)
 {
-    return PyObject_CallMethodOneArg(treedef, st->str_unflatten, leaves);
+    PyObject *unflatten = PyObject_GetAttr(treedef, st->str_unflatten);
+    if (unflatten == NULL) {
+        return NULL;
+    }
+    PyObject *res = refx_call_jax(unflatten, &leaves, 1);
+    Py_DECREF(unflatten);
+    return res;
 }
 
 PyObject *
@@ -299,8 +393,7 @@ refx_leaf_path_repr(refx_state *st, PyObject *tree, PyObject *pred,
     PyObject *res = NULL, *path = NULL, *et, *ev, *etb;
     PyErr_Fetch(&et, &ev, &etb);
     PyObject *args[2] = {tree, pred};
-    res = PyObject_Vectorcall(st->flatten_with_path, args,
-                              pred == NULL ? 1 : 2, NULL);
+    res = refx_call_jax(st->flatten_with_path, args, pred == NULL ? 1 : 2);
     if (res != NULL && PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2) {
         PyObject *pairs = PyTuple_GET_ITEM(res, 0);
         if (PyList_Check(pairs) && i < PyList_GET_SIZE(pairs)) {
@@ -328,18 +421,33 @@ refx_leaf_path_repr(refx_state *st, PyObject *tree, PyObject *pred,
 /* leaf predicates (called by jaxlib for every node)                    */
 /* ------------------------------------------------------------------ */
 
-/* jaxlib passes (x) to flatten's predicate and (keypath, x) to
- * flatten_with_path's: the node is always the last argument. */
-static PyObject *
-pred_deref(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 1) {
-        PyErr_SetString(PyExc_TypeError, "predicate takes a node");
-        return NULL;
-    }
-    refx_state *st = refx_get_state(module);
-    return Py_NewRef(Deref_Check(st, args[nargs - 1]) ? Py_True : Py_False);
-}
+/*
+ * jaxlib calls a leaf predicate on every node it visits.  The predicates
+ * are instances of a tiny C type with its own vectorcall, for two reasons:
+ *
+ *  - speed: no argument parsing, no recursion bookkeeping (a Python lambda
+ *    costs ~3x more, measured in module.c's git history);
+ *  - safety: when a tree is deeper than the recursion limit, jaxlib (0.10)
+ *    records the RecursionError and keeps visiting nodes, calling the
+ *    predicate with that exception still set.  Running Python code in
+ *    that state corrupts the interpreter (seen: later unrelated calls fail
+ *    with RecursionError).  So a predicate called with an exception set
+ *    returns NULL at once and never runs user code; the error then reaches
+ *    the caller as a plain RecursionError (see refx_unwrap_jax_error).
+ *
+ * jaxlib passes (x) to flatten's predicate and (keypath, x) to
+ * flatten_with_path's: the node is always the last argument.
+ */
+
+enum { PRED_DEREF, PRED_REFX, PRED_REFX_OR_USER };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int kind;
+    PyObject *module; /* strong: the state lives in it */
+    PyObject *user;   /* PRED_REFX_OR_USER: the user's is_leaf */
+} PredObject;
 
 static inline int
 is_refx_leaf(refx_state *st, PyObject *x)
@@ -348,44 +456,115 @@ is_refx_leaf(refx_state *st, PyObject *x)
 }
 
 static PyObject *
-pred_refx(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+pred_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
+                PyObject *kwnames)
 {
-    if (nargs < 1) {
-        PyErr_SetString(PyExc_TypeError, "predicate takes a node");
+    if (PyErr_Occurred()) {
+        return NULL; /* see above: never run with an exception set */
+    }
+    PredObject *p = (PredObject *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a leaf predicate takes a node");
         return NULL;
     }
-    refx_state *st = refx_get_state(module);
-    return Py_NewRef(is_refx_leaf(st, args[nargs - 1]) ? Py_True : Py_False);
-}
-
-/* self is (module, user_is_leaf) */
-static PyObject *
-pred_refx_or_user(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 1) {
-        PyErr_SetString(PyExc_TypeError, "predicate takes a node");
-        return NULL;
-    }
-    refx_state *st = refx_get_state(PyTuple_GET_ITEM(self, 0));
+    refx_state *st = refx_get_state(p->module);
     PyObject *x = args[nargs - 1];
-    if (is_refx_leaf(st, x)) {
-        Py_RETURN_TRUE;
+    int r;
+    if (p->kind == PRED_DEREF) {
+        r = Deref_Check(st, x);
     }
-    PyObject *r = PyObject_CallOneArg(PyTuple_GET_ITEM(self, 1), x);
-    if (r == NULL) {
-        return NULL;
+    else {
+        r = is_refx_leaf(st, x);
+        if (!r && p->kind == PRED_REFX_OR_USER) {
+            PyObject *res = PyObject_CallOneArg(p->user, x);
+            if (res == NULL) {
+                return NULL;
+            }
+            r = PyObject_IsTrue(res);
+            Py_DECREF(res);
+            if (r < 0) {
+                return NULL;
+            }
+        }
     }
-    int t = PyObject_IsTrue(r);
-    Py_DECREF(r);
-    if (t < 0) {
-        return NULL;
-    }
-    return Py_NewRef(t ? Py_True : Py_False);
+    return Py_NewRef(r ? Py_True : Py_False);
 }
 
-static PyMethodDef pred_refx_or_user_def = {
-    "_is_leaf", (PyCFunction)(void (*)(void))pred_refx_or_user,
-    METH_FASTCALL, NULL};
+static int
+pred_traverse(PredObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->module);
+    Py_VISIT(self->user);
+    return 0;
+}
+
+static int
+pred_clear(PredObject *self)
+{
+    Py_CLEAR(self->module);
+    Py_CLEAR(self->user);
+    return 0;
+}
+
+static void
+pred_dealloc(PredObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    pred_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+pred_repr(PredObject *self)
+{
+    static const char *names[] = {"Value/Index", "Ref/Value/Index/NOTHING",
+                                  "Ref/Value/Index/NOTHING or is_leaf"};
+    return PyUnicode_FromFormat("<refx leaf predicate: %s>", names[self->kind]);
+}
+
+static PyMemberDef pred_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(PredObject, vectorcall),
+     READONLY, NULL},
+    {NULL},
+};
+
+static PyType_Slot pred_slots[] = {
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_traverse, pred_traverse},
+    {Py_tp_clear, pred_clear},
+    {Py_tp_dealloc, pred_dealloc},
+    {Py_tp_repr, pred_repr},
+    {Py_tp_members, pred_members},
+    {0, NULL},
+};
+
+static PyType_Spec pred_spec = {
+    .name = "refx._core.LeafPredicate",
+    .basicsize = sizeof(PredObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = pred_slots,
+};
+
+static PyObject *
+pred_new(refx_state *st, PyObject *module, int kind, PyObject *user)
+{
+    PredObject *p = PyObject_GC_New(PredObject, st->Pred_Type);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->vectorcall = pred_vectorcall;
+    p->kind = kind;
+    p->module = Py_NewRef(module);
+    p->user = Py_XNewRef(user);
+    PyObject_GC_Track(p);
+    return (PyObject *)p;
+}
 
 /* Ref/Value/Index/NOTHING or whatever user_is_leaf accepts. */
 PyObject *
@@ -400,19 +579,8 @@ refx_make_pred(refx_state *st, PyObject *user_is_leaf)
                      Py_TYPE(user_is_leaf)->tp_name);
         return NULL;
     }
-    /* multi-phase modules are not in the PyState table: reach the module
-     * through one of its types (borrowed) */
-    PyObject *module = PyType_GetModule(st->Ref_Type);
-    if (module == NULL) {
-        return NULL;
-    }
-    PyObject *self = PyTuple_Pack(2, module, user_is_leaf);
-    if (self == NULL) {
-        return NULL;
-    }
-    PyObject *f = PyCFunction_New(&pred_refx_or_user_def, self);
-    Py_DECREF(self);
-    return f;
+    PyObject *module = ((PredObject *)st->pred_refx)->module;
+    return pred_new(st, module, PRED_REFX_OR_USER, user_is_leaf);
 }
 
 /* ------------------------------------------------------------------ */
@@ -477,12 +645,6 @@ static PyMethodDef module_functions[] = {
      "_debug_counters($module, /)\n--\n\nInternal counters, for tests."},
     {"_install_jax", (PyCFunction)(void (*)(void))install_jax,
      METH_VARARGS | METH_KEYWORDS, install_jax_doc},
-    {"_is_deref_leaf", (PyCFunction)(void (*)(void))pred_deref, METH_FASTCALL,
-     "_is_deref_leaf($module, node, /)\n--\n\n"
-     "Leaf predicate: True for Value and Index nodes."},
-    {"_is_refx_leaf", (PyCFunction)(void (*)(void))pred_refx, METH_FASTCALL,
-     "_is_refx_leaf($module, node, /)\n--\n\n"
-     "Leaf predicate: True for Ref, Value, Index and NOTHING."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -492,7 +654,8 @@ static PyMethodDef module_functions[] = {
 
 #define STATE_OBJECTS(X)                                                   \
     X(Ref_Type) X(Deref_Type) X(Value_Type) X(Index_Type) X(Nothing_Type)  \
-    X(Partition_Type) X(Not_Type) X(All_Type) X(Any_Type) X(nothing)       \
+    X(Partition_Type) X(Not_Type) X(All_Type) X(Any_Type) X(Pred_Type)     \
+    X(nothing)       \
     X(flatten) X(flatten_with_path) X(treedef_type) X(sequence_key)        \
     X(dict_key) X(getattr_key) X(flattened_index_key) X(trace_state)       \
     X(check_value) X(plain_types) X(pred_deref) X(pred_refx) X(path_cache) \
@@ -565,9 +728,16 @@ module_exec(PyObject *module)
         add_functions(module, refx_update_functions) < 0) {
         return -1;
     }
-    st->pred_deref = PyObject_GetAttrString(module, "_is_deref_leaf");
-    st->pred_refx = PyObject_GetAttrString(module, "_is_refx_leaf");
-    if (st->pred_deref == NULL || st->pred_refx == NULL) {
+    st->Pred_Type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &pred_spec, NULL);
+    if (st->Pred_Type == NULL) {
+        return -1;
+    }
+    st->pred_deref = pred_new(st, module, PRED_DEREF, NULL);
+    st->pred_refx = pred_new(st, module, PRED_REFX, NULL);
+    if (st->pred_deref == NULL || st->pred_refx == NULL ||
+        PyModule_AddObjectRef(module, "_is_deref_leaf", st->pred_deref) < 0 ||
+        PyModule_AddObjectRef(module, "_is_refx_leaf", st->pred_refx) < 0) {
         return -1;
     }
     return 0;

@@ -711,7 +711,7 @@ path_info_for(refx_state *st, const char *fname, PyObject *tree,
     }
 
     PyObject *args[2] = {tree, pred};
-    res = PyObject_Vectorcall(st->flatten_with_path, args, 2, NULL);
+    res = refx_call_jax(st->flatten_with_path, args, 2);
     if (res == NULL) {
         goto error;
     }

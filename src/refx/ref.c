@@ -108,8 +108,8 @@ refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
     if (is_plain_value(st, value)) {
         return 0;
     }
-    PyObject *r = PyObject_CallFunctionObjArgs(st->check_value, value,
-                                               ref->trace, NULL);
+    PyObject *args[2] = {value, ref->trace};
+    PyObject *r = refx_call_jax(st->check_value, args, 2);
     if (r == NULL) {
         return -1;
     }

@@ -47,6 +47,7 @@ typedef struct {
     PyTypeObject *Not_Type;
     PyTypeObject *All_Type;
     PyTypeObject *Any_Type;
+    PyTypeObject *Pred_Type; /* leaf predicates handed to jaxlib */
     PyObject *nothing; /* the NOTHING singleton */
 
     /* JAX hooks, set once by _install_jax (NULL before) */
@@ -61,7 +62,7 @@ typedef struct {
     PyObject *check_value;       /* check_value(value, trace_weakref) */
     PyObject *plain_types;       /* tuple of types that never hold tracers */
 
-    /* leaf predicates handed to jaxlib (builtin functions, self=module) */
+    /* leaf predicates handed to jaxlib (module.c) */
     PyObject *pred_deref;  /* Value/Index are leaves */
     PyObject *pred_refx;   /* Ref/Value/Index/NOTHING are leaves */
 
@@ -159,6 +160,9 @@ typedef struct {
 
 /* module.c */
 int refx_require_jax(refx_state *st, const char *fname);
+void refx_unwrap_jax_error(void);
+PyObject *refx_call_jax(PyObject *callable, PyObject *const *args,
+                        size_t nargsf);
 PyObject *refx_flatten(refx_state *st, PyObject *tree, PyObject *pred,
                        PyObject **treedef);
 PyObject *refx_unflatten(refx_state *st, PyObject *treedef, PyObject *leaves);
