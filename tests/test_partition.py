@@ -277,3 +277,34 @@ def test_partition_treedef_is_stable_jit_key():
         (p, r), _ = refx.tree_partition(refx.deref(tree), "params")
         f(p)
     assert len(traces) == 1
+
+
+class EvilKey:
+    """A path whose __eq__ empties another dict (frees its values)."""
+
+    def __init__(self, name, victim=None):
+        self.name, self.victim = name, victim
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __eq__(self, other):
+        if self.victim is not None:
+            self.victim.clear()
+        return isinstance(other, EvilKey) and other.name == self.name
+
+    def __repr__(self):
+        return f"EvilKey({self.name!r})"
+
+
+def test_merge_survives_keys_that_mutate_partitions():
+    td = jax.tree_util.tree_structure([0])
+    victim = {}
+    victim[EvilKey("a")] = [object()]  # only the dict holds this value
+    p0 = {EvilKey("a", victim): NOTHING}
+    try:
+        out = refx.merge_partitions((p0, victim), td)
+    except ValueError as e:
+        assert "merge_partitions" in str(e)
+    else:
+        assert isinstance(out[0], list)

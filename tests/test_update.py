@@ -233,3 +233,19 @@ def test_training_step_with_optax():
     assert model["enc"]["w"] is model["dec"]["w"] is w
     assert int(count.value) == 30
     np.testing.assert_allclose(w.value, [1.0, -2.0, 0.5], atol=0.2)
+
+
+def test_update_survives_keys_that_mutate_the_source():
+    from test_partition import EvilKey
+
+    r = refx.Ref(0)
+    source = {}
+    source[EvilKey("a")] = [object()]  # only the dict holds this value
+    target = refx.Partition({EvilKey("a", source): r})
+    try:
+        refx.update_refs(target, source)
+    except ValueError as e:
+        assert "update_refs" in str(e)
+        assert r.value == 0
+    else:
+        assert isinstance(r.value, list)

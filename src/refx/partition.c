@@ -1171,24 +1171,34 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
         }
         Py_INCREF(path);
         for (Py_ssize_t k = 0; k < np; k++) {
-            PyObject *v = v0;
-            if (k > 0) {
-                PyObject *key = NULL;
-                v = NULL;
+            /* v is owned: comparing keys may run Python code that mutates
+             * the partition and frees a borrowed value */
+            PyObject *v = NULL;
+            if (k == 0) {
+                v = Py_NewRef(v0);
+            }
+            else {
+                PyObject *key, *bv;
                 if (lockstep[k] &&
-                    PyDict_Next(parts[k], &pos[k], &key, &v)) {
+                    PyDict_Next(parts[k], &pos[k], &key, &bv)) {
+                    Py_INCREF(bv);
                     int eq = keys_equal(key, path);
                     if (eq < 0) {
+                        Py_DECREF(bv);
                         Py_DECREF(path);
+                        Py_XDECREF(found);
                         goto error;
                     }
-                    if (!eq) {
+                    if (eq) {
+                        v = bv;
+                    }
+                    else {
+                        Py_DECREF(bv);
                         lockstep[k] = 0; /* orders differ: look paths up */
-                        v = NULL;
                     }
                 }
                 if (v == NULL) {
-                    v = PyDict_GetItemWithError(parts[k], path);
+                    v = Py_XNewRef(PyDict_GetItemWithError(parts[k], path));
                     if (v == NULL) {
                         if (!PyErr_Occurred()) {
                             PyErr_Format(PyExc_ValueError,
@@ -1199,11 +1209,13 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                                          path, k);
                         }
                         Py_DECREF(path);
+                        Py_XDECREF(found);
                         goto error;
                     }
                 }
             }
             if (v == st->nothing) {
+                Py_DECREF(v);
                 continue;
             }
             if (found != NULL) {
@@ -1212,11 +1224,12 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                              "(partitions %zd and %zd); each path must have "
                              "exactly one non-NOTHING value",
                              path, found_k, k);
+                Py_DECREF(v);
                 Py_DECREF(found);
                 Py_DECREF(path);
                 goto error;
             }
-            found = Py_NewRef(v);
+            found = v;
             found_k = k;
         }
         if (found == NULL) {

@@ -157,23 +157,37 @@ collect_by_path(update_ctx *c, PyObject **tl, PyObject **sl)
                             "call");
             return -1;
         }
-        PyObject *key = NULL, *sv = NULL;
-        if (lockstep && PyDict_Next(s, &spos, &key, &sv) && key != path) {
-            Py_INCREF(key);
-            Py_INCREF(path);
-            int eq = PyObject_RichCompareBool(key, path, Py_EQ);
-            Py_DECREF(key);
-            Py_DECREF(path);
-            if (eq < 0) {
-                return -1;
+        /* own everything before comparing keys, which may run Python code
+         * that mutates either dict and frees borrowed items */
+        PyList_SET_ITEM(*tl, j, Py_NewRef(tv));
+        PyList_SET_ITEM(c->paths, j, Py_NewRef(path));
+        PyObject *key = NULL, *sv = NULL, *bsv;
+        if (lockstep && PyDict_Next(s, &spos, &key, &bsv)) {
+            if (key == path) {
+                sv = Py_NewRef(bsv);
             }
-            if (!eq) {
-                lockstep = 0;
-                sv = NULL;
+            else {
+                Py_INCREF(bsv);
+                Py_INCREF(key);
+                Py_INCREF(path);
+                int eq = PyObject_RichCompareBool(key, path, Py_EQ);
+                Py_DECREF(key);
+                Py_DECREF(path);
+                if (eq < 0) {
+                    Py_DECREF(bsv);
+                    return -1;
+                }
+                if (eq) {
+                    sv = bsv;
+                }
+                else {
+                    Py_DECREF(bsv);
+                    lockstep = 0;
+                }
             }
         }
         if (sv == NULL) {
-            sv = PyDict_GetItemWithError(s, path);
+            sv = Py_XNewRef(PyDict_GetItemWithError(s, path));
             if (sv == NULL) {
                 if (!PyErr_Occurred()) {
                     PyErr_Format(PyExc_ValueError,
@@ -184,9 +198,7 @@ collect_by_path(update_ctx *c, PyObject **tl, PyObject **sl)
                 return -1;
             }
         }
-        PyList_SET_ITEM(*tl, j, Py_NewRef(tv));
-        PyList_SET_ITEM(*sl, j, Py_NewRef(sv));
-        PyList_SET_ITEM(c->paths, j, Py_NewRef(path));
+        PyList_SET_ITEM(*sl, j, sv);
         j++;
     }
     if (j != n) {
