@@ -157,3 +157,39 @@ def test_all_is_complete():
     assert sorted(refx.__all__) == sorted(
         n for n in dir(refx) if not n.startswith("_") and n not in ("annotations",)
     )
+
+
+def test_gc_tracking_follows_what_a_ref_can_reach():
+    # Refs made by reref/clone are tracked only when they could be part of a
+    # cycle; a write of a container value starts tracking.
+    a = jnp.ones(2)
+    tree = refx.clone({"x": refx.Ref(a, "params"), "y": refx.Ref(1.0)})
+    r = tree["x"]
+    assert not gc.is_tracked(r) and not gc.is_tracked(tree["y"])
+    r.value = [r]  # a cycle through the value
+    assert gc.is_tracked(r)
+    w = weakref.ref(r)
+    del r, tree
+    gc.collect()
+    assert w() is None
+    # a non-atomic collection could lead back: tracked from the start
+    assert gc.is_tracked(refx.clone([refx.Ref(a, ("c", 1))])[0])
+    # update_refs writes keep tracking right too
+    class Box:  # not a pytree node: one leaf
+        def __init__(self, x):
+            self.x = x
+
+    r2 = refx.clone([refx.Ref(a)])[0]
+    refx.update_refs([r2], [Box(r2)])
+    assert gc.is_tracked(r2)
+
+
+def test_gc_tracking_of_values_and_indexes():
+    a = jnp.ones(2)
+    d = refx.deref([refx.Ref(a, "p"), refx.Ref([1], "p")])
+    assert not gc.is_tracked(d[0])  # an array and a str collection
+    assert gc.is_tracked(d[1])      # a list could lead back
+    assert not gc.is_tracked(refx.Index(0, "p"))
+    assert gc.is_tracked(refx.Index(0, ("p", 1)))
+    v = refx.Value(None, 0)
+    assert not gc.is_tracked(v)

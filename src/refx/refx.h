@@ -179,6 +179,8 @@ PyObject *refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
                           PyObject *collection, PyObject *trace);
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                      PyObject *current_trace);
+/* Set ref.value (no checks), keeping GC tracking right. */
+void refx_ref_store(refx_state *st, RefObject *ref, PyObject *value);
 PyObject *refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
                             PyObject *collection);
 PyObject *refx_index_create(refx_state *st, Py_ssize_t index,

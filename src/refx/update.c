@@ -435,8 +435,8 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     /* phase 2: write; nothing here can fail */
     for (Py_ssize_t k = 0; k < nplan; k++) {
-        Py_XSETREF(plan[k].ref->value, plan[k].value);
-        plan[k].value = NULL;
+        refx_ref_store(st, plan[k].ref, plan[k].value);
+        Py_CLEAR(plan[k].value);
     }
     res = Py_NewRef(Py_None);
 error:
