@@ -387,3 +387,9 @@ def test_errors_inside_trees_do_not_leak_recursion_budget():
         with pytest.raises(Boom):
             refx.tree_partition(deep7, is_leaf=bad_is_leaf)
     recurse(sys.getrecursionlimit() - 100)
+
+
+def test_value_key_path_reads_value():
+    d = refx.deref({"a": [refx.Ref(1)]})
+    (kp, leaf), = jax.tree_util.tree_flatten_with_path(d)[0]
+    assert jax.tree_util.keystr(kp) == "['a'][0].value" and leaf == 1

@@ -106,8 +106,15 @@ _core._install_jax(
     plain_types=_plain_types(),
 )
 
-jax.tree_util.register_pytree_node(
-    _core.Value, _core._value_flatten, _core._value_unflatten
+_VALUE_KEY = jax.tree_util.GetAttrKey("value")
+
+jax.tree_util.register_pytree_with_keys(
+    _core.Value,
+    # keys only for key paths (JAX error messages read "...[0].value");
+    # plain flattening uses the C function
+    lambda v: (((_VALUE_KEY, v.value),), (v.index, v.collection)),
+    _core._value_unflatten,
+    _core._value_flatten,
 )
 jax.tree_util.register_pytree_node(
     _core.Index, _core._index_flatten, _core._index_unflatten
