@@ -55,8 +55,8 @@ found_at(refx_state *st, const char *fname, PyObject *tree, PyObject *pred,
     if (path == NULL) {
         return;
     }
-    PyErr_Format(PyExc_ValueError, "%s: %s found at %U; %s", fname, what,
-                 path, hint);
+    PyErr_Format(PyExc_ValueError, "%s: %s found at %U; %s", fname, what, path,
+                 hint);
     Py_DECREF(path);
 }
 
@@ -200,15 +200,18 @@ numbering_intact(numbering *nb)
 /* deref                                                                */
 /* ------------------------------------------------------------------ */
 
-PyDoc_STRVAR(deref_doc,
-"deref($module, tree, /)\n"
-"--\n\n"
-"Replace the Refs of `tree` by Value and Index nodes, giving a pure pytree.\n\n"
-"Distinct Refs are numbered in leaf order from 0: the first occurrence of\n"
-"Ref i becomes Value(ref.value, i, ref.collection), later occurrences\n"
-"Index(i, ref.collection).  Other leaves pass through; values are not\n"
-"copied.  Call it before a tree of Refs crosses a JAX transform, and\n"
-"`reref` on the other side.  A Value or Index in `tree` is a ValueError.");
+PyDoc_STRVAR(
+    deref_doc,
+    "deref($module, tree, /)\n"
+    "--\n\n"
+    "Replace the Refs of `tree` by Value and Index nodes, giving a pure "
+    "pytree.\n\n"
+    "Distinct Refs are numbered in leaf order from 0: the first occurrence "
+    "of\n"
+    "Ref i becomes Value(ref.value, i, ref.collection), later occurrences\n"
+    "Index(i, ref.collection).  Other leaves pass through; values are not\n"
+    "copied.  Call it before a tree of Refs crosses a JAX transform, and\n"
+    "`reref` on the other side.  A Value or Index in `tree` is a ValueError.");
 
 /* Replace the Refs of `leaves` (a list only we hold) in place.  0 on
  * success, -1 with an error, 1 with no error if the marks were disturbed
@@ -299,14 +302,17 @@ error:
 /* reref                                                                */
 /* ------------------------------------------------------------------ */
 
-PyDoc_STRVAR(reref_doc,
-"reref($module, tree, /)\n"
-"--\n\n"
-"Rebuild Refs from a deref'ed tree, with sharing intact.\n\n"
-"Each Value becomes a new Ref(value, collection) belonging to the current\n"
-"JAX trace, each Index the Ref its Value made.  Values must be numbered\n"
-"0, 1, 2... in leaf order and every Index must follow its Value; a Ref in\n"
-"`tree` is a ValueError.");
+PyDoc_STRVAR(
+    reref_doc,
+    "reref($module, tree, /)\n"
+    "--\n\n"
+    "Rebuild Refs from a deref'ed tree, with sharing intact.\n\n"
+    "Each Value becomes a new Ref(value, collection) belonging to the "
+    "current\n"
+    "JAX trace, each Index the Ref its Value made.  Values must be numbered\n"
+    "0, 1, 2... in leaf order and every Index must follow its Value; a Ref "
+    "in\n"
+    "`tree` is a ValueError.");
 
 static PyObject *
 refx_reref(PyObject *module, PyObject *tree)
@@ -353,7 +359,8 @@ refx_reref(PyObject *module, PyObject *tree)
             }
             if (nrefs == cap) {
                 Py_ssize_t ncap = cap ? cap * 2 : 16;
-                PyObject **nr = PyMem_Realloc(refs, (size_t)ncap * sizeof(*nr));
+                PyObject **nr =
+                    PyMem_Realloc(refs, (size_t)ncap * sizeof(*nr));
                 if (nr == NULL) {
                     PyErr_NoMemory();
                     goto error;
@@ -361,9 +368,9 @@ refx_reref(PyObject *module, PyObject *tree)
                 refs = nr;
                 cap = ncap;
             }
-            new = refx_ref_create(st, st->Ref_Type,
-                                  ((ValueObject *)leaf)->value,
-                                  d->collection, trace);
+            new =
+                refx_ref_create(st, st->Ref_Type, ((ValueObject *)leaf)->value,
+                                d->collection, trace);
             if (new == NULL) {
                 goto error;
             }
@@ -433,11 +440,12 @@ error:
 /* clone                                                                */
 /* ------------------------------------------------------------------ */
 
-PyDoc_STRVAR(clone_doc,
-"clone($module, tree, /)\n"
-"--\n\n"
-"Same as reref(deref(tree)), in one pass: a copy of `tree` with new Refs\n"
-"(of the current trace) that share among themselves as the old ones did.");
+PyDoc_STRVAR(
+    clone_doc,
+    "clone($module, tree, /)\n"
+    "--\n\n"
+    "Same as reref(deref(tree)), in one pass: a copy of `tree` with new Refs\n"
+    "(of the current trace) that share among themselves as the old ones did.");
 
 static PyObject *
 clone_leaves(refx_state *st, PyObject *leaves, PyObject *trace, int use_map)

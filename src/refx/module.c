@@ -442,8 +442,7 @@ refx_leaf_path_repr(refx_state *st, PyObject *tree, PyObject *pred,
 enum { PRED_DEREF, PRED_REFX, PRED_REFX_OR_USER };
 
 typedef struct {
-    PyObject_HEAD
-    vectorcallfunc vectorcall;
+    PyObject_HEAD vectorcallfunc vectorcall;
     int kind;
     PyObject *module; /* strong: the state lives in it */
     PyObject *user;   /* PRED_REFX_OR_USER: the user's is_leaf */
@@ -523,7 +522,8 @@ pred_repr(PredObject *self)
 {
     static const char *names[] = {"Value/Index", "Ref/Value/Index/NOTHING",
                                   "Ref/Value/Index/NOTHING or is_leaf"};
-    return PyUnicode_FromFormat("<refx leaf predicate: %s>", names[self->kind]);
+    return PyUnicode_FromFormat("<refx leaf predicate: %s>",
+                                names[self->kind]);
 }
 
 static PyMemberDef pred_members[] = {
@@ -587,26 +587,32 @@ refx_make_pred(refx_state *st, PyObject *user_is_leaf)
 /* _install_jax                                                         */
 /* ------------------------------------------------------------------ */
 
-PyDoc_STRVAR(install_jax_doc,
-"_install_jax($module, /, *, flatten, flatten_with_path, treedef_type,\n"
-"             sequence_key, dict_key, getattr_key, flattened_index_key,\n"
-"             trace_state, check_value, plain_types)\n"
-"--\n\n"
-"Link the C core to JAX.  Called once by refx._compat; not public.");
+PyDoc_STRVAR(
+    install_jax_doc,
+    "_install_jax($module, /, *, flatten, flatten_with_path, treedef_type,\n"
+    "             sequence_key, dict_key, getattr_key, flattened_index_key,\n"
+    "             trace_state, check_value, plain_types)\n"
+    "--\n\n"
+    "Link the C core to JAX.  Called once by refx._compat; not public.");
 
 static PyObject *
 install_jax(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"flatten",      "flatten_with_path",
-                             "treedef_type", "sequence_key",
-                             "dict_key",     "getattr_key",
-                             "flattened_index_key", "trace_state",
-                             "check_value",  "plain_types", NULL};
+    static char *kwlist[] = {"flatten",
+                             "flatten_with_path",
+                             "treedef_type",
+                             "sequence_key",
+                             "dict_key",
+                             "getattr_key",
+                             "flattened_index_key",
+                             "trace_state",
+                             "check_value",
+                             "plain_types",
+                             NULL};
     PyObject *o[10];
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOOOOOO:_install_jax",
-                                     kwlist, &o[0], &o[1], &o[2], &o[3],
-                                     &o[4], &o[5], &o[6], &o[7], &o[8],
-                                     &o[9])) {
+                                     kwlist, &o[0], &o[1], &o[2], &o[3], &o[4],
+                                     &o[5], &o[6], &o[7], &o[8], &o[9])) {
         return NULL;
     }
     if (!PyTuple_Check(o[9])) {
@@ -632,12 +638,11 @@ static PyObject *
 debug_counters(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     refx_state *st = refx_get_state(module);
-    return Py_BuildValue("{sKsKsKsn}", "mark_retries",
-                         (unsigned long long)st->mark_retries, "deref_nodes_seen",
-                         (unsigned long long)st->deref_nodes_seen,
-                         "nothing_nodes_seen",
-                         (unsigned long long)st->nothing_nodes_seen,
-                         "path_cache_size", PyDict_GET_SIZE(st->path_cache));
+    return Py_BuildValue(
+        "{sKsKsKsn}", "mark_retries", (unsigned long long)st->mark_retries,
+        "deref_nodes_seen", (unsigned long long)st->deref_nodes_seen,
+        "nothing_nodes_seen", (unsigned long long)st->nothing_nodes_seen,
+        "path_cache_size", PyDict_GET_SIZE(st->path_cache));
 }
 
 static PyMethodDef module_functions[] = {
@@ -652,15 +657,17 @@ static PyMethodDef module_functions[] = {
 /* module lifecycle                                                     */
 /* ------------------------------------------------------------------ */
 
-#define STATE_OBJECTS(X)                                                   \
-    X(Ref_Type) X(Deref_Type) X(Value_Type) X(Index_Type) X(Nothing_Type)  \
-    X(Partition_Type) X(Not_Type) X(All_Type) X(Any_Type) X(Pred_Type)     \
-    X(nothing)       \
-    X(flatten) X(flatten_with_path) X(treedef_type) X(sequence_key)        \
-    X(dict_key) X(getattr_key) X(flattened_index_key) X(trace_state)       \
-    X(check_value) X(plain_types) X(pred_deref) X(pred_refx) X(path_cache) \
-    X(str_value) X(str_unflatten) X(str_num_leaves) X(str_idx) X(str_key)  \
-    X(str_name)
+#define STATE_OBJECTS(X)                                                      \
+    X(Ref_Type)                                                               \
+    X(Deref_Type) X(Value_Type) X(Index_Type) X(Nothing_Type)                 \
+        X(Partition_Type) X(Not_Type) X(All_Type) X(Any_Type) X(Pred_Type)    \
+            X(nothing) X(flatten) X(flatten_with_path) X(treedef_type)        \
+                X(sequence_key) X(dict_key) X(getattr_key)                    \
+                    X(flattened_index_key) X(trace_state) X(check_value)      \
+                        X(plain_types) X(pred_deref) X(pred_refx)             \
+                            X(path_cache) X(str_value) X(str_unflatten)       \
+                                X(str_num_leaves) X(str_idx) X(str_key)       \
+                                    X(str_name)
 
 static int
 module_traverse(PyObject *m, visitproc visit, void *arg)
@@ -704,8 +711,8 @@ static int
 module_exec(PyObject *module)
 {
     refx_state *st = refx_get_state(module);
-#define INTERN(name, s)                                  \
-    if ((st->name = PyUnicode_InternFromString(s)) == NULL) \
+#define INTERN(name, s)                                                       \
+    if ((st->name = PyUnicode_InternFromString(s)) == NULL)                   \
         return -1;
     INTERN(str_value, "value")
     INTERN(str_unflatten, "unflatten")

@@ -210,9 +210,10 @@ partition_reduce(PyObject *self, PyObject *Py_UNUSED(ignored))
     return res;
 }
 
-#define MUTATOR(name)                                                  \
-    {name, (PyCFunction)(void (*)(void))partition_mutator,             \
-     METH_VARARGS | METH_KEYWORDS, "Raises TypeError: Partition is immutable."}
+#define MUTATOR(name)                                                         \
+    {name, (PyCFunction)(void (*)(void))partition_mutator,                    \
+     METH_VARARGS | METH_KEYWORDS,                                            \
+     "Raises TypeError: Partition is immutable."}
 
 static PyMethodDef partition_methods[] = {
     MUTATOR("update"),
@@ -226,14 +227,15 @@ static PyMethodDef partition_methods[] = {
     {NULL},
 };
 
-PyDoc_STRVAR(partition_doc,
-"Partition(mapping=(), /)\n"
-"--\n\n"
-"An immutable dict from paths (tuples of str) to leaves or NOTHING, in\n"
-"leaf order, as returned by tree_partition and get_partition.\n\n"
-"A registered pytree node: jax.grad, tree_map and optax see its values;\n"
-"NOTHING entries contribute no leaves.  Equal to a plain dict with the\n"
-"same items.");
+PyDoc_STRVAR(
+    partition_doc,
+    "Partition(mapping=(), /)\n"
+    "--\n\n"
+    "An immutable dict from paths (tuples of str) to leaves or NOTHING, in\n"
+    "leaf order, as returned by tree_partition and get_partition.\n\n"
+    "A registered pytree node: jax.grad, tree_map and optax see its values;\n"
+    "NOTHING entries contribute no leaves.  Equal to a plain dict with the\n"
+    "same items.");
 
 static PyType_Slot partition_slots[] = {
     {Py_tp_doc, (void *)partition_doc},
@@ -318,8 +320,8 @@ partition_flatten_with_keys(PyObject *module, PyObject *p)
         goto error;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *k = PyObject_CallOneArg(st->dict_key,
-                                          PyTuple_GET_ITEM(paths, i));
+        PyObject *k =
+            PyObject_CallOneArg(st->dict_key, PyTuple_GET_ITEM(paths, i));
         if (k == NULL) {
             goto error;
         }
@@ -355,9 +357,8 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_ssize_t n = PyTuple_GET_SIZE(paths);
     if (PySequence_Fast_GET_SIZE(children) != n) {
-        PyErr_Format(PyExc_ValueError,
-                     "Partition: %zd paths but %zd children", n,
-                     PySequence_Fast_GET_SIZE(children));
+        PyErr_Format(PyExc_ValueError, "Partition: %zd paths but %zd children",
+                     n, PySequence_Fast_GET_SIZE(children));
         goto error;
     }
     p = partition_alloc(st);
@@ -384,8 +385,7 @@ error:
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *filters; /* tuple; one item for Not */
+    PyObject_HEAD PyObject *filters; /* tuple; one item for Not */
 } FilterObject;
 
 static const char filter_kinds[] =
@@ -503,8 +503,9 @@ filter_new_impl(PyTypeObject *tp, PyObject *args, PyObject *kwds,
         return NULL;
     }
     if (exactly_one && PyTuple_GET_SIZE(args) != 1) {
-        PyErr_Format(PyExc_TypeError, "%s() takes exactly one filter (%zd given)",
-                     name, PyTuple_GET_SIZE(args));
+        PyErr_Format(PyExc_TypeError,
+                     "%s() takes exactly one filter (%zd given)", name,
+                     PyTuple_GET_SIZE(args));
         return NULL;
     }
     refx_state *st = refx_state_from_type(tp);
@@ -547,7 +548,8 @@ filter_call(FilterObject *self, PyObject *args, PyObject *kwds)
 {
     PyObject *leaf;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
-        PyErr_SetString(PyExc_TypeError, "a filter takes no keyword arguments");
+        PyErr_SetString(PyExc_TypeError,
+                        "a filter takes no keyword arguments");
         return NULL;
     }
     if (!PyArg_UnpackTuple(args, _PyType_Name(Py_TYPE(self)), 1, 1, &leaf)) {
@@ -575,8 +577,8 @@ filter_repr(FilterObject *self)
         inner = PyObject_Repr(self->filters);
         if (inner != NULL && PyTuple_GET_SIZE(self->filters) > 1) {
             /* drop the tuple's parentheses */
-            PyObject *s = PyUnicode_Substring(inner, 1,
-                                              PyUnicode_GET_LENGTH(inner) - 1);
+            PyObject *s =
+                PyUnicode_Substring(inner, 1, PyUnicode_GET_LENGTH(inner) - 1);
             Py_SETREF(inner, s);
         }
         else if (inner != NULL) {
@@ -651,26 +653,26 @@ static PyGetSetDef filter_getset[] = {
     {NULL},
 };
 
-#define FILTER_SPEC(cname, pyname, newfunc, doc)                           \
-    static PyType_Slot cname##_slots[] = {                                 \
-        {Py_tp_doc, (void *)(doc)},                                        \
-        {Py_tp_new, newfunc},                                              \
-        {Py_tp_call, filter_call},                                         \
-        {Py_tp_repr, filter_repr},                                         \
-        {Py_tp_richcompare, filter_richcompare},                           \
-        {Py_tp_hash, filter_hash},                                         \
-        {Py_tp_traverse, filter_traverse},                                 \
-        {Py_tp_clear, filter_clear},                                       \
-        {Py_tp_dealloc, filter_dealloc},                                   \
-        {Py_tp_getset, filter_getset},                                     \
-        {0, NULL},                                                         \
-    };                                                                     \
-    static PyType_Spec cname##_spec = {                                    \
-        .name = "refx." pyname,                                            \
-        .basicsize = sizeof(FilterObject),                                 \
-        .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |                 \
-                 Py_TPFLAGS_IMMUTABLETYPE,                                 \
-        .slots = cname##_slots,                                            \
+#define FILTER_SPEC(cname, pyname, newfunc, doc)                              \
+    static PyType_Slot cname##_slots[] = {                                    \
+        {Py_tp_doc, (void *)(doc)},                                           \
+        {Py_tp_new, newfunc},                                                 \
+        {Py_tp_call, filter_call},                                            \
+        {Py_tp_repr, filter_repr},                                            \
+        {Py_tp_richcompare, filter_richcompare},                              \
+        {Py_tp_hash, filter_hash},                                            \
+        {Py_tp_traverse, filter_traverse},                                    \
+        {Py_tp_clear, filter_clear},                                          \
+        {Py_tp_dealloc, filter_dealloc},                                      \
+        {Py_tp_getset, filter_getset},                                        \
+        {0, NULL},                                                            \
+    };                                                                        \
+    static PyType_Spec cname##_spec = {                                       \
+        .name = "refx." pyname,                                               \
+        .basicsize = sizeof(FilterObject),                                    \
+        .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |                    \
+                 Py_TPFLAGS_IMMUTABLETYPE,                                    \
+        .slots = cname##_slots,                                               \
     };
 
 FILTER_SPEC(not, "Not", not_new,
@@ -727,7 +729,8 @@ path_info_for(refx_state *st, const char *fname, PyObject *tree,
     }
     paths = PyTuple_New(n);
     template = PyDict_New();
-    hashes = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(Py_hash_t));
+    hashes =
+        PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(Py_hash_t));
     seen = PyDict_New();
     if (paths == NULL || template == NULL || hashes == NULL || seen == NULL) {
         goto error;
@@ -852,8 +855,8 @@ partition_leaves(refx_state *st, PyObject *tree, PyObject *is_leaf,
  * `first_only`.  Returns a tuple of Partitions; *treedef_out set. */
 static PyObject *
 partition_impl(refx_state *st, const char *fname, PyObject *tree,
-               PyObject *const *filters, Py_ssize_t nfilters, PyObject *is_leaf,
-               int first_only, PyObject **treedef_out)
+               PyObject *const *filters, Py_ssize_t nfilters,
+               PyObject *is_leaf, int first_only, PyObject **treedef_out)
 {
     PyObject *leaves = NULL, *treedef = NULL, *pred = NULL, *info = NULL;
     PyObject *parts = NULL, *res = NULL;
@@ -945,18 +948,21 @@ parse_is_leaf(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     return 0;
 }
 
-PyDoc_STRVAR(tree_partition_doc,
-"tree_partition($module, tree, /, *filters, is_leaf=None)\n"
-"--\n\n"
-"Split the leaves of `tree` by filters into len(filters) + 1 Partitions.\n\n"
-"Returns ((partition_0, ..., rest), treedef).  Each Partition maps every\n"
-"path (tuple of str) of the tree, in leaf order, to the leaf if it belongs\n"
-"there and to NOTHING otherwise.  A leaf goes to the first filter that\n"
-"accepts it, else to the last partition.  Ref, Value, Index and NOTHING\n"
-"are always leaves; `is_leaf` may declare more.  A filter is a callable\n"
-"f(leaf) -> bool, a collection name (str), a type, a tuple of filters\n"
-"(any), Not/All/Any, ..., True or False.  merge_partitions(partitions,\n"
-"treedef) rebuilds the tree.");
+PyDoc_STRVAR(
+    tree_partition_doc,
+    "tree_partition($module, tree, /, *filters, is_leaf=None)\n"
+    "--\n\n"
+    "Split the leaves of `tree` by filters into len(filters) + 1 "
+    "Partitions.\n\n"
+    "Returns ((partition_0, ..., rest), treedef).  Each Partition maps every\n"
+    "path (tuple of str) of the tree, in leaf order, to the leaf if it "
+    "belongs\n"
+    "there and to NOTHING otherwise.  A leaf goes to the first filter that\n"
+    "accepts it, else to the last partition.  Ref, Value, Index and NOTHING\n"
+    "are always leaves; `is_leaf` may declare more.  A filter is a callable\n"
+    "f(leaf) -> bool, a collection name (str), a type, a tuple of filters\n"
+    "(any), Not/All/Any, ..., True or False.  merge_partitions(partitions,\n"
+    "treedef) rebuilds the tree.");
 
 static PyObject *
 refx_tree_partition(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
@@ -981,11 +987,13 @@ refx_tree_partition(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     return Py_BuildValue("(NN)", parts, treedef);
 }
 
-PyDoc_STRVAR(get_partition_doc,
-"get_partition($module, tree, filter, /, *, is_leaf=None)\n"
-"--\n\n"
-"The first partition of tree_partition(tree, filter): a Partition mapping\n"
-"every path to its leaf where `filter` accepts it, else to NOTHING.");
+PyDoc_STRVAR(
+    get_partition_doc,
+    "get_partition($module, tree, filter, /, *, is_leaf=None)\n"
+    "--\n\n"
+    "The first partition of tree_partition(tree, filter): a Partition "
+    "mapping\n"
+    "every path to its leaf where `filter` accepts it, else to NOTHING.");
 
 static PyObject *
 refx_get_partition(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
@@ -1051,13 +1059,14 @@ missing_path(PyObject *a, PyObject *b)
     return NULL;
 }
 
-PyDoc_STRVAR(merge_partitions_doc,
-"merge_partitions($module, partitions, treedef, /)\n"
-"--\n\n"
-"Rebuild a tree from the partitions and treedef of tree_partition.\n\n"
-"The partitions must have the same paths, and at each path exactly one\n"
-"of them must hold a value other than NOTHING; that value becomes the\n"
-"leaf.  Partitions may be any dicts (e.g. transformed by jax.tree_map).");
+PyDoc_STRVAR(
+    merge_partitions_doc,
+    "merge_partitions($module, partitions, treedef, /)\n"
+    "--\n\n"
+    "Rebuild a tree from the partitions and treedef of tree_partition.\n\n"
+    "The partitions must have the same paths, and at each path exactly one\n"
+    "of them must hold a value other than NOTHING; that value becomes the\n"
+    "leaf.  Partitions may be any dicts (e.g. transformed by jax.tree_map).");
 
 static PyObject *
 refx_merge_partitions(PyObject *module, PyObject *const *args,
@@ -1095,8 +1104,9 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
         }
         return NULL;
     }
-    seq = PySequence_Fast(partitions, "merge_partitions: partitions must be a "
-                                      "sequence");
+    seq = PySequence_Fast(partitions,
+                          "merge_partitions: partitions must be a "
+                          "sequence");
     if (seq == NULL) {
         return NULL;
     }
@@ -1179,8 +1189,7 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
             }
             else {
                 PyObject *key, *bv;
-                if (lockstep[k] &&
-                    PyDict_Next(parts[k], &pos[k], &key, &bv)) {
+                if (lockstep[k] && PyDict_Next(parts[k], &pos[k], &key, &bv)) {
                     Py_INCREF(bv);
                     int eq = keys_equal(key, path);
                     if (eq < 0) {

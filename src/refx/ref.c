@@ -92,8 +92,8 @@ is_plain_value(refx_state *st, PyObject *value)
 {
     PyTypeObject *tp = Py_TYPE(value);
     if (value == Py_None || tp == &PyFloat_Type || tp == &PyLong_Type ||
-        tp == &PyBool_Type || tp == &PyComplex_Type ||
-        tp == &PyUnicode_Type || tp == &PyBytes_Type) {
+        tp == &PyBool_Type || tp == &PyComplex_Type || tp == &PyUnicode_Type ||
+        tp == &PyBytes_Type) {
         return 1;
     }
     PyObject *plain = st->plain_types;
@@ -332,10 +332,9 @@ ref_repr(RefObject *self)
 static PyObject *
 ref_reduce(RefObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("O(OO)", Py_TYPE(self),
-                         self->value != NULL ? self->value : Py_None,
-                         self->collection != NULL ? self->collection
-                                                  : Py_None);
+    return Py_BuildValue(
+        "O(OO)", Py_TYPE(self), self->value != NULL ? self->value : Py_None,
+        self->collection != NULL ? self->collection : Py_None);
 }
 
 static PyGetSetDef ref_getset[] = {
@@ -362,17 +361,18 @@ static PyMethodDef ref_methods[] = {
     {NULL},
 };
 
-PyDoc_STRVAR(ref_doc,
-"Ref(value, collection=None)\n"
-"--\n\n"
-"A shared, mutable reference to a value.\n\n"
-"A Ref is a pytree leaf: the same Ref may sit at many places of a tree,\n"
-"and writing `ref.value` is seen through all of them.  Before a tree of\n"
-"Refs crosses a JAX transform, `deref` it; rebuild the Refs inside with\n"
-"`reref`.\n\n"
-"`collection` (hashable, default None) groups Refs for partitioning.\n"
-"A Ref remembers the JAX trace it was created in and may only be written\n"
-"from that trace (ValueError otherwise); reading is always allowed.");
+PyDoc_STRVAR(
+    ref_doc,
+    "Ref(value, collection=None)\n"
+    "--\n\n"
+    "A shared, mutable reference to a value.\n\n"
+    "A Ref is a pytree leaf: the same Ref may sit at many places of a tree,\n"
+    "and writing `ref.value` is seen through all of them.  Before a tree of\n"
+    "Refs crosses a JAX transform, `deref` it; rebuild the Refs inside with\n"
+    "`reref`.\n\n"
+    "`collection` (hashable, default None) groups Refs for partitioning.\n"
+    "A Ref remembers the JAX trace it was created in and may only be written\n"
+    "from that trace (ValueError otherwise); reading is always allowed.");
 
 static PyType_Slot ref_slots[] = {
     {Py_tp_doc, (void *)ref_doc},
@@ -617,8 +617,8 @@ deref_richcompare(PyObject *a, PyObject *b, int op)
 static Py_hash_t
 index_hash(DerefObject *self)
 {
-    Py_hash_t h = PyObject_Hash(self->collection != NULL ? self->collection
-                                                         : Py_None);
+    Py_hash_t h =
+        PyObject_Hash(self->collection != NULL ? self->collection : Py_None);
     if (h == -1) {
         return -1;
     }
@@ -653,19 +653,18 @@ index_repr(DerefObject *self)
 static PyObject *
 value_reduce(ValueObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("O(OnO)", Py_TYPE(self),
-                         self->value != NULL ? self->value : Py_None,
-                         self->base.index,
-                         self->base.collection != NULL ? self->base.collection
-                                                       : Py_None);
+    return Py_BuildValue(
+        "O(OnO)", Py_TYPE(self), self->value != NULL ? self->value : Py_None,
+        self->base.index,
+        self->base.collection != NULL ? self->base.collection : Py_None);
 }
 
 static PyObject *
 index_reduce(DerefObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("O(nO)", Py_TYPE(self), self->index,
-                         self->collection != NULL ? self->collection
-                                                  : Py_None);
+    return Py_BuildValue(
+        "O(nO)", Py_TYPE(self), self->index,
+        self->collection != NULL ? self->collection : Py_None);
 }
 
 static PyGetSetDef deref_getset[] = {
@@ -695,28 +694,27 @@ static PyMethodDef index_methods[] = {
 };
 
 PyDoc_STRVAR(deref_doc,
-"Base class of Value and Index, the deref'ed forms of a Ref.");
+             "Base class of Value and Index, the deref'ed forms of a Ref.");
 
-PyDoc_STRVAR(value_doc,
-"Value(value, index, collection=None)\n"
-"--\n\n"
-"The first occurrence of a Ref in a deref'ed tree.\n\n"
-"A pytree node with one child (the value) and (index, collection) as\n"
-"static aux data.  `index` counts distinct Refs in leaf order from 0.");
+PyDoc_STRVAR(
+    value_doc,
+    "Value(value, index, collection=None)\n"
+    "--\n\n"
+    "The first occurrence of a Ref in a deref'ed tree.\n\n"
+    "A pytree node with one child (the value) and (index, collection) as\n"
+    "static aux data.  `index` counts distinct Refs in leaf order from 0.");
 
-PyDoc_STRVAR(index_doc,
-"Index(index, collection=None)\n"
-"--\n\n"
-"A later occurrence of a Ref in a deref'ed tree: points at the Value\n"
-"with the same index.  A pytree node with no children.");
+PyDoc_STRVAR(
+    index_doc,
+    "Index(index, collection=None)\n"
+    "--\n\n"
+    "A later occurrence of a Ref in a deref'ed tree: points at the Value\n"
+    "with the same index.  A pytree node with no children.");
 
 static PyType_Slot deref_slots[] = {
-    {Py_tp_doc, (void *)deref_doc},
-    {Py_tp_dealloc, deref_dealloc},
-    {Py_tp_traverse, deref_traverse},
-    {Py_tp_clear, deref_clear},
-    {Py_tp_getset, deref_getset},
-    {0, NULL},
+    {Py_tp_doc, (void *)deref_doc},   {Py_tp_dealloc, deref_dealloc},
+    {Py_tp_traverse, deref_traverse}, {Py_tp_clear, deref_clear},
+    {Py_tp_getset, deref_getset},     {0, NULL},
 };
 
 static PyType_Spec deref_spec = {
@@ -745,8 +743,8 @@ static PyType_Slot value_slots[] = {
 static PyType_Spec value_spec = {
     .name = "refx.Value",
     .basicsize = sizeof(ValueObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |
-             Py_TPFLAGS_IMMUTABLETYPE,
+    .flags =
+        Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = value_slots,
 };
 
@@ -766,8 +764,8 @@ static PyType_Slot index_slots[] = {
 static PyType_Spec index_spec = {
     .name = "refx.Index",
     .basicsize = sizeof(DerefObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |
-             Py_TPFLAGS_IMMUTABLETYPE,
+    .flags =
+        Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = index_slots,
 };
 
@@ -803,8 +801,9 @@ static PyMethodDef nothing_methods[] = {
 };
 
 static PyType_Slot nothing_slots[] = {
-    {Py_tp_doc, "The type of NOTHING, the placeholder for paths that belong "
-                "to another partition."},
+    {Py_tp_doc,
+     "The type of NOTHING, the placeholder for paths that belong "
+     "to another partition."},
     {Py_tp_repr, nothing_repr},
     {Py_tp_dealloc, nothing_dealloc},
     {Py_tp_methods, nothing_methods},
@@ -898,14 +897,14 @@ value_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (parse_aux(args[0], "Value", &index, &collection) < 0) {
         return NULL;
     }
-    PyObject *children = PySequence_Fast(args[1], "children must be a sequence");
+    PyObject *children =
+        PySequence_Fast(args[1], "children must be a sequence");
     if (children == NULL) {
         return NULL;
     }
     PyObject *res = NULL;
     if (PySequence_Fast_GET_SIZE(children) != 1) {
-        PyErr_Format(PyExc_ValueError,
-                     "Value: expected 1 child, got %zd",
+        PyErr_Format(PyExc_ValueError, "Value: expected 1 child, got %zd",
                      PySequence_Fast_GET_SIZE(children));
     }
     else {
@@ -964,7 +963,8 @@ PyMethodDef refx_ref_functions[] = {
      "_index_unflatten($module, aux, children, /)\n--\n\n"
      "pytree unflatten of Index."},
     {"_nothing_flatten", (PyCFunction)nothing_flatten, METH_O,
-     "_nothing_flatten($module, nothing, /)\n--\n\npytree flatten of NOTHING."},
+     "_nothing_flatten($module, nothing, /)\n--\n\npytree flatten of "
+     "NOTHING."},
     {"_nothing_unflatten", (PyCFunction)(void (*)(void))nothing_unflatten,
      METH_FASTCALL,
      "_nothing_unflatten($module, aux, children, /)\n--\n\n"

@@ -48,7 +48,7 @@ typedef struct {
     PyTypeObject *All_Type;
     PyTypeObject *Any_Type;
     PyTypeObject *Pred_Type; /* leaf predicates handed to jaxlib */
-    PyObject *nothing; /* the NOTHING singleton */
+    PyObject *nothing;       /* the NOTHING singleton */
 
     /* JAX hooks, set once by _install_jax (NULL before) */
     PyObject *flatten;           /* registry.flatten(tree, pred) */
@@ -58,13 +58,13 @@ typedef struct {
     PyObject *dict_key;
     PyObject *getattr_key;
     PyObject *flattened_index_key;
-    PyObject *trace_state;       /* .value is the current trace's weakref */
-    PyObject *check_value;       /* check_value(value, trace_weakref) */
-    PyObject *plain_types;       /* tuple of types that never hold tracers */
+    PyObject *trace_state; /* .value is the current trace's weakref */
+    PyObject *check_value; /* check_value(value, trace_weakref) */
+    PyObject *plain_types; /* tuple of types that never hold tracers */
 
     /* leaf predicates handed to jaxlib (module.c) */
-    PyObject *pred_deref;  /* Value/Index are leaves */
-    PyObject *pred_refx;   /* Ref/Value/Index/NOTHING are leaves */
+    PyObject *pred_deref; /* Value/Index are leaves */
+    PyObject *pred_refx;  /* Ref/Value/Index/NOTHING are leaves */
 
     /* treedef -> tuple of path tuples, bounded (see module.c) */
     PyObject *path_cache;
@@ -77,8 +77,8 @@ typedef struct {
      * at the same time can only cause a needless redo, never a miss. */
     uint64_t deref_nodes_seen;
     uint64_t nothing_nodes_seen;
-    int partition_hint; /* last tree_partition needed the predicate */
-    uint64_t epoch;     /* numbers deref/clone calls, for Ref marks */
+    int partition_hint;    /* last tree_partition needed the predicate */
+    uint64_t epoch;        /* numbers deref/clone calls, for Ref marks */
     uint64_t mark_retries; /* deref/clone calls redone with a map (tests) */
 
     /* interned strings */
@@ -110,8 +110,8 @@ refx_state_from_type(PyTypeObject *tp)
 }
 
 /* Raise SystemError naming this file and line: internal invariants only. */
-#define REFX_BUG(msg)                                                   \
-    PyErr_Format(PyExc_SystemError, "refx internal error at %s:%d: %s", \
+#define REFX_BUG(msg)                                                         \
+    PyErr_Format(PyExc_SystemError, "refx internal error at %s:%d: %s",       \
                  __FILE__, __LINE__, (msg))
 
 /* ------------------------------------------------------------------ */
@@ -119,10 +119,9 @@ refx_state_from_type(PyTypeObject *tp)
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *value;      /* owned; never NULL after construction */
-    PyObject *collection; /* owned, hashable; None by default */
-    PyObject *trace;      /* owned weakref to the creating JAX trace */
+    PyObject_HEAD PyObject *value; /* owned; never NULL after construction */
+    PyObject *collection;          /* owned, hashable; None by default */
+    PyObject *trace; /* owned weakref to the creating JAX trace */
     PyObject *weakreflist;
     /* Scratch marks for deref/clone (see deref.c): "this Ref is number
      * mark_index in the deref call numbered mark_epoch".  Meaningless
@@ -132,8 +131,7 @@ typedef struct {
 } RefObject;
 
 typedef struct {
-    PyObject_HEAD
-    Py_ssize_t index;
+    PyObject_HEAD Py_ssize_t index;
     PyObject *collection; /* owned */
     PyObject *flat;       /* lazily built ((children...), (index, coll)) */
 } DerefObject;

@@ -113,10 +113,9 @@ collect_by_leaf(update_ctx *c, PyObject **tl, PyObject **sl)
     Py_ssize_t nt = PyList_GET_SIZE(*tl), ns = PyList_GET_SIZE(*sl);
     if (nt != ns) {
         Py_ssize_t j = nt < ns ? nt : ns;
-        PyObject *path = j < nt ? refx_leaf_path_repr(st, c->target,
-                                                      st->pred_refx, j)
-                                : refx_leaf_path_repr(st, c->source,
-                                                      st->pred_refx, j);
+        PyObject *path =
+            j < nt ? refx_leaf_path_repr(st, c->target, st->pred_refx, j)
+                   : refx_leaf_path_repr(st, c->source, st->pred_refx, j);
         if (path != NULL) {
             PyErr_Format(PyExc_ValueError,
                          "update_refs: target has %zd leaves but source has "
@@ -217,16 +216,17 @@ typedef struct {
 
 enum { MODE_NONE, MODE_REF, MODE_DEREF };
 
-PyDoc_STRVAR(update_refs_doc,
-"update_refs($module, target, source, /)\n"
-"--\n\n"
-"Write the values of `source` into the Refs of `target`.\n\n"
-"`target` is a tree (or Partition) of Refs; `source` a tree of the same\n"
-"shape holding Refs, deref'ed Values/Indexes, or plain values (a dict\n"
-"keyed by path when `target` is a Partition).  Where the target shares a\n"
-"Ref, the source must share too.  Every position is checked, including\n"
-"the trace-level write check, before any Ref is written: on error no Ref\n"
-"has changed.");
+PyDoc_STRVAR(
+    update_refs_doc,
+    "update_refs($module, target, source, /)\n"
+    "--\n\n"
+    "Write the values of `source` into the Refs of `target`.\n\n"
+    "`target` is a tree (or Partition) of Refs; `source` a tree of the same\n"
+    "shape holding Refs, deref'ed Values/Indexes, or plain values (a dict\n"
+    "keyed by path when `target` is a Partition).  Where the target shares a\n"
+    "Ref, the source must share too.  Every position is checked, including\n"
+    "the trace-level write check, before any Ref is written: on error no Ref\n"
+    "has changed.");
 
 static PyObject *
 refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -283,8 +283,7 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         if (!Ref_Check(st, t)) {
             if (s_ref || s_deref) {
-                fail_at(&c, j,
-                        "target has %s, not a Ref, but source has %s",
+                fail_at(&c, j, "target has %s, not a Ref, but source has %s",
                         kind_of(st, t), kind_of(st, s));
                 goto error;
             }
