@@ -44,8 +44,9 @@ bench-smoke: install-bench
 	$(VPY) benchmarks/run_all.py --smoke
 
 lint: venv
-	$(PIP) install ruff
+	$(PIP) install ruff clang-format
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/clang-format --dry-run --Werror src/refx/*.c src/refx/*.h
 
 clean:
 	rm -rf build dist src/*.egg-info src/refx/*.so .pytest_cache

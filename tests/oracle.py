@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 from jax._src import core as _jcore
@@ -206,7 +207,7 @@ def make_oracle(Ref, Value, Index, NOTHING, Partition=dict) -> types.SimpleNames
         paths, leaves, treedef = _leaves_with_paths(tree, is_leaf)
         preds = [to_predicate(f) for f in filters]
         parts: list[dict] = [{} for _ in range(len(filters) + 1)]
-        for path, leaf in zip(paths, leaves):
+        for path, leaf in zip(paths, leaves, strict=True):
             k = next((i for i, p in enumerate(preds) if p(leaf)), len(preds))
             for j, part in enumerate(parts):
                 part[path] = leaf if j == k else NOTHING
@@ -243,7 +244,7 @@ def make_oracle(Ref, Value, Index, NOTHING, Partition=dict) -> types.SimpleNames
             sl = tu.tree_leaves(source, is_leaf=is_refx_leaf)
             if len(tl) != len(sl):
                 raise ValueError("update_refs: leaf counts differ")
-            pairs = list(zip(tl, sl))
+            pairs = list(zip(tl, sl, strict=True))
         plan: dict[int, tuple[Any, Any]] = {}
         by_index: dict[int, Any] = {}
         first_source: dict[int, Any] = {}

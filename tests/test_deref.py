@@ -334,7 +334,7 @@ def test_marks_disturbed_by_a_nested_call_fall_back_to_a_map():
         assert out == expected_deref
     for c in clones:
         assert [r.value for r in c["a"]] == list(range(40))
-        assert all(x is y for x, y in zip(c["a"], c["b"][::-1]))
+        assert all(x is y for x, y in zip(c["a"], c["b"][::-1], strict=True))
 
 
 def recurse(n):

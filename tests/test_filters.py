@@ -17,7 +17,7 @@ def matches(f):
     got = [leaf for leaf in LEAVES if refx.Any(f)(leaf)]
     # tree_partition agrees: each leaf lands in partition 0 iff accepted
     (first, _), _ = refx.tree_partition(LEAVES, f)
-    assert [leaf for leaf, v in zip(LEAVES, first.values()) if v is not refx.NOTHING] == [
+    assert [leaf for leaf, v in zip(LEAVES, first.values(), strict=True) if v is not refx.NOTHING] == [
         leaf for leaf in got if leaf is not refx.NOTHING]
     return got
 

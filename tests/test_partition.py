@@ -174,7 +174,7 @@ def test_path_cache_reuses_path_objects():
     tree, *_ = model()
     (a,), _ = refx.tree_partition(tree)
     (b,), _ = refx.tree_partition(tree)
-    assert all(x is y for x, y in zip(a, b))
+    assert all(x is y for x, y in zip(a, b, strict=True))
 
 
 def test_unhashable_aux_data_still_works():

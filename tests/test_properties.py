@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import refx
 from oracle import make_oracle
 
-O = make_oracle(refx.Ref, refx.Value, refx.Index, refx.NOTHING, refx.Partition)
+ORACLE = make_oracle(refx.Ref, refx.Value, refx.Index, refx.NOTHING, refx.Partition)
 NT = collections.namedtuple("NT", "x y")
 COLLECTIONS = [None, "params", "stats"]
 
@@ -58,7 +58,7 @@ def same_tree(a, b):
     lb, tb = flat(b)
     assert ta == tb
     assert len(la) == len(lb)
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         if isinstance(x, refx.Ref) or isinstance(y, refx.Ref):
             assert x is y
         else:
@@ -76,7 +76,7 @@ def sharing_pattern(tree):
 @settings(max_examples=300, deadline=None)
 @given(trees())
 def test_deref_matches_oracle(tree):
-    same_tree(refx.deref(tree), O.deref(tree))
+    same_tree(refx.deref(tree), ORACLE.deref(tree))
 
 
 @settings(max_examples=300, deadline=None)
@@ -88,7 +88,7 @@ def test_reref_inverts_deref(tree):
     lt, tt = flat(tree)
     lr, tr = flat(r)
     assert tt == tr
-    for a, b in zip(lt, lr):
+    for a, b in zip(lt, lr, strict=True):
         if isinstance(a, refx.Ref):
             assert b is not a and b.value is a.value and b.collection == a.collection
         else:
@@ -105,21 +105,21 @@ def test_partition_matches_oracle_and_merges_back(tree, filters, derefed):
     if derefed:
         tree = refx.deref(tree)
     parts, td = refx.tree_partition(tree, *filters)
-    oparts, otd = O.tree_partition(tree, *filters)
+    oparts, otd = ORACLE.tree_partition(tree, *filters)
     assert td == otd
     assert len(parts) == len(filters) + 1
-    for p, q in zip(parts, oparts):
+    for p, q in zip(parts, oparts, strict=True):
         assert type(p) is refx.Partition
         assert list(p) == list(q)
         for k in p:
             assert p[k] is q[k] or (not is_refx_leaf(p[k]) and p[k] == q[k])
     merged = refx.merge_partitions(parts, td)
     same_tree(merged, tree)
-    same_tree(merged, O.merge_partitions(oparts, otd))
+    same_tree(merged, ORACLE.merge_partitions(oparts, otd))
     # the non-NOTHING entries of partition k are the leaves filter k accepts
     leaves, _ = jax.tree_util.tree_flatten(tree, is_leaf=is_refx_leaf)
-    preds = [O.to_predicate(f) for f in filters]
-    for leaf, *entries in zip(leaves, *(p.values() for p in parts)):
+    preds = [ORACLE.to_predicate(f) for f in filters]
+    for leaf, *entries in zip(leaves, *(p.values() for p in parts), strict=True):
         k = next((i for i, pred in enumerate(preds) if pred(leaf)), len(preds))
         assert [e is not refx.NOTHING for e in entries] == [i == k for i in range(len(parts))]
     if filters:
@@ -133,14 +133,14 @@ def test_update_refs_matches_oracle(tree, k):
     new = jax.tree_util.tree_map(lambda v: v * k + 1, refx.deref(tree))
     mine, theirs = refx.clone(tree), refx.clone(tree)
     refx.update_refs(mine, new)
-    O.update_refs(theirs, new)
+    ORACLE.update_refs(theirs, new)
     assert [r.value if isinstance(r, refx.Ref) else r for r in flat(mine)[0]] == [
         r.value if isinstance(r, refx.Ref) else r for r in flat(theirs)[0]]
     # and by partition, seed style
     mine2 = refx.clone(tree)
     (params, _), _ = refx.tree_partition(new, "params")
     refx.update_refs(refx.get_partition(mine2, "params"), params)
-    for a, b, orig in zip(flat(mine2)[0], flat(mine)[0], flat(tree)[0]):
+    for a, b, orig in zip(flat(mine2)[0], flat(mine)[0], flat(tree)[0], strict=True):
         if isinstance(a, refx.Ref):
             # params got the new values; every other Ref kept its own
             assert a.value == (b.value if a.collection == "params" else orig.value)
