@@ -657,17 +657,39 @@ static PyMethodDef module_functions[] = {
 /* module lifecycle                                                     */
 /* ------------------------------------------------------------------ */
 
-#define STATE_OBJECTS(X)                                                      \
-    X(Ref_Type)                                                               \
-    X(Deref_Type) X(Value_Type) X(Index_Type) X(Nothing_Type)                 \
-        X(Partition_Type) X(Not_Type) X(All_Type) X(Any_Type) X(Pred_Type)    \
-            X(nothing) X(flatten) X(flatten_with_path) X(treedef_type)        \
-                X(sequence_key) X(dict_key) X(getattr_key)                    \
-                    X(flattened_index_key) X(trace_state) X(check_value)      \
-                        X(plain_types) X(pred_deref) X(pred_refx)             \
-                            X(path_cache) X(str_value) X(str_unflatten)       \
-                                X(str_num_leaves) X(str_idx) X(str_key)       \
-                                    X(str_name)
+/* clang-format off */
+#define STATE_OBJECTS(X) \
+    X(Ref_Type) \
+    X(Deref_Type) \
+    X(Value_Type) \
+    X(Index_Type) \
+    X(Nothing_Type) \
+    X(Partition_Type) \
+    X(Not_Type) \
+    X(All_Type) \
+    X(Any_Type) \
+    X(Pred_Type) \
+    X(nothing) \
+    X(flatten) \
+    X(flatten_with_path) \
+    X(treedef_type) \
+    X(sequence_key) \
+    X(dict_key) \
+    X(getattr_key) \
+    X(flattened_index_key) \
+    X(trace_state) \
+    X(check_value) \
+    X(plain_types) \
+    X(pred_deref) \
+    X(pred_refx) \
+    X(path_cache) \
+    X(str_value) \
+    X(str_unflatten) \
+    X(str_num_leaves) \
+    X(str_idx) \
+    X(str_key) \
+    X(str_name)
+/* clang-format on */
 
 static int
 module_traverse(PyObject *m, visitproc visit, void *arg)
