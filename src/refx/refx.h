@@ -31,6 +31,11 @@
 #if PY_VERSION_HEX < 0x030B0000
 #error "refx needs CPython 3.11 or newer"
 #endif
+#ifdef Py_GIL_DISABLED
+/* deref's in-place Ref marks, the module-state counters and the borrowed
+ * pointers of the per-call tables all assume the GIL. */
+#error "refx does not support free-threaded CPython builds yet"
+#endif
 
 /* ------------------------------------------------------------------ */
 /* module state                                                        */
