@@ -1,6 +1,6 @@
 # refx: every target sets itself up from nothing (a fresh clone).
 #   make test    venv + install refx with test deps + the whole suite
-#   make demo    venv + install + the demo
+#   make demo    venv + install + the demo (examples/train_digits.py)
 #   make bench   venv + install + peers (flax, equinox, optax) + benchmarks
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip --disable-pip-version-check -q
 
 .PHONY: all venv install install-bench test pytest demo bench bench-smoke \
-        sanitize leakcheck lint clean
+        sanitize leakcheck lint typecheck clean
 
 all: test
 
@@ -35,7 +35,11 @@ test: pytest
 
 demo: install
 	$(PIP) install '.[demo]'
-	$(VPY) examples/quickstart.py
+	$(VPY) examples/train_digits.py
+
+# mypy --strict on the examples, against the installed refx stubs.
+typecheck: install
+	$(VPY) -m mypy --config-file examples/mypy.ini examples
 
 bench: install-bench
 	$(VPY) benchmarks/run_all.py

@@ -1,0 +1,145 @@
+"""A small neural-network library on refx: the whole thing, in one page.
+
+A `Module` is an ordinary Python object whose attributes hold Refs, other
+Modules, or lists/dicts of them.  Every subclass is registered as a JAX
+pytree node (keyed by attribute name), so refx's functions apply to models
+directly and partition paths read like ``('hidden', 'w')`` or
+``('blocks', '0', 'norm', 'mean')``.
+
+State lives in Refs, sorted into collections by what updates it:
+
+    "params"       trained by the optimiser (weights, biases, BatchNorm scale/bias)
+    "batch_stats"  BatchNorm running mean/var, written in training mode
+    "rng"          the dropout key, split and written back on every call
+
+Nothing here knows about jit, grad or optimisers.  Layers read and write
+``ref.value``; sharing is ordinary Python sharing (`Linear.tied` reuses
+another layer's weight Ref); the training script moves the model across
+`jax.jit` with `refx.deref` / `refx.reref`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Self
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import GetAttrKey
+
+import refx
+
+Array = jax.Array
+
+# Attributes holding these are static (part of the pytree structure, not
+# leaves): layer sizes, rates, flags.  Everything else is a child.
+_STATIC = (bool, int, float, str, type(None))
+
+
+class Module:
+    """Base class: attributes are children of a pytree node, in order."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_with_keys(
+            cls, _flatten_with_keys, cls._unflatten, flatten_func=_flatten
+        )
+
+    @classmethod
+    def _unflatten(cls, aux: tuple[tuple[str, Any], ...], children: Any) -> Self:
+        module = object.__new__(cls)
+        it = iter(children)
+        for name, static in aux:
+            module.__dict__[name] = next(it) if static is _CHILD else static
+        return module
+
+
+class _Child:
+    """Marks a child slot in a Module's aux data."""
+
+    def __repr__(self) -> str:
+        return "<child>"
+
+
+_CHILD = _Child()
+
+
+def _aux(m: Module) -> tuple[tuple[str, Any], ...]:
+    return tuple((name, v if isinstance(v, _STATIC) else _CHILD) for name, v in vars(m).items())
+
+
+def _flatten(m: Module) -> tuple[list[Any], tuple[tuple[str, Any], ...]]:
+    return [v for v in vars(m).values() if not isinstance(v, _STATIC)], _aux(m)
+
+
+def _flatten_with_keys(
+    m: Module,
+) -> tuple[list[tuple[GetAttrKey, Any]], tuple[tuple[str, Any], ...]]:
+    children = [(GetAttrKey(k), v) for k, v in vars(m).items() if not isinstance(v, _STATIC)]
+    return children, _aux(m)
+
+
+class Linear(Module):
+    """y = x @ w + b; with ``transpose=True``, y = x @ w.T + b (for tying)."""
+
+    def __init__(self, din: int, dout: int, *, key: Array) -> None:
+        bound = 1.0 / math.sqrt(din)
+        self.w: refx.Ref[Array] = refx.Ref(
+            jax.random.uniform(key, (din, dout), minval=-bound, maxval=bound), "params"
+        )
+        self.b: refx.Ref[Array] = refx.Ref(jnp.zeros(dout), "params")
+        self.transpose = False
+
+    @classmethod
+    def tied(cls, other: Linear) -> Linear:
+        """A layer mapping other's outputs back to its inputs with the *same*
+        weight Ref (used transposed) and a bias of its own."""
+        layer = object.__new__(cls)
+        layer.w = other.w  # shared: one Ref, two layers
+        layer.b = refx.Ref(jnp.zeros(other.w.value.shape[0]), "params")
+        layer.transpose = True
+        return layer
+
+    def __call__(self, x: Array) -> Array:
+        w = self.w.value
+        return x @ (w.T if self.transpose else w) + self.b.value
+
+
+class BatchNorm(Module):
+    """Batch normalisation; running statistics in collection "batch_stats"."""
+
+    def __init__(self, n: int, *, momentum: float = 0.9, eps: float = 1e-5) -> None:
+        self.scale: refx.Ref[Array] = refx.Ref(jnp.ones(n), "params")
+        self.bias: refx.Ref[Array] = refx.Ref(jnp.zeros(n), "params")
+        self.mean: refx.Ref[Array] = refx.Ref(jnp.zeros(n), "batch_stats")
+        self.var: refx.Ref[Array] = refx.Ref(jnp.ones(n), "batch_stats")
+        self.momentum = momentum
+        self.eps = eps
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        if train:
+            mean, var = x.mean(axis=0), x.var(axis=0)
+            m = self.momentum
+            # running statistics are state, not part of the gradient
+            self.mean.value = m * self.mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+            self.var.value = m * self.var.value + (1 - m) * jax.lax.stop_gradient(var)
+        else:
+            mean, var = self.mean.value, self.var.value
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return y * self.scale.value + self.bias.value
+
+
+class Dropout(Module):
+    """Inverted dropout; draws from a key Ref (collection "rng") it may share."""
+
+    def __init__(self, rate: float, *, rng: refx.Ref[Array]) -> None:
+        self.rate = rate
+        self.rng = rng
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        if not train or self.rate == 0.0:
+            return x
+        key, sub = jax.random.split(self.rng.value)
+        self.rng.value = key  # the next call (and the next step) gets fresh bits
+        keep = jax.random.bernoulli(sub, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0.0)

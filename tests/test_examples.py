@@ -1,0 +1,121 @@
+"""The demo (examples/train_digits.py on examples/nn.py), a few steps of it."""
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import refx
+
+pytest.importorskip("sklearn")
+pytest.importorskip("optax")
+pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import train_digits as td  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    return td.load_data(seed=0)
+
+
+def snapshot(model):
+    """path -> numpy copy of every Ref's value, except the rng key."""
+    part = refx.get_partition(model, refx.Ref)
+    return {p: np.asarray(r.value) for p, r in part.items() if r.collection != "rng"}
+
+
+def test_module_paths_and_sharing():
+    model = td.MLP(seed=0)
+    params = refx.get_partition(model, "params")
+    assert params[("blocks", "0", "linear", "w")] is model.blocks[0].linear.w
+    assert params[("decoder", "w")] is params[("blocks", "0", "linear", "w")]
+    stats = refx.get_partition(model, "batch_stats")
+    assert {p for p, r in stats.items() if r is not refx.NOTHING} == {
+        ("blocks", str(i), "norm", s) for i in (0, 1) for s in ("mean", "var")
+    }
+    # one rng Ref shared by both Dropouts
+    assert model.blocks[0].drop.rng is model.blocks[1].drop.rng
+    # clone keeps the structure and the sharing, with new Refs
+    c = refx.clone(model)
+    assert type(c) is td.MLP and c.decoder.w is c.blocks[0].linear.w
+    assert c.decoder.w is not model.decoder.w
+    assert c.decoder.transpose and not c.blocks[0].linear.transpose
+
+
+def test_training_steps(data):
+    xtr, ytr, _, _ = data
+    model = td.MLP(seed=0)
+    tied = model.decoder.w
+    rng = model.blocks[0].drop.rng
+    key0 = np.asarray(jax.random.key_data(rng.value))
+    before = snapshot(model)
+
+    losses = td.train(model, xtr, ytr, steps=40, progress=False)
+
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    # update_refs wrote in place: the very same Refs, still shared
+    assert model.decoder.w is tied is model.blocks[0].linear.w
+    assert model.blocks[0].drop.rng is rng is model.blocks[1].drop.rng
+    after = snapshot(model)
+    for path in [("blocks", str(i), "norm", s) for i in (0, 1) for s in ("mean", "var")]:
+        assert not np.allclose(before[path], after[path]), path
+    for path in [("blocks", "0", "linear", "w"), ("head", "w"), ("blocks", "1", "norm", "scale")]:
+        assert not np.allclose(before[path], after[path]), path
+    assert not np.array_equal(key0, np.asarray(jax.random.key_data(rng.value)))
+
+
+def test_train_step_traces_once(data):
+    xtr, ytr, _, _ = data
+    model = td.MLP(seed=0)
+    tx = td.optax.adam(1e-3)
+    opt_state = tx.init(refx.get_partition(refx.deref(model), "params"))
+    step = td.make_train_step(tx)
+    for _ in range(3):
+        graph, opt_state, _ = step(refx.deref(model), opt_state, xtr[:32], ytr[:32])
+        refx.update_refs(model, graph)
+    assert step._cache_size() == 1
+
+
+def test_eval_mode_is_pure(data):
+    _, _, xte, _ = data
+    model = td.MLP(seed=0)
+    before = snapshot(model)
+    key = np.asarray(jax.random.key_data(model.blocks[0].drop.rng.value))
+    td.predict(model, xte)
+    after = snapshot(model)
+    assert all(np.array_equal(before[p], after[p]) for p in before)
+    assert np.array_equal(key, np.asarray(jax.random.key_data(model.blocks[0].drop.rng.value)))
+
+
+def test_checkpoint_round_trip(data, tmp_path):
+    xtr, ytr, xte, _ = data
+    model = td.MLP(seed=0)
+    td.train(model, xtr, ytr, steps=20, progress=False)
+    file = tmp_path / "ckpt.npz"
+    td.save_checkpoint(model, file)
+    with np.load(file) as f:
+        keys = set(f.files)
+    # the tied weight is stored once, under its first path; no rng key
+    assert "blocks/0/linear/w" in keys and "decoder/w" not in keys
+    assert "blocks/1/norm/mean" in keys and not any("rng" in k for k in keys)
+
+    fresh = td.MLP(seed=1)
+    td.load_checkpoint(fresh, file)
+    assert fresh.decoder.w is fresh.blocks[0].linear.w
+    assert np.array_equal(td.predict(fresh, xte), td.predict(model, xte))
+    want, got = snapshot(model), snapshot(fresh)
+    assert want.keys() == got.keys()
+    for p in want:
+        assert np.array_equal(want[p], got[p]), p
+    # the exact eval-mode outputs, not only the argmax
+    lw, rw = refx.reref(refx.deref(model))(xte, train=False)
+    lf, rf = refx.reref(refx.deref(fresh))(xte, train=False)
+    assert np.array_equal(lw, lf) and np.array_equal(rw, rf)
