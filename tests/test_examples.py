@@ -1,6 +1,7 @@
 """The demo (examples/train_digits.py on examples/nn.py), a few steps of it."""
 
 import pathlib
+import re
 import sys
 
 import jax
@@ -119,3 +120,28 @@ def test_checkpoint_round_trip(data, tmp_path):
     lw, rw = refx.reref(refx.deref(model))(xte, train=False)
     lf, rf = refx.reref(refx.deref(fresh))(xte, train=False)
     assert np.array_equal(lw, lf) and np.array_equal(rw, rf)
+
+
+def readme_section(heading):
+    text = (EXAMPLES / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_quick_start_and_checkpoint_run(tmp_path):
+    ns: dict = {}
+    (quick_start,) = readme_section("Quick start")
+    exec(compile(quick_start, "examples/README.md", "exec"), ns)
+    (checkpoint,) = readme_section("Checkpoints, and tied Refs")
+    exec(compile("import numpy as np\n" + checkpoint, "examples/README.md", "exec"), ns)
+    model = ns["model"]
+    ns["save_checkpoint"](model, tmp_path / "ae.npz")
+    fresh = ns["AutoEncoder"](jax.random.key(7))
+    ns["load_checkpoint"](fresh, tmp_path / "ae.npz")
+    assert fresh.dec.w is fresh.enc.w
+    for a, b in zip(
+        jax.tree_util.tree_leaves(refx.deref(model)),
+        jax.tree_util.tree_leaves(refx.deref(fresh)),
+        strict=True,
+    ):
+        assert np.array_equal(a, b)
