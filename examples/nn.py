@@ -37,7 +37,10 @@ _STATIC = (bool, int, float, str, type(None))
 
 
 class Module:
-    """Base class: attributes are children of a pytree node, in order."""
+    """Base class: a pytree node whose children are its attributes, in order.
+
+    Attributes holding Python scalars, strings or None are static (aux data).
+    """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
