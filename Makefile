@@ -31,7 +31,7 @@ install-bench: install
 pytest: install
 	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
 
-test: pytest
+test: pytest typecheck
 
 demo: install
 	$(PIP) install '.[demo]'
