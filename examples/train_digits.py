@@ -181,17 +181,12 @@ def save_checkpoint(model: Module, file: pathlib.Path) -> None:
 
 
 def load_checkpoint(model: Module, file: pathlib.Path) -> None:
-    """Load a checkpoint into `model`'s Refs, by path.  The deref'ed target
-    is the template: its Values are replaced by the stored arrays, its
-    Indexes (tied Refs) and NOTHINGs (other collections) are kept."""
+    """Load a checkpoint into `model`'s Refs, by path.  The file has one
+    entry per Ref; update_refs accepts a source without the repeats of a
+    tied Ref and without the paths of other collections (NOTHING)."""
     target = refx.get_partition(model, CHECKPOINTED)
     with np.load(file) as arrays:
-        source = {
-            p: refx.Value(jnp.asarray(arrays["/".join(p)]), v.index, v.collection)
-            if isinstance(v, refx.Value)
-            else v
-            for p, v in refx.deref(target).items()
-        }
+        source = {tuple(k.split("/")): jnp.asarray(v) for k, v in arrays.items()}
     refx.update_refs(target, source)
 
 

@@ -7,7 +7,10 @@
  *   by path  when `target` is a Partition and `source` a dict (a
  *            Partition, or e.g. a checkpoint {path: array}): each target
  *            path is looked up in the source (walked in lockstep while the
- *            orders agree), and both must have the same paths;
+ *            orders agree).  The source may leave out a path where the
+ *            target holds NOTHING, or repeats a Ref that the source gives
+ *            a value at another path (a checkpoint stores a tied weight
+ *            once); every source path must be a target path;
  *   by leaf  otherwise: both trees are flattened with Ref/Value/Index/
  *            NOTHING as leaves and must have the same number of leaves.
  *
@@ -44,7 +47,8 @@ typedef struct {
     refx_state *st;
     PyObject *target, *source; /* the original trees, for error paths */
     int by_path;
-    PyObject *paths; /* by path: list of paths, one per position */
+    PyObject *paths;   /* by path: list of paths, one per position */
+    PyObject *missing; /* by path: stands for "no such source path" */
 } update_ctx;
 
 /* repr of position j's path (new ref) */
@@ -132,18 +136,13 @@ static int
 collect_by_path(update_ctx *c, PyObject **tl, PyObject **sl)
 {
     PyObject *t = c->target, *s = c->source;
-    Py_ssize_t n = PyDict_GET_SIZE(t);
-    if (PyDict_GET_SIZE(s) != n) {
-        PyErr_Format(PyExc_ValueError,
-                     "update_refs: target has %zd paths but source has %zd; "
-                     "they must have the same paths",
-                     n, PyDict_GET_SIZE(s));
-        return -1;
-    }
+    Py_ssize_t n = PyDict_GET_SIZE(t), matched = 0;
     *tl = PyList_New(n);
     *sl = PyList_New(n);
     c->paths = PyList_New(n);
-    if (*tl == NULL || *sl == NULL || c->paths == NULL) {
+    /* a fresh object: no source value can be it */
+    c->missing = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    if (*tl == NULL || *sl == NULL || c->paths == NULL || c->missing == NULL) {
         return -1;
     }
     Py_ssize_t tpos = 0, spos = 0, j = 0;
@@ -187,15 +186,15 @@ collect_by_path(update_ctx *c, PyObject **tl, PyObject **sl)
         }
         if (sv == NULL) {
             sv = Py_XNewRef(PyDict_GetItemWithError(s, path));
-            if (sv == NULL) {
-                if (!PyErr_Occurred()) {
-                    PyErr_Format(PyExc_ValueError,
-                                 "update_refs: path %R is in the target but "
-                                 "not in the source",
-                                 path);
-                }
+            if (sv == NULL && PyErr_Occurred()) {
                 return -1;
             }
+        }
+        if (sv == NULL) {
+            sv = Py_NewRef(c->missing); /* checked in phase 1 */
+        }
+        else {
+            matched++;
         }
         PyList_SET_ITEM(*sl, j, sv);
         j++;
@@ -203,6 +202,29 @@ collect_by_path(update_ctx *c, PyObject **tl, PyObject **sl)
     if (j != n) {
         PyErr_SetString(PyExc_RuntimeError,
                         "update_refs: target changed size during the call");
+        return -1;
+    }
+    if (matched != PyDict_GET_SIZE(s)) {
+        /* name a source path the target does not have */
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(s, &pos, &k, &v)) {
+            Py_INCREF(k);
+            int r = PyDict_Contains(t, k);
+            if (r <= 0) {
+                if (r == 0) {
+                    PyErr_Format(PyExc_ValueError,
+                                 "update_refs: path %R is in the source but "
+                                 "not in the target",
+                                 k);
+                }
+                Py_DECREF(k);
+                return -1;
+            }
+            Py_DECREF(k);
+        }
+        PyErr_SetString(PyExc_RuntimeError,
+                        "update_refs: source changed size during the call");
         return -1;
     }
     return 0;
@@ -223,7 +245,8 @@ PyDoc_STRVAR(
     "Write the values of `source` into the Refs of `target`.\n\n"
     "`target` is a tree (or Partition) of Refs; `source` a tree of the same\n"
     "shape holding Refs, deref'ed Values/Indexes, or plain values (a dict\n"
-    "keyed by path when `target` is a Partition).  Where the target shares a\n"
+    "keyed by path when `target` is a Partition, which may leave out NOTHING\n"
+    "paths and repeats of a shared Ref).  Where the target shares a\n"
     "Ref, the source must share too.  Every position is checked, including\n"
     "the trace-level write check, before any Ref is written: on error no Ref\n"
     "has changed.");
@@ -239,7 +262,7 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     refx_ptrmap tmap, smap;
     refx_ptrmap_init(&tmap);
     refx_ptrmap_init(&smap);
-    update_ctx c = {st, NULL, NULL, 0, NULL};
+    update_ctx c = {st, NULL, NULL, 0, NULL, NULL};
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError,
                      "update_refs() takes 2 arguments (target, source) but "
@@ -268,10 +291,23 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto error;
     }
     int mode = MODE_NONE;
+    Py_ssize_t nmissing = 0;
 
     /* phase 1: check every position, build the plan */
     for (Py_ssize_t j = 0; j < n; j++) {
         PyObject *t = PyList_GET_ITEM(tl, j), *s = PyList_GET_ITEM(sl, j);
+        if (s == c.missing) {
+            /* by path, no source value: fine for NOTHING and plain leaves;
+             * a Ref must get its value at another path (checked below) */
+            if (Ref_Check(st, t)) {
+                int found;
+                if (refx_ptrmap_get(&tmap, t, &found) == NULL) {
+                    goto error;
+                }
+                nmissing++;
+            }
+            continue;
+        }
         int s_ref = Ref_Check(st, s), s_deref = Deref_Check(st, s);
         if (t == st->nothing || s == st->nothing) {
             if (t != s) {
@@ -353,7 +389,7 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         d->index);
                 goto error;
             }
-            if (tfound) {
+            if (tfound && te->obj != NULL) {
                 fail_at(&c, j,
                         "the target repeats a Ref here but the source has a "
                         "new Value (index %zd), not an Index; target and "
@@ -380,7 +416,7 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         else {
             /* a source Ref or a plain value: the same object must come
              * back wherever the target repeats its Ref */
-            if (tfound) {
+            if (tfound && te->obj != NULL) {
                 if (te->obj != s) {
                     fail_at(&c, j,
                             "the target repeats a Ref here but the source "
@@ -432,6 +468,26 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         nplan++;
     }
 
+    /* every Ref with a missing source path got a value at another path */
+    for (Py_ssize_t j = 0; nmissing > 0 && j < n; j++) {
+        PyObject *t = PyList_GET_ITEM(tl, j);
+        if (PyList_GET_ITEM(sl, j) != c.missing || !Ref_Check(st, t)) {
+            continue;
+        }
+        int found;
+        refx_ptrmap_entry *te = refx_ptrmap_get(&tmap, t, &found);
+        if (te == NULL) {
+            goto error;
+        }
+        if (te->obj == NULL) {
+            fail_at(&c, j,
+                    "the source has no value for the Ref here (the path is "
+                    "missing from the source, and so are the Ref's other "
+                    "paths)");
+            goto error;
+        }
+    }
+
     /* phase 2: write; nothing here can fail */
     for (Py_ssize_t k = 0; k < nplan; k++) {
         refx_ref_store(st, plan[k].ref, plan[k].value);
@@ -451,6 +507,7 @@ error:
     Py_XDECREF(tl);
     Py_XDECREF(sl);
     Py_XDECREF(c.paths);
+    Py_XDECREF(c.missing);
     return res;
 }
 
