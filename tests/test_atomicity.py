@@ -89,7 +89,7 @@ def test_trace_violation_changes_no_ref(p):
         target = list(refs)
         target[p] = outer  # a Ref of another trace
         values = [r.value for r in refs]
-        with pytest.raises(ValueError, match=r"update_refs: at \('%d',\): Cannot mutate Ref from a different trace level" % p):
+        with pytest.raises(ValueError, match=rf"update_refs: at \('{p}',\): Cannot mutate Ref from a different trace level"):
             refx.update_refs(target, [x * 10 for _ in range(N)])
         seen.append(all(r.value is v for r, v in zip(refs, values, strict=True)))
         return x

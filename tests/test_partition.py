@@ -203,6 +203,12 @@ def test_merge_errors():
     with pytest.raises(ValueError, match=r"merge_partitions: partition 1 has 6 paths but partition 0 has 7; path \('step',\) is only in partition 0"):
         refx.merge_partitions((p, short), td)
     renamed = {("x",) if k == ("step",) else k: v for k, v in r.items()}
+    with pytest.raises(ValueError, match=r"merge_partitions: path \('step',\) of the treedef is not in partition 1"):
+        refx.merge_partitions((p, renamed), td)
+    # a treedef the path cache no longer holds: partition 0 gives the paths
+    from refx import _core
+
+    _core._clear_path_cache()
     with pytest.raises(ValueError, match=r"merge_partitions: path \('step',\) is in partition 0 but not in partition 1"):
         refx.merge_partitions((p, renamed), td)
     other_td = jax.tree_util.tree_structure([1, 2])
@@ -223,6 +229,19 @@ def test_merge_accepts_reordered_and_plain_dicts():
     (p, r), td = refx.tree_partition(tree, "params")
     reordered = dict(reversed(list(r.items())))
     assert refx.merge_partitions((dict(p), reordered), td) == tree
+    # the treedef's paths give the leaf order, even when partition 0 is
+    # reordered (it used to silently misplace leaves)
+    out = refx.merge_partitions((dict(reversed(list(p.items()))), reordered), td)
+    assert out == tree and out["layers"][0]["m"] is tree["layers"][0]["m"]
+
+
+def test_merge_rejects_a_treedef_of_another_tree_with_as_many_leaves():
+    tree, *_ = model()
+    parts, td = refx.tree_partition(tree, "params")
+    _, other_td = refx.tree_partition([1, 2, 3, 4, 5, 6, 7])
+    assert other_td.num_leaves == td.num_leaves
+    with pytest.raises(ValueError, match=r"merge_partitions: path \('0',\) of the treedef is not in partition 0 \(are the treedef and the partitions from different trees\?\)"):
+        refx.merge_partitions(parts, other_td)
 
 
 # --- the Partition type ----------------------------------------------------

@@ -645,7 +645,17 @@ debug_counters(PyObject *module, PyObject *Py_UNUSED(ignored))
         "path_cache_size", PyDict_GET_SIZE(st->path_cache));
 }
 
+static PyObject *
+clear_path_cache(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    PyDict_Clear(refx_get_state(module)->path_cache);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_functions[] = {
+    {"_clear_path_cache", (PyCFunction)clear_path_cache, METH_NOARGS,
+     "_clear_path_cache($module, /)\n--\n\n"
+     "Forget the paths computed per treedef (tests, memory)."},
     {"_debug_counters", (PyCFunction)debug_counters, METH_NOARGS,
      "_debug_counters($module, /)\n--\n\nInternal counters, for tests."},
     {"_install_jax", (PyCFunction)(void (*)(void))install_jax,

@@ -42,7 +42,9 @@
  * merge_partitions walks the partitions in lockstep (PyDict_Next; keys
  * made by tree_partition are the same objects, so comparing is a pointer
  * test), falling back to lookups when their orders differ, takes the one
- * non-NOTHING value at each path and unflattens with the treedef.
+ * non-NOTHING value at each path and unflattens with the treedef.  If the
+ * treedef is in the path cache, the paths must be its paths (a treedef of
+ * another tree with as many leaves is an error, not a wrong tree).
  *
  * Functions in this file: the Partition type and its pytree functions,
  * the filter types and refx_filter_validate/match, path_info_for,
@@ -1074,6 +1076,7 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
 {
     refx_state *st = refx_get_state(module);
     PyObject *seq = NULL, *leaves = NULL, *res = NULL, *num = NULL;
+    PyObject *info = NULL;
     Py_ssize_t *pos = NULL;
     char *lockstep = NULL;
     if (nargs != 2) {
@@ -1160,6 +1163,19 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                      nleaves, n);
         goto error;
     }
+    /* A treedef that tree_partition made in this process is in the path
+     * cache: then the partitions' paths must be its paths, which catches a
+     * treedef of another tree with as many leaves.  (Paths made by
+     * tree_partition are the cached objects: a pointer test per path.) */
+    info = PyDict_GetItemWithError(st->path_cache, treedef);
+    if (info == NULL && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+            goto error;
+        }
+        PyErr_Clear(); /* unhashable aux data: nothing cached */
+    }
+    Py_XINCREF(info);
+    PyObject *tdpaths = info != NULL ? PyTuple_GET_ITEM(info, 0) : NULL;
     leaves = PyList_New(n);
     pos = PyMem_Calloc((size_t)np, sizeof(Py_ssize_t));
     lockstep = PyMem_Malloc((size_t)np);
@@ -1171,21 +1187,32 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
     }
     memset(lockstep, 1, (size_t)np);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *path, *v0, *found = NULL;
+        /* the path of leaf i: the treedef's when known (then every
+         * partition, the first included, is read by path), else the i-th
+         * path of partition 0 */
+        PyObject *path, *v0 = NULL, *found = NULL;
         Py_ssize_t found_k = -1;
-        if (!PyDict_Next(parts[0], &pos[0], &path, &v0)) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "merge_partitions: partition 0 changed size "
-                            "during the call");
-            goto error;
+        if (tdpaths != NULL) {
+            path = Py_NewRef(PyTuple_GET_ITEM(tdpaths, i));
         }
-        Py_INCREF(path);
+        else {
+            PyObject *k0;
+            if (!PyDict_Next(parts[0], &pos[0], &k0, &v0)) {
+                PyErr_SetString(PyExc_RuntimeError,
+                                "merge_partitions: partition 0 changed size "
+                                "during the call");
+                goto error;
+            }
+            path = Py_NewRef(k0);
+            v0 = Py_NewRef(v0);
+        }
         for (Py_ssize_t k = 0; k < np; k++) {
             /* v is owned: comparing keys may run Python code that mutates
              * the partition and frees a borrowed value */
             PyObject *v = NULL;
-            if (k == 0) {
-                v = Py_NewRef(v0);
+            if (v0 != NULL && k == 0) {
+                v = v0;
+                v0 = NULL;
             }
             else {
                 PyObject *key, *bv;
@@ -1194,9 +1221,7 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                     int eq = keys_equal(key, path);
                     if (eq < 0) {
                         Py_DECREF(bv);
-                        Py_DECREF(path);
-                        Py_XDECREF(found);
-                        goto error;
+                        goto fail_path;
                     }
                     if (eq) {
                         v = bv;
@@ -1209,7 +1234,18 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                 if (v == NULL) {
                     v = Py_XNewRef(PyDict_GetItemWithError(parts[k], path));
                     if (v == NULL) {
-                        if (!PyErr_Occurred()) {
+                        if (PyErr_Occurred()) {
+                            goto fail_path;
+                        }
+                        if (tdpaths != NULL) {
+                            PyErr_Format(PyExc_ValueError,
+                                         "merge_partitions: path %R of the "
+                                         "treedef is not in partition %zd "
+                                         "(are the treedef and the "
+                                         "partitions from different trees?)",
+                                         path, k);
+                        }
+                        else {
                             PyErr_Format(PyExc_ValueError,
                                          "merge_partitions: path %R is in "
                                          "partition 0 but not in partition "
@@ -1217,9 +1253,7 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                                          "paths",
                                          path, k);
                         }
-                        Py_DECREF(path);
-                        Py_XDECREF(found);
-                        goto error;
+                        goto fail_path;
                     }
                 }
             }
@@ -1234,9 +1268,7 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                              "exactly one non-NOTHING value",
                              path, found_k, k);
                 Py_DECREF(v);
-                Py_DECREF(found);
-                Py_DECREF(path);
-                goto error;
+                goto fail_path;
             }
             found = v;
             found_k = k;
@@ -1247,14 +1279,20 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                          "all %zd partitions); each path must have exactly "
                          "one non-NOTHING value",
                          path, np);
-            Py_DECREF(path);
-            goto error;
+            goto fail_path;
         }
         Py_DECREF(path);
         PyList_SET_ITEM(leaves, i, found);
+        continue;
+    fail_path:
+        Py_XDECREF(found);
+        Py_XDECREF(v0);
+        Py_DECREF(path);
+        goto error;
     }
     res = refx_unflatten(st, treedef, leaves);
 error:
+    Py_XDECREF(info);
     PyMem_Free(pos);
     PyMem_Free(lockstep);
     Py_XDECREF(num);

@@ -1,0 +1,234 @@
+"""Malformed input: every public function, every kind of bad call.  Each
+gives a ValueError/TypeError whose message names the function (and the
+path, where there is one), or passes the user's own exception through;
+never a crash, never a SystemError."""
+
+import jax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import refx
+
+NOTHING = refx.NOTHING
+
+
+class Boom(Exception):
+    pass
+
+
+class BadHash:
+    def __hash__(self):
+        raise Boom("hash")
+
+
+class BadEq:
+    def __hash__(self):
+        return 7
+
+    def __eq__(self, other):
+        raise Boom("eq")
+
+
+class BadLt:
+    def __init__(self, k):
+        self.k = k
+
+    def __hash__(self):
+        return hash(self.k)
+
+    def __eq__(self, other):
+        return isinstance(other, BadLt) and other.k == self.k
+
+    def __lt__(self, other):
+        raise Boom("lt")
+
+
+class Node:
+    def __init__(self, *ch):
+        self.ch = ch
+
+
+jax.tree_util.register_pytree_node(Node, lambda n: (n.ch, None), lambda _, ch: Node(*ch))
+
+
+class BadNode:
+    pass
+
+
+def _boom_flatten(n):
+    raise Boom("flatten")
+
+
+jax.tree_util.register_pytree_node(BadNode, _boom_flatten, lambda _, ch: BadNode())
+
+R = refx.Ref(1.0, "c")
+TREE = {"a": [R, R], "b": refx.Ref(2.0, "d")}
+PARTS, TD = refx.tree_partition(TREE, "c")
+OTHER_TD = refx.tree_partition([1, 2, 3])[1]  # another tree, as many leaves
+DEREFED = refx.deref(TREE)
+
+
+def deep(n):
+    t = refx.Ref(0)
+    for _ in range(n):
+        t = [t]
+    return t
+
+
+CASES = [
+    # (id, callable, exception, message regex)
+    ("deref-arity", lambda: refx.deref(), TypeError, r"deref\(\) takes exactly one argument"),
+    ("deref-arity2", lambda: refx.deref(1, 2), TypeError, r"deref\(\) takes exactly one argument"),
+    ("deref-derefed", lambda: refx.deref(DEREFED), ValueError, r"deref: Value found at \('a', '0'\)"),
+    ("deref-index", lambda: refx.deref([1, refx.Index(0)]), ValueError, r"deref: Index found at \('1',\)"),
+    ("deref-badnode", lambda: refx.deref([R, BadNode()]), Boom, "flatten"),
+    ("deref-deep", lambda: refx.deref(deep(20000)), RecursionError, "maximum recursion depth"),
+    ("deref-unsortable", lambda: refx.deref({1: R, "a": R}), ValueError, "Comparator raised exception"),
+    ("deref-badlt", lambda: refx.deref({BadLt(1): R, BadLt(2): R}), (Boom, ValueError), "lt|Comparator"),
+    ("reref-ref", lambda: refx.reref(TREE), ValueError, r"reref: Ref found at \('a', '0'\)"),
+    ("reref-index-first", lambda: refx.reref([refx.Index(0), refx.Value(1, 0)]), ValueError,
+     r"reref: Index\(0\) at \('0',\) comes before any Value"),
+    ("reref-gap", lambda: refx.reref([refx.Value(1, 1)]), ValueError,
+     r"reref: Value at \('0',\) has index 1, expected 0"),
+    ("reref-coll", lambda: refx.reref([refx.Value(1, 0, "a"), refx.Index(0, "b")]), ValueError,
+     r"reref: Index\(0\) at \('1',\) has collection 'b' but its Value has collection 'a'"),
+    ("reref-coll-eq", lambda: refx.reref([refx.Value(1, 0, BadEq()), refx.Index(0, "b")]), Boom, "eq"),
+    ("reref-deep", lambda: refx.reref(deep(20000)), RecursionError, "maximum recursion depth"),
+    ("clone-derefed", lambda: refx.clone(DEREFED), ValueError, r"clone: Value found at \('a', '0'\)"),
+    ("ref-arity", lambda: refx.Ref(), TypeError, r"Ref\(\) missing required argument 'value'|function missing required argument"),
+    ("ref-unhashable", lambda: refx.Ref(1, {}), TypeError, "Ref: collection must be hashable, got unhashable dict"),
+    ("ref-badhash", lambda: refx.Ref(1, BadHash()), Boom, "hash"),
+    ("ref-kw", lambda: refx.Ref(1, colection="x"), TypeError, "colection"),
+    ("value-index-type", lambda: refx.Value(1, 1.5), TypeError, "Value: index must be an int, not float"),
+    ("value-index-neg", lambda: refx.Value(1, -2), ValueError, "Value: index must be >= 0, got -2"),
+    ("value-index-huge", lambda: refx.Value(1, 2**80), OverflowError, "too large to convert"),
+    ("value-coll", lambda: refx.Value(1, 0, []), TypeError, "Value: collection must be hashable"),
+    ("index-arity", lambda: refx.Index(), TypeError, "missing required argument 'index'"),
+    ("index-coll", lambda: refx.Index(0, BadHash()), Boom, "hash"),
+    ("partition-filter", lambda: refx.tree_partition(TREE, 5), TypeError, r"tree_partition: filter 0 is 5 \(int\)"),
+    ("partition-filter-nested", lambda: refx.tree_partition(TREE, ("c", [1])), TypeError, r"tree_partition: filter 0 is \[1\] \(list\)"),
+    ("partition-filter-raises", lambda: refx.tree_partition(TREE, lambda x: 1 / 0), ZeroDivisionError, "division by zero"),
+    ("partition-filter-bool-raises", lambda: refx.tree_partition(TREE, lambda x: BadBool()), Boom, "bool"),
+    ("partition-is-leaf-type", lambda: refx.tree_partition(TREE, is_leaf=1), TypeError, "is_leaf must be a callable or None, not int"),
+    ("partition-is-leaf-raises", lambda: refx.tree_partition(TREE, is_leaf=lambda x: 1 / 0), ZeroDivisionError, "division by zero"),
+    ("partition-kw", lambda: refx.tree_partition(TREE, filter="c"), TypeError, "unexpected keyword argument 'filter'"),
+    ("partition-no-tree", lambda: refx.tree_partition(), TypeError, "missing required argument 'tree'"),
+    ("partition-dup-paths", lambda: refx.tree_partition(refx.Partition({("a", "b"): 1, ("a",): {"b": 2}})),
+     ValueError, r"tree_partition: leaves 0 and 1 both map to path \('a', 'b'\)"),
+    ("partition-badnode", lambda: refx.tree_partition([BadNode()]), Boom, "flatten"),
+    ("partition-deep", lambda: refx.tree_partition(deep(20000)), RecursionError, "maximum recursion depth"),
+    ("get-partition-arity", lambda: refx.get_partition(TREE), TypeError, "get_partition\\(\\) takes 2 positional arguments"),
+    ("get-partition-coll-eq", lambda: refx.get_partition([refx.Ref(1, BadEq())], "c"), Boom, "eq"),
+    ("merge-arity", lambda: refx.merge_partitions(PARTS), TypeError, r"merge_partitions\(\) takes 2 arguments"),
+    ("merge-not-seq", lambda: refx.merge_partitions(5, TD), TypeError, "merge_partitions: partitions must be a tuple or list of dicts, not int"),
+    ("merge-dict", lambda: refx.merge_partitions(PARTS[0], TD), TypeError, "not refx.Partition"),
+    ("merge-not-dict", lambda: refx.merge_partitions((PARTS[0], [1]), TD), TypeError, "merge_partitions: partition 1 is a list"),
+    ("merge-empty", lambda: refx.merge_partitions((), TD), ValueError, "merge_partitions: no partitions given"),
+    ("merge-td-type", lambda: refx.merge_partitions(PARTS, "x"), TypeError, "treedef must be a PyTreeDef"),
+    ("merge-other-td", lambda: refx.merge_partitions(PARTS, OTHER_TD), ValueError,
+     r"merge_partitions: path \('0',\) of the treedef is not in partition 0"),
+    ("merge-count-td", lambda: refx.merge_partitions(PARTS, jax.tree_util.tree_structure([1])), ValueError,
+     "merge_partitions: treedef has 1 leaves but the partitions have 3 paths"),
+    ("merge-two", lambda: refx.merge_partitions((PARTS[0], PARTS[0]), TD), ValueError, r"merge_partitions: two values at path \('a', '0'\)"),
+    ("merge-none", lambda: refx.merge_partitions((PARTS[1], PARTS[1]), TD), ValueError, r"merge_partitions: no value at path \('a', '0'\)"),
+    ("merge-paths", lambda: refx.merge_partitions((PARTS[0], {("z",): 1, ("a", "1"): NOTHING, ("b",): 1}), TD), ValueError,
+     r"merge_partitions: path \('a', '0'\) of the treedef is not in partition 1"),
+    ("merge-key-eq", lambda: refx.merge_partitions(({BadEq(): 1}, {BadEq(): NOTHING}), jax.tree_util.tree_structure([0])), Boom, "eq"),
+    ("update-arity", lambda: refx.update_refs(TREE), TypeError, r"update_refs\(\) takes 2 arguments"),
+    ("update-count", lambda: refx.update_refs(TREE, [1]), ValueError, "update_refs: target has 3 leaves but source has 1"),
+    ("update-deep", lambda: refx.update_refs(deep(20000), 1), RecursionError, "maximum recursion depth"),
+    ("update-badnode", lambda: refx.update_refs([R], [BadNode()]), Boom, "flatten"),
+    ("partition-type-kw", lambda: refx.Partition(a=1), TypeError, "Partition\\(\\) takes no keyword arguments"),
+    ("partition-type-bad", lambda: refx.Partition(5), TypeError, "not iterable"),
+    ("partition-type-pairs", lambda: refx.Partition([(1, 2, 3)]), ValueError, "has length 3; 2 is required"),
+    ("not-bad", lambda: refx.Not([]), TypeError, r"Not: filter 0 is \[\]"),
+    ("all-kw", lambda: refx.All(x=1), TypeError, "All\\(\\) takes no keyword arguments"),
+    ("filter-call-arity", lambda: refx.Any("c")(), TypeError, "Any expected 1 argument, got 0"),
+]
+
+
+class BadBool:
+    def __bool__(self):
+        raise Boom("bool")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_call(case):
+    _, call, exc, msg = case
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_huge_flat_trees_work():
+    n = 300_000
+    r = refx.Ref(0.0, "c")
+    flat = [refx.Ref(float(i), "c") for i in range(n)] + [r] * n
+    d = refx.deref(flat)
+    assert d[-1] == refx.Index(n, "c")
+    back = refx.reref(d)
+    assert back[n] is back[-1]
+    p = refx.get_partition(flat, "c")
+    assert len(p) == 2 * n
+    refx.update_refs(flat, d)
+
+
+# --- garbage in, only clean errors out -------------------------------------
+
+GARBAGE_LEAVES = st.sampled_from(
+    [0, -1, 1.5, "s", b"b", None, (), [], {}, R, refx.Ref(0), refx.Value(1, 0), refx.Value(2, 3, "c"),
+     refx.Index(0), refx.Index(5, "c"), NOTHING, refx.Partition({("p",): 1}), object(), BadEq(),
+     refx.Partition({("q",): R, ("r",): NOTHING})]
+)
+
+
+def garbage_trees():
+    return st.recursive(
+        GARBAGE_LEAVES,
+        lambda ch: st.one_of(
+            st.lists(ch, max_size=3),
+            st.lists(ch, max_size=3).map(tuple),
+            st.dictionaries(st.one_of(st.text("ab", max_size=2), st.integers(0, 2)), ch, max_size=3),
+            st.lists(ch, max_size=2).map(lambda xs: Node(*xs)),
+        ),
+        max_leaves=10,
+    )
+
+
+FILTERS = st.sampled_from(["c", refx.Ref, int, (refx.Ref, "c"), ..., False, refx.Not("c"),
+                           lambda x: x == 1, 5, None, [1]])
+
+
+def outcome(f, *args, **kwargs):
+    try:
+        f(*args, **kwargs)
+    except SystemError:
+        raise
+    except (ValueError, TypeError, Boom) as e:
+        assert str(e), f"empty message from {f}"
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(garbage_trees(), garbage_trees(), st.lists(FILTERS, max_size=2))
+def test_garbage_gives_clean_errors(a, b, filters):
+    outcome(refx.deref, a)
+    outcome(refx.reref, a)
+    outcome(refx.clone, a)
+    outcome(refx.tree_partition, a, *filters)
+    if filters:
+        outcome(refx.get_partition, a, filters[0])
+    outcome(refx.update_refs, a, b)
+    outcome(refx.merge_partitions, (a, b), TD)
+    try:
+        td_a = jax.tree_util.tree_structure(a)
+    except (ValueError, TypeError, Boom):
+        td_a = TD
+    outcome(refx.merge_partitions, (a,), td_a)
+    outcome(refx.Partition, a) if isinstance(a, (dict, list)) else None
+    try:
+        parts, td = refx.tree_partition(a, *[f for f in filters if not isinstance(f, (int, list)) or f is False])
+    except (ValueError, TypeError, Boom):
+        return
+    outcome(refx.merge_partitions, parts, td)
+    outcome(refx.update_refs, parts[0], b)
