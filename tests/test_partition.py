@@ -91,13 +91,22 @@ def test_partition_of_a_partition_keeps_its_paths():
     tree, w, b, m = model()
     params, rest = refx.tree_partition(tree, "params")[0]
     (p2, r2), td2 = refx.tree_partition(params, refx.Ref)
-    assert list(p2) == list(params)
-    assert dict(p2) == dict(params)
+    # a Partition's NOTHING entries are absences, not leaves: the
+    # sub-partition holds its present paths, with their own names
+    present = [k for k, v in params.items() if v is not NOTHING]
+    assert list(p2) == present
+    assert all(p2[k] is params[k] for k in present)
     assert all(v is NOTHING for v in r2.values())
-    # NOTHING leaves are NOTHING in every partition, so such a path has no
-    # value to merge back: that is the documented merge_partitions rule
-    with pytest.raises(ValueError, match=r"merge_partitions: no value at path \('layers', '0', 'm'\)"):
-        refx.merge_partitions((p2, r2), td2)
+    # and merging rebuilds the Partition, NOTHINGs included
+    back = refx.merge_partitions((p2, r2), td2)
+    assert type(back) is refx.Partition and back == params
+
+
+def test_nothing_outside_a_partition_is_a_leaf():
+    (p, rest), td = refx.tree_partition([1, NOTHING], lambda x: x is NOTHING)
+    assert p == {("0",): NOTHING, ("1",): NOTHING} and rest[("0",)] == 1
+    with pytest.raises(ValueError, match=r"merge_partitions: no value at path \('1',\)"):
+        refx.merge_partitions((p, rest), td)
 
 
 # --- tree_partition --------------------------------------------------------

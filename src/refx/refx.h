@@ -149,6 +149,7 @@ typedef struct {
 typedef struct {
     PyDictObject dict;
     PyObject *paths; /* NULL or tuple of the keys in order (a cache) */
+    PyObject *aux;   /* NULL or (paths, positions of NOTHING): pytree aux */
 } PartitionObject;
 
 #define Ref_Check(st, o) PyObject_TypeCheck((o), (st)->Ref_Type)

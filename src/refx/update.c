@@ -104,11 +104,23 @@ collect_by_leaf(update_ctx *c, PyObject **tl, PyObject **sl)
 {
     refx_state *st = c->st;
     PyObject *ttd = NULL, *std = NULL;
-    *tl = refx_flatten(st, c->target, st->pred_refx, &ttd);
+    /* The target is usually a tree of Refs: flatten it without the leaf
+     * predicate (~25% of a flatten) unless it turns out to hold
+     * Value/Index/NOTHING nodes (see deref_nodes_seen in refx.h). */
+    uint64_t d0 = st->deref_nodes_seen, z0 = st->nothing_nodes_seen;
+    *tl = refx_flatten(st, c->target, NULL, &ttd);
     if (*tl == NULL) {
         return -1;
     }
     Py_DECREF(ttd);
+    if (st->deref_nodes_seen != d0 || st->nothing_nodes_seen != z0) {
+        Py_CLEAR(*tl);
+        *tl = refx_flatten(st, c->target, st->pred_refx, &ttd);
+        if (*tl == NULL) {
+            return -1;
+        }
+        Py_DECREF(ttd);
+    }
     *sl = refx_flatten(st, c->source, st->pred_refx, &std);
     if (*sl == NULL) {
         return -1;
