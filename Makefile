@@ -31,7 +31,7 @@ install-bench: install
 pytest: install
 	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
 
-test: pytest typecheck
+test: pytest typecheck bench-smoke
 
 demo: install
 	$(PIP) install '.[demo]'

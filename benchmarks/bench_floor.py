@@ -1,0 +1,76 @@
+"""Question 1: how close is refx to the floor?
+
+The floor is jax.tree_util.tree_flatten + tree_unflatten of the tree an
+operation takes: JAX's own C++ pytree code, which anything that must
+traverse and rebuild a tree pays too.  Goal: deref and reref at most 1.5x
+their floor at every size.
+
+reref takes the deref'ed tree, whose Value/Index nodes are custom pytree
+nodes and make its floor ~2x the Ref tree's; the table gives reref against
+both floors.  merge_partitions and update_refs are compared with the floor
+of the Ref tree they rebuild or write into.
+"""
+
+from __future__ import annotations
+
+import jax
+
+import refx
+from common import (SIZES, bench, check, flat_tree, floor, fmt_time, model_tree, print_table,
+                    save, tree_stats)
+
+
+def ops_for(tree):
+    d = refx.deref(tree)
+    (params, rest), td = refx.tree_partition(tree, "params")
+    target = refx.get_partition(tree, "params")
+    (dparams, _), _ = refx.tree_partition(d, "params")
+    # equal answers before timing
+    back = refx.reref(d)
+    check(jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree), "reref structure")
+    check(refx.merge_partitions((params, rest), td) == tree, "merge_partitions round trip")
+    check(refx.deref(back) == d, "deref(reref(deref(t))) == deref(t)")
+    return {
+        "floor (Ref tree)": floor(tree),
+        "floor (deref'ed tree)": floor(d),
+        "deref": lambda: refx.deref(tree),
+        "reref": lambda: refx.reref(d),
+        "tree_partition": lambda: refx.tree_partition(tree, "params"),
+        "merge_partitions": lambda: refx.merge_partitions((params, rest), td),
+        "update_refs": lambda: refx.update_refs(target, dparams),
+    }
+
+
+def main() -> None:
+    rows, data = [], {"question": "floor", "sizes": []}
+    cases = [(f"model, ~{n} Refs", model_tree(n)) for n in SIZES]
+    cases.append((f"flat list, {SIZES[1]} Refs", flat_tree(SIZES[1])))
+    for label, tree in cases:
+        stats = tree_stats(tree)
+        t = bench(ops_for(tree))
+        f, fd = t["floor (Ref tree)"], t["floor (deref'ed tree)"]
+        ratio = {
+            "deref": t["deref"] / f,
+            "reref": t["reref"] / fd,
+            "reref_vs_ref_floor": t["reref"] / f,
+            "tree_partition": t["tree_partition"] / f,
+            "merge_partitions": t["merge_partitions"] / f,
+            "update_refs": t["update_refs"] / f,
+        }
+        data["sizes"].append({"tree": label, **stats, "seconds": t, "ratio": ratio})
+        rows.append([
+            label, f"{stats['leaves']:,} / {stats['nodes']:,} / {stats['distinct_refs']:,} / {stats['shared_fraction']:.0%}",
+            fmt_time(f), f"{ratio['deref']:.2f}x", f"{ratio['reref']:.2f}x ({ratio['reref_vs_ref_floor']:.2f}x)",
+            f"{ratio['tree_partition']:.2f}x", f"{ratio['merge_partitions']:.2f}x", f"{ratio['update_refs']:.2f}x",
+        ])
+    table = print_table(
+        "1. refx / floor (tree_flatten + tree_unflatten of the same tree; goal: deref, reref <= 1.5x)",
+        ["tree", "leaves / nodes / Refs / shared", "floor", "deref", "reref (vs Ref-tree floor)",
+         "tree_partition", "merge_partitions", "update_refs"],
+        rows,
+    )
+    save("floor", data, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Shared pieces of the refx benchmarks: trees, timing, tables, results.
+
+Timing: every competitor of a question runs in the same process; rounds
+interleave the competitors (A B C A B C ...) so drift of a noisy machine
+hits all of them alike, and each round times a batch of calls.  We report
+the median per-call time over rounds.  The garbage collector stays on (as
+in a training loop); each round starts after a gc.collect().
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import refx
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SMOKE = os.environ.get("REFX_BENCH_SMOKE") == "1"
+
+# ~30, ~3,000 and ~100,000 Refs (smoke: tiny)
+SIZES = [30, 300] if SMOKE else [30, 3_000, 100_000]
+
+
+# --------------------------------------------------------------------- trees
+
+
+def model_tree(n_refs: int, seed: int = 0):
+    """Layers of {w, b, bs} Refs; every fourth layer and the output head
+    share the first layer's weight Ref.  About n_refs distinct Refs."""
+    n_layers = max(2, n_refs // 3)
+    rng = np.random.default_rng(seed)
+    w0 = refx.Ref(jnp.asarray(rng.standard_normal(4, dtype=np.float32)), "params")
+    layers = []
+    for i in range(n_layers):
+        w = w0 if i % 4 == 0 else refx.Ref(jnp.asarray(rng.standard_normal(4, dtype=np.float32)), "params")
+        layers.append({
+            "w": w,
+            "b": refx.Ref(jnp.zeros(4), "params"),
+            "bs": refx.Ref(jnp.zeros(4), "batch_stats"),
+        })
+    return {"layers": layers, "head": w0}
+
+
+def flat_tree(n_refs: int):
+    """A flat list of distinct Refs, no sharing."""
+    return [refx.Ref(jnp.zeros(2), "params") for _ in range(n_refs)]
+
+
+def tree_stats(tree) -> dict:
+    leaves = jax.tree_util.tree_leaves(tree)
+    refs = [x for x in leaves if isinstance(x, refx.Ref)]
+    distinct = len({id(r) for r in refs})
+    nodes = jax.tree_util.tree_structure(tree).num_nodes
+    return {
+        "leaves": len(leaves),
+        "nodes": nodes,
+        "distinct_refs": distinct,
+        "shared_fraction": round(1 - distinct / len(refs), 3) if refs else 0.0,
+    }
+
+
+# -------------------------------------------------------------------- timing
+
+
+def floor(tree) -> Callable[[], object]:
+    """jax.tree_util.tree_flatten + tree_unflatten of the same tree."""
+    flatten, unflatten = jax.tree_util.tree_flatten, jax.tree_util.tree_unflatten
+
+    def f():
+        leaves, td = flatten(tree)
+        return unflatten(td, leaves)
+
+    return f
+
+
+def calls_per_round(fn: Callable[[], object], budget: float) -> int:
+    """How many calls fit in `budget` seconds (at least 1)."""
+    t0 = time.perf_counter()
+    fn()
+    dt = max(time.perf_counter() - t0, 1e-7)
+    return max(1, int(budget / dt))
+
+
+def bench(fns: dict[str, Callable[[], object]], rounds: int | None = None,
+          budget: float | None = None) -> dict[str, float]:
+    """Median seconds per call of each fn, rounds interleaved."""
+    rounds = rounds or (3 if SMOKE else 15)
+    budget = budget or (0.002 if SMOKE else 0.05)
+    for fn in fns.values():  # warm up (jit compiles, path caches)
+        fn()
+        fn()
+    numbers = {name: calls_per_round(fn, budget) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = numbers[name]
+            gc.collect()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# -------------------------------------------------------------------- output
+
+
+def fmt_time(seconds: float) -> str:
+    us = seconds * 1e6
+    if us < 1000:
+        return f"{us:.1f} µs"
+    if us < 1e6:
+        return f"{us / 1000:.2f} ms"
+    return f"{us / 1e6:.2f} s"
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = "\n".join("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+                     for r in rows)
+    text = f"\n### {title}\n\n{line}\n{sep}\n{body}\n"
+    print(text, flush=True)
+    return text
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": sys.version.split()[0], "jax": jax.__version__, "refx": refx.__version__}
+    for mod in ("flax", "equinox", "optax"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), **versions}
+
+
+def save(name: str, data: dict, table: str) -> None:
+    if SMOKE:
+        return  # smoke runs check that the scripts work; they keep no results
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), **data}, indent=1))
+    (RESULTS / f"{name}.md").write_text(table)
+
+
+def check(cond: bool, what: str) -> None:
+    """Competitors must agree before they are timed."""
+    if not cond:
+        raise SystemExit(f"benchmark check failed: {what}")
