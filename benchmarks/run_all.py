@@ -46,7 +46,7 @@ def plot() -> None:
     ax = axes[1]
     for key, label in [("nnx split+merge", "nnx.split + nnx.merge"), ("refx deref+reref", "refx.deref + refx.reref"),
                        ("nnx.update", "nnx.update"), ("refx update_refs", "refx.update_refs")]:
-        ax.plot([s["refs"] for s in nnx["sizes"]], [s["seconds"][key] * 1e6 for s in nnx["sizes"]], "o-",
+        ax.plot([s["refs"] for s in nnx["sizes"]], [s["seconds"][key] * 1e6 for s in nnx["sizes"]], marker="o",
                 label=label, ls="--" if key.startswith("nnx") else "-")
     ax.set(title="refx vs Flax NNX", xlabel="distinct Refs / Variables", ylabel="µs per call",
            xscale="log", yscale="log")
@@ -55,7 +55,7 @@ def plot() -> None:
     ax = axes[2]
     for key, label in [("equinox partition+combine", "eqx.partition + eqx.combine"),
                        ("refx tree_partition+merge_partitions", "refx.tree_partition + merge_partitions")]:
-        ax.plot([s["refs"] for s in eqx["sizes"]], [s["seconds"][key] * 1e6 for s in eqx["sizes"]], "o-",
+        ax.plot([s["refs"] for s in eqx["sizes"]], [s["seconds"][key] * 1e6 for s in eqx["sizes"]], marker="o",
                 label=label, ls="--" if key.startswith("equinox") else "-")
     ax.set(title="refx vs Equinox", xlabel="leaves", ylabel="µs per call", xscale="log", yscale="log")
     ax.legend(fontsize=8)
