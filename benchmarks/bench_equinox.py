@@ -16,7 +16,7 @@ import equinox as eqx
 import jax
 
 import refx
-from common import SIZES, bench, check, fmt_time, model_tree, print_table, save, tree_stats
+from common import SIZE_HEADER, SIZES, bench, check, fmt_time, model_tree, print_table, save, size_str, tree_stats
 
 
 def array_tree(tree):
@@ -55,10 +55,10 @@ def main() -> None:
                   rounds=7 if n >= 100_000 else None)
         speed = t["equinox partition+combine"] / t["refx tree_partition+merge_partitions"]
         data["sizes"].append({"refs": n, **stats, "seconds": t, "refx_speedup": speed})
-        rows.append([f"~{n}", f"{stats['leaves']:,}", fmt_time(t["equinox partition+combine"]),
+        rows.append([f"~{n:,}", size_str(stats), fmt_time(t["equinox partition+combine"]),
                      fmt_time(t["refx tree_partition+merge_partitions"]), f"{speed:.1f}x"])
     table = print_table("3. refx vs Equinox, split a tree in two and rebuild it (goal: refx >= 3x faster)",
-                        ["Refs", "leaves", "eqx partition+combine", "refx tree_partition+merge", "refx speedup"],
+                        ["Refs", SIZE_HEADER, "eqx partition+combine", "refx tree_partition+merge", "refx speedup"],
                         rows)
     save("equinox", data, table)
 

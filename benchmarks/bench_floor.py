@@ -5,10 +5,18 @@ operation takes: JAX's own C++ pytree code, which anything that must
 traverse and rebuild a tree pays too.  Goal: deref and reref at most 1.5x
 their floor at every size.
 
-reref takes the deref'ed tree, whose Value/Index nodes are custom pytree
-nodes and make its floor ~2x the Ref tree's; the table gives reref against
-both floors.  merge_partitions and update_refs are compared with the floor
-of the Ref tree they rebuild or write into.
+Each operation is judged against the floor of its own input tree:
+
+  deref, tree_partition   the Ref tree
+  reref                   the deref'ed tree (Value/Index are custom pytree
+                          nodes, so this floor is ~2x the Ref tree's); the
+                          table also gives reref / Ref-tree floor, since
+                          reref builds the Ref tree
+  merge_partitions        the partitions (two Partition dicts)
+  update_refs             (target partition, source partition)
+
+and, for the last two, also against the Ref tree they rebuild or write
+into, in brackets.
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ from __future__ import annotations
 import jax
 
 import refx
-from common import (SIZES, bench, check, flat_tree, floor, fmt_time, model_tree, print_table,
-                    save, tree_stats)
+from common import (SIZE_HEADER, SIZES, bench, check, flat_tree, floor, fmt_time, model_tree, print_table,
+                    save, size_str, tree_stats)
 
 
 def ops_for(tree):
@@ -33,6 +41,8 @@ def ops_for(tree):
     return {
         "floor (Ref tree)": floor(tree),
         "floor (deref'ed tree)": floor(d),
+        "floor (partitions)": floor((params, rest)),
+        "floor (target, source)": floor((target, dparams)),
         "deref": lambda: refx.deref(tree),
         "reref": lambda: refx.reref(d),
         "tree_partition": lambda: refx.tree_partition(tree, "params"),
@@ -43,30 +53,34 @@ def ops_for(tree):
 
 def main() -> None:
     rows, data = [], {"question": "floor", "sizes": []}
-    cases = [(f"model, ~{n} Refs", model_tree(n)) for n in SIZES]
-    cases.append((f"flat list, {SIZES[1]} Refs", flat_tree(SIZES[1])))
+    cases = [(f"model, ~{n:,} Refs", model_tree(n)) for n in SIZES]
+    cases += [(f"flat list, {n:,} Refs", flat_tree(n)) for n in SIZES[1:]]
     for label, tree in cases:
         stats = tree_stats(tree)
-        t = bench(ops_for(tree))
+        t = bench(ops_for(tree), rounds=9 if stats["leaves"] >= 50_000 else None)
         f, fd = t["floor (Ref tree)"], t["floor (deref'ed tree)"]
         ratio = {
             "deref": t["deref"] / f,
             "reref": t["reref"] / fd,
             "reref_vs_ref_floor": t["reref"] / f,
             "tree_partition": t["tree_partition"] / f,
-            "merge_partitions": t["merge_partitions"] / f,
-            "update_refs": t["update_refs"] / f,
+            "merge_partitions": t["merge_partitions"] / t["floor (partitions)"],
+            "merge_partitions_vs_ref_floor": t["merge_partitions"] / f,
+            "update_refs": t["update_refs"] / t["floor (target, source)"],
+            "update_refs_vs_ref_floor": t["update_refs"] / f,
         }
         data["sizes"].append({"tree": label, **stats, "seconds": t, "ratio": ratio})
         rows.append([
-            label, f"{stats['leaves']:,} / {stats['nodes']:,} / {stats['distinct_refs']:,} / {stats['shared_fraction']:.0%}",
+            label, size_str(stats),
             fmt_time(f), f"{ratio['deref']:.2f}x", f"{ratio['reref']:.2f}x ({ratio['reref_vs_ref_floor']:.2f}x)",
-            f"{ratio['tree_partition']:.2f}x", f"{ratio['merge_partitions']:.2f}x", f"{ratio['update_refs']:.2f}x",
+            f"{ratio['tree_partition']:.2f}x",
+            f"{ratio['merge_partitions']:.2f}x ({ratio['merge_partitions_vs_ref_floor']:.2f}x)",
+            f"{ratio['update_refs']:.2f}x ({ratio['update_refs_vs_ref_floor']:.2f}x)",
         ])
     table = print_table(
-        "1. refx / floor (tree_flatten + tree_unflatten of the same tree; goal: deref, reref <= 1.5x)",
-        ["tree", "leaves / nodes / Refs / shared", "floor", "deref", "reref (vs Ref-tree floor)",
-         "tree_partition", "merge_partitions", "update_refs"],
+        "1. refx / floor (tree_flatten + tree_unflatten of the op's input tree; goal: deref, reref <= 1.5x)",
+        ["tree", SIZE_HEADER, "floor (Ref tree)", "deref", "reref (vs Ref-tree floor)",
+         "tree_partition", "merge_partitions (vs Ref-tree)", "update_refs (vs Ref-tree)"],
         rows,
     )
     save("floor", data, table)

@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 import refx
-from common import SIZES, bench, check, fmt_time, model_tree, print_table, save, tree_stats
+from common import SIZE_HEADER, SIZES, bench, check, fmt_time, model_tree, print_table, save, size_str, tree_stats
 
 
 class Layer(nnx.Module):
@@ -85,10 +85,10 @@ def main() -> None:
         speed = {}
         for label, a, b in pairs:
             speed[label] = t[a] / t[b]
-            rows.append([f"~{n}", label, fmt_time(t[a]), fmt_time(t[b]), f"{speed[label]:.1f}x"])
+            rows.append([f"~{n:,}", size_str(stats), label, fmt_time(t[a]), fmt_time(t[b]), f"{speed[label]:.1f}x"])
         data["sizes"].append({"refs": n, **stats, "seconds": t, "refx_speedup": speed})
     table = print_table("2. refx vs Flax NNX, same model and sharing (goal: refx >= 20x faster)",
-                        ["Refs", "operation", "Flax NNX", "refx", "refx speedup"], rows)
+                        ["Refs", SIZE_HEADER, "operation", "Flax NNX", "refx", "refx speedup"], rows)
     save("nnx", data, table)
 
 

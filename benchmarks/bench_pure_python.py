@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import refx
-from common import HERE, SIZES, SMOKE, bench, check, fmt_time, model_tree, print_table, save, tree_stats
+from common import HERE, SIZES, SMOKE, bench, check, floor, fmt_time, model_tree, print_table, save, tree_stats
 
 sys.path.insert(0, str(HERE.parent / "tests"))
 from oracle import PURE  # noqa: E402
@@ -40,11 +40,19 @@ def leaves_of_values(tree, is_value):
             for v in jax.tree_util.tree_leaves(tree, is_leaf=is_value)]
 
 
-def ops(impl, tree):
+def ops(impl, tree, floors=False):
     d = impl.deref(tree)
     (params, rest), td = impl.tree_partition(tree, "params")
     (dparams, _), _ = impl.tree_partition(d, "params")
     target = impl.get_partition(tree, "params")
+    if floors:  # the floor of each op's input tree (see bench_floor.py)
+        return {
+            "deref": floor(tree),
+            "reref": floor(d),
+            "tree_partition": floor(tree),
+            "merge_partitions": floor((params, rest)),
+            "update_refs": floor((target, dparams)),
+        }
     return d, {
         "deref": lambda: impl.deref(tree),
         "reref": lambda: impl.reref(d),
@@ -56,7 +64,7 @@ def ops(impl, tree):
 
 def main() -> None:
     rows, data = [], {"question": "pure_python", "sizes": []}
-    for n in SIZES[:2] if len(SIZES) > 2 else SIZES:  # pure Python at 100k: minutes
+    for n in SIZES:
         ctree = model_tree(n)
         ptree = pure_model(ctree)
         stats = tree_stats(ctree)
@@ -68,14 +76,21 @@ def main() -> None:
         check([type(x).__name__[-5:] for x in jax.tree_util.tree_leaves(cd, is_leaf=lambda v: isinstance(v, refx.Deref))]
               == [type(x).__name__[-5:] for x in jax.tree_util.tree_leaves(pd, is_leaf=lambda v: isinstance(v, (PURE.Value, PURE.Index)))],
               "deref Value/Index pattern")
-        t = bench({**{f"C {k}": v for k, v in cops.items()}, **{f"Python {k}": v for k, v in pops.items()}},
-                  budget=None if SMOKE else 0.1)
+        fops = ops(refx, ctree, floors=True)
+        t = bench({**{f"C {k}": v for k, v in cops.items()}, **{f"Python {k}": v for k, v in pops.items()},
+                   **{f"floor {k}": v for k, v in fops.items() if k != "tree_partition"}},
+                  budget=None if SMOKE else 0.1, rounds=5 if n >= 100_000 else None)
+        t["floor tree_partition"] = t["floor deref"]  # same input tree
         speedup = {k: t[f"Python {k}"] / t[f"C {k}"] for k in cops}
-        data["sizes"].append({"refs": n, **stats, "seconds": t, "speedup": speedup})
+        bound = {k: t[f"Python {k}"] / t[f"floor {k}"] for k in cops}
+        data["sizes"].append({"refs": n, **stats, "seconds": t, "speedup": speedup,
+                              "python_over_floor": bound})
         for k in cops:
-            rows.append([f"~{n}", k, fmt_time(t[f"C {k}"]), fmt_time(t[f"Python {k}"]), f"{speedup[k]:.1f}x"])
+            rows.append([f"~{n:,}", k, fmt_time(t[f"C {k}"]), fmt_time(t[f"Python {k}"]), f"{speedup[k]:.1f}x",
+                         fmt_time(t[f"floor {k}"]), f"{bound[k]:.1f}x"])
     table = print_table("4. C core vs the same algorithms in pure Python (goal: C >= 10x faster)",
-                        ["Refs", "operation", "refx (C)", "pure Python", "C speedup"], rows)
+                        ["Refs", "operation", "refx (C)", "pure Python", "C speedup",
+                         "floor of input", "pure Python / floor (best C could do)"], rows)
     save("pure_python", data, table)
 
 

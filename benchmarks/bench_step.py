@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 import refx
-from common import SMOKE, bench, check, fmt_time, print_table, save
+from common import SIZE_HEADER, SMOKE, bench, check, fmt_time, print_table, save, size_str, tree_stats
 
 WIDTH, BATCH, MOMENTUM, EPS, LR = 32, 64, 0.99, 1e-5, 1e-3
 DEPTHS = [5] if SMOKE else [5, 100]
@@ -195,6 +195,7 @@ def refx_variant(params, stats):
         refx.update_refs(model, graph)
         return graph
 
+    run.model = model  # for the table's size column
     return run, run_noop, lambda: model["blocks"][0]["w"].value
 
 
@@ -261,6 +262,7 @@ def main() -> None:
             "nnx.jit": (n_step, n_noop, n_w),
             "eqx.filter_jit": eqx_variant(params, stats),
         }
+        sizes = tree_stats(variants["refx"][0].model)
         # the same answer: three real steps from the same arrays
         for run, _, _ in variants.values():
             for _ in range(3):
@@ -284,12 +286,12 @@ def main() -> None:
             base = t["bare jax.jit"]
             for name in variants:
                 over = t[name] / base - 1
-                rows.append([str(depth), kind, name, fmt_time(t[name]),
+                rows.append([str(depth), size_str(sizes), kind, name, fmt_time(t[name]),
                              "-" if name == "bare jax.jit" else f"{over:+.0%}"])
-        data["depths"].append({"depth": depth, "width": WIDTH, "seconds": timings})
+        data["depths"].append({"depth": depth, "width": WIDTH, **sizes, "seconds": timings})
     table = print_table(
         "5. time per training step (MLP of Linear+BatchNorm, width 32; goal: refx <= +10% over bare jit)",
-        ["depth", "step", "variant", "per step", "over bare jit"], rows)
+        ["depth", f"refx model: {SIZE_HEADER}", "step", "variant", "per step", "over bare jit"], rows)
     save("step", data, table)
 
 

@@ -71,6 +71,15 @@ def tree_stats(tree) -> dict:
     }
 
 
+def size_str(stats: dict) -> str:
+    """leaves / nodes / distinct Refs / shared fraction, for a table cell."""
+    return (f"{stats['leaves']:,} / {stats['nodes']:,} / {stats['distinct_refs']:,} / "
+            f"{stats['shared_fraction']:.0%}")
+
+
+SIZE_HEADER = "leaves / nodes / Refs / shared"
+
+
 # -------------------------------------------------------------------- timing
 
 
@@ -152,7 +161,7 @@ def machine() -> dict:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), **versions}
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(), **versions}
 
 
 def save(name: str, data: dict, table: str) -> None:

@@ -3,7 +3,8 @@
 Each question is its own script, run here in its own process so that one
 competitor's import state (flax, equinox) cannot skew another's.  The full
 run writes benchmarks/results/*.json and *.md, a log-log plot of time vs
-tree size (results/scaling.png), and the summary benchmarks/README.md shows.
+tree size (results/scaling.png), results/all.json, and benchmarks/README.md
+(machine, every table, the plot; NOTES.md is appended to it if present).
 --smoke runs tiny sizes with few repeats (a few seconds each) and keeps no
 results: `make test` runs it so the scripts cannot rot.
 """
@@ -29,7 +30,7 @@ def plot() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
     floor = json.loads((RESULTS / "floor.json").read_text())
     model = [s for s in floor["sizes"] if s["tree"].startswith("model")]
     refs = [s["distinct_refs"] for s in model]
@@ -57,11 +58,113 @@ def plot() -> None:
                        ("refx tree_partition+merge_partitions", "refx.tree_partition + merge_partitions")]:
         ax.plot([s["refs"] for s in eqx["sizes"]], [s["seconds"][key] * 1e6 for s in eqx["sizes"]], marker="o",
                 label=label, ls="--" if key.startswith("equinox") else "-")
-    ax.set(title="refx vs Equinox", xlabel="leaves", ylabel="µs per call", xscale="log", yscale="log")
+    ax.set(title="refx vs Equinox", xlabel="distinct Refs", ylabel="µs per call", xscale="log", yscale="log")
     ax.legend(fontsize=8)
+    pure = json.loads((RESULTS / "pure_python.json").read_text())
+    ax = axes[3]
+    for op in ("deref", "reref", "tree_partition", "merge_partitions", "update_refs"):
+        xs = [s["refs"] for s in pure["sizes"]]
+        line, = ax.plot(xs, [s["seconds"][f"C {op}"] * 1e6 for s in pure["sizes"]], "o-", label=f"C {op}")
+        ax.plot(xs, [s["seconds"][f"Python {op}"] * 1e6 for s in pure["sizes"]], "s--", color=line.get_color(),
+                label=f"pure Python {op}")
+    ax.set(title="C core vs pure Python", xlabel="distinct Refs", ylabel="µs per call", xscale="log", yscale="log")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(RESULTS / "scaling.png", dpi=110)
     plt.close(fig)
+
+
+QUESTIONS = ["floor", "nnx", "equinox", "pure_python", "step"]
+
+
+def _x(values, fmt="{:.2f}x") -> str:
+    return ", ".join(fmt.format(v) for v in values)
+
+
+def goals(r: dict) -> str:
+    """The table of each goal against the latest results, met or missed."""
+    rows = []
+
+    def row(goal, values, ok, detail):
+        rows.append(f"| {goal} | {detail} | {'met' if all(ok(v) for v in values) else 'missed'} |")
+
+    floor = r["floor"]["sizes"]
+    names = " / ".join(s["tree"].replace(" Refs", "") for s in floor)
+    row("deref <= 1.5x floor", [s["ratio"]["deref"] for s in floor], lambda v: v <= 1.5,
+        f"{_x(s['ratio']['deref'] for s in floor)} ({names})")
+    row("reref <= 1.5x floor of its input (the deref'ed tree)", [s["ratio"]["reref"] for s in floor],
+        lambda v: v <= 1.5, _x(s["ratio"]["reref"] for s in floor))
+    row("reref <= 1.5x floor of the Ref tree it builds", [s["ratio"]["reref_vs_ref_floor"] for s in floor],
+        lambda v: v <= 1.5, _x(s["ratio"]["reref_vs_ref_floor"] for s in floor))
+    nnx = r["nnx"]["sizes"]
+    for op in nnx[0]["refx_speedup"]:
+        row(f"refx >= 20x faster than NNX: {op}", [s["refx_speedup"][op] for s in nnx], lambda v: v >= 20,
+            _x((s["refx_speedup"][op] for s in nnx), "{:.1f}x") + " (" + " / ".join(f"~{s['refs']:,}" for s in nnx)
+            + " Refs)")
+    eqx = r["equinox"]["sizes"]
+    row("refx >= 3x faster than Equinox", [s["refx_speedup"] for s in eqx], lambda v: v >= 3,
+        _x((s["refx_speedup"] for s in eqx), "{:.1f}x"))
+    pure = r["pure_python"]["sizes"]
+    for op in pure[0]["speedup"]:
+        row(f"C >= 10x faster than pure Python: {op}", [s["speedup"][op] for s in pure], lambda v: v >= 10,
+            _x((s["speedup"][op] for s in pure), "{:.1f}x")
+            + f" (pure Python / floor: {_x((s['python_over_floor'][op] for s in pure), '{:.1f}x')})")
+    for d in r["step"]["depths"]:
+        for kind, t in d["seconds"].items():
+            over = t["refx"] / t["bare jax.jit"] - 1
+            row(f"refx <= +10% over bare jax.jit: depth {d['depth']}, {kind}", [over], lambda v: v <= 0.10,
+                f"{over:+.0%} (eqx.filter_jit {t['eqx.filter_jit'] / t['bare jax.jit'] - 1:+.0%}, "
+                f"nnx.jit {t['nnx.jit'] / t['bare jax.jit'] - 1:+.0%})")
+    return "| goal | latest run | verdict |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def write_readme() -> None:
+    """benchmarks/README.md: the machine, every table and the plot of the
+    latest full run, plus all results in one JSON file."""
+    results = {q: json.loads((RESULTS / f"{q}.json").read_text()) for q in QUESTIONS}
+    m = results["floor"]["machine"]
+    (RESULTS / "all.json").write_text(json.dumps(results, indent=1))
+    tables = "\n".join((RESULTS / f"{q}.md").read_text() for q in QUESTIONS)
+    notes = (HERE / "NOTES.md").read_text() if (HERE / "NOTES.md").exists() else ""
+    text = f"""# refx benchmarks
+
+`make bench` runs every question below ({", ".join(f"`{s}`" for s in SCRIPTS)}), each in
+its own process, and writes `results/*.json`, `results/*.md` and `results/scaling.png`; this file
+is regenerated from them by `benchmarks/run_all.py`.  `make bench-smoke` runs all of them at tiny
+sizes with few repeats (a few seconds each), still checking that competitors agree, and keeps no results.
+
+Method: every competitor is checked to give the same answer before it is timed; tree sizes are
+stated as leaves / pytree nodes / distinct Refs / fraction of Ref leaves that repeat a shared Ref;
+competitors of a question run in one process, in interleaved rounds (A B C A B C ...), each round a
+batch of calls after a `gc.collect()`; tables give the median seconds per call over rounds and the
+ratios of medians, with the garbage collector on (as in a training loop).  The machine is small
+and shared, so single numbers are noisy; ratios within one run are what to read.  Trees are model-like (layers of `{{w, b, bs}}` Refs, every fourth layer and
+the output head tied to the first layer's weight) at ~30, ~3,000 and ~100,000 Refs, plus a flat list
+of distinct Refs.
+
+## Machine (latest full run)
+
+| | |
+|---|---|
+| CPU | {m["cpu"]} |
+| cores (`nproc`) | {m["cores"]} |
+| platform | {m["platform"]} |
+| Python | {m["python"]} |
+| JAX | {m["jax"]} |
+| Flax | {m.get("flax", "-")} |
+| Equinox | {m.get("equinox", "-")} |
+| optax | {m.get("optax", "-")} |
+| refx | {m["refx"]} |
+
+![log-log time vs tree size per competitor](results/scaling.png)
+
+## Against the goals (latest full run)
+
+{goals(results)}
+## Tables (latest full run)
+{tables}
+{notes}"""
+    (HERE / "README.md").write_text(text)
 
 
 def main() -> int:
@@ -81,7 +184,8 @@ def main() -> int:
             failed.append(script)
     if not args.smoke and not failed and not args.only:
         plot()
-        print(f"plot: {RESULTS / 'scaling.png'}")
+        write_readme()
+        print(f"plot: {RESULTS / 'scaling.png'}; tables: {HERE / 'README.md'}")
     if failed:
         print("failed:", ", ".join(failed))
         return 1
