@@ -154,12 +154,12 @@ partition_dealloc(PartitionObject *self)
     PyObject_GC_UnTrack(self);
     /* dict's own trashcan skips subclasses: without ours, freeing nested
      * Partitions a million deep overflowed the stack */
-    Py_TRASHCAN_BEGIN(self, partition_dealloc)
+    Py_TRASHCAN_BEGIN(self, partition_dealloc);
     Py_CLEAR(self->paths);
     Py_CLEAR(self->aux);
     PyDict_Type.tp_dealloc((PyObject *)self); /* frees via tp->tp_free */
     Py_DECREF(tp);
-    Py_TRASHCAN_END
+    Py_TRASHCAN_END;
 }
 
 static int

@@ -267,14 +267,14 @@ ref_dealloc(RefObject *self)
     PyObject_GC_UnTrack(self);
     /* the trashcan bounds the C recursion when freeing a chain such as
      * Ref(Ref(Ref(...))): a million levels overflowed the stack */
-    Py_TRASHCAN_BEGIN(self, ref_dealloc)
+    Py_TRASHCAN_BEGIN(self, ref_dealloc);
     if (self->weakreflist != NULL) {
         PyObject_ClearWeakRefs((PyObject *)self);
     }
     ref_clear(self);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
-    Py_TRASHCAN_END
+    Py_TRASHCAN_END;
 }
 
 static PyObject *
@@ -533,11 +533,11 @@ deref_dealloc(DerefObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    Py_TRASHCAN_BEGIN(self, deref_dealloc) /* see ref_dealloc */
+    Py_TRASHCAN_BEGIN(self, deref_dealloc); /* see ref_dealloc */
     deref_clear(self);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
-    Py_TRASHCAN_END
+    Py_TRASHCAN_END;
 }
 
 static int
@@ -559,11 +559,11 @@ value_dealloc(ValueObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    Py_TRASHCAN_BEGIN(self, value_dealloc) /* see ref_dealloc */
+    Py_TRASHCAN_BEGIN(self, value_dealloc); /* see ref_dealloc */
     value_clear(self);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
-    Py_TRASHCAN_END
+    Py_TRASHCAN_END;
 }
 
 static PyObject *
