@@ -267,3 +267,30 @@ def test_freeing_deep_chains_does_not_overflow_the_stack():
     r = subprocess.run([sys.executable, "-c", _CHAINS], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
     assert r.stdout.count("freed") == 5, r.stdout
+
+
+# --- user code that mutates what refx is working on -------------------------
+
+
+def test_merge_partitions_survives_a_key_eq_that_empties_the_list():
+    # merge_partitions compares keys (Python __eq__) while walking the
+    # partitions; it used to read them from the caller's list, so an __eq__
+    # that emptied the list freed the dicts under it (segfault).
+    import gc
+
+    class K:
+        def __init__(self, n):
+            self.n = n
+
+        def __hash__(self):
+            return hash(self.n)
+
+        def __eq__(self, other):
+            parts.clear()
+            gc.collect()
+            return isinstance(other, K) and other.n == self.n
+
+    parts = [{K(0): 1, K(1): NOTHING}, {K(0): NOTHING, K(1): 2}]
+    td = jax.tree_util.tree_structure([0, 0])
+    assert refx.merge_partitions(parts, td) == [1, 2]
+    assert parts == []

@@ -1195,14 +1195,14 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
         }
         return NULL;
     }
-    seq = PySequence_Fast(partitions,
-                          "merge_partitions: partitions must be a "
-                          "sequence");
+    /* A tuple of our own, never the caller's list: comparing keys runs
+     * Python code, which could empty the list and free the dicts. */
+    seq = PySequence_Tuple(partitions);
     if (seq == NULL) {
         return NULL;
     }
-    Py_ssize_t np = PySequence_Fast_GET_SIZE(seq);
-    PyObject **parts = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t np = PyTuple_GET_SIZE(seq);
+    PyObject **parts = &PyTuple_GET_ITEM(seq, 0);
     if (np == 0) {
         PyErr_SetString(PyExc_ValueError,
                         "merge_partitions: no partitions given");
