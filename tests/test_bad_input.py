@@ -286,11 +286,43 @@ def test_merge_partitions_survives_a_key_eq_that_empties_the_list():
             return hash(self.n)
 
         def __eq__(self, other):
+            calls.append(1)
             parts.clear()
             gc.collect()
             return isinstance(other, K) and other.n == self.n
 
+    calls = []
     parts = [{K(0): 1, K(1): NOTHING}, {K(0): NOTHING, K(1): 2}]
     td = jax.tree_util.tree_structure([0, 0])
+    refx._core._clear_path_cache()  # paths come from partition 0, not the treedef
     assert refx.merge_partitions(parts, td) == [1, 2]
-    assert parts == []
+    assert parts == [] and calls
+
+
+def _swap_key(p):
+    dict.__delitem__(p, ("a",))
+    dict.__setitem__(p, ("z",), 1.0)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda p: dict.__setitem__(p, ("a",), NOTHING),       # value -> NOTHING
+    lambda p: dict.__setitem__(p, ("c",), 3.0),           # NOTHING -> value
+    _swap_key,                                            # same size, new key
+    lambda p: dict.update(p, {("d",): 4.0}),              # grows
+    lambda p: dict.clear(p),
+], ids=["to-nothing", "from-nothing", "swap-key", "grow", "clear"])
+def test_partition_mutated_behind_its_back_flattens_as_it_is(mutate):
+    # Partition caches its paths and NOTHING positions; dict.__setitem__(p,
+    # ...) bypasses its immutability.  A stale cache made
+    # _partition_flatten_with_keys read past its children (crash) and
+    # tree_flatten report the old structure; now the caches are checked.
+    p = refx.Partition({("a",): 1.0, ("b",): 2.0, ("c",): NOTHING})
+    jax.tree_util.tree_flatten(p)
+    jax.tree_util.tree_flatten_with_path(p)
+    mutate(p)
+    fresh = refx.Partition(dict(p))
+    leaves, td = jax.tree_util.tree_flatten(p)
+    assert leaves == jax.tree_util.tree_leaves(fresh)
+    assert td == jax.tree_util.tree_structure(fresh)
+    assert jax.tree_util.tree_flatten_with_path(p) == jax.tree_util.tree_flatten_with_path(fresh)
+    assert jax.tree_util.tree_map(lambda x: x, p) == dict(p)

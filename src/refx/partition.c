@@ -304,36 +304,78 @@ partition_flatten(PyObject *module, PyObject *p)
         return NULL;
     }
     PartitionObject *part = (PartitionObject *)p;
-    PyObject *paths = partition_paths(part), *children = NULL;
-    PyObject *holes = NULL, *res = NULL;
-    if (paths == NULL) {
-        return NULL;
-    }
-    int need_aux =
-        part->aux == NULL || PyTuple_GET_ITEM(part->aux, 0) != paths;
-    children = PyList_New(0);
-    if (children == NULL || (need_aux && (holes = PyList_New(0)) == NULL)) {
-        goto error;
-    }
-    Py_ssize_t pos = 0, i = 0;
-    PyObject *k, *v;
-    while (PyDict_Next(p, &pos, &k, &v)) {
-        if (v != st->nothing) {
-            if (PyList_Append(children, v) < 0) {
-                goto error;
-            }
+    PyObject *paths = NULL, *children = NULL, *holes = NULL, *res = NULL;
+    PyObject *cached = NULL; /* the cached positions of NOTHING */
+    /* The cached paths and aux are checked against the dict as it is walked
+     * (a pointer test per key, one per NOTHING): dict.__setitem__(p, ...)
+     * and friends bypass immutability, and a stale aux let
+     * _partition_flatten_with_keys read past the children (a crash). */
+    for (int attempt = 0;; attempt++) {
+        paths = partition_paths(part);
+        if (paths == NULL) {
+            return NULL;
         }
-        else if (need_aux) {
-            PyObject *idx = PyLong_FromSsize_t(i);
-            if (idx == NULL || PyList_Append(holes, idx) < 0) {
-                Py_XDECREF(idx);
-                goto error;
-            }
-            Py_DECREF(idx);
+        int need_aux =
+            part->aux == NULL || PyTuple_GET_ITEM(part->aux, 0) != paths;
+        cached = need_aux ? NULL : Py_NewRef(PyTuple_GET_ITEM(part->aux, 1));
+        Py_ssize_t n = PyTuple_GET_SIZE(paths), h = 0;
+        children = PyList_New(0);
+        if (children == NULL ||
+            (need_aux && (holes = PyList_New(0)) == NULL)) {
+            goto error;
         }
-        i++;
+        Py_ssize_t pos = 0, i = 0;
+        PyObject *k, *v;
+        int stale = 0;
+        while (!stale && PyDict_Next(p, &pos, &k, &v)) {
+            if (i >= n || k != PyTuple_GET_ITEM(paths, i)) {
+                stale = 1;
+            }
+            else if (v != st->nothing) {
+                if (PyList_Append(children, v) < 0) {
+                    goto error;
+                }
+            }
+            else if (need_aux) {
+                PyObject *idx = PyLong_FromSsize_t(i);
+                if (idx == NULL || PyList_Append(holes, idx) < 0) {
+                    Py_XDECREF(idx);
+                    goto error;
+                }
+                Py_DECREF(idx);
+            }
+            else if (h < PyTuple_GET_SIZE(cached) &&
+                     PyLong_AsSsize_t(PyTuple_GET_ITEM(cached, h)) == i) {
+                h++;
+            }
+            else {
+                stale = 1;
+            }
+            i++;
+        }
+        if (PyErr_Occurred()) {
+            goto error;
+        }
+        if (!stale && (i != n || (cached && h != PyTuple_GET_SIZE(cached)))) {
+            stale = 1;
+        }
+        if (!stale) {
+            break;
+        }
+        if (attempt > 0) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "Partition changed during flattening");
+            goto error;
+        }
+        /* forget the caches and walk again */
+        Py_CLEAR(part->paths);
+        Py_CLEAR(part->aux);
+        Py_CLEAR(paths);
+        Py_CLEAR(children);
+        Py_CLEAR(holes);
+        Py_CLEAR(cached);
     }
-    if (need_aux) {
+    if (holes != NULL) {
         PyObject *ht = PyList_AsTuple(holes);
         if (ht == NULL) {
             goto error;
@@ -346,9 +388,10 @@ partition_flatten(PyObject *module, PyObject *p)
     }
     res = PyTuple_Pack(2, children, part->aux);
 error:
+    Py_XDECREF(cached);
     Py_XDECREF(holes);
     Py_XDECREF(children);
-    Py_DECREF(paths);
+    Py_XDECREF(paths);
     return res;
 }
 
@@ -377,6 +420,10 @@ partition_flatten_with_keys(PyObject *module, PyObject *p)
         if (h < nh && PyLong_AsSsize_t(PyTuple_GET_ITEM(holes, h)) == i) {
             h++;
             continue;
+        }
+        if (c >= PyList_GET_SIZE(values)) {
+            REFX_BUG("Partition aux data has too few positions of NOTHING");
+            goto error;
         }
         PyObject *k =
             PyObject_CallOneArg(st->dict_key, PyTuple_GET_ITEM(paths, i));
