@@ -10,15 +10,25 @@ grow:
             reads 2.0/call; jax.tree_util.tree_flatten reads 0.00005).
   bytes     tracemalloc: Python allocations of any size (large lists and
             buffers bypass pymalloc), per call.
-  refcount  sys.getrefcount of the objects refx holds on to: values,
-            collections, the treedef, the cached paths.  A missing DECREF
-            shows here even when the object stays alive anyway.
+  gc objs   len(gc.get_objects()): GC-tracked objects, per call.
+  refcount  sys.getrefcount of the objects refx holds on to (values,
+            collections, treedefs, cached paths, a Partition, a Value, Refs
+            of this and of a finished trace, a tracer), before and after
+            each operation: the "refs" column is the total drift over all
+            its calls.  A missing DECREF shows here even when the object
+            stays alive anyway (checked: deleting one Py_DECREF in deref's
+            loop reads "deref ... 2400  LEAK (refs of shared Ref in TREE)"
+            over 1,200 calls and nothing else).
 
 Why not Debian's debug interpreter (python3.11-dbg) and
 sys.gettotalrefcount()?  JAX imports and runs under it, but jaxlib is
 compiled against release headers: its Py_DECREFs do not update the debug
 interpreter's total, so plain jax.tree_util.tree_flatten "drifts" +3
 references per call with nothing leaked (measured), swamping the signal.
+
+A Python-level equivalent of a debug build's total refcount, then: every
+operation's drift is measured on the objects it can touch, plus every
+allocation, which is where a leak on a fresh object lands.
 
 Prints one row per operation and exits 1 if anything drifts.
 """
@@ -55,6 +65,38 @@ PARTS, TD = refx.tree_partition(D, "params")
 TARGET = refx.get_partition(TREE, "params")
 CKPT = {k: v.value for k, v in refx.get_partition(D, "params").items() if isinstance(v, refx.Value)}
 R = refx.Ref(1.0, "c")
+DTD = jax.tree_util.tree_structure(D)
+OTHER_TD = refx.tree_partition(list(range(len(PARTS[0]))))[1]  # cached: paths checked
+P_AUX = refx._core._partition_flatten(PARTS[1])[1]
+COLL = ("unique", "collection")  # a collection no one else holds
+
+
+class Boom(Exception):
+    pass
+
+
+class BadEq:
+    def __hash__(self):
+        return 7
+
+    def __eq__(self, other):
+        raise Boom("eq")
+
+
+BADEQ_TREE = [refx.Ref(1.0, BadEq())]
+COLL_TREE = [refx.Ref(jnp.ones(2), COLL), refx.Ref(jnp.ones(2), COLL)]
+LEAKED = []  # a Ref of a finished jit trace, and one of its tracers
+
+
+@jax.jit
+def _leak(x):
+    LEAKED.append(refx.Ref(x))
+    LEAKED.append(x)
+    return x
+
+
+_leak(jnp.ones(()))
+OTHER_TRACE_REF, TRACER = LEAKED
 
 
 def expect(exc, f, *args, **kwargs):
@@ -98,7 +140,36 @@ OPS = {
     "Partition mutate": lambda: expect(TypeError, PARTS[0].__setitem__, ("a",), 1),
     "filters call": lambda: (refx.Not("c")(R), refx.All(refx.Ref, "c")(R), refx.Any(int)(R)),
     "deep tree": lambda: expect(RecursionError, refx.deref, DEEP),
+    "Ref.value set, other trace": lambda: expect(ValueError, setattr, OTHER_TRACE_REF, "value", 1.0),
+    "Ref.value set, foreign tracer": lambda: expect(ValueError, setattr, R, "value", [TRACER]),
+    "Ref() raising __hash__": lambda: expect(Boom, refx.Ref, 1, BadHashColl()),
+    "clone of deref'ed": lambda: expect(ValueError, refx.clone, D),
+    "deref/reref/clone, tuple collection": lambda: refx.reref(refx.deref(refx.clone(COLL_TREE))),
+    "reref Index collection mismatch": lambda: expect(
+        ValueError, refx.reref, [refx.Value(1, 0, "a"), refx.Index(0, "b")]),
+    "get_partition bad filter": lambda: expect(TypeError, refx.get_partition, TREE, [1]),
+    "get_partition raising __eq__": lambda: expect(Boom, refx.get_partition, BADEQ_TREE, "c"),
+    "tree_partition raising is_leaf": lambda: expect(
+        ZeroDivisionError, refx.tree_partition, TREE, is_leaf=lambda x: 1 / 0),
+    "merge_partitions other treedef": lambda: expect(ValueError, refx.merge_partitions, PARTS, OTHER_TD),
+    "merge_partitions missing path": lambda: expect(
+        ValueError, refx.merge_partitions, (PARTS[0], {("x",): 1}), TD),
+    "update_refs by path error": lambda: expect(ValueError, refx.update_refs, TARGET, {("nope",): 1.0}),
+    "update_refs trace error": lambda: expect(ValueError, refx.update_refs, [OTHER_TRACE_REF], [1.0]),
+    "update_refs raising __eq__": lambda: expect(
+        Boom, refx.update_refs, BADEQ_TREE, [refx.Value(1.0, 0, "c")]),
+    "Value/Index flatten+unflatten": lambda: jax.tree_util.tree_unflatten(DTD, jax.tree_util.tree_leaves(D)),
+    "Partition flatten_with_path": lambda: jax.tree_util.tree_flatten_with_path(PARTS[1]),
+    "Partition unflatten error": lambda: expect(ValueError, refx._core._partition_unflatten, P_AUX, [1]),
+    "Not/All/Any()": lambda: (refx.Not("c"), refx.All(refx.Ref, "c"), refx.Any(int, ("c", refx.Ref))),
+    "Not() bad filter": lambda: expect(TypeError, refx.Not, []),
+    "filter raising": lambda: expect(ZeroDivisionError, refx.Any(lambda x: 1 / 0), R),
 }
+
+class BadHashColl:
+    def __hash__(self):
+        raise Boom("hash")
+
 
 DEEP = refx.Ref(0)
 for _ in range(5000):
@@ -108,9 +179,16 @@ for _ in range(5000):
 PROBES = {
     "array value": TREE["layers"][1]["w"].value,
     "collection 'params'": "params",
+    "collection tuple": COLL,
     "treedef": TD,
+    "deref'ed treedef": DTD,
     "paths": next(iter(PARTS[0])),
+    "Partition": PARTS[0],
+    "Value in D": D["head"],
     "Ref R": R,
+    "shared Ref in TREE": TREE["head"],
+    "other-trace Ref": OTHER_TRACE_REF,
+    "tracer": TRACER,
 }
 
 
@@ -149,27 +227,35 @@ def main(n: int = N) -> int:
         print(f"leakcheck is blind: a deliberate leak read {cb:.5f} blocks/call")
         return 2
     print(f"refx leakcheck: {n} calls per operation after {WARMUP} warm-up calls")
-    print(f"{'operation':32s} {'blocks/call':>12s} {'bytes/call':>11s}  verdict")
-    print(f"{'(control: a deliberate leak)':32s} {cb:12.5f} {cm:11.2f}  LEAK, as it must")
+    print("blocks = pymalloc blocks, bytes = tracemalloc bytes, gc objs = GC-tracked")
+    print("objects, per call; refs = total refcount drift of the probe objects")
+    print(f"({', '.join(PROBES)}) over all calls of the operation.")
+    hdr = f"{'operation':38s} {'blocks':>9s} {'bytes':>7s} {'gc objs':>8s} {'refs':>5s}  verdict"
+    print(hdr)
+    print(f"{'(control: a deliberate leak)':38s} {cb:9.5f} {cm:7.2f} {'':8s} {'':5s}  LEAK, as it must")
     bad = []
-    before = probe_refcounts()
+    start = probe_refcounts()
     for name, op in OPS.items():
         if name == "deep tree" and hasattr(sys, "gettotalrefcount"):
             continue  # jaxlib aborts debug interpreters on too-deep trees
+        before = probe_refcounts()
+        objs = len(gc.get_objects())
         dblocks, dmem = measure(op, n)
-        leak = dblocks > LIMIT or dmem > 8.0
+        dobjs = (len(gc.get_objects()) - objs) / n
+        after = probe_refcounts()
+        drift = sum(after[k] - before[k] for k in PROBES)
+        which = [k for k in PROBES if after[k] != before[k]]
+        leak = dblocks > LIMIT or dmem > 8.0 or dobjs > LIMIT or bool(which)
         if leak:
             bad.append(name)
-        print(f"{name:32s} {dblocks:12.5f} {dmem:11.2f}  {'LEAK' if leak else 'ok'}")
-    after = probe_refcounts()
-    for k in PROBES:
-        drift = after[k] - before[k]
-        print(f"refcount of {k:22s} {before[k]:6d} -> {after[k]:6d}  {'DRIFT' if drift else 'ok'}")
-        if drift:
-            bad.append(f"refcount of {k}")
+        verdict = "LEAK" + (f" (refs of {', '.join(which)})" if which else "") if leak else "ok"
+        print(f"{name:38s} {dblocks:9.5f} {dmem:7.2f} {dobjs:8.4f} {drift:5d}  {verdict}")
+    end = probe_refcounts()
+    total = sum(end[k] - start[k] for k in PROBES)
+    print(f"total refcount drift of the probes over all operations: {total}")
     print(f"{len(OPS) - len(bad)}/{len(OPS)} operations without drift" if not bad
           else f"drifting: {', '.join(bad)}")
-    return 1 if bad else 0
+    return 1 if bad or total else 0
 
 
 if __name__ == "__main__":
