@@ -128,3 +128,29 @@ def test_ref_made_in_a_thread_keeps_its_trace_in_that_thread():
     run_threads(fn)
     assert out == {k: (float(k) + 1, ["Cannot mutate Ref from a different trace level"])
                    for k in range(THREADS)}
+
+
+def test_writers_never_interleave_even_when_old_values_run_del():
+    # Releasing a Ref's old value may run a __del__ that releases the GIL.
+    # update_refs used to release each old value right after its store, so
+    # another writer could run in the middle of the update and the Refs
+    # ended holding a mix of two writers' values (seen: [1029, 2029]).
+    import time
+
+    class Slow:
+        def __init__(self, g):
+            self.g = g
+
+        def __del__(self):
+            time.sleep(0.0002)  # lets other threads in
+
+    refs = [refx.Ref(Slow(-1), "c") for _ in range(20)]
+    target = refx.get_partition(refs, "c")
+
+    def fn(k):
+        for i in range(15):
+            refx.update_refs(target, {p: Slow(k * 1000 + i) for p in target})
+        return True
+
+    run_threads(fn)
+    assert len({r.value.g for r in refs}) == 1

@@ -34,7 +34,9 @@
  * All or nothing.  Phase 1 walks every position and checks everything,
  * including the trace-level write check of each distinct target Ref,
  * collecting a plan of (Ref, new value) pairs.  Phase 2 stores the plan and
- * cannot fail.  So a call that raises has changed no Ref.  Phase 1 may run
+ * cannot fail, and runs no Python code: the old values are released after
+ * the last store.  So a call that raises has changed no Ref, and no other
+ * thread (nor a __del__) sees an update half-applied.  Phase 1 may run
  * Python code (collection __eq__, the tracer check), which is why the
  * identity tables borrow only objects the flattened leaf lists keep alive.
  *
@@ -500,10 +502,14 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 
-    /* phase 2: write; nothing here can fail */
+    /* phase 2: write; nothing here can fail.  The old values are released
+     * only after every store: releasing one may run a __del__ that lets
+     * another thread in, which then saw (or wrote over) a half-applied
+     * update.  plan[k].value takes the old value; the cleanup drops it. */
     for (Py_ssize_t k = 0; k < nplan; k++) {
+        PyObject *old = Py_NewRef(plan[k].ref->value);
         refx_ref_store(st, plan[k].ref, plan[k].value);
-        Py_CLEAR(plan[k].value);
+        Py_SETREF(plan[k].value, old); /* the Ref holds the new value */
     }
     res = Py_NewRef(Py_None);
 error:
