@@ -135,3 +135,50 @@ def test_weakrefs():
     del r2
     gc.collect()
     assert len(cache) == 0
+
+
+def test_tracking_follows_what_is_held():
+    a = jnp.ones(3)
+    # Value/Index: untracked when holding untracked or plain things with an
+    # atomic collection, tracked otherwise
+    assert not gc.is_tracked(refx.Value(a, 0, "p"))
+    assert not gc.is_tracked(refx.Value(1.5, 0, None))
+    assert not gc.is_tracked(refx.Index(0, 3))
+    assert gc.is_tracked(refx.Value([1], 0, "p"))
+    assert gc.is_tracked(refx.Value(a, 0, (Box(),)))
+    assert gc.is_tracked(refx.Index(0, (Box(),)))
+    # Ref: constructed with a plain value, untracked; tracked once it holds
+    # something that could lead back to it
+    r = refx.Ref(a, "p")
+    assert not gc.is_tracked(r)
+    r.value = Box()
+    assert gc.is_tracked(r)
+    assert gc.is_tracked(refx.Ref(a, (Box(),)))
+
+
+@pytest.mark.parametrize("how", ["setter", "update_refs", "update_refs by path", "__init__"])
+def test_cycle_closed_by_a_write_into_an_untracked_ref_is_collected(how):
+    # clone makes untracked Refs for array values; a write that closes a
+    # cycle must track the Ref, or the cycle would never be collected
+    def make():
+        (r,) = refx.clone([refx.Ref(jnp.ones(2), "p")])
+        assert not gc.is_tracked(r)
+        b = Box(r)
+        if how == "setter":
+            r.value = b
+        elif how == "update_refs":
+            refx.update_refs([r], [b])
+        elif how == "update_refs by path":
+            refx.update_refs(refx.get_partition([r], "p"), {("0",): b})
+        else:
+            r.__init__(b, "p")
+        assert gc.is_tracked(r)
+        return b
+
+    assert collected(make)
+
+
+def test_partition_and_filters_are_gc_tracked():
+    assert gc.is_tracked(refx.Partition())
+    for f in (refx.Not("c"), refx.All(), refx.Any(int)):
+        assert gc.is_tracked(f)
