@@ -145,7 +145,61 @@ CASES = [
     ("not-bad", lambda: refx.Not([]), TypeError, r"Not: filter 0 is \[\]"),
     ("all-kw", lambda: refx.All(x=1), TypeError, "All\\(\\) takes no keyword arguments"),
     ("filter-call-arity", lambda: refx.Any("c")(), TypeError, "Any expected 1 argument, got 0"),
+    # 10,000 levels (the default recursion limit is 1,000), every function
+    ("clone-deep", lambda: refx.clone(deep(10_000)), RecursionError, "maximum recursion depth"),
+    ("deref-deep-dict", lambda: refx.deref(deep_dict(10_000)), RecursionError, "maximum recursion depth"),
+    ("get-partition-deep", lambda: refx.get_partition(deep(10_000), "c"), RecursionError, "maximum recursion depth"),
+    ("partition-deep-is-leaf", lambda: refx.tree_partition(deep(10_000), is_leaf=lambda x: False),
+     RecursionError, "maximum recursion depth"),
+    ("update-deep-source", lambda: refx.update_refs([R], deep(10_000)), RecursionError, "maximum recursion depth"),
+    ("merge-deep-partition", lambda: refx.merge_partitions((deep_dict(10_000),), TD), ValueError,
+     "merge_partitions: treedef has 3 leaves but the partitions have 1 paths"),
+    ("filter-deep-tuple", lambda: refx.tree_partition(TREE, deep_tuple(10_000)), RecursionError,
+     "maximum recursion depth"),
+    ("filter-deep-not", lambda: refx.get_partition(TREE, deep_not(10_000)), RecursionError,
+     "maximum recursion depth"),
+    # user objects whose __eq__/__hash__ raise, in other places
+    ("update-by-path-key-eq", lambda: refx.update_refs(PARTS[0], {BadEq(): 1.0}), Boom, "eq"),
+    ("merge-key-hash", lambda: refx.merge_partitions((PARTS[0], {BadHashKey(): 1, ("a", "1"): 2, ("b",): 3}), TD),
+     Boom, "hash"),
+    ("value-coll-hash", lambda: refx.Value(1, 0, BadHash()), Boom, "hash"),
+    ("update-coll-eq", lambda: refx.update_refs([refx.Ref(1.0, BadEq())], [refx.Value(2.0, 0, "c")]), Boom, "eq"),
+    ("reref-coll-eq", lambda: refx.reref([refx.Value(1.0, 0, BadEq()), refx.Index(0, "c")]), Boom, "eq"),
+    ("filter-str-vs-bad-coll", lambda: refx.tree_partition([refx.Ref(1.0, BadEq())], "c"), Boom, "eq"),
+    # update_refs with a foreign tree shape and a plain target
+    ("update-plain-target", lambda: refx.update_refs([1, 2], [refx.Value(1.0, 0), refx.Index(0)]), ValueError,
+     r"update_refs: at \('0',\): target has int, not a Ref, but source has a Value"),
+    ("update-ref-source-twice", lambda: refx.update_refs([refx.Ref(1.0), refx.Ref(2.0)], [R, R]), ValueError,
+     r"update_refs: at \('1',\): the source repeats a Ref here but the target has a different Ref"),
+    ("merge-partition-not-seq", lambda: refx.merge_partitions(iter(PARTS), TD), TypeError,
+     "merge_partitions: partitions must be a tuple or list of dicts, not tuple_iterator"),
 ]
+
+
+def deep_dict(n):
+    t = refx.Ref(0, "c")
+    for _ in range(n):
+        t = {"k": t}
+    return t
+
+
+def deep_tuple(n):
+    f = "c"
+    for _ in range(n):
+        f = (f,)
+    return f
+
+
+def deep_not(n):
+    f = "c"
+    for _ in range(n):
+        f = refx.Not(f)
+    return f
+
+
+class BadHashKey:
+    def __hash__(self):
+        raise Boom("hash")
 
 
 class BadBool:
