@@ -66,7 +66,7 @@ TARGET = refx.get_partition(TREE, "params")
 CKPT = {k: v.value for k, v in refx.get_partition(D, "params").items() if isinstance(v, refx.Value)}
 R = refx.Ref(1.0, "c")
 DTD = jax.tree_util.tree_structure(D)
-OTHER_TD = refx.tree_partition(list(range(len(PARTS[0]))))[1]  # cached: paths checked
+OTHER = list(range(len(PARTS[0])))  # another tree with as many leaves
 P_AUX = refx._core._partition_flatten(PARTS[1])[1]
 COLL = ("unique", "collection")  # a collection no one else holds
 
@@ -151,7 +151,10 @@ OPS = {
     "get_partition raising __eq__": lambda: expect(Boom, refx.get_partition, BADEQ_TREE, "c"),
     "tree_partition raising is_leaf": lambda: expect(
         ZeroDivisionError, refx.tree_partition, TREE, is_leaf=lambda x: 1 / 0),
-    "merge_partitions other treedef": lambda: expect(ValueError, refx.merge_partitions, PARTS, OTHER_TD),
+    # tree_partition(OTHER) puts its treedef in the path cache (other tests
+    # clear it), which is what lets merge_partitions check the paths
+    "merge_partitions other treedef": lambda: expect(
+        ValueError, refx.merge_partitions, PARTS, refx.tree_partition(OTHER)[1]),
     "merge_partitions missing path": lambda: expect(
         ValueError, refx.merge_partitions, (PARTS[0], {("x",): 1}), TD),
     "update_refs by path error": lambda: expect(ValueError, refx.update_refs, TARGET, {("nope",): 1.0}),
