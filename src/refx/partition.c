@@ -363,8 +363,8 @@ partition_flatten(PyObject *module, PyObject *p)
             break;
         }
         if (attempt > 0) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "Partition changed during flattening");
+            /* the walk runs no Python code: the dict cannot change */
+            REFX_BUG("Partition changed while it was flattened");
             goto error;
         }
         /* forget the caches and walk again */
