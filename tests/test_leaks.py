@@ -26,9 +26,12 @@ def traced():
 
 
 def test_the_measure_sees_a_real_leak():
-    blocks, _ = leakcheck.measure(leakcheck._control_leak, 2000)
+    blocks, mem = leakcheck.measure(leakcheck._control_leak, 2000)
     leakcheck._KEEP.clear()
-    assert blocks > 0.9
+    if sys.getallocatedblocks():
+        assert blocks > 0.9
+    else:  # PYTHONMALLOC=malloc (make sanitize): no pymalloc blocks to count
+        assert mem > 8.0
 
 
 @pytest.mark.parametrize("name", list(leakcheck.OPS))
