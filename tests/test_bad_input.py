@@ -384,3 +384,32 @@ def test_partition_mutated_behind_its_back_flattens_as_it_is(mutate):
     assert td == jax.tree_util.tree_structure(fresh)
     assert jax.tree_util.tree_flatten_with_path(p) == jax.tree_util.tree_flatten_with_path(fresh)
     assert jax.tree_util.tree_map(lambda x: x, p) == dict(p)
+
+
+def test_update_refs_survives_a_check_that_replaces_the_source_value():
+    # update_refs checks each new value for foreign tracers by flattening it
+    # (user code for a custom node).  It held the source Ref's value
+    # borrowed across that check: a flatten that replaced src.value freed it
+    # and the plan took a dangling pointer (ASan: heap-use-after-free in
+    # refx_update_refs).  Now the value is owned before the check.
+    import gc
+
+    armed = []
+
+    class Holder:
+        def __init__(self, x):
+            self.x = x
+
+    def flatten(h):
+        if armed:
+            src.value = 0.0  # replaces the value being checked
+            gc.collect()
+        return (h.x,), None
+
+    jax.tree_util.register_pytree_node(Holder, flatten, lambda _, ch: Holder(*ch))
+    dst = refx.Ref(1.0)
+    src = refx.Ref(Holder([1, 2, 3]))
+    armed.append(1)
+    refx.update_refs([dst], [src])
+    assert isinstance(dst.value, Holder) and dst.value.x == [1, 2, 3]
+    assert src.value == 0.0

@@ -462,7 +462,11 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         te->obj = s; /* borrowed: these maps never own their objs */
+        /* owned from here: the check may run Python code (a custom node's
+         * flatten) that replaces a source Ref's value and frees this one */
+        Py_INCREF(newvalue);
         if (refx_check_write(st, ref, newvalue, trace) < 0) {
+            Py_DECREF(newvalue);
             PyObject *et, *ev, *etb;
             PyErr_Fetch(&et, &ev, &etb);
             PyErr_NormalizeException(&et, &ev, &etb);
@@ -478,7 +482,7 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto error;
         }
         plan[nplan].ref = ref;
-        plan[nplan].value = Py_NewRef(newvalue);
+        plan[nplan].value = newvalue;
         nplan++;
     }
 
