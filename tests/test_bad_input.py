@@ -413,3 +413,25 @@ def test_update_refs_survives_a_check_that_replaces_the_source_value():
     refx.update_refs([dst], [src])
     assert isinstance(dst.value, Holder) and dst.value.x == [1, 2, 3]
     assert src.value == 0.0
+
+
+def test_update_refs_survives_a_collection_eq_that_reinits_the_ref():
+    # update_refs compared a source Value's collection with the target Ref's
+    # borrowed; an __eq__ that re-inits the Ref frees that collection, and
+    # Python's reflected str.__eq__ then read it (ASan: heap-use-after-free
+    # in refx_update_refs under make sanitize).  Now it is owned.
+    import gc
+
+    class S(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other):
+            r.__init__(r.value, "other")  # frees this collection
+            gc.collect()
+            return NotImplemented  # then str.__eq__("c", self) runs
+
+    r = refx.Ref(1.0, S("x"))
+    with pytest.raises(ValueError, match=r"update_refs: at \('0',\): source Value has collection 'c' "
+                                         r"but the target Ref has collection 'other'"):
+        refx.update_refs([r], [refx.Value(2.0, 0, "c")])
+    assert r.value == 1.0

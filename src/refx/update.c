@@ -412,8 +412,11 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 goto error;
             }
             if (d->collection != ref->collection) {
-                int eq = PyObject_RichCompareBool(d->collection,
-                                                  ref->collection, Py_EQ);
+                /* owned across __eq__, which may re-init the Ref and free
+                 * its collection mid-comparison */
+                PyObject *rc = Py_NewRef(ref->collection);
+                int eq = PyObject_RichCompareBool(d->collection, rc, Py_EQ);
+                Py_DECREF(rc);
                 if (eq < 0) {
                     goto error;
                 }
