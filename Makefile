@@ -57,18 +57,26 @@ bench-smoke: install-bench
 # them: under pymalloc a use-after-free of an object is at best a SEGV
 # (measured: merge_partitions' old list bug read as "SEGV in _PyDict_Next",
 # with malloc as "heap-use-after-free at partition.c:1284").
-# Any report aborts the run, so the target fails.
+# Any report aborts the run, so the target fails.  Reports go to
+# build/sanitize/report.<pid> (pytest's output capture would swallow them
+# with the aborted process) and are printed at the end; any report file,
+# from the suite or a subprocess of it, fails the target.
 SAN_DIR := build/sanitize
+SAN_LOG := $(CURDIR)/$(SAN_DIR)/report
 SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
            PYTHONMALLOC=malloc \
-           ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-           UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+           ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$(SAN_LOG) \
+           UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$(SAN_LOG) \
            PYTHONPATH=$(CURDIR)/$(SAN_DIR)
 sanitize: install
 	rm -rf $(SAN_DIR)
 	REFX_SANITIZE=1 PYTHON=$(VPY) tools/devbuild.sh $(SAN_DIR)
 	cd tests && $(SAN_ENV) ../$(VPY) -c "import refx._core as c, sys; assert '$(SAN_DIR)' in c.__file__, c.__file__; print('sanitized build:', c.__file__)"
-	cd tests && $(SAN_ENV) ../$(VPY) -m pytest -q -p no:cacheprovider .
+	cd tests && $(SAN_ENV) ../$(VPY) -m pytest -q -p no:cacheprovider .; rc=$$?; \
+	if ls $(SAN_LOG).* >/dev/null 2>&1; then \
+	    echo "sanitizer reports:"; cat $(SAN_LOG).*; exit 1; \
+	fi; \
+	if [ $$rc = 0 ]; then echo "make sanitize: no sanitizer reports"; fi; exit $$rc
 
 # Drift per call of every public operation and error path (20,000 calls
 # each): pymalloc blocks, traced bytes, and refcounts of what refx holds.
