@@ -3,6 +3,8 @@ gives a ValueError/TypeError whose message names the function (and the
 path, where there is one), or passes the user's own exception through;
 never a crash, never a SystemError."""
 
+import collections
+
 import jax
 import pytest
 from hypothesis import given, settings
@@ -62,6 +64,7 @@ def _boom_flatten(n):
 
 jax.tree_util.register_pytree_node(BadNode, _boom_flatten, lambda _, ch: BadNode())
 
+Pair = collections.namedtuple("Pair", "x y")
 R = refx.Ref(1.0, "c")
 TREE = {"a": [R, R], "b": refx.Ref(2.0, "d")}
 PARTS, TD = refx.tree_partition(TREE, "c")
@@ -236,7 +239,8 @@ def test_huge_flat_trees_work():
 GARBAGE_LEAVES = st.sampled_from(
     [0, -1, 1.5, "s", b"b", None, (), [], {}, R, refx.Ref(0), refx.Value(1, 0), refx.Value(2, 3, "c"),
      refx.Index(0), refx.Index(5, "c"), NOTHING, refx.Partition({("p",): 1}), object(), BadEq(),
-     refx.Partition({("q",): R, ("r",): NOTHING})]
+     refx.Partition({("q",): R, ("r",): NOTHING}), BadNode(), Pair(R, None), float("nan"),
+     refx.Ref(1.0, BadEq())]
 )
 
 
@@ -248,6 +252,8 @@ def garbage_trees():
             st.lists(ch, max_size=3).map(tuple),
             st.dictionaries(st.one_of(st.text("ab", max_size=2), st.integers(0, 2)), ch, max_size=3),
             st.lists(ch, max_size=2).map(lambda xs: Node(*xs)),
+            st.tuples(ch, ch).map(lambda t: Pair(*t)),
+            st.dictionaries(st.tuples(st.text("ab", max_size=1)), ch, max_size=3).map(refx.Partition),
         ),
         max_leaves=10,
     )
