@@ -441,3 +441,41 @@ def test_update_refs_survives_a_collection_eq_that_reinits_the_ref():
                                          r"but the target Ref has collection 'other'"):
         refx.update_refs([r], [refx.Value(2.0, 0, "c")])
     assert r.value == 1.0
+
+
+@pytest.mark.parametrize("fn", ["deref", "clone"])
+def test_gc_finalizer_that_writes_refs_during_deref_or_clone(fn):
+    # deref/clone passed a Ref's value borrowed to the Value/Ref they were
+    # allocating; the allocation can run the GC, and a finalizer that sets
+    # that Ref's value freed it first (ASan: heap-use-after-free in
+    # refx_value_create / refx_ref_create).  They now own it beforehand.
+    import gc
+
+    class Box:
+        def __init__(self, i):
+            self.i = i
+
+    refs = [refx.Ref(Box(i)) for i in range(2000)]
+    armed = []
+
+    class Bomb:
+        def __del__(self):
+            if armed:
+                for r in refs:
+                    r.value = Box(-1)  # frees the old values
+
+    gc.collect()
+    old = gc.get_threshold()
+    b = Bomb()
+    b.me = b
+    del b  # cyclic garbage with a finalizer, collected mid-call
+    armed.append(1)
+    gc.set_threshold(100)
+    try:
+        out = getattr(refx, fn)(refs)
+    finally:
+        gc.set_threshold(*old)
+        armed.clear()
+    got = [v.value.i for v in out]
+    assert all(g in (i, -1) for i, g in enumerate(got))
+    assert -1 in got and 0 in got  # the finalizer did run mid-call

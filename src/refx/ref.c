@@ -148,23 +148,29 @@ refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
                 PyObject *collection, PyObject *trace)
 {
     RefObject *self;
+    /* Owned before allocating: the allocation may run the GC, whose
+     * finalizers may set the Ref these came from and free them (deref and
+     * clone pass another Ref's value and collection, borrowed). */
+    Py_INCREF(value);
+    Py_INCREF(collection);
     if (tp == st->Ref_Type) {
         self = PyObject_GC_New(RefObject, tp); /* not tracked yet */
-        if (self == NULL) {
-            return NULL;
+        if (self != NULL) {
+            self->weakreflist = NULL;
+            self->mark_epoch = 0;
+            self->mark_index = 0;
         }
-        self->weakreflist = NULL;
-        self->mark_epoch = 0;
-        self->mark_index = 0;
     }
     else {
         self = (RefObject *)tp->tp_alloc(tp, 0); /* zeroed and tracked */
-        if (self == NULL) {
-            return NULL;
-        }
     }
-    self->value = Py_NewRef(value);
-    self->collection = Py_NewRef(collection);
+    if (self == NULL) {
+        Py_DECREF(value);
+        Py_DECREF(collection);
+        return NULL;
+    }
+    self->value = value;
+    self->collection = collection;
     self->trace = Py_NewRef(trace);
     if (!PyObject_GC_IsTracked((PyObject *)self) &&
         ref_needs_tracking(st, value, collection)) {
@@ -422,14 +428,19 @@ PyObject *
 refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
                   PyObject *collection)
 {
+    /* owned before allocating: see refx_ref_create */
+    Py_INCREF(value);
+    Py_INCREF(collection);
     ValueObject *self = PyObject_GC_New(ValueObject, st->Value_Type);
     if (self == NULL) {
+        Py_DECREF(value);
+        Py_DECREF(collection);
         return NULL;
     }
     self->base.index = index;
-    self->base.collection = Py_NewRef(collection);
+    self->base.collection = collection;
     self->base.flat = NULL;
-    self->value = Py_NewRef(value);
+    self->value = value;
     deref_maybe_track(st, &self->base, value);
     return (PyObject *)self;
 }
@@ -437,12 +448,14 @@ refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
 PyObject *
 refx_index_create(refx_state *st, Py_ssize_t index, PyObject *collection)
 {
+    Py_INCREF(collection); /* owned before allocating: see refx_ref_create */
     DerefObject *self = PyObject_GC_New(DerefObject, st->Index_Type);
     if (self == NULL) {
+        Py_DECREF(collection);
         return NULL;
     }
     self->index = index;
-    self->collection = Py_NewRef(collection);
+    self->collection = collection;
     self->flat = NULL;
     deref_maybe_track(st, self, NULL);
     return (PyObject *)self;
