@@ -52,7 +52,7 @@ def main() -> None:
 
         t = bench({"equinox partition+combine": eqx_roundtrip,
                    "refx tree_partition+merge_partitions": refx_roundtrip},
-                  rounds=7 if n >= 100_000 else None)
+                  rounds=11 if n >= 100_000 else None)
         speed = t["equinox partition+combine"] / t["refx tree_partition+merge_partitions"]
         data["sizes"].append({"refs": n, **stats, "seconds": t, "refx_speedup": speed})
         rows.append([f"~{n:,}", size_str(stats), fmt_time(t["equinox partition+combine"]),

@@ -53,9 +53,11 @@ def ops_for(tree):
 
 def main() -> None:
     rows, data = [], {"question": "floor", "sizes": []}
-    cases = [(f"model, ~{n:,} Refs", model_tree(n)) for n in SIZES]
-    cases += [(f"flat list, {n:,} Refs", flat_tree(n)) for n in SIZES[1:]]
-    for label, tree in cases:
+    # one tree alive at a time: a bigger heap would slow the small cases' GC
+    cases = [(f"model, ~{n:,} Refs", model_tree, n) for n in SIZES]
+    cases += [(f"flat list, {n:,} Refs", flat_tree, n) for n in SIZES[1:]]
+    for label, make, n in cases:
+        tree = make(n)
         stats = tree_stats(tree)
         t = bench(ops_for(tree), rounds=9 if stats["leaves"] >= 50_000 else None)
         f, fd = t["floor (Ref tree)"], t["floor (deref'ed tree)"]

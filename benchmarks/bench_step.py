@@ -281,7 +281,7 @@ def main() -> None:
                 fns = {name: (lambda f=v[1]: jax.block_until_ready(f())) for name, v in variants.items()}
             else:
                 fns = {name: (lambda f=v[0]: jax.block_until_ready(f(x, y))) for name, v in variants.items()}
-            t = bench(fns, rounds=5 if SMOKE else 11, budget=0.01 if SMOKE else 0.2)
+            t = bench(fns, rounds=5 if SMOKE else 21, budget=0.01 if SMOKE else 0.2)
             timings[kind] = t
             base = t["bare jax.jit"]
             for name in variants:

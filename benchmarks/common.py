@@ -1,10 +1,11 @@
 """Shared pieces of the refx benchmarks: trees, timing, tables, results.
 
 Timing: every competitor of a question runs in the same process; rounds
-interleave the competitors (A B C A B C ...) so drift of a noisy machine
-hits all of them alike, and each round times a batch of calls.  We report
-the median per-call time over rounds.  The garbage collector stays on (as
-in a training loop); each round starts after a gc.collect().
+interleave the competitors (A B C, B C A, C A B, ...) so drift of a noisy
+machine hits all of them alike, and each round times a batch of calls of
+each.  We report the median per-call time over rounds.  The garbage
+collector stays on (as in a training loop); each batch starts after a
+gc.collect().
 """
 
 from __future__ import annotations
@@ -36,26 +37,33 @@ SIZES = [30, 300] if SMOKE else [30, 3_000, 100_000]
 # --------------------------------------------------------------------- trees
 
 
+def _arrays(n: int, shape: tuple[int, ...], rng) -> list:
+    """n distinct jax arrays: one transfer, then split (100k arrays in ~1.5 s
+    where 100k jnp calls take ~5 s)."""
+    return list(jax.device_put(rng.standard_normal((n, *shape), dtype=np.float32)))
+
+
 def model_tree(n_refs: int, seed: int = 0):
     """Layers of {w, b, bs} Refs; every fourth layer and the output head
     share the first layer's weight Ref.  About n_refs distinct Refs."""
     n_layers = max(2, n_refs // 3)
     rng = np.random.default_rng(seed)
-    w0 = refx.Ref(jnp.asarray(rng.standard_normal(4, dtype=np.float32)), "params")
+    ws, bs, stats = (iter(_arrays(n_layers, (4,), rng)) for _ in range(3))
+    w0 = refx.Ref(next(ws), "params")
     layers = []
     for i in range(n_layers):
-        w = w0 if i % 4 == 0 else refx.Ref(jnp.asarray(rng.standard_normal(4, dtype=np.float32)), "params")
+        w = w0 if i % 4 == 0 else refx.Ref(next(ws), "params")
         layers.append({
             "w": w,
-            "b": refx.Ref(jnp.zeros(4), "params"),
-            "bs": refx.Ref(jnp.zeros(4), "batch_stats"),
+            "b": refx.Ref(next(bs), "params"),
+            "bs": refx.Ref(next(stats), "batch_stats"),
         })
     return {"layers": layers, "head": w0}
 
 
-def flat_tree(n_refs: int):
+def flat_tree(n_refs: int, seed: int = 0):
     """A flat list of distinct Refs, no sharing."""
-    return [refx.Ref(jnp.zeros(2), "params") for _ in range(n_refs)]
+    return [refx.Ref(a, "params") for a in _arrays(n_refs, (2,), np.random.default_rng(seed))]
 
 
 def tree_stats(tree) -> dict:
@@ -94,27 +102,30 @@ def floor(tree) -> Callable[[], object]:
     return f
 
 
-def calls_per_round(fn: Callable[[], object], budget: float) -> int:
-    """How many calls fit in `budget` seconds (at least 1)."""
-    t0 = time.perf_counter()
-    fn()
-    dt = max(time.perf_counter() - t0, 1e-7)
-    return max(1, int(budget / dt))
-
-
 def bench(fns: dict[str, Callable[[], object]], rounds: int | None = None,
           budget: float | None = None) -> dict[str, float]:
-    """Median seconds per call of each fn, rounds interleaved."""
+    """Median seconds per call of each fn over `rounds` interleaved rounds.
+
+    Each fn runs twice untimed first (jit compiles, path caches); the second
+    run sizes its batch: as many calls as fit in `budget` seconds, at least
+    one.  Rounds run the competitors in a rotated order, so drift and
+    warm caches favour none; each batch starts after a gc.collect(), so no
+    competitor pays for collecting another's garbage (at 100k Refs one
+    full collection costs more than some of the calls timed).
+    """
     rounds = rounds or (3 if SMOKE else 15)
     budget = budget or (0.002 if SMOKE else 0.05)
-    for fn in fns.values():  # warm up (jit compiles, path caches)
+    numbers = {}
+    for name, fn in fns.items():
         fn()
+        t0 = time.perf_counter()
         fn()
-    numbers = {name: calls_per_round(fn, budget) for name, fn in fns.items()}
+        numbers[name] = max(1, int(budget / max(time.perf_counter() - t0, 1e-7)))
+    names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = numbers[name]
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], numbers[name]
             gc.collect()
             t0 = time.perf_counter()
             for _ in range(n):
