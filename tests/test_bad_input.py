@@ -285,7 +285,10 @@ def test_garbage_gives_clean_errors(a, b, filters):
     outcome(refx.update_refs, a, b)
     outcome(refx.merge_partitions, (a, b), TD)
     try:
-        td_a = jax.tree_util.tree_structure(a)
+        # not jax.tree_util.tree_structure: jaxlib loses recursion budget
+        # when a custom node raises (refx gives it back), and 400 examples
+        # of that starve later tests of stack
+        td_a = refx.tree_partition(a)[1]
     except (ValueError, TypeError, Boom):
         td_a = TD
     outcome(refx.merge_partitions, (a,), td_a)
