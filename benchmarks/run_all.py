@@ -135,9 +135,9 @@ sizes with few repeats (a few seconds each), still checking that competitors agr
 
 Method: every competitor is checked to give the same answer before it is timed; tree sizes are
 stated as leaves / pytree nodes / distinct Refs / fraction of Ref leaves that repeat a shared Ref;
-competitors of a question run in one process, in interleaved rounds (A B C A B C ...), each round a
-batch of calls after a `gc.collect()`; tables give the median seconds per call over rounds and the
-ratios of medians, with the garbage collector on (as in a training loop).  The machine is small
+competitors of a question run in one process, in interleaved rounds (A B C, B C A, C A B, ...), each
+competitor's turn a batch of calls after a `gc.collect()`; tables give the median seconds per call
+over rounds and the ratios of medians, with the garbage collector on (as in a training loop).  The machine is small
 and shared, so single numbers are noisy; ratios within one run are what to read.  Trees are model-like (layers of `{{w, b, bs}}` Refs, every fourth layer and
 the output head tied to the first layer's weight) at ~30, ~3,000 and ~100,000 Refs, plus a flat list
 of distinct Refs.
