@@ -6,6 +6,10 @@ JAX transforms through `deref`/`reref`, plus semantic partitioning
 The core is the C extension `refx._core`; this module only re-exports it.
 """
 
+from collections.abc import Callable as _Callable
+from types import EllipsisType as _EllipsisType
+from typing import Any as _Any
+
 from . import _compat  # noqa: F401  (links the C core to JAX)
 from ._core import (
     NOTHING,
@@ -29,11 +33,16 @@ from ._core import (
 
 __version__ = "0.1.0"
 
+#: What tree_partition, get_partition, Not, All and Any accept as a filter
+#: (see README, "Partitioning"); for annotations in code built on refx.
+Filter = _Callable[[_Any], bool] | str | type | tuple | Not | All | Any | bool | _EllipsisType
+
 __all__ = [
     "NOTHING",
     "All",
     "Any",
     "Deref",
+    "Filter",
     "Index",
     "Not",
     "Nothing",
