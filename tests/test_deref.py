@@ -5,6 +5,7 @@ jit caching, and every error path."""
 import collections
 import dataclasses
 import pickle
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -297,6 +298,8 @@ def test_user_exception_passes_through():
         refx.reref([Bad()])
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 12),
+                    reason="CPython >= 3.12 never runs the GC (or its callbacks) inside a C call")
 def test_marks_disturbed_by_a_nested_call_fall_back_to_a_map():
     # deref/clone number Refs by stamping them; a nested deref run from a
     # GC callback in the middle of the loop re-stamps the shared Refs.  The
@@ -353,7 +356,9 @@ def headroom():
     return depth
 
 
-@pytest.mark.parametrize("depth", [5000, 50000])
+# Beyond every interpreter's limit: 3.11/3.12 stop at the recursion limit
+# (1,000), 3.13 counts C recursion separately (10,000 levels).
+@pytest.mark.parametrize("depth", [20000, 50000])
 def test_too_deep_tree_is_recursion_error(depth):
     t = refx.Ref(1)
     for _ in range(depth):

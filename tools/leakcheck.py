@@ -175,7 +175,7 @@ class BadHashColl:
 
 
 DEEP = refx.Ref(0)
-for _ in range(5000):
+for _ in range(20000):  # beyond 3.13's C recursion limit (10,000) too
     DEEP = [DEEP]
 
 

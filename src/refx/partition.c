@@ -1044,9 +1044,9 @@ partition_impl(refx_state *st, const char *fname, PyObject *tree,
         if (k >= nparts) {
             continue; /* get_partition: not in the first */
         }
-        if (_PyDict_SetItem_KnownHash(PyTuple_GET_ITEM(parts, k),
-                                      PyTuple_GET_ITEM(paths, i), leaf,
-                                      hs[i]) < 0) {
+        if (refx_dict_setitem_known_hash(PyTuple_GET_ITEM(parts, k),
+                                         PyTuple_GET_ITEM(paths, i), leaf,
+                                         hs[i]) < 0) {
             goto error;
         }
     }

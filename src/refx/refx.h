@@ -37,6 +37,22 @@
 #error "refx does not support free-threaded CPython builds yet"
 #endif
 
+/* Setting a dict item whose hash is already known (tree_partition stores
+ * each path into one of several dicts).  _PyDict_SetItem_KnownHash left the
+ * public headers in 3.13; there the hash is recomputed (a path is a tuple
+ * of str, whose hashes are cached, so that is a few ns per entry). */
+static inline int
+refx_dict_setitem_known_hash(PyObject *d, PyObject *key, PyObject *value,
+                             Py_hash_t hash)
+{
+#if PY_VERSION_HEX < 0x030D0000
+    return _PyDict_SetItem_KnownHash(d, key, value, hash);
+#else
+    (void)hash;
+    return PyDict_SetItem(d, key, value);
+#endif
+}
+
 /* ------------------------------------------------------------------ */
 /* module state                                                        */
 /* ------------------------------------------------------------------ */
