@@ -9,7 +9,7 @@ VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip --disable-pip-version-check -q
 
 .PHONY: all venv install install-bench test pytest demo bench bench-smoke \
-        sanitize leakcheck lint typecheck clean
+        sanitize leakcheck lint typecheck test-pythons clean
 
 all: test
 
@@ -83,10 +83,22 @@ sanitize: install
 leakcheck: install
 	$(VPY) tools/leakcheck.py
 
+# The suite on other CPython versions (CI runs 3.11): one venv per version,
+# .venv-3.12 etc.  Default: every pyenv-installed 3.12+; override with
+# PYTHONS="/path/to/python3.12 /path/to/python3.13".
+PYTHONS ?= $(wildcard $(HOME)/.pyenv/versions/3.1[2-9].*/bin/python)
+test-pythons:
+	@test -n "$(strip $(PYTHONS))" || { echo "test-pythons: no CPython 3.12+ found; set PYTHONS"; exit 1; }
+	@set -e; for py in $(PYTHONS); do \
+	    v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	    echo "== CPython $$v ($$py)"; \
+	    $(MAKE) --no-print-directory pytest PYTHON=$$py VENV=.venv-$$v; \
+	done
+
 lint: venv
 	$(PIP) install ruff clang-format
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/clang-format --dry-run --Werror src/refx/*.c src/refx/*.h
 
 clean:
-	rm -rf build dist src/*.egg-info src/refx/*.so .pytest_cache
+	rm -rf build dist src/*.egg-info src/refx/*.so .pytest_cache .venv-3.*
