@@ -1,7 +1,7 @@
 # Hand-written stubs for refx (the implementation is the C module refx._core).
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any as _Any
 from types import GenericAlias
+from typing import Any as _Any
 from typing import Generic, TypeAlias, TypeVar, final
 
 from jax.tree_util import PyTreeDef
