@@ -26,7 +26,7 @@ setup(
         Extension(
             "refx._core",
             sources=[f"src/refx/{s}" for s in SOURCES],
-            depends=["src/refx/refx.h"],
+            depends=["src/refx/refx.h", "src/refx/ptrmap.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
         )

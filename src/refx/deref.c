@@ -19,7 +19,7 @@
  *   GIL, and another thread's deref may then re-stamp a shared Ref.  So
  *   after the loop every numbered Ref is checked to still carry this
  *   call's stamp and number; if one does not, the call is redone with a
- *   pointer map (refx_ptrmap, module.c), which no one else can touch.
+ *   pointer map (refx_ptrmap, ptrmap.h), which no one else can touch.
  *   Either way each distinct Ref gets one slot holding the Index object
  *   its later occurrences share (Index is immutable).  Slots borrow their
  *   Refs: the flattened leaves list keeps them alive.
@@ -45,6 +45,7 @@
  * shared error helpers.
  */
 #include "refx.h"
+#include "ptrmap.h"
 
 /* Raise ValueError "<fname>: <what> found at <path>; <hint>". */
 static void

@@ -35,111 +35,11 @@
  * the offending path; the error path may be slow, the hot path may not.
  *
  * Functions in this file: module state (traverse/clear/free), the JAX
- * hooks, refx_flatten/unflatten, path helpers, leaf predicates, the
- * pointer map, module exec.
+ * hooks, refx_flatten/unflatten, path helpers, leaf predicates, module
+ * exec.  (The pointer map is in ptrmap.h.)
  */
 #include "refx.h"
 #include <structmember.h>
-
-/* ------------------------------------------------------------------ */
-/* pointer map                                                          */
-/* ------------------------------------------------------------------ */
-
-void
-refx_ptrmap_init(refx_ptrmap *m)
-{
-    m->entries = m->inline_entries;
-    m->mask = REFX_PTRMAP_INLINE - 1;
-    m->used = 0;
-    memset(m->inline_entries, 0, sizeof(m->inline_entries));
-}
-
-void
-refx_ptrmap_fini(refx_ptrmap *m)
-{
-    if (m->entries != m->inline_entries) {
-        PyMem_Free(m->entries);
-    }
-    m->entries = m->inline_entries;
-}
-
-void
-refx_ptrmap_release_objs(refx_ptrmap *m)
-{
-    for (Py_ssize_t i = 0; i <= m->mask; i++) {
-        Py_CLEAR(m->entries[i].obj);
-    }
-}
-
-static inline size_t
-ptr_hash(void *p)
-{
-    /* objects are 16-byte aligned: drop the low bits, then mix */
-    uint64_t x = (uint64_t)(uintptr_t)p >> 4;
-    x *= 0x9E3779B97F4A7C15ull;
-    return (size_t)(x ^ (x >> 29));
-}
-
-static int
-ptrmap_grow(refx_ptrmap *m)
-{
-    Py_ssize_t newcap = (m->mask + 1) * 2;
-    if (newcap > PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(refx_ptrmap_entry)) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    refx_ptrmap_entry *ne = PyMem_Calloc((size_t)newcap, sizeof(*ne));
-    if (ne == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    size_t nmask = (size_t)newcap - 1;
-    for (Py_ssize_t i = 0; i <= m->mask; i++) {
-        refx_ptrmap_entry *e = &m->entries[i];
-        if (e->key != NULL) {
-            size_t j = ptr_hash(e->key) & nmask;
-            while (ne[j].key != NULL) {
-                j = (j + 1) & nmask;
-            }
-            ne[j] = *e;
-        }
-    }
-    if (m->entries != m->inline_entries) {
-        PyMem_Free(m->entries);
-    }
-    m->entries = ne;
-    m->mask = (Py_ssize_t)nmask;
-    return 0;
-}
-
-refx_ptrmap_entry *
-refx_ptrmap_get(refx_ptrmap *m, void *key, int *found)
-{
-    /* keep the load factor under 1/2 */
-    if ((m->used + 1) * 2 > m->mask + 1) {
-        if (ptrmap_grow(m) < 0) {
-            return NULL;
-        }
-    }
-    size_t mask = (size_t)m->mask;
-    size_t j = ptr_hash(key) & mask;
-    for (;;) {
-        refx_ptrmap_entry *e = &m->entries[j];
-        if (e->key == key) {
-            *found = 1;
-            return e;
-        }
-        if (e->key == NULL) {
-            e->key = key;
-            e->value = -1;
-            e->obj = NULL;
-            m->used++;
-            *found = 0;
-            return e;
-        }
-        j = (j + 1) & mask;
-    }
-}
 
 /* ------------------------------------------------------------------ */
 /* JAX hooks                                                            */

@@ -221,39 +221,4 @@ extern PyMethodDef refx_partition_functions[];
 /* update.c */
 extern PyMethodDef refx_update_functions[];
 
-/* ------------------------------------------------------------------ */
-/* a pointer-keyed hash map for per-call identity tables                 */
-/* ------------------------------------------------------------------ */
-
-/*
- * deref and update_refs must recognise the same Ref at several leaves.
- * A PyDict would do, but these maps hold borrowed pointers for the span
- * of one call during which no Python code runs (deref) or the objects are
- * kept alive by the flattened leaves list (update), so a plain
- * open-addressing table keyed by address is both safe and several times
- * cheaper than dict lookups.  Small maps live in an inline buffer.
- */
-typedef struct {
-    void *key;
-    Py_ssize_t value;
-    PyObject *obj; /* owned by the caller: release before refx_ptrmap_fini */
-} refx_ptrmap_entry;
-
-#define REFX_PTRMAP_INLINE 64
-
-typedef struct {
-    refx_ptrmap_entry *entries;
-    Py_ssize_t mask; /* capacity - 1; capacity is a power of two */
-    Py_ssize_t used;
-    refx_ptrmap_entry inline_entries[REFX_PTRMAP_INLINE];
-} refx_ptrmap;
-
-void refx_ptrmap_init(refx_ptrmap *m);
-void refx_ptrmap_fini(refx_ptrmap *m);
-/* Py_XDECREF every entry's obj */
-void refx_ptrmap_release_objs(refx_ptrmap *m);
-/* Returns the entry for key, inserting {key, -1, NULL} if missing (sets *found).
- * NULL with MemoryError set on allocation failure. */
-refx_ptrmap_entry *refx_ptrmap_get(refx_ptrmap *m, void *key, int *found);
-
 #endif /* REFX_H */

@@ -44,6 +44,7 @@
  * refx_update_refs.
  */
 #include "refx.h"
+#include "ptrmap.h"
 
 typedef struct {
     refx_state *st;
