@@ -657,7 +657,8 @@ module_exec(PyObject *module)
         return -1;
     }
     if (refx_init_ref_types(module, st) < 0 ||
-        refx_init_partition_types(module, st) < 0) {
+        refx_init_partition_types(module, st) < 0 ||
+        refx_init_filter_types(module, st) < 0) {
         return -1;
     }
     if (add_functions(module, module_functions) < 0 ||

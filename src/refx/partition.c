@@ -1,6 +1,6 @@
 /*
- * partition.c: Partition, filters, tree_partition, get_partition and
- * merge_partitions.
+ * partition.c: Partition, tree_partition, get_partition and
+ * merge_partitions.  (Filters are in filter.c.)
  *
  * Partition.  An immutable dict subclass mapping a path (tuple of str) to a
  * leaf or NOTHING, in leaf order.  Item assignment, deletion and the
@@ -14,16 +14,6 @@
  * cost ~0.3 us each in every jit call: 201 of them in the optimiser state
  * of a depth-100 MLP, measured).  So partitioning a Partition sees only
  * its present entries, and merging such a split rebuilds the NOTHINGs.
- *
- * Filters.  A filter decides which partition a leaf goes to.  Besides any
- * callable f(leaf) -> bool, these are evaluated in C with no Python call:
- *   "name"            Ref/Value/Index whose collection == "name"
- *   a type            isinstance(leaf, type)
- *   (f1, f2, ...)     any of them
- *   ..., True, False  everything, everything, nothing
- *   Not(f), All(*fs), Any(*fs)
- * Filters are checked when the call starts (TypeError for anything else),
- * so a bad filter never leaves a half-built result.
  *
  * Paths and their cache.  tree_partition flattens the tree with
  * Ref/Value/Index/NOTHING as leaves, then needs the path of each leaf.
@@ -50,7 +40,7 @@
  * another tree with as many leaves is an error, not a wrong tree).
  *
  * Functions in this file: the Partition type and its pytree functions,
- * the filter types and refx_filter_validate/match, path_info_for,
+ * path_info_for,
  * tree_partition, get_partition, merge_partitions.
  */
 #include "refx.h"
@@ -516,313 +506,6 @@ error:
     Py_XDECREF(children);
     return p;
 }
-
-/* ------------------------------------------------------------------ */
-/* filters                                                              */
-/* ------------------------------------------------------------------ */
-
-typedef struct {
-    PyObject_HEAD PyObject *filters; /* tuple; one item for Not */
-} FilterObject;
-
-static const char filter_kinds[] =
-    "a callable, a collection name (str), a type, a tuple of filters, "
-    "Not/All/Any, ..., True or False";
-
-int
-refx_filter_validate(refx_state *st, PyObject *f, const char *fname,
-                     Py_ssize_t pos)
-{
-    if (f == Py_Ellipsis || f == Py_True || f == Py_False ||
-        PyUnicode_Check(f) || PyType_Check(f)) {
-        return 0;
-    }
-    PyTypeObject *tp = Py_TYPE(f);
-    if (tp == st->Not_Type || tp == st->All_Type || tp == st->Any_Type) {
-        return 0; /* validated at construction */
-    }
-    if (PyTuple_Check(f)) {
-        if (Py_EnterRecursiveCall(" in a filter")) {
-            return -1;
-        }
-        int r = 0;
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(f) && r == 0; i++) {
-            r = refx_filter_validate(st, PyTuple_GET_ITEM(f, i), fname, pos);
-        }
-        Py_LeaveRecursiveCall();
-        return r;
-    }
-    if (PyCallable_Check(f)) {
-        return 0;
-    }
-    PyErr_Format(PyExc_TypeError, "%s: filter %zd is %R (%.200s); expected %s",
-                 fname, pos, f, tp->tp_name, filter_kinds);
-    return -1;
-}
-
-/* 1 if leaf matches, 0 if not, -1 with an exception */
-int
-refx_filter_match(refx_state *st, PyObject *f, PyObject *leaf)
-{
-    if (f == Py_Ellipsis || f == Py_True) {
-        return 1;
-    }
-    if (f == Py_False) {
-        return 0;
-    }
-    if (PyUnicode_Check(f)) {
-        PyObject *c = refx_collection_of(st, leaf);
-        if (c == NULL) {
-            return 0;
-        }
-        if (c == f) {
-            return 1;
-        }
-        if (PyUnicode_CheckExact(c) && PyUnicode_CheckExact(f)) {
-            return PyUnicode_Compare(c, f) == 0;
-        }
-        Py_INCREF(c);
-        int r = PyObject_RichCompareBool(c, f, Py_EQ);
-        Py_DECREF(c);
-        return r;
-    }
-    if (PyType_Check(f)) {
-        if (Py_IS_TYPE(f, &PyType_Type)) {
-            /* no __instancecheck__ to honour */
-            return PyObject_TypeCheck(leaf, (PyTypeObject *)f);
-        }
-        return PyObject_IsInstance(leaf, f);
-    }
-    PyTypeObject *tp = Py_TYPE(f);
-    int is_not = tp == st->Not_Type, is_all = tp == st->All_Type;
-    if (PyTuple_Check(f) || is_not || is_all || tp == st->Any_Type) {
-        PyObject *fs = PyTuple_Check(f) ? f : ((FilterObject *)f)->filters;
-        if (Py_EnterRecursiveCall(" in a filter")) {
-            return -1;
-        }
-        int r = is_all ? 1 : 0;
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(fs); i++) {
-            int m = refx_filter_match(st, PyTuple_GET_ITEM(fs, i), leaf);
-            if (m < 0) {
-                r = -1;
-                break;
-            }
-            if (is_all && !m) {
-                r = 0;
-                break;
-            }
-            if (!is_all && m) {
-                r = 1;
-                break;
-            }
-        }
-        Py_LeaveRecursiveCall();
-        if (is_not && r >= 0) {
-            r = !r;
-        }
-        return r;
-    }
-    PyObject *res = PyObject_CallOneArg(f, leaf);
-    if (res == NULL) {
-        return -1;
-    }
-    int r = PyObject_IsTrue(res);
-    Py_DECREF(res);
-    return r;
-}
-
-static PyObject *
-filter_new_impl(PyTypeObject *tp, PyObject *args, PyObject *kwds,
-                const char *name, int exactly_one)
-{
-    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
-        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", name);
-        return NULL;
-    }
-    if (exactly_one && PyTuple_GET_SIZE(args) != 1) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s() takes exactly one filter (%zd given)", name,
-                     PyTuple_GET_SIZE(args));
-        return NULL;
-    }
-    refx_state *st = refx_state_from_type(tp);
-    if (st == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); i++) {
-        if (refx_filter_validate(st, PyTuple_GET_ITEM(args, i), name, i) < 0) {
-            return NULL;
-        }
-    }
-    FilterObject *self = (FilterObject *)tp->tp_alloc(tp, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->filters = Py_NewRef(args);
-    return (PyObject *)self;
-}
-
-static PyObject *
-not_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
-{
-    return filter_new_impl(tp, args, kwds, "Not", 1);
-}
-
-static PyObject *
-all_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
-{
-    return filter_new_impl(tp, args, kwds, "All", 0);
-}
-
-static PyObject *
-any_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
-{
-    return filter_new_impl(tp, args, kwds, "Any", 0);
-}
-
-static PyObject *
-filter_call(FilterObject *self, PyObject *args, PyObject *kwds)
-{
-    PyObject *leaf;
-    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
-        PyErr_SetString(PyExc_TypeError,
-                        "a filter takes no keyword arguments");
-        return NULL;
-    }
-    if (!PyArg_UnpackTuple(args, _PyType_Name(Py_TYPE(self)), 1, 1, &leaf)) {
-        return NULL;
-    }
-    refx_state *st = refx_state_from_type(Py_TYPE(self));
-    if (st == NULL) {
-        return NULL;
-    }
-    int r = refx_filter_match(st, (PyObject *)self, leaf);
-    if (r < 0) {
-        return NULL;
-    }
-    return Py_NewRef(r ? Py_True : Py_False);
-}
-
-static PyObject *
-filter_repr(FilterObject *self)
-{
-    PyObject *inner;
-    if (PyTuple_GET_SIZE(self->filters) == 1) {
-        inner = PyObject_Repr(PyTuple_GET_ITEM(self->filters, 0));
-    }
-    else {
-        inner = PyObject_Repr(self->filters);
-        if (inner != NULL && PyTuple_GET_SIZE(self->filters) > 1) {
-            /* drop the tuple's parentheses */
-            PyObject *s =
-                PyUnicode_Substring(inner, 1, PyUnicode_GET_LENGTH(inner) - 1);
-            Py_SETREF(inner, s);
-        }
-        else if (inner != NULL) {
-            Py_SETREF(inner, PyUnicode_FromString(""));
-        }
-    }
-    if (inner == NULL) {
-        return NULL;
-    }
-    PyObject *res =
-        PyUnicode_FromFormat("%s(%U)", _PyType_Name(Py_TYPE(self)), inner);
-    Py_DECREF(inner);
-    return res;
-}
-
-static PyObject *
-filter_richcompare(PyObject *a, PyObject *b, int op)
-{
-    if ((op != Py_EQ && op != Py_NE) || Py_TYPE(a) != Py_TYPE(b)) {
-        Py_RETURN_NOTIMPLEMENTED;
-    }
-    return PyObject_RichCompare(((FilterObject *)a)->filters,
-                                ((FilterObject *)b)->filters, op);
-}
-
-static Py_hash_t
-filter_hash(FilterObject *self)
-{
-    Py_hash_t h = PyObject_Hash(self->filters);
-    if (h == -1) {
-        return -1;
-    }
-    h ^= (Py_hash_t)(uintptr_t)Py_TYPE(self) >> 4;
-    return h == -1 ? -2 : h;
-}
-
-static PyObject *
-filter_get_filters(FilterObject *self, void *closure)
-{
-    (void)closure;
-    return Py_NewRef(self->filters);
-}
-
-static int
-filter_traverse(FilterObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->filters);
-    return 0;
-}
-
-static int
-filter_clear(FilterObject *self)
-{
-    Py_CLEAR(self->filters);
-    return 0;
-}
-
-static void
-filter_dealloc(FilterObject *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    filter_clear(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
-static PyGetSetDef filter_getset[] = {
-    {"filters", (getter)filter_get_filters, NULL, "The combined filters.",
-     NULL},
-    {NULL},
-};
-
-#define FILTER_SPEC(cname, pyname, newfunc, doc)                              \
-    static PyType_Slot cname##_slots[] = {                                    \
-        {Py_tp_doc, (void *)(doc)},                                           \
-        {Py_tp_new, newfunc},                                                 \
-        {Py_tp_call, filter_call},                                            \
-        {Py_tp_repr, filter_repr},                                            \
-        {Py_tp_richcompare, filter_richcompare},                              \
-        {Py_tp_hash, filter_hash},                                            \
-        {Py_tp_traverse, filter_traverse},                                    \
-        {Py_tp_clear, filter_clear},                                          \
-        {Py_tp_dealloc, filter_dealloc},                                      \
-        {Py_tp_getset, filter_getset},                                        \
-        {0, NULL},                                                            \
-    };                                                                        \
-    static PyType_Spec cname##_spec = {                                       \
-        .name = "refx." pyname,                                               \
-        .basicsize = sizeof(FilterObject),                                    \
-        .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |                    \
-                 Py_TPFLAGS_IMMUTABLETYPE,                                    \
-        .slots = cname##_slots,                                               \
-    };
-
-FILTER_SPEC(not, "Not", not_new,
-            "Not(filter, /)\n--\n\n"
-            "Filter matching the leaves `filter` does not match.")
-FILTER_SPEC(all, "All", all_new,
-            "All(*filters)\n--\n\n"
-            "Filter matching the leaves every one of `filters` matches "
-            "(All() matches everything).")
-FILTER_SPEC(any, "Any", any_new,
-            "Any(*filters)\n--\n\n"
-            "Filter matching the leaves any of `filters` matches "
-            "(Any() matches nothing).")
 
 /* ------------------------------------------------------------------ */
 /* paths of a treedef                                                   */
@@ -1466,9 +1149,6 @@ refx_init_partition_types(PyObject *module, refx_state *st)
         PyTypeObject **out;
     } types[] = {
         {&partition_spec, (PyObject *)&PyDict_Type, &st->Partition_Type},
-        {&not_spec, NULL, &st->Not_Type},
-        {&all_spec, NULL, &st->All_Type},
-        {&any_spec, NULL, &st->Any_Type},
     };
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
         PyObject *tp =

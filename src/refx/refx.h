@@ -211,11 +211,14 @@ extern PyMethodDef refx_ref_functions[];
 /* deref.c */
 extern PyMethodDef refx_deref_functions[];
 
-/* partition.c */
-int refx_init_partition_types(PyObject *module, refx_state *st);
+/* filter.c */
+int refx_init_filter_types(PyObject *module, refx_state *st);
 int refx_filter_validate(refx_state *st, PyObject *filter, const char *fname,
                          Py_ssize_t pos);
 int refx_filter_match(refx_state *st, PyObject *filter, PyObject *leaf);
+
+/* partition.c */
+int refx_init_partition_types(PyObject *module, refx_state *st);
 extern PyMethodDef refx_partition_functions[];
 
 /* update.c */
