@@ -1,19 +1,27 @@
 /*
  * refx.h: the private header shared by the C files of refx._core.
  *
- * refx is a reference system for JAX pytrees.  The C core owns five
- * things, one file each:
+ * refx is a reference system for JAX pytrees.  The C core is cut by
+ * concern, one file each:
  *
- *   module.c     module state, the JAX hooks installed by refx._compat,
- *                tree flattening helpers, key paths and error paths.
+ *   module.c     module state and lifecycle, _install_jax (the JAX hooks
+ *                installed by refx._compat).
+ *   tree.c       how refx reaches trees through jaxlib: flatten/unflatten
+ *                with the recursion-budget repair, key paths and error
+ *                paths, the C leaf predicates.
  *   ref.c        the Ref type, the Deref/Value/Index types, NOTHING,
  *                and the trace-level check that guards every write.
  *   deref.c      deref, reref and clone: turning shared Refs into a pure
  *                pytree and back.
- *   partition.c  the Partition type, filters (Not/All/Any and the
- *                shorthands), tree_partition, get_partition and
+ *   filter.c     filters: the shorthands and Not/All/Any.
+ *   partition.c  the Partition type, tree_partition, get_partition and
  *                merge_partitions.
  *   update.c     update_refs: validate everything, then write everything.
+ *   ptrmap.h     a pointer-keyed hash map for per-call identity tables.
+ *
+ * Naming: functions named refx_* are declared here and shared between
+ * files; entry points are static and named after the Python function
+ * (refx_deref is deref()), their docstrings <cfunc>__doc__.
  *
  * All state lives in `refx_state` (PEP 489 multi-phase init, heap types).
  * JAX is not imported from C: refx/_compat.py imports it, picks the calls
@@ -83,11 +91,11 @@ typedef struct {
     PyObject *check_value; /* check_value(value, trace_weakref) */
     PyObject *plain_types; /* tuple of types that never hold tracers */
 
-    /* leaf predicates handed to jaxlib (module.c) */
+    /* leaf predicates handed to jaxlib (tree.c) */
     PyObject *pred_deref; /* Value/Index are leaves */
     PyObject *pred_refx;  /* Ref/Value/Index/NOTHING are leaves */
 
-    /* treedef -> tuple of path tuples, bounded (see module.c) */
+    /* treedef -> path info, bounded (see partition.c) */
     PyObject *path_cache;
 
     /* Bumped by the flatten functions of Value/Index and of NOTHING.
@@ -178,7 +186,8 @@ typedef struct {
 /* cross-file functions                                                */
 /* ------------------------------------------------------------------ */
 
-/* module.c */
+/* tree.c */
+int refx_init_tree_types(PyObject *module, refx_state *st);
 int refx_require_jax(refx_state *st, const char *fname);
 void refx_unwrap_jax_error(void);
 PyObject *refx_call_jax(PyObject *callable, PyObject *const *args,
