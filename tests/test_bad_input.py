@@ -106,7 +106,7 @@ CASES = [
     ("ref-kw", lambda: refx.Ref(1, colection="x"), TypeError, "colection"),
     ("value-index-type", lambda: refx.Value(1, 1.5), TypeError, "Value: index must be an int, not float"),
     ("value-index-neg", lambda: refx.Value(1, -2), ValueError, "Value: index must be >= 0, got -2"),
-    ("value-index-huge", lambda: refx.Value(1, 2**80), OverflowError, "too large to convert"),
+    ("value-index-huge", lambda: refx.Value(1, 2**80), ValueError, r"Value: index must be >= 0 and < 2\*\*63, got 1208925819614629174706176"),
     ("value-coll", lambda: refx.Value(1, 0, []), TypeError, "Value: collection must be hashable"),
     ("index-arity", lambda: refx.Index(), TypeError, "missing required argument 'index'"),
     ("index-coll", lambda: refx.Index(0, BadHash()), Boom, "hash"),
@@ -425,26 +425,27 @@ def test_update_refs_survives_a_check_that_replaces_the_source_value():
     assert src.value == 0.0
 
 
-def test_update_refs_survives_a_collection_eq_that_reinits_the_ref():
+def test_update_refs_survives_a_collection_eq_that_tries_to_reinit_the_ref():
     # update_refs compared a source Value's collection with the target Ref's
-    # borrowed; an __eq__ that re-inits the Ref frees that collection, and
+    # borrowed; an __eq__ that re-inited the Ref freed that collection, and
     # Python's reflected str.__eq__ then read it (ASan: heap-use-after-free
-    # in refx_update_refs under make sanitize).  Now it is owned.
+    # in refx_update_refs under make sanitize).  It is owned now, and a
+    # collection is read-only: the re-init itself is refused.
     import gc
 
     class S(str):
         __hash__ = str.__hash__
 
         def __eq__(self, other):
-            r.__init__(r.value, "other")  # frees this collection
+            r.__init__(r.value, "other")  # refused: TypeError
             gc.collect()
-            return NotImplemented  # then str.__eq__("c", self) runs
+            return NotImplemented
 
-    r = refx.Ref(1.0, S("x"))
-    with pytest.raises(ValueError, match=r"update_refs: at \('0',\): source Value has collection 'c' "
-                                         r"but the target Ref has collection 'other'"):
+    x = S("x")
+    r = refx.Ref(1.0, x)
+    with pytest.raises(TypeError, match=r"Ref.__init__: this Ref is already initialized; its collection is read-only"):
         refx.update_refs([r], [refx.Value(2.0, 0, "c")])
-    assert r.value == 1.0
+    assert r.value == 1.0 and r.collection is x
 
 
 # CPython 3.12+ only schedules a collection when an allocation crosses the
@@ -493,3 +494,30 @@ def test_gc_finalizer_that_writes_refs_during_deref_or_clone(fn):
     got = [v.value.i for v in out]
     assert all(g in (i, -1) for i, g in enumerate(got))
     assert -1 in got and 0 in got  # the finalizer did run mid-call
+
+
+# --- malformed calls are TypeError or ValueError, never another error (defect 13)
+
+
+@pytest.mark.parametrize("index", [2**70, -(2**70), 2**63, 2**63 - 1 + 2**64, -1, 1.5, "1", None, True])
+def test_value_and_index_indexes_out_of_range(index):
+    for make in (lambda: refx.Value(1, index), lambda: refx.Index(index),
+                 lambda: refx.Value(1, index=index, collection="c")):
+        with pytest.raises((TypeError, ValueError)) as e:
+            make()
+        assert type(e.value) in (TypeError, ValueError), e.value
+    if isinstance(index, int) and not isinstance(index, bool) and abs(index) > 2**62:
+        with pytest.raises(ValueError, match=r"Value: index must be >= 0 and < 2\*\*63"):
+            refx.Value(1, index)
+
+
+def test_crafted_aux_data_out_of_range():
+    from refx import _core
+
+    for call in (lambda: _core._value_unflatten((2**70, None), [1]),
+                 lambda: _core._index_unflatten((-(2**70), None), []),
+                 lambda: _core._partition_unflatten(((("a",),), (2**70,)), [1]),
+                 lambda: _core._partition_unflatten(((("a",),), ("x",)), [1])):
+        with pytest.raises((TypeError, ValueError)) as e:
+            call()
+        assert type(e.value) in (TypeError, ValueError), e.value

@@ -5,6 +5,7 @@ import gc
 import weakref
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import refx
@@ -107,7 +108,7 @@ def test_deref_tree_with_cycle_is_collected():
 
 
 def test_tracking_only_where_cycles_are_possible():
-    a = jnp.ones(3)
+    a = np.ones(3)  # numpy arrays take no part in the GC: no cycle through them
     d = refx.deref({"x": refx.Ref(a, "p"), "y": refx.Ref(Box(), "p")})
     assert not gc.is_tracked(d["x"])
     assert gc.is_tracked(d["y"])
@@ -116,6 +117,10 @@ def test_tracking_only_where_cycles_are_possible():
     assert not gc.is_tracked(refx.clone([refx.Ref(a, "p")])[0])
     assert gc.is_tracked(refx.Ref(Box()))
     assert gc.is_tracked(refx.Partition({("a",): 1}))
+    # a jax.Array has a __dict__ (a.me = ref closes a cycle): tracked
+    j = jnp.ones(3)
+    assert gc.is_tracked(refx.deref([refx.Ref(j, "p")])[0])
+    assert gc.is_tracked(refx.clone([refx.Ref(j, "p")])[0])
 
 
 def test_weakrefs():
@@ -138,13 +143,15 @@ def test_weakrefs():
 
 
 def test_tracking_follows_what_is_held():
-    a = jnp.ones(3)
-    # Value/Index: untracked when holding untracked or plain things with an
-    # atomic collection, tracked otherwise
+    a = np.ones(3)
+    # Value/Index: untracked when nothing they hold could ever lead back to
+    # them (scalars, numpy arrays, atomic collections), tracked otherwise
     assert not gc.is_tracked(refx.Value(a, 0, "p"))
     assert not gc.is_tracked(refx.Value(1.5, 0, None))
     assert not gc.is_tracked(refx.Index(0, 3))
     assert gc.is_tracked(refx.Value([1], 0, "p"))
+    assert gc.is_tracked(refx.Value({}, 0, "p"))  # empty, untracked, but may fill
+    assert gc.is_tracked(refx.Value(jnp.ones(3), 0, "p"))
     assert gc.is_tracked(refx.Value(a, 0, (Box(),)))
     assert gc.is_tracked(refx.Index(0, (Box(),)))
     # Ref: constructed with a plain value, untracked; tracked once it holds
@@ -154,14 +161,15 @@ def test_tracking_follows_what_is_held():
     r.value = Box()
     assert gc.is_tracked(r)
     assert gc.is_tracked(refx.Ref(a, (Box(),)))
+    assert gc.is_tracked(refx.Ref({}))
 
 
-@pytest.mark.parametrize("how", ["setter", "update_refs", "update_refs by path", "__init__"])
+@pytest.mark.parametrize("how", ["setter", "update_refs", "update_refs by path", "update_refs from a Value"])
 def test_cycle_closed_by_a_write_into_an_untracked_ref_is_collected(how):
-    # clone makes untracked Refs for array values; a write that closes a
+    # clone makes untracked Refs for numpy values; a write that closes a
     # cycle must track the Ref, or the cycle would never be collected
     def make():
-        (r,) = refx.clone([refx.Ref(jnp.ones(2), "p")])
+        (r,) = refx.clone([refx.Ref(np.ones(2), "p")])
         assert not gc.is_tracked(r)
         b = Box(r)
         if how == "setter":
@@ -171,7 +179,7 @@ def test_cycle_closed_by_a_write_into_an_untracked_ref_is_collected(how):
         elif how == "update_refs by path":
             refx.update_refs(refx.get_partition([r], "p"), {("0",): b})
         else:
-            r.__init__(b, "p")
+            refx.update_refs([r], refx.deref([refx.Ref(b, "p")]))
         assert gc.is_tracked(r)
         return b
 
@@ -182,3 +190,55 @@ def test_partition_and_filters_are_gc_tracked():
     assert gc.is_tracked(refx.Partition())
     for f in (refx.Not("c"), refx.All(), refx.Any(int)):
         assert gc.is_tracked(f)
+
+
+# --- cycles whose container was untracked when it was stored (defect 8) ------
+
+
+def test_cycle_through_an_empty_dict_value_filled_later():
+    def make():
+        r = refx.Ref({})  # an empty dict is not GC-tracked yet
+        r.value["me"] = r
+        return r
+
+    assert collected(make)
+
+
+def test_cycle_through_a_jax_array_attribute():
+    def make():
+        a = jnp.ones(3)  # a jax.Array has a __dict__
+        r = refx.Ref(a)
+        a.me = r
+        return r
+
+    assert collected(make)
+
+
+def test_cycle_through_a_value_of_an_empty_dict():
+    def make():  # Values take no weak references: watch a Box in the cycle
+        b, d = Box(), {}
+        v = refx.Value(d, 0)
+        d["me"], d["box"] = v, b
+        return b
+
+    assert collected(make)
+
+
+def test_cycle_through_a_cloned_ref_holding_a_jax_array():
+    def make():
+        a = jnp.ones(3)
+        r = refx.clone([refx.Ref(a)])[0]
+        a.me = r
+        return r
+
+    assert collected(make)
+
+
+def test_cycle_through_an_updated_ref_holding_an_empty_list():
+    def make():
+        r = refx.Ref(0.0)
+        refx.update_refs([r], [[]])
+        r.value.append(r)
+        return r
+
+    assert collected(make)

@@ -104,6 +104,9 @@ _core._install_jax(
     trace_state=_trace_state,
     check_value=check_value,
     plain_types=_plain_types(),
+    # every type registered with jax.tree_util, by any of its functions; the
+    # core looks for Ref subclasses in it (they must stay leaves)
+    pytree_registry=getattr(_tu, "_registry", None),
 )
 
 _VALUE_KEY = jax.tree_util.GetAttrKey("value")

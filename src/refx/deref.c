@@ -267,7 +267,7 @@ refx_deref(PyObject *module, PyObject *tree)
 {
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *res = NULL;
-    if (refx_require_jax(st, "deref") < 0) {
+    if (refx_require_trees(st, "deref") < 0) {
         return NULL;
     }
     for (int use_map = 0; use_map < 2; use_map++) {
@@ -323,7 +323,7 @@ refx_reref(PyObject *module, PyObject *tree)
     PyObject *trace = NULL;
     PyObject **refs = NULL;
     Py_ssize_t nrefs = 0, cap = 0;
-    if (refx_require_jax(st, "reref") < 0) {
+    if (refx_require_trees(st, "reref") < 0) {
         goto error;
     }
     leaves = refx_flatten(st, tree, st->pred_deref, &treedef);
@@ -497,7 +497,7 @@ refx_clone(PyObject *module, PyObject *tree)
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *out = NULL, *res = NULL;
     PyObject *trace = NULL;
-    if (refx_require_jax(st, "clone") < 0) {
+    if (refx_require_trees(st, "clone") < 0) {
         return NULL;
     }
     leaves = flatten_ref_tree(st, "clone", tree, &treedef);

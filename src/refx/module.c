@@ -30,50 +30,86 @@
 /* _install_jax                                                         */
 /* ------------------------------------------------------------------ */
 
+/* The hooks _install_jax takes, by keyword, and where they go. */
+static const struct {
+    const char *name;
+    size_t offset;
+    int optional; /* None stands for "this JAX has no such thing" */
+} jax_hooks[] = {
+    {"flatten", offsetof(refx_state, flatten), 0},
+    {"flatten_with_path", offsetof(refx_state, flatten_with_path), 0},
+    {"treedef_type", offsetof(refx_state, treedef_type), 0},
+    {"sequence_key", offsetof(refx_state, sequence_key), 0},
+    {"dict_key", offsetof(refx_state, dict_key), 0},
+    {"getattr_key", offsetof(refx_state, getattr_key), 0},
+    {"flattened_index_key", offsetof(refx_state, flattened_index_key), 0},
+    {"trace_state", offsetof(refx_state, trace_state), 0},
+    {"check_value", offsetof(refx_state, check_value), 0},
+    {"plain_types", offsetof(refx_state, plain_types), 0},
+    {"pytree_registry", offsetof(refx_state, pytree_registry), 1},
+};
+#define N_JAX_HOOKS (sizeof(jax_hooks) / sizeof(jax_hooks[0]))
+
 PyDoc_STRVAR(
-    install_jax_doc,
-    "_install_jax($module, /, *, flatten, flatten_with_path, treedef_type,\n"
-    "             sequence_key, dict_key, getattr_key, flattened_index_key,\n"
-    "             trace_state, check_value, plain_types)\n"
+    install_jax__doc__,
+    "_install_jax($module, /, **hooks)\n"
     "--\n\n"
-    "Link the C core to JAX.  Called once by refx._compat; not public.");
+    "Link the C core to JAX.  Called once by refx._compat; not public.\n"
+    "Keywords: flatten, flatten_with_path, treedef_type, sequence_key,\n"
+    "dict_key, getattr_key, flattened_index_key, trace_state, check_value,\n"
+    "plain_types (a tuple of types), pytree_registry (a dict or None).");
 
 static PyObject *
 install_jax(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"flatten",
-                             "flatten_with_path",
-                             "treedef_type",
-                             "sequence_key",
-                             "dict_key",
-                             "getattr_key",
-                             "flattened_index_key",
-                             "trace_state",
-                             "check_value",
-                             "plain_types",
-                             NULL};
-    PyObject *o[10];
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOOOOOO:_install_jax",
-                                     kwlist, &o[0], &o[1], &o[2], &o[3], &o[4],
-                                     &o[5], &o[6], &o[7], &o[8], &o[9])) {
+    PyObject *given[N_JAX_HOOKS] = {NULL};
+    if (PyTuple_GET_SIZE(args) != 0) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_install_jax() takes keyword arguments only");
         return NULL;
     }
-    if (!PyTuple_Check(o[9])) {
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (kwargs != NULL && PyDict_Next(kwargs, &pos, &k, &v)) {
+        size_t i = 0;
+        while (i < N_JAX_HOOKS &&
+               PyUnicode_CompareWithASCIIString(k, jax_hooks[i].name) != 0) {
+            i++;
+        }
+        if (i == N_JAX_HOOKS) {
+            PyErr_Format(PyExc_TypeError,
+                         "_install_jax() got an unexpected keyword %R", k);
+            return NULL;
+        }
+        given[i] = v;
+    }
+    for (size_t i = 0; i < N_JAX_HOOKS; i++) {
+        if (given[i] == NULL && !jax_hooks[i].optional) {
+            PyErr_Format(PyExc_TypeError, "_install_jax() missing hook '%s'",
+                         jax_hooks[i].name);
+            return NULL;
+        }
+    }
+    PyObject *plain = given[9], *registry = given[10];
+    if (!PyTuple_Check(plain)) {
         PyErr_SetString(PyExc_TypeError,
                         "_install_jax: plain_types must be a tuple");
         return NULL;
     }
+    if (registry != NULL && registry != Py_None && !PyDict_Check(registry)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_install_jax: pytree_registry must be a dict or None");
+        return NULL;
+    }
     refx_state *st = refx_get_state(module);
-    Py_XSETREF(st->flatten, Py_NewRef(o[0]));
-    Py_XSETREF(st->flatten_with_path, Py_NewRef(o[1]));
-    Py_XSETREF(st->treedef_type, Py_NewRef(o[2]));
-    Py_XSETREF(st->sequence_key, Py_NewRef(o[3]));
-    Py_XSETREF(st->dict_key, Py_NewRef(o[4]));
-    Py_XSETREF(st->getattr_key, Py_NewRef(o[5]));
-    Py_XSETREF(st->flattened_index_key, Py_NewRef(o[6]));
-    Py_XSETREF(st->trace_state, Py_NewRef(o[7]));
-    Py_XSETREF(st->check_value, Py_NewRef(o[8]));
-    Py_XSETREF(st->plain_types, Py_NewRef(o[9]));
+    for (size_t i = 0; i < N_JAX_HOOKS; i++) {
+        PyObject **slot = (PyObject **)((char *)st + jax_hooks[i].offset);
+        PyObject *o = given[i] == Py_None && jax_hooks[i].optional
+                          ? NULL
+                          : given[i];
+        Py_XSETREF(*slot, Py_XNewRef(o));
+    }
+    st->registry_seen = -1; /* look at the registry on the next call */
     Py_RETURN_NONE;
 }
 
@@ -102,7 +138,7 @@ static PyMethodDef module_functions[] = {
     {"_debug_counters", (PyCFunction)debug_counters, METH_NOARGS,
      "_debug_counters($module, /)\n--\n\nInternal counters, for tests."},
     {"_install_jax", (PyCFunction)(void (*)(void))install_jax,
-     METH_VARARGS | METH_KEYWORDS, install_jax_doc},
+     METH_VARARGS | METH_KEYWORDS, install_jax__doc__},
     {NULL, NULL, 0, NULL},
 };
 
@@ -133,6 +169,9 @@ static PyMethodDef module_functions[] = {
     X(trace_state) \
     X(check_value) \
     X(plain_types) \
+    X(copyreg_newobj) \
+    X(pytree_registry) \
+    X(registered_ref_type) \
     X(pred_deref) \
     X(pred_refx) \
     X(path_cache) \
@@ -197,6 +236,15 @@ module_exec(PyObject *module)
     INTERN(str_name, "name")
 #undef INTERN
     if ((st->path_cache = PyDict_New()) == NULL) {
+        return -1;
+    }
+    PyObject *copyreg = PyImport_ImportModule("copyreg");
+    if (copyreg == NULL) {
+        return -1;
+    }
+    st->copyreg_newobj = PyObject_GetAttrString(copyreg, "__newobj__");
+    Py_DECREF(copyreg);
+    if (st->copyreg_newobj == NULL) {
         return -1;
     }
     if (refx_init_ref_types(module, st) < 0 ||

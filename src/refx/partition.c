@@ -456,6 +456,23 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(paths), nh = PyTuple_GET_SIZE(holes);
+    /* aux data can be crafted (treedef.unflatten of anything): positions of
+     * NOTHING must be increasing ints below n */
+    for (Py_ssize_t h = 0, prev = -1; h < nh; h++) {
+        PyObject *o = PyTuple_GET_ITEM(holes, h);
+        int overflow = 0;
+        long long at = PyLong_CheckExact(o)
+                           ? PyLong_AsLongLongAndOverflow(o, &overflow)
+                           : -1;
+        if (at <= prev || at >= n || overflow) {
+            PyErr_Format(PyExc_ValueError,
+                         "Partition: positions of NOTHING must be increasing "
+                         "ints below the number of paths (%zd), got %R",
+                         n, holes);
+            goto error;
+        }
+        prev = (Py_ssize_t)at;
+    }
     if (PySequence_Fast_GET_SIZE(children) != n - nh) {
         PyErr_Format(PyExc_ValueError,
                      "Partition: %zd paths, %zd of them NOTHING, but %zd "
@@ -469,29 +486,12 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     for (Py_ssize_t i = 0, h = 0, c = 0; i < n; i++) {
         PyObject *v;
-        if (h < nh) {
-            Py_ssize_t at = PyLong_AsSsize_t(PyTuple_GET_ITEM(holes, h));
-            if (at == -1 && PyErr_Occurred()) {
-                Py_CLEAR(p);
-                goto error;
-            }
-            if (at == i) {
-                h++;
-                v = st->nothing;
-            }
-            else {
-                v = c < n - nh ? PySequence_Fast_GET_ITEM(children, c++)
-                               : NULL;
-            }
+        if (h < nh && PyLong_AsSsize_t(PyTuple_GET_ITEM(holes, h)) == i) {
+            h++;
+            v = st->nothing; /* checked above: in range, in order */
         }
         else {
             v = PySequence_Fast_GET_ITEM(children, c++);
-        }
-        if (v == NULL) {
-            PyErr_SetString(PyExc_ValueError,
-                            "Partition: positions of NOTHING out of order");
-            Py_CLEAR(p);
-            goto error;
         }
         if (PyDict_SetItem(p, PyTuple_GET_ITEM(paths, i), v) < 0) {
             Py_CLEAR(p);
@@ -680,7 +680,7 @@ partition_impl(refx_state *st, const char *fname, PyObject *tree,
 {
     PyObject *leaves = NULL, *treedef = NULL, *pred = NULL, *info = NULL;
     PyObject *parts = NULL, *res = NULL;
-    if (refx_require_jax(st, fname) < 0) {
+    if (refx_require_trees(st, fname) < 0) {
         return NULL;
     }
     for (Py_ssize_t k = 0; k < nfilters; k++) {
@@ -904,7 +904,7 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                      nargs);
         return NULL;
     }
-    if (refx_require_jax(st, "merge_partitions") < 0) {
+    if (refx_require_trees(st, "merge_partitions") < 0) {
         return NULL;
     }
     PyObject *partitions = args[0], *treedef = args[1];

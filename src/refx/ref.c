@@ -22,13 +22,24 @@
  * trace or of a trace enclosing it (a jit tracer inside grad, say), never
  * of an inner or finished trace.  Reading is always allowed.
  *
- * GC.  A Ref made by reref/clone starts untracked when it cannot be part of
- * a cycle (an untracked value such as an array, an atomic collection; the
- * trace weakref leads nowhere), and a write of a tracked value tracks it,
- * as CPython's dicts do.  reref of a model then adds nothing for the
- * collector to walk: with GC enabled that made reref 2.3x its
- * flatten+unflatten floor at 3k Refs (measured; see git history).
- * Python subclasses (which have a __dict__) are always tracked.
+ * GC.  A Ref starts untracked when neither its value nor its collection
+ * could ever lead back to it (may_close_cycle: scalars, str, numpy arrays,
+ * tuples the collector already untracked), and a write of anything else
+ * tracks it, as CPython's dicts do.  A jax.Array counts as "could": it has
+ * a __dict__, so `a.me = ref` closes a cycle.  Tracking Refs that cannot
+ * be in a cycle is not free: with the GC enabled that made reref 2.3x its
+ * flatten+unflatten floor at 3k Refs holding numpy arrays (measured;
+ * commit 0c2d3da).  Python subclasses (which have a __dict__) are always
+ * tracked.
+ *
+ * Initialisation.  __new__ makes a Ref holding None; __init__ sets its
+ * value and collection once (`initialized`), so subclasses can call
+ * super().__init__(value, collection) from their own __init__.  A second
+ * __init__ (or __setstate__) on a live Ref is a TypeError: the collection
+ * is read-only.  Pickle and copy go through __reduce__ ->
+ * (copyreg.__newobj__, (cls,), state) and __setstate__, so a subclass with
+ * another __init__ signature, its __dict__, and a Ref inside its own value
+ * all come back (deepcopy memoises the new Ref before copying its state).
  *
  * A Ref is a pytree leaf: it is not registered with JAX.  Equality and
  * hash are identity.  Ref supports cyclic GC, weak references and
@@ -46,10 +57,9 @@
  * and cached in `flat`, so a tree flattened at every step allocates
  * nothing for these nodes after the first time.
  *
- * GC.  Value and Index untrack themselves when nothing they hold can lead
- * back to them (an untracked value such as a scalar or an array, and a
- * collection of None, str or int): for a deref'ed model that is every
- * node, so the collector never walks them.
+ * GC.  Value and Index are tracked only when what they hold could lead
+ * back to them (the rule of Refs, above); for a deref'ed model of numpy
+ * arrays or scalars that is no node at all.
  *
  * NOTHING.  A singleton registered as a pytree node with no children: it
  * marks "this path belongs to another partition".
@@ -60,13 +70,6 @@
 /* ------------------------------------------------------------------ */
 /* helpers                                                              */
 /* ------------------------------------------------------------------ */
-
-static inline int
-is_atomic(PyObject *o)
-{
-    return o == Py_None || PyUnicode_CheckExact(o) || PyLong_CheckExact(o) ||
-           PyBool_Check(o);
-}
 
 PyObject *
 refx_collection_of(refx_state *st, PyObject *leaf)
@@ -132,15 +135,25 @@ refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
 /* Ref                                                                  */
 /* ------------------------------------------------------------------ */
 
-/* Could a Ref holding value and collection be part of a reference cycle?
- * Not if the collection is atomic and the value is untracked or a plain
- * value (a JAX array is GC-tracked but cannot lead back to a Ref). */
+/* Could `o` ever lead back to the object holding it?  Not if it takes no
+ * part in the GC (scalars, str, numpy arrays), nor if it is an exact tuple
+ * the collector already untracked (its items can never change).  Anything
+ * else may, even if it is not tracked yet: an empty dict is untracked
+ * until it holds a container, and a jax.Array has a __dict__.  This is
+ * CPython's own _PyObject_GC_MAY_BE_TRACKED. */
 static inline int
-ref_needs_tracking(refx_state *st, PyObject *value, PyObject *collection)
+may_close_cycle(PyObject *o)
 {
-    return !is_atomic(collection) ||
-           (value != NULL && PyObject_GC_IsTracked(value) &&
-            !is_plain_value(st, value));
+    return o != NULL && PyObject_IS_GC(o) &&
+           (!PyTuple_CheckExact(o) || PyObject_GC_IsTracked(o));
+}
+
+/* Could a Ref holding value and collection be part of a reference cycle?
+ * (The trace weakref leads nowhere: a weakref visits only its callback.) */
+static inline int
+ref_needs_tracking(PyObject *value, PyObject *collection)
+{
+    return may_close_cycle(collection) || may_close_cycle(value);
 }
 
 PyObject *
@@ -172,8 +185,9 @@ refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
     self->value = value;
     self->collection = collection;
     self->trace = Py_NewRef(trace);
+    self->initialized = 1;
     if (!PyObject_GC_IsTracked((PyObject *)self) &&
-        ref_needs_tracking(st, value, collection)) {
+        ref_needs_tracking(value, collection)) {
         PyObject_GC_Track(self);
     }
     return (PyObject *)self;
@@ -186,7 +200,7 @@ ref_store(refx_state *st, RefObject *self, PyObject *value)
 {
     Py_XSETREF(self->value, Py_NewRef(value));
     if (!PyObject_GC_IsTracked((PyObject *)self) &&
-        ref_needs_tracking(st, value, self->collection)) {
+        ref_needs_tracking(value, self->collection)) {
         PyObject_GC_Track(self);
     }
 }
@@ -200,8 +214,6 @@ refx_ref_store(refx_state *st, RefObject *self, PyObject *value)
 static PyObject *
 ref_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 {
-    (void)args;
-    (void)kwds;
     refx_state *st = refx_state_from_type(tp);
     if (st == NULL || refx_require_jax(st, "Ref") < 0) {
         return NULL;
@@ -210,19 +222,28 @@ ref_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     if (trace == NULL) {
         return NULL;
     }
-    /* __init__ fills value and collection */
+    /* __init__ (or __setstate__) fills value and collection */
     PyObject *self = refx_ref_create(st, tp, Py_None, Py_None, trace);
     Py_DECREF(trace);
+    if (self != NULL) {
+        ((RefObject *)self)->initialized = 0;
+    }
     return self;
 }
 
+/* The one way value and collection are first set: by __init__ or
+ * __setstate__ on a Ref fresh from __new__.  The value is checked as any
+ * write is (the trace, tracers in the value). */
 static int
-ref_init(RefObject *self, PyObject *args, PyObject *kwds)
+ref_initialize(RefObject *self, const char *fname, PyObject *value,
+               PyObject *collection)
 {
-    static char *kwlist[] = {"value", "collection", NULL};
-    PyObject *value, *collection = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Ref", kwlist, &value,
-                                     &collection)) {
+    if (self->initialized) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: this Ref is already initialized; its collection is "
+                     "read-only (set .value to change its value, or make a "
+                     "new Ref)",
+                     fname);
         return -1;
     }
     if (refx_check_hashable(collection, "Ref", "collection") < 0) {
@@ -232,7 +253,6 @@ ref_init(RefObject *self, PyObject *args, PyObject *kwds)
     if (st == NULL) {
         return -1;
     }
-    /* __init__ on a live Ref is a write: same rules as .value = ... */
     PyObject *trace = refx_current_trace(st);
     if (trace == NULL) {
         return -1;
@@ -244,7 +264,20 @@ ref_init(RefObject *self, PyObject *args, PyObject *kwds)
     }
     Py_XSETREF(self->collection, Py_NewRef(collection));
     ref_store(st, self, value);
+    self->initialized = 1;
     return 0;
+}
+
+static int
+ref_init(RefObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"value", "collection", NULL};
+    PyObject *value, *collection = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Ref", kwlist, &value,
+                                     &collection)) {
+        return -1;
+    }
+    return ref_initialize(self, "Ref.__init__", value, collection);
 }
 
 static int
@@ -339,12 +372,75 @@ ref_repr(RefObject *self)
     return res;
 }
 
+/* The instance __dict__ of a Python subclass, or NULL (no error) when
+ * there is none or it is empty. */
+static PyObject *
+ref_instance_dict(PyObject *self)
+{
+    if (Py_IS_TYPE(self, refx_state_from_type(Py_TYPE(self))->Ref_Type)) {
+        return NULL;
+    }
+    PyObject *d = PyObject_GenericGetDict(self, NULL);
+    if (d == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!PyDict_Check(d) || PyDict_GET_SIZE(d) == 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+/* (copyreg.__newobj__, (cls,), (value, collection, dict or None)):
+ * unpickling calls cls.__new__(cls), then __setstate__, never the
+ * subclass's __init__. */
 static PyObject *
 ref_reduce(RefObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue(
-        "O(OO)", Py_TYPE(self), self->value != NULL ? self->value : Py_None,
-        self->collection != NULL ? self->collection : Py_None);
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return NULL;
+    }
+    PyObject *d = ref_instance_dict((PyObject *)self);
+    return Py_BuildValue("O(O)(OON)", st->copyreg_newobj, Py_TYPE(self),
+                         self->value != NULL ? self->value : Py_None,
+                         self->collection != NULL ? self->collection : Py_None,
+                         d != NULL ? d : Py_NewRef(Py_None));
+}
+
+static PyObject *
+ref_setstate(RefObject *self, PyObject *state)
+{
+    if (self->initialized) {
+        ref_initialize(self, "Ref.__setstate__", Py_None, Py_None);
+        return NULL; /* refused: a live Ref */
+    }
+    if (!PyTuple_Check(state) || PyTuple_GET_SIZE(state) != 3 ||
+        (PyTuple_GET_ITEM(state, 2) != Py_None &&
+         !PyDict_Check(PyTuple_GET_ITEM(state, 2)))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Ref.__setstate__: state must be (value, collection, "
+                        "dict or None)");
+        return NULL;
+    }
+    if (ref_initialize(self, "Ref.__setstate__", PyTuple_GET_ITEM(state, 0),
+                       PyTuple_GET_ITEM(state, 1)) < 0) {
+        return NULL;
+    }
+    PyObject *d = PyTuple_GET_ITEM(state, 2);
+    if (d != Py_None && PyDict_GET_SIZE(d) != 0) {
+        PyObject *own = PyObject_GenericGetDict((PyObject *)self, NULL);
+        if (own == NULL) {
+            return NULL; /* a plain Ref has no __dict__ */
+        }
+        int r = PyDict_Update(own, d);
+        Py_DECREF(own);
+        if (r < 0) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
 }
 
 static PyGetSetDef ref_getset[] = {
@@ -365,7 +461,10 @@ static PyMemberDef ref_members[] = {
 
 static PyMethodDef ref_methods[] = {
     {"__reduce__", (PyCFunction)ref_reduce, METH_NOARGS,
-     "Pickle as Ref(value, collection); shared Refs stay shared."},
+     "Pickle and copy keep the class, value, collection and a subclass's\n"
+     "__dict__; shared Refs stay shared."},
+    {"__setstate__", (PyCFunction)ref_setstate, METH_O,
+     "Set the state of a Ref fresh from __new__ (pickle, copy)."},
     {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
      "See PEP 585."},
     {NULL},
@@ -410,18 +509,15 @@ static PyType_Spec ref_spec = {
 /* Deref, Value, Index                                                  */
 /* ------------------------------------------------------------------ */
 
-/* Track a new Value/Index only if what it holds could lead back to it:
- * never for an atomic collection with an untracked, plain (an array) or
- * no value. */
+/* Track a new Value/Index only if what it holds could lead back to it
+ * (see may_close_cycle): never for an atomic collection with a scalar or
+ * numpy value, or none. */
 static void
-deref_maybe_track(refx_state *st, DerefObject *self, PyObject *value)
+deref_maybe_track(DerefObject *self, PyObject *value)
 {
-    if (is_atomic(self->collection) &&
-        (value == NULL || !PyObject_GC_IsTracked(value) ||
-         is_plain_value(st, value))) {
-        return;
+    if (may_close_cycle(self->collection) || may_close_cycle(value)) {
+        PyObject_GC_Track(self);
     }
-    PyObject_GC_Track(self);
 }
 
 PyObject *
@@ -441,7 +537,7 @@ refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
     self->base.collection = collection;
     self->base.flat = NULL;
     self->value = value;
-    deref_maybe_track(st, &self->base, value);
+    deref_maybe_track(&self->base, value);
     return (PyObject *)self;
 }
 
@@ -457,7 +553,7 @@ refx_index_create(refx_state *st, Py_ssize_t index, PyObject *collection)
     self->index = index;
     self->collection = collection;
     self->flat = NULL;
-    deref_maybe_track(st, self, NULL);
+    deref_maybe_track(self, NULL);
     return (PyObject *)self;
 }
 
@@ -469,16 +565,22 @@ parse_index(PyObject *o, const char *fname, Py_ssize_t *out)
                      fname, Py_TYPE(o)->tp_name);
         return -1;
     }
-    Py_ssize_t i = PyLong_AsSsize_t(o);
+    int overflow;
+    long long i = PyLong_AsLongLongAndOverflow(o, &overflow);
     if (i == -1 && PyErr_Occurred()) {
         return -1;
     }
+    if (overflow != 0 || i > (long long)PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: index must be >= 0 and < 2**63, got %R", fname, o);
+        return -1;
+    }
     if (i < 0) {
-        PyErr_Format(PyExc_ValueError, "%s: index must be >= 0, got %zd",
+        PyErr_Format(PyExc_ValueError, "%s: index must be >= 0, got %lld",
                      fname, i);
         return -1;
     }
-    *out = i;
+    *out = (Py_ssize_t)i;
     return 0;
 }
 

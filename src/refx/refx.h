@@ -34,6 +34,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #if PY_VERSION_HEX < 0x030B0000
@@ -90,6 +91,9 @@ typedef struct {
     PyObject *trace_state; /* .value is the current trace's weakref */
     PyObject *check_value; /* check_value(value, trace_weakref) */
     PyObject *plain_types; /* tuple of types that never hold tracers */
+    PyObject *copyreg_newobj; /* copyreg.__newobj__, for Ref.__reduce__ */
+    PyObject *pytree_registry;     /* JAX's dict of registered node types */
+    PyObject *registered_ref_type; /* a Ref subclass found in it, or NULL */
 
     /* leaf predicates handed to jaxlib (tree.c) */
     PyObject *pred_deref; /* Value/Index are leaves */
@@ -109,6 +113,7 @@ typedef struct {
     int partition_hint;    /* last tree_partition needed the predicate */
     uint64_t epoch;        /* numbers deref/clone calls, for Ref marks */
     uint64_t mark_retries; /* deref/clone calls redone with a map (tests) */
+    Py_ssize_t registry_seen; /* size of pytree_registry when last checked */
 
     /* interned strings */
     PyObject *str_value;
@@ -157,6 +162,9 @@ typedef struct {
      * outside that call; never read by anything else. */
     uint64_t mark_epoch;
     Py_ssize_t mark_index;
+    /* 0 from __new__ until __init__ or __setstate__ sets value and
+     * collection; then 1, and collection is read-only. */
+    char initialized;
 } RefObject;
 
 typedef struct {
@@ -189,6 +197,9 @@ typedef struct {
 /* tree.c */
 int refx_init_tree_types(PyObject *module, refx_state *st);
 int refx_require_jax(refx_state *st, const char *fname);
+/* refx_require_jax, and no Ref subclass is registered as a pytree node:
+ * every function that walks a tree starts with it */
+int refx_require_trees(refx_state *st, const char *fname);
 void refx_unwrap_jax_error(void);
 PyObject *refx_call_jax(PyObject *callable, PyObject *const *args,
                         size_t nargsf);

@@ -19,7 +19,8 @@
  * refx_leaf_path_repr() flattens the tree again, with key paths, to name
  * the offending path; the error path may be slow, the hot path may not.
  *
- * Functions in this file: refx_require_jax, refx_call_jax and the
+ * Functions in this file: refx_require_jax, refx_require_trees (and the
+ * check that no Ref subclass is a pytree node), refx_call_jax and the
  * recursion-budget repair, refx_flatten/unflatten, refx_current_trace,
  * refx_check_hashable, refx_path_from_keypath, refx_leaf_path_repr, the
  * LeafPredicate type and refx_make_pred, refx_init_tree_types.
@@ -39,6 +40,58 @@ refx_require_jax(refx_state *st, const char *fname)
                      "%s: refx._core is not linked to JAX; import refx, "
                      "not refx._core",
                      fname);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * Refs must be pytree leaves: that is how a shared Ref stays one object.
+ * A Ref subclass registered as a pytree node (as Flax registers its
+ * Variables) would make jaxlib flatten it into its value, so deref would
+ * split one shared Ref into two, and tree_partition would see a node or a
+ * leaf depending on whether it flattened with a leaf predicate.  Instead of
+ * answering differently by call history, every call that walks a tree
+ * refuses such a program.  Registrations cannot be undone, and JAX's own
+ * registry dict (jax._src.tree_util._registry, handed over by _compat)
+ * only grows, so one size comparison per call tells whether there is
+ * anything new to look at.
+ */
+static int
+check_registry(refx_state *st)
+{
+    PyObject *reg = st->pytree_registry;
+    if (reg == NULL || PyDict_GET_SIZE(reg) == st->registry_seen) {
+        return 0;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(reg, &pos, &k, &v)) {
+        if (PyType_Check(k) &&
+            PyType_IsSubtype((PyTypeObject *)k, st->Ref_Type)) {
+            Py_XSETREF(st->registered_ref_type, Py_NewRef(k));
+            break;
+        }
+    }
+    st->registry_seen = PyDict_GET_SIZE(reg);
+    return 0;
+}
+
+int
+refx_require_trees(refx_state *st, const char *fname)
+{
+    if (refx_require_jax(st, fname) < 0 || check_registry(st) < 0) {
+        return -1;
+    }
+    if (st->registered_ref_type != NULL) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: the Ref subclass %.200s is registered as a JAX "
+                     "pytree node; Refs must be pytree leaves (JAX would "
+                     "flatten it into its value, and a shared Ref would "
+                     "become copies).  Do not register Ref subclasses with "
+                     "jax.tree_util; carry data on a Ref as metadata",
+                     fname,
+                     ((PyTypeObject *)st->registered_ref_type)->tp_name);
         return -1;
     }
     return 0;

@@ -285,7 +285,7 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      nargs);
         goto error;
     }
-    if (refx_require_jax(st, "update_refs") < 0) {
+    if (refx_require_trees(st, "update_refs") < 0) {
         goto error;
     }
     c.target = args[0];
