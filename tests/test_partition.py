@@ -214,11 +214,12 @@ def test_merge_errors():
     renamed = {("x",) if k == ("step",) else k: v for k, v in r.items()}
     with pytest.raises(ValueError, match=r"merge_partitions: path \('step',\) of the treedef is not in partition 1"):
         refx.merge_partitions((p, renamed), td)
-    # a treedef the path cache no longer holds: partition 0 gives the paths
+    # a treedef the path cache no longer holds: its paths are computed from
+    # the treedef itself (partition 0 used to give them, by position)
     from refx import _core
 
     _core._clear_path_cache()
-    with pytest.raises(ValueError, match=r"merge_partitions: path \('step',\) is in partition 0 but not in partition 1"):
+    with pytest.raises(ValueError, match=r"merge_partitions: path \('step',\) of the treedef is not in partition 1"):
         refx.merge_partitions((p, renamed), td)
     other_td = jax.tree_util.tree_structure([1, 2])
     with pytest.raises(ValueError, match="merge_partitions: treedef has 2 leaves but the partitions have 7 paths"):
@@ -336,3 +337,129 @@ def test_merge_survives_keys_that_mutate_partitions():
         assert "merge_partitions" in str(e)
     else:
         assert isinstance(out[0], list)
+
+
+# --- merging is by path, always (issue 10, defect 1) -------------------------
+
+
+def _fill_path_cache_with_other_shapes():
+    for i in range(600):
+        refx.tree_partition([0] * i)
+
+
+def test_merge_is_by_path_after_the_path_cache_was_emptied():
+    a, b = refx.Ref(1, "params"), refx.Ref(2, "stats")
+    (p, rest), td = refx.tree_partition({"a": a, "b": b}, "params")
+    p2, rest2 = (dict(reversed(list(x.items()))) for x in (p, rest))
+    _fill_path_cache_with_other_shapes()
+    out = refx.merge_partitions((p2, rest2), td)
+    assert out["a"] is a and out["b"] is b
+    from refx import _core
+
+    _core._clear_path_cache()
+    out = refx.merge_partitions((p2, rest2), td)
+    assert out["a"] is a and out["b"] is b
+
+
+def test_merge_after_tree_map_sorts_keys():
+    # jax.tree_util sorts dict keys: ('l', '10') comes before ('l', '2')
+    (p,), td = refx.tree_partition({"l": list(range(12))})
+    mapped = jax.tree_util.tree_map(lambda x: x, dict(p))
+    assert list(mapped)[2] == ("l", "10")
+    assert refx.merge_partitions((mapped,), td) == {"l": list(range(12))}
+    _fill_path_cache_with_other_shapes()
+    assert refx.merge_partitions((mapped,), td) == {"l": list(range(12))}
+
+
+def test_merge_with_a_jax_treedef_is_by_path():
+    td = jax.tree_util.tree_structure({"x": 0, "y": [0, 0]})
+    part = {("y", "1"): 3, ("x",): 1, ("y", "0"): 2}
+    assert refx.merge_partitions((part,), td) == {"x": 1, "y": [2, 3]}
+    with pytest.raises(ValueError, match=r"merge_partitions: path \('b',\) of the treedef is not in partition 0 \(are the treedef and the partitions from different trees\?\)"):
+        refx.merge_partitions(({("a",): 1},), jax.tree_util.tree_structure({"b": 0}))
+
+
+def test_merge_with_a_treedef_of_custom_nodes_the_cache_never_saw():
+    tree = {"dc": DC(refx.Ref(1.0, "params"), 2.0), "nt": NT(3.0, [4.0]), "c": Custom([5.0, 6.0])}
+    (p, rest), td = refx.tree_partition(tree, "params")
+    from refx import _core
+
+    _core._clear_path_cache()
+    out = refx.merge_partitions((dict(reversed(list(p.items()))), rest), td)
+    assert out["dc"].w is tree["dc"].w and out["nt"] == NT(3.0, [4.0])
+    assert out["c"].children == [5.0, 6.0]
+
+
+# --- paths are a function of the tree alone (issue 10, defect 2) -------------
+
+
+class Color(str, __import__("enum").Enum):
+    RED = "red"
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [(1, 1.0, True), (0.0, -0.0), ("red", Color.RED)],
+    ids=["1-1.0-True", "0.0--0.0", "str-enum"],
+)
+@pytest.mark.parametrize("order", ["forward", "backward"])
+def test_paths_do_not_depend_on_which_equal_key_came_first(keys, order):
+    seq = keys if order == "forward" else tuple(reversed(keys))
+    for k in seq:
+        tree = {k: refx.Ref(0, "params")}
+        (p, rest), td = refx.tree_partition(tree, "params")
+        assert list(p) == [(str(k),)], k
+        assert refx.get_partition(tree, ...) == {(str(k),): tree[k]}
+        assert refx.merge_partitions((p, rest), td)[k] is tree[k]
+        # the key kept its own type through the round trip
+        assert type(next(iter(refx.merge_partitions((p, rest), td)))) is type(k)
+
+
+def test_equal_keys_inside_lists_and_tuples_get_their_own_paths():
+    for k in (1, 1.0, True, 1, True):
+        (p,), _ = refx.tree_partition([({k: 0},)])
+        assert list(p) == [("0", "0", str(k))]
+
+
+# --- the path cache is bounded by what it holds (issue 10, defect 3) ---------
+
+
+def test_path_cache_is_bounded_by_paths():
+    from refx import _core
+
+    limit = _core._path_cache_limits()
+    assert limit == {"paths": 500_000, "entries": 512}
+    old = _core._set_path_cache_limits(paths=1000, entries=512)
+    try:
+        _core._clear_path_cache()
+        for n in range(300, 340):  # a model that grows by one Ref per step
+            (p,), _ = refx.tree_partition([refx.Ref(0)] * n)
+            assert len(p) == n
+            stats = _core._debug_counters()
+            assert stats["path_cache_paths"] <= 1000
+        assert stats["path_cache_size"] <= 3
+        # a tree bigger than the whole bound is not cached, and still right
+        (p,), td = refx.tree_partition(list(range(1500)))
+        assert list(p.values()) == list(range(1500))
+        assert _core._debug_counters()["path_cache_paths"] <= 1000
+        assert refx.merge_partitions((p,), td) == list(range(1500))
+    finally:
+        _core._set_path_cache_limits(**old)
+    assert _core._path_cache_limits() == {"paths": 500_000, "entries": 512}
+
+
+def test_path_cache_evicts_oldest_first_and_stays_correct():
+    from refx import _core
+
+    old = _core._set_path_cache_limits(paths=100, entries=4)
+    try:
+        _core._clear_path_cache()
+        trees = [{f"k{i}": list(range(i + 1))} for i in range(10)]
+        for _ in range(3):
+            for t in trees:
+                (p,), td = refx.tree_partition(t)
+                assert refx.merge_partitions((dict(reversed(list(p.items()))),), td) == t
+                stats = _core._debug_counters()
+                assert stats["path_cache_size"] <= 4 and stats["path_cache_paths"] <= 100
+    finally:
+        _core._set_path_cache_limits(**old)

@@ -2,199 +2,170 @@
  * deref.c: deref, reref and clone.
  *
  * deref(tree) makes a tree of Refs safe to hand to JAX.  The tree is
- * flattened by JAX (Refs are leaves), then one pass over the leaves, in
- * leaf order, numbers the distinct Refs from 0: the first occurrence of
- * Ref number i becomes Value(ref.value, i, ref.collection), each later
- * occurrence Index(i, ref.collection), and the tree is unflattened with
- * the same treedef.  Other leaves pass through untouched; values are never
- * copied.
+ * flattened by JAX (Refs are leaves), the distinct Refs are numbered from
+ * 0 in leaf order, the first occurrence of Ref number i becomes
+ * Value(ref.value, i, ref.collection), each later occurrence
+ * Index(i, ref.collection), and the tree is unflattened with the same
+ * treedef.  Other leaves pass through untouched; values are never copied.
+ *
+ *   Two passes.  Pass 1 numbers the Refs and takes a snapshot of each
+ *   distinct Ref's value and collection (new references in the numbering's
+ *   slots).  It allocates no Python object, so it runs no Python code: no
+ *   garbage collection, no finalizer, no other thread.  Pass 2 builds the
+ *   Values and Indexes from the snapshot; its allocations may run the GC,
+ *   whose finalizers may let another thread's update_refs in, but by then
+ *   every value has been read.  So a deref sees the values of one moment,
+ *   never half of an update (issue 10: with values read while allocating,
+ *   358 of 3,000 derefs racing a writer thread returned a mix).
  *
  *   Identity.  "Is this Ref new?" is answered by marks in the Ref itself:
- *   each deref/clone call takes a fresh epoch number and stamps every Ref
- *   it numbers with (epoch, index).  That costs one load per leaf, where a
- *   hash table keyed by address costs a cache miss per leaf once the table
- *   outgrows the cache (measured: 1.67x of the flatten+unflatten floor at
- *   100k Refs with a table, see git history).  The loop runs no Python
- *   code of ours, but an allocation may run a finalizer that releases the
- *   GIL, and another thread's deref may then re-stamp a shared Ref.  So
- *   after the loop every numbered Ref is checked to still carry this
- *   call's stamp and number; if one does not, the call is redone with a
- *   pointer map (refx_ptrmap, ptrmap.h), which no one else can touch.
- *   Either way each distinct Ref gets one slot holding the Index object
- *   its later occurrences share (Index is immutable).  Slots borrow their
- *   Refs: the flattened leaves list keeps them alive.
+ *   each deref/clone call takes a fresh epoch number and pass 1 stamps
+ *   every Ref it numbers with (epoch, number).  That costs one load per
+ *   leaf, where a hash table keyed by address costs a cache miss per leaf
+ *   once the table outgrows the cache (measured: 1.67x of the
+ *   flatten+unflatten floor at 100k Refs with a table; commit 8102970).
+ *   Since pass 1 runs no Python code, no other call can stamp a Ref while
+ *   the marks are in use, and they are never read after pass 1: pass 1
+ *   records each leaf's number in `at`.
  *
  *   Already deref'ed input.  Value and Index are pytree nodes, so a plain
- *   flatten would walk into them.  Rather than pay for a leaf predicate on
- *   every node, deref watches st->deref_nodes_seen, which their flatten
- *   functions bump: if it moved, the tree is flattened again with the
- *   predicate, the Value/Index is found as a leaf and its path is named
- *   in the error.
+ *   flatten would walk into them; refx_flatten_leaves redoes the flatten
+ *   with them as leaves when the tree held any, and the first one is
+ *   named in the error.
  *
  * reref(tree) is the inverse.  It flattens with Value/Index as leaves and
  * walks them in leaf order, keeping a C array of the Refs made so far:
  * Value(v, i, c) must have i == the number of Values seen (it makes the
  * i-th new Ref), Index(i, c) must name a Value already seen with the same
  * collection.  Every new Ref belongs to the trace current at the call:
- * reref inside jit makes Refs that jit's body may write.
+ * reref inside jit makes Refs that jit's body may write.  A value holding
+ * tracers of another trace (a deref'ed tree that escaped a finished jit)
+ * is refused, as Ref() refuses it.
  *
- * clone(tree) is reref(deref(tree)) in one pass: the same numbering, but
- * each distinct Ref maps straight to a new Ref.
+ * clone(tree) is reref(deref(tree)) in one call: pass 1 as for deref, then
+ * one new Ref per slot (values checked as reref checks them).
  *
- * Functions in this file: refx_deref, refx_reref, refx_clone and the
- * shared error helpers.
+ * Functions in this file: number_refs (pass 1) and the numbering slots,
+ * refx_deref, refx_reref, refx_clone.
  */
 #include "refx.h"
-#include "ptrmap.h"
-
-/* Raise ValueError "<fname>: <what> found at <path>; <hint>". */
-static void
-found_at(refx_state *st, const char *fname, PyObject *tree, PyObject *pred,
-         Py_ssize_t i, const char *what, const char *hint)
-{
-    PyObject *path = refx_leaf_path_repr(st, tree, pred, i);
-    if (path == NULL) {
-        return;
-    }
-    PyErr_Format(PyExc_ValueError, "%s: %s found at %U; %s", fname, what, path,
-                 hint);
-    Py_DECREF(path);
-}
-
-/* Flatten a tree of Refs without a leaf predicate; if it held Value/Index
- * nodes, raise naming the first.  Returns the leaves list (new ref). */
-static PyObject *
-flatten_ref_tree(refx_state *st, const char *fname, PyObject *tree,
-                 PyObject **treedef)
-{
-    uint64_t seen = st->deref_nodes_seen;
-    PyObject *leaves = refx_flatten(st, tree, NULL, treedef);
-    if (leaves == NULL || st->deref_nodes_seen == seen) {
-        return leaves;
-    }
-    /* maybe a Value/Index inside (or another thread flattened one) */
-    Py_DECREF(leaves);
-    Py_CLEAR(*treedef);
-    leaves = refx_flatten(st, tree, st->pred_deref, treedef);
-    if (leaves == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(leaves); i++) {
-        PyObject *leaf = PyList_GET_ITEM(leaves, i);
-        if (Deref_Check(st, leaf)) {
-            found_at(st, fname, tree, st->pred_deref, i,
-                     Value_Check(st, leaf) ? "Value" : "Index",
-                     "expected a tree of Refs (was it already deref'ed?)");
-            Py_DECREF(leaves);
-            Py_CLEAR(*treedef);
-            return NULL;
-        }
-    }
-    return leaves;
-}
 
 /* ------------------------------------------------------------------ */
-/* numbering distinct Refs                                              */
+/* pass 1: numbering distinct Refs, with a snapshot of their values      */
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    RefObject *ref; /* owned: the leaves list may be rewritten in place */
-    PyObject *obj;  /* owned: the shared Index (deref) or new Ref (clone) */
+    RefObject *ref;       /* owned: the leaves list may be rewritten */
+    PyObject *value;      /* owned: the value at the moment of pass 1 */
+    PyObject *collection; /* owned */
+    PyObject *obj;        /* owned: the shared Index (deref), new Ref (clone) */
+    Py_ssize_t first;     /* leaf position of the first occurrence */
 } numbered;
 
 typedef struct {
-    uint64_t epoch;
-    int use_map; /* the fallback: a private pointer map instead of marks */
-    refx_ptrmap map;
     numbered *slots;
     Py_ssize_t count, cap;
+    Py_ssize_t *at; /* per leaf: its Ref's slot, or -1 for other leaves */
 } numbering;
-
-static void
-numbering_init(refx_state *st, numbering *nb, int use_map)
-{
-    nb->epoch = ++st->epoch;
-    nb->use_map = use_map;
-    refx_ptrmap_init(&nb->map);
-    nb->slots = NULL;
-    nb->count = nb->cap = 0;
-}
 
 static void
 numbering_fini(numbering *nb)
 {
     for (Py_ssize_t i = 0; i < nb->count; i++) {
         Py_DECREF(nb->slots[i].ref);
+        Py_XDECREF(nb->slots[i].value);
+        Py_XDECREF(nb->slots[i].collection);
         Py_XDECREF(nb->slots[i].obj);
     }
     PyMem_Free(nb->slots);
+    PyMem_Free(nb->at);
     nb->slots = NULL;
+    nb->at = NULL;
     nb->count = nb->cap = 0;
-    refx_ptrmap_fini(&nb->map);
 }
 
-/* The number of `ref` in this call; *is_new says whether it was just
- * given one.  -1 with MemoryError set. */
-static Py_ssize_t
-number_ref(numbering *nb, RefObject *ref, int *is_new)
-{
-    refx_ptrmap_entry *e = NULL;
-    if (!nb->use_map) {
-        if (ref->mark_epoch == nb->epoch) {
-            *is_new = 0;
-            return ref->mark_index;
-        }
-    }
-    else {
-        int found;
-        e = refx_ptrmap_get(&nb->map, ref, &found);
-        if (e == NULL) {
-            return -1;
-        }
-        if (found) {
-            *is_new = 0;
-            return e->value;
-        }
-    }
-    if (nb->count == nb->cap) {
-        Py_ssize_t ncap = nb->cap ? nb->cap * 2 : 64;
-        numbered *ns = PyMem_Realloc(nb->slots, (size_t)ncap * sizeof(*ns));
-        if (ns == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        nb->slots = ns;
-        nb->cap = ncap;
-    }
-    Py_ssize_t i = nb->count++;
-    nb->slots[i].ref = (RefObject *)Py_NewRef(ref);
-    nb->slots[i].obj = NULL;
-    if (e != NULL) {
-        e->value = i;
-    }
-    else {
-        ref->mark_epoch = nb->epoch;
-        ref->mark_index = i;
-    }
-    *is_new = 1;
-    return i;
-}
-
-/* 1 if every numbered Ref still carries this call's mark (always true in
- * map mode), 0 if another call re-stamped one meanwhile. */
+/* Pass 1 over `leaves`: fill nb (zeroed by the caller).  Allocates only
+ * C memory, so no Python code runs.  -1 with MemoryError. */
 static int
-numbering_intact(numbering *nb)
+number_refs(refx_state *st, PyObject *leaves, numbering *nb)
 {
-    if (nb->use_map) {
-        return 1;
+    Py_ssize_t n = PyList_GET_SIZE(leaves);
+    uint64_t epoch = ++st->epoch;
+    nb->at = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(Py_ssize_t));
+    if (nb->at == NULL) {
+        PyErr_NoMemory();
+        return -1;
     }
-    for (Py_ssize_t i = 0; i < nb->count; i++) {
-        RefObject *r = nb->slots[i].ref;
-        if (r->mark_epoch != nb->epoch || r->mark_index != i) {
-            return 0;
+    PyObject **items = &PyList_GET_ITEM(leaves, 0);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *leaf = items[i];
+        if (!Ref_Check(st, leaf)) {
+            nb->at[i] = -1;
+            continue;
+        }
+        RefObject *ref = (RefObject *)leaf;
+        if (ref->mark_epoch == epoch) {
+            nb->at[i] = ref->mark_index;
+            continue;
+        }
+        if (nb->count == nb->cap) {
+            Py_ssize_t ncap = nb->cap ? nb->cap * 2 : 64;
+            numbered *ns =
+                PyMem_Realloc(nb->slots, (size_t)ncap * sizeof(*ns));
+            if (ns == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            nb->slots = ns;
+            nb->cap = ncap;
+        }
+        Py_ssize_t k = nb->count++;
+        numbered *slot = &nb->slots[k];
+        slot->ref = (RefObject *)Py_NewRef(ref);
+        slot->value = Py_NewRef(ref->value);
+        slot->collection = Py_NewRef(ref->collection);
+        slot->obj = NULL;
+        slot->first = i;
+        ref->mark_epoch = epoch;
+        ref->mark_index = k;
+        nb->at[i] = k;
+    }
+    return 0;
+}
+
+/* Flatten a tree of Refs (Value/Index as leaves if it holds any, so they
+ * can be named).  The leaves list is ours alone, to rewrite in place. */
+static PyObject *
+flatten_ref_tree(refx_state *st, const char *fname, PyObject *tree,
+                 PyObject **treedef)
+{
+    PyObject *leaves = refx_flatten_leaves(st, tree, st->pred_deref, treedef);
+    if (leaves == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(leaves);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *leaf = PyList_GET_ITEM(leaves, i);
+        if (Deref_Check(st, leaf)) {
+            refx_raise_at_leaf(
+                st, PyExc_ValueError, tree, st->pred_deref, i,
+                "%s: %s found at {path}; expected a tree of Refs (was it "
+                "already deref'ed?)",
+                fname, Value_Check(st, leaf) ? "Value" : "Index");
+            goto error;
         }
     }
-    return 1;
+    if (Py_REFCNT(leaves) != 1) { /* not ours alone: work on a copy */
+        Py_SETREF(leaves, PyList_GetSlice(leaves, 0, PY_SSIZE_T_MAX));
+        if (leaves == NULL) {
+            goto error;
+        }
+    }
+    return leaves;
+error:
+    Py_DECREF(leaves);
+    Py_CLEAR(*treedef);
+    return NULL;
 }
 
 /* ------------------------------------------------------------------ */
@@ -202,7 +173,7 @@ numbering_intact(numbering *nb)
 /* ------------------------------------------------------------------ */
 
 PyDoc_STRVAR(
-    deref_doc,
+    refx_deref__doc__,
     "deref($module, tree, /)\n"
     "--\n\n"
     "Replace the Refs of `tree` by Value and Index nodes, giving a pure "
@@ -211,55 +182,48 @@ PyDoc_STRVAR(
     "of\n"
     "Ref i becomes Value(ref.value, i, ref.collection), later occurrences\n"
     "Index(i, ref.collection).  Other leaves pass through; values are not\n"
-    "copied.  Call it before a tree of Refs crosses a JAX transform, and\n"
-    "`reref` on the other side.  A Value or Index in `tree` is a ValueError.");
+    "copied, and all are read at one moment (a concurrent update_refs is\n"
+    "seen whole or not at all).  Call it before a tree of Refs crosses a JAX\n"
+    "transform, and `reref` on the other side.  A Value or Index in `tree` "
+    "is\n"
+    "a ValueError.");
 
-/* Replace the Refs of `leaves` (a list only we hold) in place.  0 on
- * success, -1 with an error, 1 with no error if the marks were disturbed
- * (the list is then half-rewritten: the caller flattens again and retries
- * with a map).  Rewriting in place saves a second list of n items. */
+/* Pass 2: replace the Refs of `leaves` in place (saves a second list). */
 static int
-deref_leaves(refx_state *st, PyObject *leaves, int use_map)
+deref_leaves(refx_state *st, PyObject *leaves, numbering *nb)
 {
-    numbering nb;
-    numbering_init(st, &nb, use_map);
     Py_ssize_t n = PyList_GET_SIZE(leaves);
-    int res = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *leaf = PyList_GET_ITEM(leaves, i), *new;
-        if (!Ref_Check(st, leaf)) {
+        Py_ssize_t k = nb->at[i];
+        if (k < 0) {
             continue;
         }
-        RefObject *ref = (RefObject *)leaf;
-        int is_new;
-        Py_ssize_t k = number_ref(&nb, ref, &is_new);
-        if (k < 0) {
-            goto done;
-        }
-        if (is_new) {
-            new = refx_value_create(st, ref->value, k, ref->collection);
+        numbered *slot = &nb->slots[k];
+        PyObject *new;
+        if (slot->first == i) {
+            /* the Value takes over the snapshot of the value */
+            PyObject *value = slot->value;
+            slot->value = NULL;
+            new = refx_value_steal(st, value, k, Py_NewRef(slot->collection));
         }
         else {
-            numbered *slot = &nb.slots[k];
             if (slot->obj == NULL) {
-                slot->obj = refx_index_create(st, k, ref->collection);
+                slot->obj = refx_index_create(st, k, slot->collection);
                 if (slot->obj == NULL) {
-                    goto done;
+                    return -1;
                 }
             }
             new = Py_NewRef(slot->obj);
         }
         if (new == NULL) {
-            goto done;
+            return -1;
         }
         /* the Ref stays alive: the slot owns it */
+        PyObject *old = PyList_GET_ITEM(leaves, i);
         PyList_SET_ITEM(leaves, i, new);
-        Py_DECREF(leaf);
+        Py_DECREF(old);
     }
-    res = numbering_intact(&nb) ? 0 : 1;
-done:
-    numbering_fini(&nb);
-    return res;
+    return 0;
 }
 
 static PyObject *
@@ -267,33 +231,18 @@ refx_deref(PyObject *module, PyObject *tree)
 {
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *res = NULL;
+    numbering nb = {0};
     if (refx_require_trees(st, "deref") < 0) {
         return NULL;
     }
-    for (int use_map = 0; use_map < 2; use_map++) {
-        leaves = flatten_ref_tree(st, "deref", tree, &treedef);
-        if (leaves == NULL) {
-            goto error;
-        }
-        if (Py_REFCNT(leaves) != 1) { /* not ours alone: work on a copy */
-            Py_SETREF(leaves, PyList_GetSlice(leaves, 0, PY_SSIZE_T_MAX));
-            if (leaves == NULL) {
-                goto error;
-            }
-        }
-        int r = deref_leaves(st, leaves, use_map);
-        if (r < 0) {
-            goto error;
-        }
-        if (r == 0) {
-            break;
-        }
-        Py_CLEAR(leaves); /* marks disturbed: again, with a private map */
-        Py_CLEAR(treedef);
-        st->mark_retries++;
+    leaves = flatten_ref_tree(st, "deref", tree, &treedef);
+    if (leaves == NULL || number_refs(st, leaves, &nb) < 0 ||
+        deref_leaves(st, leaves, &nb) < 0) {
+        goto error;
     }
     res = refx_unflatten(st, treedef, leaves);
 error:
+    numbering_fini(&nb);
     Py_XDECREF(leaves);
     Py_XDECREF(treedef);
     return res;
@@ -304,7 +253,7 @@ error:
 /* ------------------------------------------------------------------ */
 
 PyDoc_STRVAR(
-    reref_doc,
+    refx_reref__doc__,
     "reref($module, tree, /)\n"
     "--\n\n"
     "Rebuild Refs from a deref'ed tree, with sharing intact.\n\n"
@@ -313,7 +262,26 @@ PyDoc_STRVAR(
     "JAX trace, each Index the Ref its Value made.  Values must be numbered\n"
     "0, 1, 2... in leaf order and every Index must follow its Value; a Ref "
     "in\n"
-    "`tree` is a ValueError.");
+    "`tree`, or a value holding tracers of another trace, is a ValueError.");
+
+/* A new Ref of the current trace for a value taken from `tree` (leaf i,
+ * for the error): the value is checked as Ref() would check it. */
+static PyObject *
+new_ref_for(refx_state *st, const char *fname, PyObject *value,
+            PyObject *collection, PyObject *trace, PyObject *tree,
+            PyObject *pred, Py_ssize_t i)
+{
+    if (refx_check_value(st, value, trace) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyObject *exc = refx_take_exception();
+            refx_raise_at_leaf(st, PyExc_ValueError, tree, pred, i,
+                               "%s: at {path}: %S", fname, exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    return refx_ref_create(st, st->Ref_Type, value, collection, trace);
+}
 
 static PyObject *
 refx_reref(PyObject *module, PyObject *tree)
@@ -321,12 +289,13 @@ refx_reref(PyObject *module, PyObject *tree)
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *out = NULL, *res = NULL;
     PyObject *trace = NULL;
-    PyObject **refs = NULL;
+    PyObject **refs = NULL; /* borrowed: owned by `out` */
     Py_ssize_t nrefs = 0, cap = 0;
+    PyObject *pred = st->pred_deref;
     if (refx_require_trees(st, "reref") < 0) {
         goto error;
     }
-    leaves = refx_flatten(st, tree, st->pred_deref, &treedef);
+    leaves = refx_flatten(st, tree, pred, &treedef);
     if (leaves == NULL) {
         goto error;
     }
@@ -345,17 +314,12 @@ refx_reref(PyObject *module, PyObject *tree)
         if (tp == st->Value_Type) {
             DerefObject *d = (DerefObject *)leaf;
             if (d->index != nrefs) {
-                PyObject *path =
-                    refx_leaf_path_repr(st, tree, st->pred_deref, i);
-                if (path != NULL) {
-                    PyErr_Format(
-                        PyExc_ValueError,
-                        "reref: Value at %U has index %zd, expected %zd; "
-                        "Values must be numbered 0, 1, 2... in leaf order "
-                        "(was the tree deref'ed as a whole?)",
-                        path, d->index, nrefs);
-                    Py_DECREF(path);
-                }
+                refx_raise_at_leaf(
+                    st, PyExc_ValueError, tree, pred, i,
+                    "reref: Value at {path} has index %zd, expected %zd; "
+                    "Values must be numbered 0, 1, 2... in leaf order (was "
+                    "the tree deref'ed as a whole?)",
+                    d->index, nrefs);
                 goto error;
             }
             if (nrefs == cap) {
@@ -369,28 +333,21 @@ refx_reref(PyObject *module, PyObject *tree)
                 refs = nr;
                 cap = ncap;
             }
-            new =
-                refx_ref_create(st, st->Ref_Type, ((ValueObject *)leaf)->value,
-                                d->collection, trace);
+            new = new_ref_for(st, "reref", ((ValueObject *)leaf)->value,
+                              d->collection, trace, tree, pred, i);
             if (new == NULL) {
                 goto error;
             }
-            refs[nrefs++] = new; /* borrowed by refs; owned by out */
+            refs[nrefs++] = new;
         }
         else if (tp == st->Index_Type) {
             DerefObject *d = (DerefObject *)leaf;
             if (d->index >= nrefs) {
-                PyObject *path =
-                    refx_leaf_path_repr(st, tree, st->pred_deref, i);
-                if (path != NULL) {
-                    PyErr_Format(
-                        PyExc_ValueError,
-                        "reref: Index(%zd) at %U comes before any Value with "
-                        "index %zd; an Index must follow its Value in leaf "
-                        "order",
-                        d->index, path, d->index);
-                    Py_DECREF(path);
-                }
+                refx_raise_at_leaf(
+                    st, PyExc_ValueError, tree, pred, i,
+                    "reref: Index(%zd) at {path} comes before any Value with "
+                    "index %zd; an Index must follow its Value in leaf order",
+                    d->index, d->index);
                 goto error;
             }
             RefObject *target = (RefObject *)refs[d->index];
@@ -401,25 +358,21 @@ refx_reref(PyObject *module, PyObject *tree)
                     goto error;
                 }
                 if (!eq) {
-                    PyObject *path =
-                        refx_leaf_path_repr(st, tree, st->pred_deref, i);
-                    if (path != NULL) {
-                        PyErr_Format(PyExc_ValueError,
-                                     "reref: Index(%zd) at %U has collection "
-                                     "%R but its Value has collection %R",
-                                     d->index, path, d->collection,
-                                     target->collection);
-                        Py_DECREF(path);
-                    }
+                    refx_raise_at_leaf(
+                        st, PyExc_ValueError, tree, pred, i,
+                        "reref: Index(%zd) at {path} has collection %R but "
+                        "its Value has collection %R",
+                        d->index, d->collection, target->collection);
                     goto error;
                 }
             }
             new = Py_NewRef((PyObject *)target);
         }
         else if (Ref_Check(st, leaf)) {
-            found_at(st, "reref", tree, st->pred_deref, i, "Ref",
-                     "expected a deref'ed tree of Values and Indexes (was it "
-                     "already reref'ed?)");
+            refx_raise_at_leaf(st, PyExc_ValueError, tree, pred, i,
+                               "reref: Ref found at {path}; expected a "
+                               "deref'ed tree of Values and Indexes (was it "
+                               "already reref'ed?)");
             goto error;
         }
         else {
@@ -442,92 +395,58 @@ error:
 /* ------------------------------------------------------------------ */
 
 PyDoc_STRVAR(
-    clone_doc,
+    refx_clone__doc__,
     "clone($module, tree, /)\n"
     "--\n\n"
-    "Same as reref(deref(tree)), in one pass: a copy of `tree` with new Refs\n"
+    "Same as reref(deref(tree)), in one call: a copy of `tree` with new Refs\n"
     "(of the current trace) that share among themselves as the old ones did.");
-
-static PyObject *
-clone_leaves(refx_state *st, PyObject *leaves, PyObject *trace, int use_map)
-{
-    numbering nb;
-    numbering_init(st, &nb, use_map);
-    Py_ssize_t n = PyList_GET_SIZE(leaves);
-    PyObject *out = PyList_New(n);
-    if (out == NULL) {
-        goto error;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *leaf = PyList_GET_ITEM(leaves, i);
-        if (!Ref_Check(st, leaf)) {
-            PyList_SET_ITEM(out, i, Py_NewRef(leaf));
-            continue;
-        }
-        RefObject *ref = (RefObject *)leaf;
-        int is_new;
-        Py_ssize_t k = number_ref(&nb, ref, &is_new);
-        if (k < 0) {
-            goto error;
-        }
-        numbered *slot = &nb.slots[k];
-        if (is_new) {
-            slot->obj = refx_ref_create(st, st->Ref_Type, ref->value,
-                                        ref->collection, trace);
-            if (slot->obj == NULL) {
-                goto error;
-            }
-        }
-        PyList_SET_ITEM(out, i, Py_NewRef(slot->obj));
-    }
-    if (!numbering_intact(&nb)) {
-        Py_CLEAR(out); /* no error set: retry */
-    }
-    numbering_fini(&nb);
-    return out;
-error:
-    numbering_fini(&nb);
-    Py_XDECREF(out);
-    return NULL;
-}
 
 static PyObject *
 refx_clone(PyObject *module, PyObject *tree)
 {
     refx_state *st = refx_get_state(module);
-    PyObject *leaves = NULL, *treedef = NULL, *out = NULL, *res = NULL;
-    PyObject *trace = NULL;
+    PyObject *leaves = NULL, *treedef = NULL, *trace = NULL, *res = NULL;
+    numbering nb = {0};
     if (refx_require_trees(st, "clone") < 0) {
         return NULL;
     }
     leaves = flatten_ref_tree(st, "clone", tree, &treedef);
-    if (leaves == NULL) {
+    if (leaves == NULL || number_refs(st, leaves, &nb) < 0) {
         goto error;
     }
     trace = refx_current_trace(st);
     if (trace == NULL) {
         goto error;
     }
-    out = clone_leaves(st, leaves, trace, 0);
-    if (out == NULL && !PyErr_Occurred()) {
-        st->mark_retries++;
-        out = clone_leaves(st, leaves, trace, 1);
+    /* one new Ref per distinct Ref, from the snapshot */
+    for (Py_ssize_t k = 0; k < nb.count; k++) {
+        numbered *slot = &nb.slots[k];
+        slot->obj = new_ref_for(st, "clone", slot->value, slot->collection,
+                                trace, tree, st->pred_deref, slot->first);
+        if (slot->obj == NULL) {
+            goto error;
+        }
     }
-    if (out == NULL) {
-        goto error;
+    Py_ssize_t n = PyList_GET_SIZE(leaves);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (nb.at[i] >= 0) {
+            PyObject *old = PyList_GET_ITEM(leaves, i);
+            PyList_SET_ITEM(leaves, i, Py_NewRef(nb.slots[nb.at[i]].obj));
+            Py_DECREF(old);
+        }
     }
-    res = refx_unflatten(st, treedef, out);
+    res = refx_unflatten(st, treedef, leaves);
 error:
+    numbering_fini(&nb);
     Py_XDECREF(trace);
-    Py_XDECREF(out);
     Py_XDECREF(leaves);
     Py_XDECREF(treedef);
     return res;
 }
 
 PyMethodDef refx_deref_functions[] = {
-    {"deref", (PyCFunction)refx_deref, METH_O, deref_doc},
-    {"reref", (PyCFunction)refx_reref, METH_O, reref_doc},
-    {"clone", (PyCFunction)refx_clone, METH_O, clone_doc},
+    {"deref", (PyCFunction)refx_deref, METH_O, refx_deref__doc__},
+    {"reref", (PyCFunction)refx_reref, METH_O, refx_reref__doc__},
+    {"clone", (PyCFunction)refx_clone, METH_O, refx_clone__doc__},
     {NULL, NULL, 0, NULL},
 };

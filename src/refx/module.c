@@ -118,23 +118,15 @@ debug_counters(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     refx_state *st = refx_get_state(module);
     return Py_BuildValue(
-        "{sKsKsKsn}", "mark_retries", (unsigned long long)st->mark_retries,
-        "deref_nodes_seen", (unsigned long long)st->deref_nodes_seen,
-        "nothing_nodes_seen", (unsigned long long)st->nothing_nodes_seen,
-        "path_cache_size", PyDict_GET_SIZE(st->path_cache));
-}
-
-static PyObject *
-clear_path_cache(PyObject *module, PyObject *Py_UNUSED(ignored))
-{
-    PyDict_Clear(refx_get_state(module)->path_cache);
-    Py_RETURN_NONE;
+        "{sKsKsKsnsn}", "deref_nodes_seen",
+        (unsigned long long)st->deref_nodes_seen, "nothing_nodes_seen",
+        (unsigned long long)st->nothing_nodes_seen, "noncanonical_seen",
+        (unsigned long long)st->noncanonical_seen, "path_cache_size",
+        PyDict_GET_SIZE(st->path_cache), "path_cache_paths",
+        st->path_cache_paths);
 }
 
 static PyMethodDef module_functions[] = {
-    {"_clear_path_cache", (PyCFunction)clear_path_cache, METH_NOARGS,
-     "_clear_path_cache($module, /)\n--\n\n"
-     "Forget the paths computed per treedef (tests, memory)."},
     {"_debug_counters", (PyCFunction)debug_counters, METH_NOARGS,
      "_debug_counters($module, /)\n--\n\nInternal counters, for tests."},
     {"_install_jax", (PyCFunction)(void (*)(void))install_jax,
@@ -238,6 +230,8 @@ module_exec(PyObject *module)
     if ((st->path_cache = PyDict_New()) == NULL) {
         return -1;
     }
+    st->path_cache_max_paths = 500000; /* see partition.c */
+    st->path_cache_max_entries = 512;
     PyObject *copyreg = PyImport_ImportModule("copyreg");
     if (copyreg == NULL) {
         return -1;

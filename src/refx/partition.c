@@ -16,10 +16,12 @@
  * its present entries, and merging such a split rebuilds the NOTHINGs.
  *
  * Paths and their cache.  tree_partition flattens the tree with
- * Ref/Value/Index/NOTHING as leaves, then needs the path of each leaf.
- * Paths depend only on the treedef, so they are computed once per treedef
- * (with jaxlib's flatten_with_path, checking that no two leaves share a
- * path) and cached in st->path_cache: treedef -> PathInfo, a tuple
+ * Ref/Value/Index/NOTHING as leaves, then needs the path of each leaf,
+ * which jaxlib's flatten_with_path gives (at ~3x a flatten).  Paths are a
+ * function of the tree alone; for canonical trees (every dict key an exact
+ * str or int, see tree.c) they are a function of the treedef, so they are
+ * computed once per treedef and cached in st->path_cache:
+ * treedef -> PathInfo, a tuple
  *
  *     (paths, template, hashes)
  *
@@ -28,24 +30,37 @@
  * each path's hash.  A partition is then made by cloning the template (a
  * memcpy in CPython's dict_merge) and overwriting the entries of the
  * leaves it holds with their precomputed hashes: one dict store per leaf,
- * no string or tuple work.  The cache holds at most PATH_CACHE_MAX
- * treedefs and is emptied when full; a treedef that cannot be hashed
- * (custom node with unhashable aux data) is simply not cached.
+ * no string or tuple work.  A tree with other keys ({1.0: x}, an Enum
+ * key) gets its paths computed on every call and never cached, so the
+ * paths of {1: x} and {1.0: x} never mix, whichever came first.
  *
- * merge_partitions walks the partitions in lockstep (PyDict_Next; keys
- * made by tree_partition are the same objects, so comparing is a pointer
- * test), falling back to lookups when their orders differ, takes the one
- * non-NOTHING value at each path and unflattens with the treedef.  If the
- * treedef is in the path cache, the paths must be its paths (a treedef of
- * another tree with as many leaves is an error, not a wrong tree).
+ * The cache is bounded by what it holds: at most 500,000 paths in all
+ * (about 85 MB for paths 3 deep; a path costs ~170 bytes with its template
+ * entry) and at most 512 treedefs.  When a new entry does not fit, the
+ * oldest entries go first; a tree with more paths than the whole bound is
+ * not cached.  (Bounded by count alone, a 20,000-Ref tree growing by one
+ * Ref per step held ~1 GB after 300 steps.)  A treedef that cannot be
+ * hashed (custom node with unhashable aux data) is not cached either.
+ *
+ * merge_partitions is always by path: the paths of the treedef come from
+ * the cache or, for a treedef the cache does not hold (evicted, or made by
+ * jax.tree_util), from the treedef itself: it is unflattened with
+ * placeholder leaves and flattened again with key paths.  Each path is
+ * looked up in every partition (a dict cursor: one PyDict_Next and a
+ * pointer test per path while a partition is in leaf order), and exactly
+ * one partition must hold a value there.  A partition keyed by other paths
+ * (a treedef of another tree with as many leaves) is an error, not a wrong
+ * tree.  Equal treedefs have the same leaf order, so the paths a cached
+ * entry gives are right for any equal treedef; if the partitions hold the
+ * paths of a non-canonical equal tree instead, the treedef's own paths
+ * are computed and tried.
  *
  * Functions in this file: the Partition type and its pytree functions,
- * path_info_for,
- * tree_partition, get_partition, merge_partitions.
+ * the path cache (path_info_from_pairs, path_cache_get/put,
+ * tree_path_info, treedef_path_info), tree_partition, get_partition,
+ * merge_partitions (merge_check_args, merge_at_path, merge_by_paths).
  */
 #include "refx.h"
-
-#define PATH_CACHE_MAX 512
 
 /* ------------------------------------------------------------------ */
 /* Partition                                                            */
@@ -508,34 +523,148 @@ error:
 }
 
 /* ------------------------------------------------------------------ */
-/* paths of a treedef                                                   */
+/* the path cache                                                       */
 /* ------------------------------------------------------------------ */
 
-/* PathInfo (paths, template, hashes) for this tree; see the essay. */
+/* PathInfo (paths, template, hashes) from flatten_with_path's (keypath,
+ * leaf) pairs; *canonical is cleared if a key in a path is not canonical.
+ * Two leaves with one path are a ValueError. */
 static PyObject *
-path_info_for(refx_state *st, const char *fname, PyObject *tree,
-              PyObject *pred, PyObject *treedef, Py_ssize_t n)
+path_info_from_pairs(refx_state *st, const char *fname, PyObject *pairs,
+                     int *canonical)
 {
-    PyObject *info = NULL, *res = NULL, *paths = NULL, *template = NULL;
-    PyObject *hashes = NULL, *seen = NULL;
-    int cacheable = 1;
-
-    info = PyDict_GetItemWithError(st->path_cache, treedef);
-    if (info != NULL) {
-        return Py_NewRef(info);
+    PyObject *info = NULL, *paths = NULL, *template = NULL, *hashes = NULL;
+    PyObject *seen = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(pairs);
+    paths = PyTuple_New(n);
+    template = PyDict_New();
+    hashes =
+        PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(Py_hash_t));
+    seen = PyDict_New();
+    if (paths == NULL || template == NULL || hashes == NULL || seen == NULL) {
+        goto error;
     }
-    if (PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
-            return NULL;
+    Py_hash_t *path_hashes = (Py_hash_t *)PyBytes_AS_STRING(hashes);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(pairs, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            REFX_BUG("flatten_with_path returned a bad pair");
+            goto error;
         }
-        PyErr_Clear(); /* unhashable aux data: work without the cache */
-        cacheable = 0;
+        PyObject *path =
+            refx_path_from_keypath_ex(st, PyTuple_GET_ITEM(pair, 0), canonical);
+        if (path == NULL) {
+            goto error;
+        }
+        PyTuple_SET_ITEM(paths, i, path);
+        Py_hash_t h = PyObject_Hash(path);
+        if (h == -1) {
+            goto error;
+        }
+        path_hashes[i] = h;
+        PyObject *pos = PyLong_FromSsize_t(i);
+        if (pos == NULL) {
+            goto error;
+        }
+        PyObject *prev = PyDict_SetDefault(seen, path, pos);
+        Py_DECREF(pos);
+        if (prev == NULL) {
+            goto error;
+        }
+        if (prev != pos) {
+            refx_raise_at_path(PyExc_ValueError, path,
+                               "%s: leaves %S and %zd both map to path "
+                               "{path}; paths must be unique (do two keys of "
+                               "a node have the same str()?)",
+                               fname, prev, i);
+            goto error;
+        }
+        if (PyDict_SetItem(template, path, st->nothing) < 0) {
+            goto error;
+        }
     }
+    info = PyTuple_Pack(3, paths, template, hashes);
+error:
+    Py_XDECREF(paths);
+    Py_XDECREF(template);
+    Py_XDECREF(hashes);
+    Py_XDECREF(seen);
+    return info;
+}
 
+/* The cached PathInfo of `treedef` (new reference), or NULL: with an
+ * error set if the lookup raised, without one if it is not cached. */
+static PyObject *
+path_cache_get(refx_state *st, PyObject *treedef)
+{
+    PyObject *info = PyDict_GetItemWithError(st->path_cache, treedef);
+    if (info == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear(); /* unhashable aux data: never cached */
+    }
+    return Py_XNewRef(info);
+}
+
+/* Cache `info` for `treedef`, evicting the oldest entries until it fits
+ * both bounds (see the essay).  0, or -1 with an error. */
+static int
+path_cache_put(refx_state *st, PyObject *treedef, PyObject *info)
+{
+    PyObject *cache = st->path_cache;
+    Py_ssize_t n = PyTuple_GET_SIZE(PyTuple_GET_ITEM(info, 0));
+    if (n > st->path_cache_max_paths) {
+        return 0;
+    }
+    while (PyDict_GET_SIZE(cache) > 0 &&
+           (PyDict_GET_SIZE(cache) >= st->path_cache_max_entries ||
+            st->path_cache_paths + n > st->path_cache_max_paths)) {
+        Py_ssize_t pos = 0;
+        PyObject *oldest, *old_info;
+        if (!PyDict_Next(cache, &pos, &oldest, &old_info)) {
+            break;
+        }
+        /* account first: freeing the entry may run Python code (a custom
+         * node's aux data) that partitions, and so puts, again */
+        st->path_cache_paths -=
+            PyTuple_GET_SIZE(PyTuple_GET_ITEM(old_info, 0));
+        Py_INCREF(oldest);
+        int r = PyDict_DelItem(cache, oldest);
+        Py_DECREF(oldest);
+        if (r < 0) {
+            return -1;
+        }
+    }
+    PyObject *prev = PyDict_SetDefault(cache, treedef, info);
+    if (prev == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear(); /* unhashable aux data */
+            return 0;
+        }
+        return -1;
+    }
+    if (prev == info) { /* another thread may have cached it meanwhile */
+        st->path_cache_paths += n;
+    }
+    return 0;
+}
+
+/* The PathInfo of `tree`, flattened with `pred` into n leaves: from the
+ * cache if the tree is canonical (`canonical`: its flatten saw no other
+ * keys), else computed, and cached if canonical. */
+static PyObject *
+tree_path_info(refx_state *st, const char *fname, PyObject *tree,
+               PyObject *pred, PyObject *treedef, Py_ssize_t n, int canonical)
+{
+    PyObject *info = NULL, *res = NULL;
+    if (canonical) {
+        info = path_cache_get(st, treedef);
+        if (info != NULL || PyErr_Occurred()) {
+            return info;
+        }
+    }
     PyObject *args[2] = {tree, pred};
     res = refx_call_jax(st->flatten_with_path, args, 2);
     if (res == NULL) {
-        goto error;
+        return NULL;
     }
     PyObject *pairs = PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2
                           ? PyTuple_GET_ITEM(res, 0)
@@ -547,70 +676,80 @@ path_info_for(refx_state *st, const char *fname, PyObject *tree,
                      fname);
         goto error;
     }
-    paths = PyTuple_New(n);
-    template = PyDict_New();
-    hashes =
-        PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(Py_hash_t));
-    seen = PyDict_New();
-    if (paths == NULL || template == NULL || hashes == NULL || seen == NULL) {
-        goto error;
+    info = path_info_from_pairs(st, fname, pairs, &canonical);
+    if (info != NULL && canonical && path_cache_put(st, treedef, info) < 0) {
+        Py_CLEAR(info);
     }
-    Py_hash_t *hs = (Py_hash_t *)PyBytes_AS_STRING(hashes);
+error:
+    Py_DECREF(res);
+    return info;
+}
+
+/* The PathInfo of a treedef alone: its tree is rebuilt with placeholder
+ * leaves (the ints 0..n-1) and flattened again with key paths.  Cached if
+ * canonical.  Error if the treedef's nodes cannot be rebuilt that way. */
+static PyObject *
+treedef_path_info(refx_state *st, const char *fname, PyObject *treedef,
+                  Py_ssize_t n)
+{
+    PyObject *marks = NULL, *tree = NULL, *res = NULL, *info = NULL;
+    marks = PyList_New(n);
+    if (marks == NULL) {
+        return NULL;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = PyList_GET_ITEM(pairs, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            REFX_BUG("flatten_with_path returned a bad pair");
+        PyObject *m = PyLong_FromSsize_t(i);
+        if (m == NULL) {
             goto error;
         }
-        PyObject *path = refx_path_from_keypath(st, PyTuple_GET_ITEM(pair, 0));
-        if (path == NULL) {
-            goto error;
-        }
-        PyTuple_SET_ITEM(paths, i, path);
-        Py_hash_t h = PyObject_Hash(path);
-        if (h == -1) {
-            goto error;
-        }
-        hs[i] = h;
-        PyObject *pos = PyLong_FromSsize_t(i);
-        if (pos == NULL) {
-            goto error;
-        }
-        PyObject *prev = PyDict_SetDefault(seen, path, pos);
-        Py_DECREF(pos);
-        if (prev == NULL) {
-            goto error;
-        }
-        if (prev != pos) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s: leaves %S and %zd both map to path %R; paths "
-                         "must be unique (do two keys of a node have the "
-                         "same str()?)",
-                         fname, prev, i, path);
-            goto error;
-        }
-        if (PyDict_SetItem(template, path, st->nothing) < 0) {
-            goto error;
-        }
+        PyList_SET_ITEM(marks, i, m);
     }
-    info = PyTuple_Pack(3, paths, template, hashes);
-    if (info == NULL) {
+    tree = refx_unflatten(st, treedef, marks);
+    if (tree != NULL) {
+        res = refx_call_jax(st->flatten_with_path, &tree, 1);
+    }
+    PyObject *pairs = res != NULL && PyTuple_Check(res) &&
+                              PyTuple_GET_SIZE(res) == 2 &&
+                              PyList_Check(PyTuple_GET_ITEM(res, 0))
+                          ? PyTuple_GET_ITEM(res, 0)
+                          : NULL;
+    int same = pairs != NULL && PyList_GET_SIZE(pairs) == n;
+    for (Py_ssize_t i = 0; same && i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(pairs, i);
+        same = PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) == 2 &&
+               PyTuple_GET_ITEM(pair, 1) == PyList_GET_ITEM(marks, i);
+    }
+    if (!same) {
+        if (PyErr_Occurred()) {
+            PyObject *exc = refx_take_exception();
+            PyErr_Format(PyExc_ValueError,
+                         "%s: the paths of this treedef are not cached, and "
+                         "rebuilding its tree to find them failed (%S); "
+                         "merge with a treedef from tree_partition of this "
+                         "process",
+                         fname, exc);
+            Py_XDECREF(exc);
+        }
+        else {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: the paths of this treedef are not cached, and "
+                         "its tree, rebuilt with placeholder leaves, does "
+                         "not give them back (a custom node's unflatten "
+                         "changes its children?); merge with a treedef from "
+                         "tree_partition of this process",
+                         fname);
+        }
         goto error;
     }
-    if (cacheable) {
-        if (PyDict_GET_SIZE(st->path_cache) >= PATH_CACHE_MAX) {
-            PyDict_Clear(st->path_cache);
-        }
-        if (PyDict_SetItem(st->path_cache, treedef, info) < 0) {
-            Py_CLEAR(info);
-        }
+    int canonical = 1;
+    info = path_info_from_pairs(st, fname, pairs, &canonical);
+    if (info != NULL && canonical && path_cache_put(st, treedef, info) < 0) {
+        Py_CLEAR(info);
     }
 error:
     Py_XDECREF(res);
-    Py_XDECREF(paths);
-    Py_XDECREF(template);
-    Py_XDECREF(hashes);
-    Py_XDECREF(seen);
+    Py_XDECREF(tree);
+    Py_DECREF(marks);
     return info;
 }
 
@@ -630,46 +769,55 @@ partition_from_template(refx_state *st, PyObject *info)
     return p;
 }
 
+static PyObject *
+path_cache_clear(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    refx_state *st = refx_get_state(module);
+    PyDict_Clear(st->path_cache);
+    st->path_cache_paths = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+path_cache_limits(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    refx_state *st = refx_get_state(module);
+    return Py_BuildValue("{snsn}", "paths", st->path_cache_max_paths,
+                         "entries", st->path_cache_max_entries);
+}
+
+static PyObject *
+set_path_cache_limits(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"paths", "entries", NULL};
+    refx_state *st = refx_get_state(module);
+    Py_ssize_t paths = st->path_cache_max_paths;
+    Py_ssize_t entries = st->path_cache_max_entries;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs,
+                                     "|$nn:_set_path_cache_limits", kwlist,
+                                     &paths, &entries)) {
+        return NULL;
+    }
+    if (paths < 0 || entries < 1) {
+        PyErr_SetString(PyExc_ValueError,
+                        "_set_path_cache_limits: paths must be >= 0 and "
+                        "entries >= 1");
+        return NULL;
+    }
+    PyObject *old = path_cache_limits(module, NULL);
+    if (old == NULL) {
+        return NULL;
+    }
+    st->path_cache_max_paths = paths;
+    st->path_cache_max_entries = entries;
+    PyDict_Clear(st->path_cache);
+    st->path_cache_paths = 0;
+    return old;
+}
+
 /* ------------------------------------------------------------------ */
 /* tree_partition / get_partition                                       */
 /* ------------------------------------------------------------------ */
-
-/* Flatten for partitioning: Ref/Value/Index/NOTHING (and whatever is_leaf
- * accepts) are leaves.  *pred receives the predicate that describes the
- * result, for path computation. */
-static PyObject *
-partition_leaves(refx_state *st, PyObject *tree, PyObject *is_leaf,
-                 PyObject **treedef, PyObject **pred)
-{
-    PyObject *leaves;
-    *pred = refx_make_pred(st, is_leaf);
-    if (*pred == NULL) {
-        return NULL;
-    }
-    if (*pred != st->pred_refx || st->partition_hint) {
-        leaves = refx_flatten(st, tree, *pred, treedef);
-        if (leaves != NULL && *pred == st->pred_refx) {
-            /* keep the hint only while trees do hold such nodes */
-            int any = 0;
-            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(leaves) && !any; i++) {
-                PyObject *x = PyList_GET_ITEM(leaves, i);
-                any = x == st->nothing || Deref_Check(st, x);
-            }
-            st->partition_hint = any;
-        }
-        return leaves;
-    }
-    uint64_t d = st->deref_nodes_seen, z = st->nothing_nodes_seen;
-    leaves = refx_flatten(st, tree, NULL, treedef);
-    if (leaves == NULL ||
-        (st->deref_nodes_seen == d && st->nothing_nodes_seen == z)) {
-        return leaves;
-    }
-    Py_DECREF(leaves);
-    Py_CLEAR(*treedef);
-    st->partition_hint = 1;
-    return refx_flatten(st, tree, *pred, treedef);
-}
 
 /* Shared body: nparts = nfilters + 1 partitions, or only the first when
  * `first_only`.  Returns a tuple of Partitions; *treedef_out set. */
@@ -688,12 +836,20 @@ partition_impl(refx_state *st, const char *fname, PyObject *tree,
             return NULL;
         }
     }
-    leaves = partition_leaves(st, tree, is_leaf, &treedef, &pred);
+    pred = refx_make_pred(st, is_leaf);
+    if (pred == NULL) {
+        return NULL;
+    }
+    /* always with the predicate: it also tells whether the tree's keys are
+     * canonical, before its treedef is looked up */
+    uint64_t noncanonical = st->noncanonical_seen;
+    leaves = refx_flatten(st, tree, pred, &treedef);
     if (leaves == NULL) {
         goto error;
     }
     Py_ssize_t n = PyList_GET_SIZE(leaves);
-    info = path_info_for(st, fname, tree, pred, treedef, n);
+    info = tree_path_info(st, fname, tree, pred, treedef, n,
+                          st->noncanonical_seen == noncanonical);
     if (info == NULL) {
         goto error;
     }
@@ -769,7 +925,7 @@ parse_is_leaf(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
 }
 
 PyDoc_STRVAR(
-    tree_partition_doc,
+    refx_tree_partition__doc__,
     "tree_partition($module, tree, /, *filters, is_leaf=None)\n"
     "--\n\n"
     "Split the leaves of `tree` by filters into len(filters) + 1 "
@@ -808,7 +964,7 @@ refx_tree_partition(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
 }
 
 PyDoc_STRVAR(
-    get_partition_doc,
+    refx_get_partition__doc__,
     "get_partition($module, tree, filter, /, *, is_leaf=None)\n"
     "--\n\n"
     "The first partition of tree_partition(tree, filter): a Partition "
@@ -847,20 +1003,6 @@ refx_get_partition(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
 /* merge_partitions                                                     */
 /* ------------------------------------------------------------------ */
 
-static int
-keys_equal(PyObject *a, PyObject *b)
-{
-    if (a == b) {
-        return 1;
-    }
-    Py_INCREF(a);
-    Py_INCREF(b);
-    int r = PyObject_RichCompareBool(a, b, Py_EQ);
-    Py_DECREF(a);
-    Py_DECREF(b);
-    return r;
-}
-
 /* A path of `a` that `b` lacks (borrowed), or NULL (maybe with error). */
 static PyObject *
 missing_path(PyObject *a, PyObject *b)
@@ -879,41 +1021,20 @@ missing_path(PyObject *a, PyObject *b)
     return NULL;
 }
 
-PyDoc_STRVAR(
-    merge_partitions_doc,
-    "merge_partitions($module, partitions, treedef, /)\n"
-    "--\n\n"
-    "Rebuild a tree from the partitions and treedef of tree_partition.\n\n"
-    "The partitions must have the same paths, and at each path exactly one\n"
-    "of them must hold a value other than NOTHING; that value becomes the\n"
-    "leaf.  Partitions may be any dicts (e.g. transformed by jax.tree_map).");
-
-static PyObject *
-refx_merge_partitions(PyObject *module, PyObject *const *args,
-                      Py_ssize_t nargs)
+/* Check the arguments; on success *parts is a tuple of our own (never the
+ * caller's list: comparing keys runs Python code, which could empty the
+ * list and free the dicts) holding dicts with n paths each, n being the
+ * treedef's number of leaves. */
+static int
+merge_check_args(refx_state *st, PyObject *partitions, PyObject *treedef,
+                 PyObject **parts, Py_ssize_t *n)
 {
-    refx_state *st = refx_get_state(module);
-    PyObject *seq = NULL, *leaves = NULL, *res = NULL, *num = NULL;
-    PyObject *info = NULL;
-    Py_ssize_t *pos = NULL;
-    char *lockstep = NULL;
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError,
-                     "merge_partitions() takes 2 arguments (partitions, "
-                     "treedef) but %zd were given",
-                     nargs);
-        return NULL;
-    }
-    if (refx_require_trees(st, "merge_partitions") < 0) {
-        return NULL;
-    }
-    PyObject *partitions = args[0], *treedef = args[1];
     if (PyDict_Check(partitions) || !PySequence_Check(partitions)) {
         PyErr_Format(PyExc_TypeError,
                      "merge_partitions: partitions must be a tuple or list "
                      "of dicts, not %.200s",
                      Py_TYPE(partitions)->tp_name);
-        return NULL;
+        return -1;
     }
     int ok = PyObject_IsInstance(treedef, st->treedef_type);
     if (ok <= 0) {
@@ -923,209 +1044,242 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
                          "returned by tree_partition), not %.200s",
                          Py_TYPE(treedef)->tp_name);
         }
-        return NULL;
+        return -1;
     }
-    /* A tuple of our own, never the caller's list: comparing keys runs
-     * Python code, which could empty the list and free the dicts. */
-    seq = PySequence_Tuple(partitions);
-    if (seq == NULL) {
-        return NULL;
+    *parts = PySequence_Tuple(partitions);
+    if (*parts == NULL) {
+        return -1;
     }
-    Py_ssize_t np = PyTuple_GET_SIZE(seq);
-    PyObject **parts = &PyTuple_GET_ITEM(seq, 0);
+    Py_ssize_t np = PyTuple_GET_SIZE(*parts);
     if (np == 0) {
         PyErr_SetString(PyExc_ValueError,
                         "merge_partitions: no partitions given");
         goto error;
     }
     for (Py_ssize_t k = 0; k < np; k++) {
-        if (!PyDict_Check(parts[k])) {
+        PyObject *p = PyTuple_GET_ITEM(*parts, k);
+        if (!PyDict_Check(p)) {
             PyErr_Format(PyExc_TypeError,
                          "merge_partitions: partition %zd is a %.200s; "
                          "expected a dict (Partition)",
-                         k, Py_TYPE(parts[k])->tp_name);
+                         k, Py_TYPE(p)->tp_name);
             goto error;
         }
     }
-    Py_ssize_t n = PyDict_GET_SIZE(parts[0]);
+    PyObject *first = PyTuple_GET_ITEM(*parts, 0);
+    *n = PyDict_GET_SIZE(first);
     for (Py_ssize_t k = 1; k < np; k++) {
-        if (PyDict_GET_SIZE(parts[k]) != n) {
-            int more = PyDict_GET_SIZE(parts[k]) > n;
-            PyObject *p = more ? missing_path(parts[k], parts[0])
-                               : missing_path(parts[0], parts[k]);
-            if (p == NULL && PyErr_Occurred()) {
+        PyObject *p = PyTuple_GET_ITEM(*parts, k);
+        if (PyDict_GET_SIZE(p) != *n) {
+            int more = PyDict_GET_SIZE(p) > *n;
+            PyObject *only = more ? missing_path(p, first)
+                                  : missing_path(first, p);
+            if (only == NULL && PyErr_Occurred()) {
                 goto error;
             }
             PyErr_Format(PyExc_ValueError,
                          "merge_partitions: partition %zd has %zd paths but "
                          "partition 0 has %zd; path %R is only in partition "
                          "%zd",
-                         k, PyDict_GET_SIZE(parts[k]), n,
-                         p != NULL ? p : Py_None, more ? k : (Py_ssize_t)0);
+                         k, PyDict_GET_SIZE(p), *n,
+                         only != NULL ? only : Py_None,
+                         more ? k : (Py_ssize_t)0);
             goto error;
         }
     }
-    num = PyObject_GetAttr(treedef, st->str_num_leaves);
+    PyObject *num = PyObject_GetAttr(treedef, st->str_num_leaves);
     if (num == NULL) {
         goto error;
     }
     Py_ssize_t nleaves = PyLong_AsSsize_t(num);
+    Py_DECREF(num);
     if (nleaves == -1 && PyErr_Occurred()) {
         goto error;
     }
-    if (nleaves != n) {
+    if (nleaves != *n) {
         PyErr_Format(PyExc_ValueError,
                      "merge_partitions: treedef has %zd leaves but the "
                      "partitions have %zd paths (is the treedef from another "
                      "tree?)",
-                     nleaves, n);
+                     nleaves, *n);
         goto error;
     }
-    /* A treedef that tree_partition made in this process is in the path
-     * cache: then the partitions' paths must be its paths, which catches a
-     * treedef of another tree with as many leaves.  (Paths made by
-     * tree_partition are the cached objects: a pointer test per path.) */
-    info = PyDict_GetItemWithError(st->path_cache, treedef);
-    if (info == NULL && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+    return 0;
+error:
+    Py_CLEAR(*parts);
+    return -1;
+}
+
+/* The one value other than NOTHING at `path` (new reference); NULL with
+ * an error, or NULL without one when partition *missing lacks the path. */
+static PyObject *
+merge_at_path(refx_state *st, refx_dict_cursor *cursors, Py_ssize_t np,
+              PyObject *path, Py_ssize_t *missing)
+{
+    PyObject *found = NULL;
+    Py_ssize_t found_k = -1;
+    for (Py_ssize_t k = 0; k < np; k++) {
+        PyObject *v = refx_cursor_get(&cursors[k], path);
+        if (v == NULL) {
+            if (!PyErr_Occurred()) {
+                *missing = k;
+            }
             goto error;
         }
-        PyErr_Clear(); /* unhashable aux data: nothing cached */
+        if (v == st->nothing) {
+            Py_DECREF(v);
+            continue;
+        }
+        if (found != NULL) {
+            Py_DECREF(v);
+            refx_raise_at_path(PyExc_ValueError, path,
+                               "merge_partitions: two values at path {path} "
+                               "(partitions %zd and %zd); each path must have "
+                               "exactly one non-NOTHING value",
+                               found_k, k);
+            goto error;
+        }
+        found = v;
+        found_k = k;
     }
-    Py_XINCREF(info);
-    PyObject *tdpaths = info != NULL ? PyTuple_GET_ITEM(info, 0) : NULL;
-    leaves = PyList_New(n);
-    pos = PyMem_Calloc((size_t)np, sizeof(Py_ssize_t));
-    lockstep = PyMem_Malloc((size_t)np);
-    if (leaves == NULL || pos == NULL || lockstep == NULL) {
+    if (found == NULL) {
+        refx_raise_at_path(PyExc_ValueError, path,
+                           "merge_partitions: no value at path {path} "
+                           "(NOTHING in all %zd partitions); each path must "
+                           "have exactly one non-NOTHING value",
+                           np);
+    }
+    return found;
+error:
+    Py_XDECREF(found);
+    return NULL;
+}
+
+/* The leaves, in the order of `paths`; NULL with an error, or NULL without
+ * one when path number *at is missing from partition *missing. */
+static PyObject *
+merge_by_paths(refx_state *st, PyObject *parts, PyObject *paths,
+               Py_ssize_t *missing, Py_ssize_t *at)
+{
+    Py_ssize_t np = PyTuple_GET_SIZE(parts), n = PyTuple_GET_SIZE(paths);
+    PyObject *leaves = PyList_New(n);
+    refx_dict_cursor *cursors = PyMem_Malloc((size_t)np * sizeof(*cursors));
+    if (leaves == NULL || cursors == NULL) {
         if (leaves != NULL) {
             PyErr_NoMemory();
         }
         goto error;
     }
-    memset(lockstep, 1, (size_t)np);
+    for (Py_ssize_t k = 0; k < np; k++) {
+        refx_cursor_init(&cursors[k], PyTuple_GET_ITEM(parts, k));
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
-        /* the path of leaf i: the treedef's when known (then every
-         * partition, the first included, is read by path), else the i-th
-         * path of partition 0 */
-        PyObject *path, *v0 = NULL, *found = NULL;
-        Py_ssize_t found_k = -1;
-        if (tdpaths != NULL) {
-            path = Py_NewRef(PyTuple_GET_ITEM(tdpaths, i));
+        PyObject *v = merge_at_path(st, cursors, np,
+                                    PyTuple_GET_ITEM(paths, i), missing);
+        if (v == NULL) {
+            *at = i;
+            goto error;
         }
-        else {
-            PyObject *k0;
-            if (!PyDict_Next(parts[0], &pos[0], &k0, &v0)) {
-                PyErr_SetString(PyExc_RuntimeError,
-                                "merge_partitions: partition 0 changed size "
-                                "during the call");
-                goto error;
-            }
-            path = Py_NewRef(k0);
-            v0 = Py_NewRef(v0);
+        PyList_SET_ITEM(leaves, i, v);
+    }
+    PyMem_Free(cursors);
+    return leaves;
+error:
+    PyMem_Free(cursors);
+    Py_XDECREF(leaves);
+    return NULL;
+}
+
+PyDoc_STRVAR(
+    refx_merge_partitions__doc__,
+    "merge_partitions($module, partitions, treedef, /)\n"
+    "--\n\n"
+    "Rebuild a tree from the partitions and treedef of tree_partition.\n\n"
+    "The partitions must have the treedef's paths, and at each path exactly\n"
+    "one of them must hold a value other than NOTHING; that value becomes "
+    "the\n"
+    "leaf at that path.  Partitions may be any dicts, in any order (e.g.\n"
+    "transformed by jax.tree_util.tree_map), and the treedef may come from\n"
+    "jax.tree_util: leaves are matched by path, never by position.");
+
+static PyObject *
+refx_merge_partitions(PyObject *module, PyObject *const *args,
+                      Py_ssize_t nargs)
+{
+    refx_state *st = refx_get_state(module);
+    PyObject *parts = NULL, *info = NULL, *leaves = NULL, *res = NULL;
+    Py_ssize_t n, missing = -1, at = -1;
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError,
+                     "merge_partitions() takes 2 arguments (partitions, "
+                     "treedef) but %zd were given",
+                     nargs);
+        return NULL;
+    }
+    PyObject *treedef = args[1];
+    if (refx_require_trees(st, "merge_partitions") < 0 ||
+        merge_check_args(st, args[0], treedef, &parts, &n) < 0) {
+        return NULL;
+    }
+    info = path_cache_get(st, treedef);
+    int cached = info != NULL;
+    if (info == NULL && !PyErr_Occurred()) {
+        info = treedef_path_info(st, "merge_partitions", treedef, n);
+    }
+    if (info == NULL) {
+        goto error;
+    }
+    leaves = merge_by_paths(st, parts, PyTuple_GET_ITEM(info, 0), &missing,
+                            &at);
+    if (leaves == NULL && !PyErr_Occurred() && cached) {
+        /* the cache holds the paths of an equal treedef; this one's own
+         * paths (a non-canonical tree's) may be what the partitions hold */
+        PyObject *own = treedef_path_info(st, "merge_partitions", treedef, n);
+        if (own == NULL) {
+            goto error;
         }
-        for (Py_ssize_t k = 0; k < np; k++) {
-            /* v is owned: comparing keys may run Python code that mutates
-             * the partition and frees a borrowed value */
-            PyObject *v = NULL;
-            if (v0 != NULL && k == 0) {
-                v = v0;
-                v0 = NULL;
-            }
-            else {
-                PyObject *key, *bv;
-                if (lockstep[k] && PyDict_Next(parts[k], &pos[k], &key, &bv)) {
-                    Py_INCREF(bv);
-                    int eq = keys_equal(key, path);
-                    if (eq < 0) {
-                        Py_DECREF(bv);
-                        goto fail_path;
-                    }
-                    if (eq) {
-                        v = bv;
-                    }
-                    else {
-                        Py_DECREF(bv);
-                        lockstep[k] = 0; /* orders differ: look paths up */
-                    }
-                }
-                if (v == NULL) {
-                    v = Py_XNewRef(PyDict_GetItemWithError(parts[k], path));
-                    if (v == NULL) {
-                        if (PyErr_Occurred()) {
-                            goto fail_path;
-                        }
-                        if (tdpaths != NULL) {
-                            PyErr_Format(PyExc_ValueError,
-                                         "merge_partitions: path %R of the "
-                                         "treedef is not in partition %zd "
-                                         "(are the treedef and the "
-                                         "partitions from different trees?)",
-                                         path, k);
-                        }
-                        else {
-                            PyErr_Format(PyExc_ValueError,
-                                         "merge_partitions: path %R is in "
-                                         "partition 0 but not in partition "
-                                         "%zd; partitions must have the same "
-                                         "paths",
-                                         path, k);
-                        }
-                        goto fail_path;
-                    }
-                }
-            }
-            if (v == st->nothing) {
-                Py_DECREF(v);
-                continue;
-            }
-            if (found != NULL) {
-                PyErr_Format(PyExc_ValueError,
-                             "merge_partitions: two values at path %R "
-                             "(partitions %zd and %zd); each path must have "
-                             "exactly one non-NOTHING value",
-                             path, found_k, k);
-                Py_DECREF(v);
-                goto fail_path;
-            }
-            found = v;
-            found_k = k;
+        Py_SETREF(info, own);
+        leaves = merge_by_paths(st, parts, PyTuple_GET_ITEM(info, 0),
+                                &missing, &at);
+    }
+    if (leaves == NULL) {
+        if (!PyErr_Occurred()) {
+            refx_raise_at_path(
+                PyExc_ValueError,
+                PyTuple_GET_ITEM(PyTuple_GET_ITEM(info, 0), at),
+                "merge_partitions: path {path} of the treedef is not in "
+                "partition %zd (are the treedef and the partitions from "
+                "different trees?)",
+                missing);
         }
-        if (found == NULL) {
-            PyErr_Format(PyExc_ValueError,
-                         "merge_partitions: no value at path %R (NOTHING in "
-                         "all %zd partitions); each path must have exactly "
-                         "one non-NOTHING value",
-                         path, np);
-            goto fail_path;
-        }
-        Py_DECREF(path);
-        PyList_SET_ITEM(leaves, i, found);
-        continue;
-    fail_path:
-        Py_XDECREF(found);
-        Py_XDECREF(v0);
-        Py_DECREF(path);
         goto error;
     }
     res = refx_unflatten(st, treedef, leaves);
 error:
-    Py_XDECREF(info);
-    PyMem_Free(pos);
-    PyMem_Free(lockstep);
-    Py_XDECREF(num);
     Py_XDECREF(leaves);
-    Py_XDECREF(seq);
+    Py_XDECREF(info);
+    Py_XDECREF(parts);
     return res;
 }
 
 PyMethodDef refx_partition_functions[] = {
     {"tree_partition", (PyCFunction)(void (*)(void))refx_tree_partition,
-     METH_FASTCALL | METH_KEYWORDS, tree_partition_doc},
+     METH_FASTCALL | METH_KEYWORDS, refx_tree_partition__doc__},
     {"get_partition", (PyCFunction)(void (*)(void))refx_get_partition,
-     METH_FASTCALL | METH_KEYWORDS, get_partition_doc},
+     METH_FASTCALL | METH_KEYWORDS, refx_get_partition__doc__},
     {"merge_partitions", (PyCFunction)(void (*)(void))refx_merge_partitions,
-     METH_FASTCALL, merge_partitions_doc},
+     METH_FASTCALL, refx_merge_partitions__doc__},
+    {"_clear_path_cache", (PyCFunction)path_cache_clear, METH_NOARGS,
+     "_clear_path_cache($module, /)\n--\n\n"
+     "Forget the paths computed per treedef (tests, memory)."},
+    {"_path_cache_limits", (PyCFunction)path_cache_limits, METH_NOARGS,
+     "_path_cache_limits($module, /)\n--\n\n"
+     "The path cache's bounds: {'paths': ..., 'entries': ...}."},
+    {"_set_path_cache_limits",
+     (PyCFunction)(void (*)(void))set_path_cache_limits,
+     METH_VARARGS | METH_KEYWORDS,
+     "_set_path_cache_limits($module, /, *, paths=None, entries=None)\n--\n\n"
+     "Set the path cache's bounds (tests); empties it; returns the old ones."},
     {"_partition_flatten", (PyCFunction)partition_flatten, METH_O,
      "_partition_flatten($module, partition, /)\n--\n\n"
      "pytree flatten of Partition."},

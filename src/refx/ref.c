@@ -108,6 +108,24 @@ is_plain_value(refx_state *st, PyObject *value)
     return 0;
 }
 
+/* 0 if a Ref of trace `trace` (a weakref) may hold `value`: its tracers, if
+ * any, belong to that trace or to one enclosing it; -1 with ValueError
+ * otherwise.  Values of plain types are not looked at. */
+int
+refx_check_value(refx_state *st, PyObject *value, PyObject *trace)
+{
+    if (is_plain_value(st, value)) {
+        return 0;
+    }
+    PyObject *args[2] = {value, trace};
+    PyObject *r = refx_call_jax(st->check_value, args, 2);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
 /* 0 if `ref` may be set to `value` while `current_trace` (a weakref) is
  * current; -1 with ValueError otherwise. */
 int
@@ -119,16 +137,7 @@ refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                         "Cannot mutate Ref from a different trace level");
         return -1;
     }
-    if (is_plain_value(st, value)) {
-        return 0;
-    }
-    PyObject *args[2] = {value, ref->trace};
-    PyObject *r = refx_call_jax(st->check_value, args, 2);
-    if (r == NULL) {
-        return -1;
-    }
-    Py_DECREF(r);
-    return 0;
+    return refx_check_value(st, value, ref->trace);
 }
 
 /* ------------------------------------------------------------------ */
@@ -520,13 +529,14 @@ deref_maybe_track(DerefObject *self, PyObject *value)
     }
 }
 
+/* A new Value taking over the caller's references to value and
+ * collection (on failure too).  deref hands over its snapshot this way,
+ * so making a Value does not touch the value again (at 100k Refs each
+ * touch of an array's refcount is a cache miss). */
 PyObject *
-refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
-                  PyObject *collection)
+refx_value_steal(refx_state *st, PyObject *value, Py_ssize_t index,
+                 PyObject *collection)
 {
-    /* owned before allocating: see refx_ref_create */
-    Py_INCREF(value);
-    Py_INCREF(collection);
     ValueObject *self = PyObject_GC_New(ValueObject, st->Value_Type);
     if (self == NULL) {
         Py_DECREF(value);
@@ -539,6 +549,15 @@ refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
     self->value = value;
     deref_maybe_track(&self->base, value);
     return (PyObject *)self;
+}
+
+PyObject *
+refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
+                  PyObject *collection)
+{
+    /* owned before allocating: see refx_ref_create */
+    return refx_value_steal(st, Py_NewRef(value), index,
+                            Py_NewRef(collection));
 }
 
 PyObject *

@@ -102,17 +102,16 @@ typedef struct {
     /* treedef -> path info, bounded (see partition.c) */
     PyObject *path_cache;
 
-    /* Bumped by the flatten functions of Value/Index and of NOTHING.
-     * deref and tree_partition flatten without a leaf predicate (it costs
-     * ~25% of a flatten) and compare these counters before and after: a
-     * change means the tree held such nodes and the call redoes the
-     * flatten with a predicate.  Monotonic, so another thread flattening
-     * at the same time can only cause a needless redo, never a miss. */
+    /* Bumped by the flatten functions of Value/Index and of NOTHING; see
+     * refx_flatten_leaves. */
     uint64_t deref_nodes_seen;
     uint64_t nothing_nodes_seen;
-    int partition_hint;    /* last tree_partition needed the predicate */
-    uint64_t epoch;        /* numbers deref/clone calls, for Ref marks */
-    uint64_t mark_retries; /* deref/clone calls redone with a map (tests) */
+    uint64_t epoch; /* numbers deref/clone calls, for Ref marks */
+    /* Bumped by pred_refx (and is_leaf predicates) for each dict node
+     * whose keys are not all canonical (see tree.c, "Paths"). */
+    uint64_t noncanonical_seen;
+    /* The path cache's bounds and what it holds (partition.c). */
+    Py_ssize_t path_cache_paths, path_cache_max_paths, path_cache_max_entries;
     Py_ssize_t registry_seen; /* size of pytree_registry when last checked */
 
     /* interned strings */
@@ -141,6 +140,26 @@ refx_state_from_type(PyTypeObject *tp)
         return NULL;
     }
     return refx_get_state(m);
+}
+
+/* The exception being raised, normalized, as a new reference; the error
+ * indicator is cleared.  (PyErr_GetRaisedException, before 3.12 too.) */
+static inline PyObject *
+refx_take_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    PyErr_NormalizeException(&et, &ev, &etb);
+    if (ev != NULL && etb != NULL) {
+        PyException_SetTraceback(ev, etb);
+    }
+    Py_XDECREF(et);
+    Py_XDECREF(etb);
+    return ev;
+#endif
 }
 
 /* Raise SystemError naming this file and line: internal invariants only. */
@@ -207,8 +226,22 @@ PyObject *refx_flatten(refx_state *st, PyObject *tree, PyObject *pred,
                        PyObject **treedef);
 PyObject *refx_unflatten(refx_state *st, PyObject *treedef, PyObject *leaves);
 PyObject *refx_path_from_keypath(refx_state *st, PyObject *keypath);
+PyObject *refx_path_from_keypath_ex(refx_state *st, PyObject *keypath,
+                                    int *canonical);
 PyObject *refx_leaf_path_repr(refx_state *st, PyObject *tree, PyObject *pred,
                               Py_ssize_t i);
+void refx_raise_at_leaf(refx_state *st, PyObject *exc, PyObject *tree,
+                        PyObject *pred, Py_ssize_t i, const char *fmt, ...);
+void refx_raise_at_path(PyObject *exc, PyObject *path, const char *fmt, ...);
+PyObject *refx_flatten_leaves(refx_state *st, PyObject *tree, PyObject *pred,
+                              PyObject **treedef);
+typedef struct {
+    PyObject *dict; /* borrowed: the caller keeps it alive */
+    Py_ssize_t pos;
+    int in_step; /* keys have come in the dict's order so far */
+} refx_dict_cursor;
+void refx_cursor_init(refx_dict_cursor *cur, PyObject *dict);
+PyObject *refx_cursor_get(refx_dict_cursor *cur, PyObject *key);
 int refx_check_hashable(PyObject *o, const char *fname, const char *what);
 PyObject *refx_current_trace(refx_state *st);
 PyObject *refx_make_pred(refx_state *st, PyObject *user_is_leaf);
@@ -219,10 +252,13 @@ PyObject *refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
                           PyObject *collection, PyObject *trace);
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                      PyObject *current_trace);
+int refx_check_value(refx_state *st, PyObject *value, PyObject *trace);
 /* Set ref.value (no checks), keeping GC tracking right. */
 void refx_ref_store(refx_state *st, RefObject *ref, PyObject *value);
 PyObject *refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
                             PyObject *collection);
+PyObject *refx_value_steal(refx_state *st, PyObject *value, Py_ssize_t index,
+                           PyObject *collection);
 PyObject *refx_index_create(refx_state *st, Py_ssize_t index,
                             PyObject *collection);
 PyObject *refx_collection_of(refx_state *st, PyObject *leaf);

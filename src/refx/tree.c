@@ -22,7 +22,8 @@
  * Functions in this file: refx_require_jax, refx_require_trees (and the
  * check that no Ref subclass is a pytree node), refx_call_jax and the
  * recursion-budget repair, refx_flatten/unflatten, refx_current_trace,
- * refx_check_hashable, refx_path_from_keypath, refx_leaf_path_repr, the
+ * refx_check_hashable, refx_path_from_keypath, refx_leaf_path_repr,
+ * refx_raise_at_leaf/at_path, refx_flatten_leaves, the dict cursor, the
  * LeafPredicate type and refx_make_pred, refx_init_tree_types.
  */
 #include "refx.h"
@@ -243,9 +244,45 @@ refx_check_hashable(PyObject *o, const char *fname, const char *what)
 /* paths                                                                */
 /* ------------------------------------------------------------------ */
 
-static int
-append_str(PyObject *list, PyObject *o)
+/*
+ * Paths and the path cache.  Paths depend on the tree only through its
+ * dict keys (and the key entries of custom nodes); equal treedefs have
+ * equal keys by ==, not equal str(): {1: x}, {1.0: x} and {True: x} have
+ * one treedef but the paths ('1',), ('1.0',), ('True',).  A path is
+ * "canonical" when every dict key in it is an exact str or an exact int
+ * (bools excluded): equal canonical keys have equal str(), so equal
+ * treedefs of canonical trees have equal paths, and only those may share
+ * a cache entry.  The leaf predicates note dicts with other keys
+ * (noncanonical_seen), so a tree is known to be canonical before its
+ * treedef is looked up.
+ */
+static inline int
+is_canonical_key(PyObject *k)
 {
+    return PyUnicode_CheckExact(k) || PyLong_CheckExact(k);
+}
+
+/* Partitions are dicts keyed by tuples of str, spliced into paths */
+static inline int
+is_canonical_dict_key(PyObject *k)
+{
+    if (PyTuple_CheckExact(k)) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(k); i++) {
+            if (!is_canonical_key(PyTuple_GET_ITEM(k, i))) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    return is_canonical_key(k);
+}
+
+static int
+append_str(PyObject *list, PyObject *o, int *canonical)
+{
+    if (!is_canonical_key(o)) {
+        *canonical = 0;
+    }
     PyObject *s = PyUnicode_CheckExact(o) ? Py_NewRef(o) : PyObject_Str(o);
     if (s == NULL) {
         return -1;
@@ -260,7 +297,7 @@ append_str(PyObject *list, PyObject *o)
 }
 
 static int
-append_entry(refx_state *st, PyObject *parts, PyObject *entry)
+append_entry(refx_state *st, PyObject *parts, PyObject *entry, int *canonical)
 {
     PyObject *attr = NULL, *field;
     PyTypeObject *tp = Py_TYPE(entry);
@@ -277,7 +314,8 @@ append_entry(refx_state *st, PyObject *parts, PyObject *entry)
         field = st->str_key;
     }
     else {
-        return append_str(parts, entry);
+        *canonical = 0; /* a key class of the user's: str(entry) */
+        return append_str(parts, entry, canonical);
     }
     attr = PyObject_GetAttr(entry, field);
     if (attr == NULL) {
@@ -288,20 +326,26 @@ append_entry(refx_state *st, PyObject *parts, PyObject *entry)
         /* a Partition's key: splice its parts in */
         r = 0;
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(attr) && r == 0; i++) {
-            r = append_str(parts, PyTuple_GET_ITEM(attr, i));
+            r = append_str(parts, PyTuple_GET_ITEM(attr, i), canonical);
         }
     }
     else {
-        r = append_str(parts, attr);
+        r = append_str(parts, attr, canonical);
     }
     Py_DECREF(attr);
     return r;
 }
 
+/* The refx path (tuple of str) of a JAX key path; *canonical is cleared
+ * if a key in it is not canonical (may be NULL). */
 PyObject *
-refx_path_from_keypath(refx_state *st, PyObject *keypath)
+refx_path_from_keypath_ex(refx_state *st, PyObject *keypath, int *canonical)
 {
     PyObject *parts = NULL, *seq = NULL, *res = NULL;
+    int ignored = 1;
+    if (canonical == NULL) {
+        canonical = &ignored;
+    }
     seq = PySequence_Fast(keypath, "key path must be a sequence");
     if (seq == NULL) {
         return NULL;
@@ -311,7 +355,8 @@ refx_path_from_keypath(refx_state *st, PyObject *keypath)
         goto error;
     }
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
-        if (append_entry(st, parts, PySequence_Fast_GET_ITEM(seq, i)) < 0) {
+        if (append_entry(st, parts, PySequence_Fast_GET_ITEM(seq, i),
+                         canonical) < 0) {
             goto error;
         }
     }
@@ -320,6 +365,12 @@ error:
     Py_XDECREF(parts);
     Py_XDECREF(seq);
     return res;
+}
+
+PyObject *
+refx_path_from_keypath(refx_state *st, PyObject *keypath)
+{
+    return refx_path_from_keypath_ex(st, keypath, NULL);
 }
 
 /* repr of the path of the i-th leaf, e.g. "('a', '0')".  Never fails:
@@ -354,6 +405,129 @@ refx_leaf_path_repr(refx_state *st, PyObject *tree, PyObject *pred,
     }
     PyErr_Restore(et, ev, etb);
     return path;
+}
+
+/*
+ * Every error about one position of a tree goes through these two, so
+ * the path is always placed and formatted the same way.  `fmt` is a
+ * PyUnicode_FromFormat format with "{path}" where the path's repr goes
+ * (before any user-supplied %R/%S, so only our marker can be replaced).
+ */
+static void
+raise_with_path(PyObject *exc, PyObject *path_repr, const char *fmt,
+                va_list va)
+{
+    PyObject *msg = PyUnicode_FromFormatV(fmt, va);
+    if (msg == NULL) {
+        return;
+    }
+    PyObject *marker = PyUnicode_FromString("{path}");
+    PyObject *full =
+        marker != NULL ? PyUnicode_Replace(msg, marker, path_repr, 1) : NULL;
+    if (full != NULL) {
+        PyErr_SetObject(exc, full);
+        Py_DECREF(full);
+    }
+    Py_XDECREF(marker);
+    Py_DECREF(msg);
+}
+
+/* Raise `exc` with `fmt`, "{path}" being the path of leaf i of `tree`
+ * flattened with `pred` (computed again: the error path may be slow). */
+void
+refx_raise_at_leaf(refx_state *st, PyObject *exc, PyObject *tree,
+                   PyObject *pred, Py_ssize_t i, const char *fmt, ...)
+{
+    PyObject *path = refx_leaf_path_repr(st, tree, pred, i);
+    if (path == NULL) {
+        return;
+    }
+    va_list va;
+    va_start(va, fmt);
+    raise_with_path(exc, path, fmt, va);
+    va_end(va);
+    Py_DECREF(path);
+}
+
+/* Same, for a caller that holds the path (a tuple of str) itself. */
+void
+refx_raise_at_path(PyObject *exc, PyObject *path, const char *fmt, ...)
+{
+    PyObject *r = PyObject_Repr(path);
+    if (r == NULL) {
+        return;
+    }
+    va_list va;
+    va_start(va, fmt);
+    raise_with_path(exc, r, fmt, va);
+    va_end(va);
+    Py_DECREF(r);
+}
+
+/* The leaves of `tree` as `pred` (pred_deref or pred_refx) sees them.
+ * Such a predicate costs ~25% of a flatten, and trees of Refs rarely hold
+ * the nodes it makes leaves; so flatten without it and redo with it only
+ * if the flatten functions of Value/Index (and NOTHING, for pred_refx)
+ * bumped their counters.  The counters are monotonic: another thread
+ * flattening meanwhile can only cause a needless redo, never a miss. */
+PyObject *
+refx_flatten_leaves(refx_state *st, PyObject *tree, PyObject *pred,
+                    PyObject **treedef)
+{
+    uint64_t d = st->deref_nodes_seen, z = st->nothing_nodes_seen;
+    PyObject *leaves = refx_flatten(st, tree, NULL, treedef);
+    if (leaves == NULL || (st->deref_nodes_seen == d &&
+                           (pred == st->pred_deref ||
+                            st->nothing_nodes_seen == z))) {
+        return leaves;
+    }
+    Py_DECREF(leaves);
+    Py_CLEAR(*treedef);
+    return refx_flatten(st, tree, pred, treedef);
+}
+
+/*
+ * A dict cursor looks keys up in a dict that usually holds them in the
+ * order they are asked for (a partition made by tree_partition, read in
+ * leaf order): while they come in that order a lookup is one PyDict_Next
+ * and a pointer test (paths made by tree_partition are the cached path
+ * objects themselves); the first key out of order switches to plain
+ * lookups for good.  Comparing keys may run Python code that mutates the
+ * dict, so keys and values are owned across the comparison.
+ */
+void
+refx_cursor_init(refx_dict_cursor *cur, PyObject *dict)
+{
+    cur->dict = dict;
+    cur->pos = 0;
+    cur->in_step = 1;
+}
+
+/* New reference to dict[key]; NULL with no error if absent. */
+PyObject *
+refx_cursor_get(refx_dict_cursor *cur, PyObject *key)
+{
+    PyObject *k, *v;
+    if (cur->in_step && PyDict_Next(cur->dict, &cur->pos, &k, &v)) {
+        if (k == key) {
+            return Py_NewRef(v);
+        }
+        Py_INCREF(k);
+        Py_INCREF(v);
+        Py_INCREF(key);
+        int eq = PyObject_RichCompareBool(k, key, Py_EQ);
+        Py_DECREF(k);
+        Py_DECREF(key);
+        if (eq > 0) {
+            return v;
+        }
+        Py_DECREF(v);
+        if (eq < 0) {
+            return NULL;
+        }
+    }
+    cur->in_step = 0;
+    return Py_XNewRef(PyDict_GetItemWithError(cur->dict, key));
 }
 
 /* ------------------------------------------------------------------ */
@@ -423,6 +597,18 @@ pred_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
             Py_DECREF(res);
             if (r < 0) {
                 return NULL;
+            }
+        }
+        if (!r && PyDict_Check(x)) {
+            /* a node whose keys become paths: note non-canonical keys (see
+             * "Paths and the path cache"); no Python code runs here */
+            Py_ssize_t pos = 0;
+            PyObject *k, *v;
+            while (PyDict_Next(x, &pos, &k, &v)) {
+                if (!is_canonical_dict_key(k)) {
+                    st->noncanonical_seen++;
+                    break;
+                }
             }
         }
     }
