@@ -57,7 +57,7 @@ def corrupt(kind, p, refs):
         target[p] = 3
         return target, src, r"target has int, not a Ref, but source has a Value"
     if kind == "count":
-        return target, src + [1.0], r"target has 5 leaves but source has 6"
+        return target, src + [1.0], r"the source's structure differs from the target's at \('5',\): the source has a leaf at \('5',\), the target none"
     raise AssertionError(kind)
 
 

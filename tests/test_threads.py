@@ -154,3 +154,109 @@ def test_writers_never_interleave_even_when_old_values_run_del():
 
     run_threads(fn)
     assert len({r.value.g for r in refs}) == 1
+
+
+# --- reads see all values from one moment (issue 10, defect 7) ---------------
+
+gc_inside_c_calls = __import__("pytest").mark.skipif(
+    sys.version_info >= (3, 12),
+    reason="CPython >= 3.12 never runs the GC inside a C call",
+)
+
+
+class _Yield:
+    """Cyclic garbage whose finalizer lets other threads in: a GC run that
+    an allocation inside a refx call triggers ends up releasing the GIL."""
+
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        import time
+
+        time.sleep(0)
+
+
+def _torn_reads(read, nrefs=64, rounds=400):
+    """A writer thread sets all Refs to one generation at a time with
+    update_refs; `read(tree)` returns the values it saw.  Returns how many
+    reads mixed two generations."""
+    import gc
+
+    refs = [refx.Ref(0.0, "c") for _ in range(nrefs)]
+    target = refx.get_partition(refs, "c")
+    stop = threading.Event()
+
+    def writer():
+        g = 0.0
+        while not stop.is_set():
+            g += 1.0
+            refx.update_refs(target, {p: g for p in target})
+
+    torn = 0
+    old_threshold = gc.get_threshold()
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(20)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(rounds):
+            for _ in range(5):
+                _Yield()
+            seen = read(refs)
+            torn += len(set(seen)) > 1
+    finally:
+        stop.set()
+        t.join()
+        gc.set_threshold(*old_threshold)
+        sys.setswitchinterval(old_interval)
+    return torn
+
+
+@gc_inside_c_calls
+def test_deref_takes_every_value_at_one_moment():
+    assert _torn_reads(lambda refs: [v.value for v in refx.deref(refs)]) == 0
+
+
+@gc_inside_c_calls
+def test_clone_takes_every_value_at_one_moment():
+    assert _torn_reads(lambda refs: [r.value for r in refx.clone(refs)]) == 0
+
+
+@gc_inside_c_calls
+def test_update_refs_reads_source_refs_at_one_moment():
+    # the source values are tuples, so update_refs runs Python code per Ref
+    # (the tracer check) while it reads them; a writer moves the sources
+    refs = [refx.Ref((0.0,), "c") for _ in range(64)]
+    src_target = refx.get_partition(refs, "c")
+    stop = threading.Event()
+
+    def writer():
+        g = 0.0
+        while not stop.is_set():
+            g += 1.0
+            refx.update_refs(src_target, {p: (g,) for p in src_target})
+
+    import gc
+
+    torn = 0
+    old_threshold = gc.get_threshold()
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(20)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(300):
+            dst = [refx.Ref((0.0,), "c") for _ in refs]
+            for _ in range(5):
+                _Yield()
+            refx.update_refs(dst, refs)
+            torn += len({d.value for d in dst}) > 1
+    finally:
+        stop.set()
+        t.join()
+        gc.set_threshold(*old_threshold)
+        sys.setswitchinterval(old_interval)
+    assert torn == 0

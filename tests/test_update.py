@@ -56,7 +56,7 @@ def test_partition_target_aligns_by_path_with_any_dict():
     target = refx.get_partition(tree, "stats")
     # a checkpoint-like plain dict in another order
     src = {k: (jnp.array(9.0) if v is not NOTHING else NOTHING) for k, v in reversed(list(target.items()))}
-    with pytest.raises(ValueError, match="the target repeats a Ref here but the source has a value different"):
+    with pytest.raises(ValueError, match=r"the target repeats a Ref here but the source has a value that is not the object at the Ref's first position; sharing is by identity"):
         refx.update_refs(target, src)  # two distinct arrays for one shared Ref
     nine = jnp.array(9.0)
     src = {k: (nine if v is not NOTHING else NOTHING) for k, v in reversed(list(target.items()))}
@@ -74,10 +74,10 @@ def test_by_path_source_may_leave_out_nothing_and_repeats():
     with pytest.raises(ValueError, match=r"update_refs: path \('z',\) is in the source but not in the target"):
         refx.update_refs(target, {("a", "0"): 1.0, ("b",): 1.0, ("z",): 1.0})
     with pytest.raises(ValueError, match=r"update_refs: at \('a', '2'\): the source has no value for the Ref here \(the path is missing from the source, and so are the Ref's other paths\)"):
-        refx.update_refs(target, {("a", "0"): 1.0})
+        refx.update_refs(target, {("a", "0"): jnp.ones(2)})
     assert w.value is five and s.value == 3.0  # nothing written by the failures
     with pytest.raises(ValueError, match=r"update_refs: at \('c',\): target has NOTHING but source has float"):
-        refx.update_refs(target, {("a", "0"): 1.0, ("b",): 1.0, ("c",): 2.0})
+        refx.update_refs(target, {("a", "0"): jnp.ones(2), ("b",): 1.0, ("c",): 2.0})
 
 
 def test_update_inside_jit_on_refs_of_that_trace():
@@ -104,7 +104,7 @@ def check_unchanged(tree, w, s):
 
 def test_leaf_count_mismatch():
     tree, w, s = shared_tree()
-    with pytest.raises(ValueError, match=r"update_refs: target has 5 leaves but source has 4; they first differ at target leaf 4, \('c',\)"):
+    with pytest.raises(ValueError, match=r"update_refs: the source's structure differs from the target's at \('c',\): the target has a leaf there, the source has no more leaves"):
         refx.update_refs(tree, {"a": [1.0, 1.0, 2.0], "b": 2.0})
     check_unchanged(tree, w, s)
 
@@ -261,3 +261,91 @@ def test_update_survives_keys_that_mutate_the_source():
         assert r.value == 0
     else:
         assert isinstance(r.value, list)
+
+
+# --- the source must have the target's structure (issue 10, defect 4) ---------
+
+
+def encdec():
+    r1, r2 = refx.Ref(jnp.ones(2), "params"), refx.Ref(jnp.zeros(2), "params")
+    return {"enc": r1, "dec": r2}, r1, r2
+
+
+def test_by_leaf_source_with_other_keys_is_an_error():
+    tree, r1, r2 = encdec()
+    with pytest.raises(ValueError, match=r"update_refs: the source's structure differs from the target's at \('dec',\)"):
+        refx.update_refs(tree, {"decoder": 1.0, "encoder": 2.0})
+    assert jnp.array_equal(r1.value, jnp.ones(2)) and jnp.array_equal(r2.value, jnp.zeros(2))
+
+
+def test_by_leaf_source_of_another_kind_of_node_is_an_error():
+    tree, r1, r2 = encdec()
+    with pytest.raises(ValueError, match=r"update_refs: the source's structure differs from the target's at \('dec',\): the target has a leaf at \('dec',\), the source at \('0',\)"):
+        refx.update_refs(tree, [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"update_refs: the source's structure differs from the target's"):
+        refx.update_refs([r1, r2], (1.0, 2.0))
+    assert jnp.array_equal(r1.value, jnp.ones(2)) and jnp.array_equal(r2.value, jnp.zeros(2))
+
+
+def test_by_leaf_another_models_derefed_tree_is_an_error():
+    tree, r1, r2 = encdec()
+    other = {"enc": refx.Ref(jnp.full(2, 5.0), "params"), "head": refx.Ref(jnp.full(2, 6.0), "params")}
+    with pytest.raises(ValueError, match=r"update_refs: the source's structure differs from the target's at \('dec',\)"):
+        refx.update_refs(tree, refx.deref(other))
+    assert jnp.array_equal(r1.value, jnp.ones(2))
+
+
+def test_by_leaf_a_ref_may_take_a_pytree_value():
+    opt = refx.Ref((jnp.zeros(2), {"mu": jnp.zeros(2)}), "opt")
+    tree = {"opt": opt, "n": 3}
+    new = (jnp.ones(2), {"mu": jnp.ones(2)})
+    refx.update_refs(tree, {"opt": new, "n": 3})
+    assert opt.value is new
+    # and a deref'ed source of the same tree
+    d = jax.tree_util.tree_map(lambda x: x + 1, refx.deref(tree))
+    refx.update_refs(tree, d)
+    assert jnp.array_equal(opt.value[1]["mu"], jnp.full(2, 2.0))
+
+
+def test_by_leaf_plain_leaves_must_be_leaves_on_both_sides():
+    r = refx.Ref(1.0)
+    with pytest.raises(ValueError, match=r"update_refs: the source's structure differs from the target's at \('n',\)"):
+        refx.update_refs({"r": r, "n": 3}, {"r": 2.0, "n": {"x": 1}})
+    assert r.value == 1.0
+
+
+# --- by path, Refs nested in a partition entry (issue 10, defect 5) -----------
+
+
+def test_by_path_writes_refs_nested_in_an_entry():
+    a, b = refx.Ref(1.0, "params"), refx.Ref(2.0, "params")
+    tree = {"block": (a, b), "c": refx.Ref(3.0, "params")}
+    p = refx.get_partition(tree, ..., is_leaf=lambda x: isinstance(x, tuple))
+    assert p[("block",)] == (a, b)
+    refx.update_refs(p, {("block",): (10.0, 20.0), ("c",): 30.0})
+    assert (a.value, b.value, tree["c"].value) == (10.0, 20.0, 30.0)
+    # sharing inside and across entries still lines up
+    with pytest.raises(ValueError, match=r"update_refs: at \('block', '1'\): target has float, not a Ref, but source has a Ref"):
+        refx.update_refs(refx.get_partition({"block": (a, 5.0)}, ..., is_leaf=lambda x: isinstance(x, tuple)),
+                         {("block",): (1.0, refx.Ref(2.0))})
+    with pytest.raises(ValueError, match=r"update_refs: the source's structure differs from the target's at \('block', '1'\)"):
+        refx.update_refs(p, {("block",): (1.0,), ("c",): 3.0})
+    assert (a.value, b.value) == (10.0, 20.0)
+
+
+# --- by path, shapes and dtypes are checked (issue 10, defect 6) --------------
+
+
+def test_by_path_checks_shape_and_dtype():
+    w = refx.Ref(jnp.ones((3, 2)), "params")
+    b = refx.Ref(jnp.zeros(2), "params")
+    p = refx.get_partition({"w": w, "b": b}, "params")
+    with pytest.raises(ValueError, match=r"update_refs: at \('w',\): the source has shape \(2, 3\) but the target Ref holds shape \(3, 2\)"):
+        refx.update_refs(p, {("w",): np.ones((2, 3), np.float32), ("b",): np.ones(2, np.float32)})
+    with pytest.raises(ValueError, match=r"update_refs: at \('b',\): the source has dtype int32 but the target Ref holds dtype float32"):
+        refx.update_refs(p, {("w",): np.ones((3, 2), np.float32), ("b",): np.ones(2, np.int32)})
+    with pytest.raises(ValueError, match=r"update_refs: at \('b',\): the source is a float, not an array; the target Ref holds an array of shape \(2,\) and dtype float32"):
+        refx.update_refs(p, {("w",): np.ones((3, 2), np.float32), ("b",): 1.0})
+    assert jnp.array_equal(w.value, jnp.ones((3, 2))) and jnp.array_equal(b.value, jnp.zeros(2))
+    refx.update_refs(p, {("w",): np.full((3, 2), 2.0, np.float32), ("b",): jnp.ones(2)})
+    assert jnp.array_equal(w.value, jnp.full((3, 2), 2.0)) and jnp.array_equal(b.value, jnp.ones(2))

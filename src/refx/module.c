@@ -172,7 +172,10 @@ static PyMethodDef module_functions[] = {
     X(str_num_leaves) \
     X(str_idx) \
     X(str_key) \
-    X(str_name)
+    X(str_name) \
+    X(str_flatten_up_to) \
+    X(str_shape) \
+    X(str_dtype)
 /* clang-format on */
 
 static int
@@ -226,6 +229,9 @@ module_exec(PyObject *module)
     INTERN(str_idx, "idx")
     INTERN(str_key, "key")
     INTERN(str_name, "name")
+    INTERN(str_flatten_up_to, "flatten_up_to")
+    INTERN(str_shape, "shape")
+    INTERN(str_dtype, "dtype")
 #undef INTERN
     if ((st->path_cache = PyDict_New()) == NULL) {
         return -1;

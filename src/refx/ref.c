@@ -90,8 +90,8 @@ refx_collection_of(refx_state *st, PyObject *leaf)
 /* Values of these types hold no tracers and no references back to user
  * objects (scalars, str, bytes, and the shim's plain_types: numpy and JAX
  * arrays, which have no __dict__). */
-static int
-is_plain_value(refx_state *st, PyObject *value)
+int
+refx_is_plain_value(refx_state *st, PyObject *value)
 {
     PyTypeObject *tp = Py_TYPE(value);
     if (value == Py_None || tp == &PyFloat_Type || tp == &PyLong_Type ||
@@ -114,7 +114,7 @@ is_plain_value(refx_state *st, PyObject *value)
 int
 refx_check_value(refx_state *st, PyObject *value, PyObject *trace)
 {
-    if (is_plain_value(st, value)) {
+    if (refx_is_plain_value(st, value)) {
         return 0;
     }
     PyObject *args[2] = {value, trace};

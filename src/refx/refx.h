@@ -34,6 +34,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -121,6 +122,9 @@ typedef struct {
     PyObject *str_idx;
     PyObject *str_key;
     PyObject *str_name;
+    PyObject *str_flatten_up_to;
+    PyObject *str_shape;
+    PyObject *str_dtype;
 } refx_state;
 
 extern PyModuleDef refx_module;
@@ -233,6 +237,11 @@ PyObject *refx_leaf_path_repr(refx_state *st, PyObject *tree, PyObject *pred,
 void refx_raise_at_leaf(refx_state *st, PyObject *exc, PyObject *tree,
                         PyObject *pred, Py_ssize_t i, const char *fmt, ...);
 void refx_raise_at_path(PyObject *exc, PyObject *path, const char *fmt, ...);
+void refx_vraise_at_leaf(refx_state *st, PyObject *exc, PyObject *tree,
+                         PyObject *pred, Py_ssize_t i, const char *fmt,
+                         va_list va);
+void refx_vraise_at_path(PyObject *exc, PyObject *path, const char *fmt,
+                         va_list va);
 PyObject *refx_flatten_leaves(refx_state *st, PyObject *tree, PyObject *pred,
                               PyObject **treedef);
 typedef struct {
@@ -253,6 +262,8 @@ PyObject *refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                      PyObject *current_trace);
 int refx_check_value(refx_state *st, PyObject *value, PyObject *trace);
+/* value is of a type that never holds tracers (scalars, str, arrays) */
+int refx_is_plain_value(refx_state *st, PyObject *value);
 /* Set ref.value (no checks), keeping GC tracking right. */
 void refx_ref_store(refx_state *st, RefObject *ref, PyObject *value);
 PyObject *refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,

@@ -435,33 +435,44 @@ raise_with_path(PyObject *exc, PyObject *path_repr, const char *fmt,
 /* Raise `exc` with `fmt`, "{path}" being the path of leaf i of `tree`
  * flattened with `pred` (computed again: the error path may be slow). */
 void
+refx_vraise_at_leaf(refx_state *st, PyObject *exc, PyObject *tree,
+                    PyObject *pred, Py_ssize_t i, const char *fmt, va_list va)
+{
+    PyObject *path = refx_leaf_path_repr(st, tree, pred, i);
+    if (path != NULL) {
+        raise_with_path(exc, path, fmt, va);
+        Py_DECREF(path);
+    }
+}
+
+void
 refx_raise_at_leaf(refx_state *st, PyObject *exc, PyObject *tree,
                    PyObject *pred, Py_ssize_t i, const char *fmt, ...)
 {
-    PyObject *path = refx_leaf_path_repr(st, tree, pred, i);
-    if (path == NULL) {
-        return;
-    }
     va_list va;
     va_start(va, fmt);
-    raise_with_path(exc, path, fmt, va);
+    refx_vraise_at_leaf(st, exc, tree, pred, i, fmt, va);
     va_end(va);
-    Py_DECREF(path);
 }
 
 /* Same, for a caller that holds the path (a tuple of str) itself. */
 void
-refx_raise_at_path(PyObject *exc, PyObject *path, const char *fmt, ...)
+refx_vraise_at_path(PyObject *exc, PyObject *path, const char *fmt, va_list va)
 {
     PyObject *r = PyObject_Repr(path);
-    if (r == NULL) {
-        return;
+    if (r != NULL) {
+        raise_with_path(exc, r, fmt, va);
+        Py_DECREF(r);
     }
+}
+
+void
+refx_raise_at_path(PyObject *exc, PyObject *path, const char *fmt, ...)
+{
     va_list va;
     va_start(va, fmt);
-    raise_with_path(exc, r, fmt, va);
+    refx_vraise_at_path(exc, path, fmt, va);
     va_end(va);
-    Py_DECREF(r);
 }
 
 /* The leaves of `tree` as `pred` (pred_deref or pred_refx) sees them.

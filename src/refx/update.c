@@ -6,17 +6,29 @@
  *
  *   by path  when `target` is a Partition and `source` a dict (a
  *            Partition, or e.g. a checkpoint {path: array}): each target
- *            path is looked up in the source (walked in lockstep while the
- *            orders agree).  The source may leave out a path where the
- *            target holds NOTHING, or repeats a Ref that the source gives
- *            a value at another path (a checkpoint stores a tied weight
- *            once); every source path must be a target path;
- *   by leaf  otherwise: both trees are flattened with Ref/Value/Index/
- *            NOTHING as leaves and must have the same number of leaves.
+ *            path is looked up in the source (a dict cursor: one
+ *            PyDict_Next per path while the orders agree).  The source may
+ *            leave out a path where the target holds NOTHING, or repeats a
+ *            Ref that the source gives a value at another path (a checkpoint
+ *            stores a tied weight once); every source path must be a target
+ *            path.  A target entry that is itself a subtree holding Refs (a
+ *            partition made with is_leaf) is aligned leaf by leaf with the
+ *            source's value there, as by leaf below.  Where the Ref holds an
+ *            array, the new value must have its shape and dtype: this is how
+ *            checkpoints come back, and a wrong-shape file must not load.
+ *   by leaf  otherwise: the target is flattened with Ref/Value/Index/NOTHING
+ *            as leaves, and the source is flattened *up to* that structure
+ *            (jaxlib's treedef.flatten_up_to), so it must have the target's
+ *            structure, node by node, with anything at a Ref's place (a Ref,
+ *            a Value/Index, or a plain value, itself a pytree if the Ref
+ *            holds one) and a leaf at each plain leaf's place.  A source
+ *            that differs is a ValueError naming the first path where it
+ *            does, never a write by position.  Shapes are not checked: a
+ *            by-leaf source is a tree the program computed, not a file.
  *
  * At each position the target holds a Ref, NOTHING (the source must hold
- * NOTHING too) or a plain leaf (skipped when the source's is plain too).
- * The source holds, for a Ref target, one of:
+ * NOTHING too) or a plain leaf (nothing to write; the source may not hold
+ * a Ref or a Value/Index there).  The source holds, for a Ref target:
  *
  *   a Ref            its value is written ("Ref mode");
  *   Value / Index    as made by deref ("deref mode"): Value(v, i, c) writes
@@ -25,63 +37,58 @@
  *                    collection;
  *   a plain value    written as is.
  *
- * A source may not mix Refs with Values/Indexes.  Sharing must line up:
- * where the target repeats a Ref, the source must repeat the same source
- * Ref, give an Index to the Value written there, or repeat the identical
- * plain object; and one source Ref or Value may not feed two different
- * target Refs.
+ * A source may not mix Refs with Values/Indexes.  Sharing must line up, and
+ * sharing is by identity: where the target repeats a Ref, the source must
+ * repeat the same source Ref, give an Index to the Value written there, or
+ * repeat the identical object; and one source Ref or Value may not feed two
+ * different target Refs.
  *
- * All or nothing.  Phase 1 walks every position and checks everything,
- * including the trace-level write check of each distinct target Ref,
- * collecting a plan of (Ref, new value) pairs.  Phase 2 stores the plan and
- * cannot fail, and runs no Python code: the old values are released after
- * the last store.  So a call that raises has changed no Ref, and no other
- * thread (nor a __del__) sees an update half-applied.  Phase 1 may run
- * Python code (collection __eq__, the tracer check), which is why the
- * identity tables borrow only objects the flattened leaf lists keep alive.
+ * All or nothing: a plan, then its application.  The plan (update_plan)
+ * collects the aligned positions, takes the value of every source Ref at
+ * one moment (plan_snapshot: a pass that runs no Python code, so another
+ * thread's update cannot land half-way through what this one reads), then
+ * checks every position (plan_position, one function per kind of source),
+ * including the trace-level write check of each distinct target Ref, and
+ * lists (Ref, new value) pairs.  plan_apply stores them; it cannot fail and
+ * runs no Python code: the old values are released after the last store.
+ * So a call that raises has changed no Ref, and no other thread (nor a
+ * __del__) sees an update half-applied.  Checks may run Python code
+ * (collection __eq__, the tracer check), which is why the identity tables
+ * borrow only objects the aligned leaf lists keep alive.
  *
- * Functions in this file: collect_pairs_* (the two alignments),
- * refx_update_refs.
+ * Functions in this file: fail_at/fail_structure_at, structure_error,
+ * collect_by_leaf,
+ * collect_by_path (and expand_entry), plan_snapshot, plan_position
+ * (plan_index, plan_value, plan_ref_or_plain, plan_add, check_shape),
+ * plan_check_missing, plan_apply, plan_fini, refx_update_refs.
  */
 #include "refx.h"
 #include "ptrmap.h"
 
 typedef struct {
+    RefObject *ref;  /* borrowed: the target leaf list keeps it alive */
+    PyObject *value; /* owned */
+} plan_item;
+
+enum { MODE_NONE, MODE_REF, MODE_DEREF };
+
+typedef struct {
     refx_state *st;
-    PyObject *target, *source; /* the original trees, for error paths */
+    PyObject *target, *source; /* the arguments, for error paths */
     int by_path;
-    PyObject *paths;   /* by path: list of paths, one per position */
-    PyObject *missing; /* by path: stands for "no such source path" */
-} update_ctx;
-
-/* repr of position j's path (new ref) */
-static PyObject *
-position_path(update_ctx *c, Py_ssize_t j)
-{
-    if (c->by_path) {
-        return PyObject_Repr(PyList_GET_ITEM(c->paths, j));
-    }
-    return refx_leaf_path_repr(c->st, c->target, c->st->pred_refx, j);
-}
-
-/* ValueError "update_refs: <msg with %U for the path>" */
-static void
-fail_at(update_ctx *c, Py_ssize_t j, const char *fmt, ...)
-{
-    PyObject *path = position_path(c, j);
-    if (path == NULL) {
-        return;
-    }
-    va_list va;
-    va_start(va, fmt);
-    PyObject *msg = PyUnicode_FromFormatV(fmt, va);
-    va_end(va);
-    if (msg != NULL) {
-        PyErr_Format(PyExc_ValueError, "update_refs: at %U: %U", path, msg);
-        Py_DECREF(msg);
-    }
-    Py_DECREF(path);
-}
+    PyObject *tl, *sl;   /* aligned target and source leaf, per position */
+    PyObject *paths;     /* by path: the path of each position */
+    PyObject *missing;   /* by path: stands for "no such source path" */
+    PyObject **snap;     /* per position: a source Ref's value, or NULL */
+    PyObject *trace;     /* the current trace's weakref */
+    refx_ptrmap targets; /* target Ref -> source object first given it */
+    refx_ptrmap sources; /* source Ref -> the target Ref it feeds */
+    PyObject *value_owner; /* {Value index: target Ref} */
+    int mode;
+    Py_ssize_t nmissing;
+    plan_item *items;
+    Py_ssize_t nitems;
+} update_plan;
 
 static const char *
 kind_of(refx_state *st, PyObject *x)
@@ -101,142 +108,368 @@ kind_of(refx_state *st, PyObject *x)
     return Py_TYPE(x)->tp_name;
 }
 
-/* Fill *tl and *sl with aligned lists of target and source leaves. */
-static int
-collect_by_leaf(update_ctx *c, PyObject **tl, PyObject **sl)
+/* ValueError "<head> <path of position j>: <fmt...>"; head ends with
+ * "at" (positions know their path only by index, when by leaf). */
+static void
+vfail(update_plan *p, Py_ssize_t j, const char *head, const char *fmt,
+      va_list va)
 {
-    refx_state *st = c->st;
-    PyObject *ttd = NULL, *std = NULL;
-    /* The target is usually a tree of Refs: flatten it without the leaf
-     * predicate (~25% of a flatten) unless it turns out to hold
-     * Value/Index/NOTHING nodes (see deref_nodes_seen in refx.h). */
-    uint64_t d0 = st->deref_nodes_seen, z0 = st->nothing_nodes_seen;
-    *tl = refx_flatten(st, c->target, NULL, &ttd);
-    if (*tl == NULL) {
+    PyObject *msg = PyUnicode_FromFormatV(fmt, va);
+    if (msg == NULL) {
+        return;
+    }
+    if (p->by_path) {
+        refx_raise_at_path(PyExc_ValueError, PyList_GET_ITEM(p->paths, j),
+                           "%s {path}: %U", head, msg);
+    }
+    else {
+        refx_raise_at_leaf(p->st, PyExc_ValueError, p->target,
+                           p->st->pred_refx, j, "%s {path}: %U", head, msg);
+    }
+    Py_DECREF(msg);
+}
+
+/* ValueError "update_refs: at <path of position j>: <fmt...>" */
+static void
+fail_at(update_plan *p, Py_ssize_t j, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    vfail(p, j, "update_refs: at", fmt, va);
+    va_end(va);
+}
+
+/* ValueError "update_refs: the source's structure differs ... at <path>" */
+static void
+fail_structure_at(update_plan *p, Py_ssize_t j, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    vfail(p, j,
+          "update_refs: the source's structure differs from the target's at",
+          fmt, va);
+    va_end(va);
+}
+
+/* Is `x` a leaf (one it would be, flattened with Ref/Value/Index/NOTHING
+ * as leaves)?  1, 0, or -1 with an error. */
+static int
+is_leaf(refx_state *st, PyObject *x)
+{
+    if (x == st->nothing || Ref_Check(st, x) || Deref_Check(st, x) ||
+        refx_is_plain_value(st, x)) {
+        return 1;
+    }
+    PyObject *treedef;
+    PyObject *leaves = refx_flatten(st, x, st->pred_refx, &treedef);
+    if (leaves == NULL) {
         return -1;
     }
-    Py_DECREF(ttd);
-    if (st->deref_nodes_seen != d0 || st->nothing_nodes_seen != z0) {
-        Py_CLEAR(*tl);
-        *tl = refx_flatten(st, c->target, st->pred_refx, &ttd);
-        if (*tl == NULL) {
-            return -1;
-        }
-        Py_DECREF(ttd);
+    int r = PyList_GET_SIZE(leaves) == 1 && PyList_GET_ITEM(leaves, 0) == x;
+    Py_DECREF(leaves);
+    Py_DECREF(treedef);
+    return r;
+}
+
+/* ------------------------------------------------------------------ */
+/* alignment                                                            */
+/* ------------------------------------------------------------------ */
+
+/* The refx paths of the leaves of `tree` (Ref/Value/Index/NOTHING as
+ * leaves), each prefixed by `prefix` (a tuple; may be empty). */
+static PyObject *
+leaf_paths(refx_state *st, PyObject *tree, PyObject *prefix)
+{
+    PyObject *args[2] = {tree, st->pred_refx};
+    PyObject *res = refx_call_jax(st->flatten_with_path, args, 2);
+    if (res == NULL) {
+        return NULL;
     }
-    *sl = refx_flatten(st, c->source, st->pred_refx, &std);
-    if (*sl == NULL) {
+    PyObject *paths = NULL, *pairs = PyTuple_GET_ITEM(res, 0);
+    Py_ssize_t n = PyList_GET_SIZE(pairs);
+    paths = PyList_New(n);
+    for (Py_ssize_t i = 0; paths != NULL && i < n; i++) {
+        PyObject *kp = PyTuple_GET_ITEM(PyList_GET_ITEM(pairs, i), 0);
+        PyObject *rel = refx_path_from_keypath(st, kp);
+        PyObject *path = rel != NULL ? PySequence_Concat(prefix, rel) : NULL;
+        Py_XDECREF(rel);
+        if (path == NULL) {
+            Py_CLEAR(paths);
+            break;
+        }
+        PyList_SET_ITEM(paths, i, path);
+    }
+    Py_DECREF(res);
+    return paths;
+}
+
+static int
+has_prefix(PyObject *path, PyObject *prefix)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(prefix);
+    if (PyTuple_GET_SIZE(path) < n) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *a = PyTuple_GET_ITEM(path, i), *b = PyTuple_GET_ITEM(prefix, i);
+        if (a != b && PyUnicode_Compare(a, b) != 0) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* `path` cut after its first element that differs from `other` */
+static PyObject *
+cut_at_difference(PyObject *path, PyObject *other)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(path), m = PyTuple_GET_SIZE(other), k = 0;
+    while (k < n && k < m &&
+           PyUnicode_Compare(PyTuple_GET_ITEM(path, k),
+                             PyTuple_GET_ITEM(other, k)) == 0) {
+        k++;
+    }
+    return PyTuple_GetSlice(path, 0, k < n ? k + 1 : n);
+}
+
+#define STRUCTURE_HINT                                                        \
+    "; the source must have the target's structure (a Ref's place may "      \
+    "hold a Ref, a Value/Index or a plain value)"
+
+/* The source does not have the target's structure (jax_exc: what jaxlib's
+ * flatten_up_to said, or NULL): name the first path where they differ,
+ * comparing the leaf paths of both in order.  `prefix`: the path of
+ * `target` within the argument (by path), else (). */
+static void
+structure_error(refx_state *st, PyObject *target, PyObject *source,
+                PyObject *prefix, PyObject *jax_exc)
+{
+    PyObject *tp = leaf_paths(st, target, prefix);
+    PyObject *sp = tp != NULL ? leaf_paths(st, source, prefix) : NULL;
+    if (sp == NULL) {
+        goto done;
+    }
+    Py_ssize_t nt = PyList_GET_SIZE(tp), ns = PyList_GET_SIZE(sp), j = 0;
+    for (Py_ssize_t i = 0; i < nt; i++) {
+        PyObject *t = PyList_GET_ITEM(tp, i);
+        if (j >= ns) {
+            refx_raise_at_path(PyExc_ValueError, t,
+                               "update_refs: the source's structure differs "
+                               "from the target's at {path}: the target has "
+                               "a leaf there, the source has no more "
+                               "leaves" STRUCTURE_HINT);
+            goto done;
+        }
+        PyObject *s = PyList_GET_ITEM(sp, j);
+        if (!has_prefix(s, t)) {
+            PyObject *cut = cut_at_difference(t, s);
+            if (cut != NULL) {
+                refx_raise_at_path(PyExc_ValueError, cut,
+                                   "update_refs: the source's structure "
+                                   "differs from the target's at {path}: the "
+                                   "target has a leaf at %R, the source at "
+                                   "%R" STRUCTURE_HINT,
+                                   t, s);
+                Py_DECREF(cut);
+            }
+            goto done;
+        }
+        /* the source may hold a pytree where the target has a Ref */
+        while (j < ns && has_prefix(PyList_GET_ITEM(sp, j), t)) {
+            j++;
+        }
+    }
+    if (j < ns) {
+        PyObject *s = PyList_GET_ITEM(sp, j);
+        PyObject *cut = nt > 0 ? cut_at_difference(s, PyList_GET_ITEM(tp, nt - 1))
+                               : PyTuple_GetSlice(s, 0, 1);
+        if (cut != NULL) {
+            refx_raise_at_path(PyExc_ValueError, cut,
+                               "update_refs: the source's structure differs "
+                               "from the target's at {path}: the source has a "
+                               "leaf at %R, the target none" STRUCTURE_HINT,
+                               s);
+            Py_DECREF(cut);
+        }
+        goto done;
+    }
+    /* same paths, other kinds of node (a tuple for a list, say) */
+    refx_raise_at_path(PyExc_ValueError, prefix,
+                       "update_refs: the source's structure differs from the "
+                       "target's at {path}: %S" STRUCTURE_HINT,
+                       jax_exc != NULL ? jax_exc : Py_None);
+done:
+    Py_XDECREF(tp);
+    Py_XDECREF(sp);
+}
+
+/* `source` flattened up to the structure of `treedef` (a list aligned
+ * with the target's leaves), or NULL with a structure error. */
+static PyObject *
+flatten_up_to(refx_state *st, PyObject *treedef, PyObject *target,
+              PyObject *source, PyObject *prefix)
+{
+    PyObject *method = PyObject_GetAttr(treedef, st->str_flatten_up_to);
+    if (method == NULL) {
+        return NULL;
+    }
+    PyObject *leaves = refx_call_jax(method, &source, 1);
+    Py_DECREF(method);
+    if (leaves == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_ValueError) ||
+            PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyObject *exc = refx_take_exception();
+            structure_error(st, target, source, prefix, exc);
+            Py_XDECREF(exc);
+        }
+        return NULL;
+    }
+    if (!PyList_Check(leaves)) {
+        Py_SETREF(leaves, PySequence_List(leaves));
+    }
+    return leaves;
+}
+
+static int
+collect_by_leaf(update_plan *p)
+{
+    refx_state *st = p->st;
+    PyObject *treedef = NULL, *root = NULL;
+    p->tl = refx_flatten_leaves(st, p->target, st->pred_refx, &treedef);
+    if (p->tl == NULL) {
         return -1;
     }
-    Py_DECREF(std);
-    Py_ssize_t nt = PyList_GET_SIZE(*tl), ns = PyList_GET_SIZE(*sl);
-    if (nt != ns) {
-        Py_ssize_t j = nt < ns ? nt : ns;
-        PyObject *path =
-            j < nt ? refx_leaf_path_repr(st, c->target, st->pred_refx, j)
-                   : refx_leaf_path_repr(st, c->source, st->pred_refx, j);
-        if (path != NULL) {
-            PyErr_Format(PyExc_ValueError,
-                         "update_refs: target has %zd leaves but source has "
-                         "%zd; they first differ at %s leaf %zd, %U",
-                         nt, ns, j < nt ? "target" : "source", j, path);
-            Py_DECREF(path);
-        }
+    root = PyTuple_New(0);
+    if (root != NULL) {
+        p->sl = flatten_up_to(st, treedef, p->target, p->source, root);
+    }
+    Py_XDECREF(root);
+    Py_DECREF(treedef);
+    if (p->sl == NULL) {
+        return -1;
+    }
+    if (PyList_GET_SIZE(p->sl) != PyList_GET_SIZE(p->tl)) {
+        REFX_BUG("flatten_up_to gave another number of leaves");
         return -1;
     }
     return 0;
 }
 
 static int
-collect_by_path(update_ctx *c, PyObject **tl, PyObject **sl)
+add_position(update_plan *p, PyObject *t, PyObject *s, PyObject *path)
 {
-    PyObject *t = c->target, *s = c->source;
-    Py_ssize_t n = PyDict_GET_SIZE(t), matched = 0;
-    *tl = PyList_New(n);
-    *sl = PyList_New(n);
-    c->paths = PyList_New(n);
-    /* a fresh object: no source value can be it */
-    c->missing = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
-    if (*tl == NULL || *sl == NULL || c->paths == NULL || c->missing == NULL) {
+    if (PyList_Append(p->tl, t) < 0 || PyList_Append(p->sl, s) < 0 ||
+        PyList_Append(p->paths, path) < 0) {
         return -1;
     }
-    Py_ssize_t tpos = 0, spos = 0, j = 0;
-    int lockstep = 1;
-    PyObject *path, *tv;
-    while (PyDict_Next(t, &tpos, &path, &tv)) {
-        if (j >= n) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "update_refs: target changed size during the "
-                            "call");
-            return -1;
+    return 0;
+}
+
+/* By path, a target entry that is a subtree (holding Refs, say): one
+ * position per leaf of it, aligned with the source's value there. */
+static int
+expand_entry(update_plan *p, PyObject *path, PyObject *entry, PyObject *value)
+{
+    refx_state *st = p->st;
+    PyObject *treedef = NULL, *tleaves = NULL, *sleaves = NULL, *paths = NULL;
+    int res = -1;
+    tleaves = refx_flatten(st, entry, st->pred_refx, &treedef);
+    if (tleaves == NULL) {
+        goto error;
+    }
+    if (value != p->missing) {
+        sleaves = flatten_up_to(st, treedef, entry, value, path);
+        if (sleaves == NULL) {
+            goto error;
         }
-        /* own everything before comparing keys, which may run Python code
-         * that mutates either dict and frees borrowed items */
-        PyList_SET_ITEM(*tl, j, Py_NewRef(tv));
-        PyList_SET_ITEM(c->paths, j, Py_NewRef(path));
-        PyObject *key = NULL, *sv = NULL, *bsv;
-        if (lockstep && PyDict_Next(s, &spos, &key, &bsv)) {
-            if (key == path) {
-                sv = Py_NewRef(bsv);
+    }
+    paths = leaf_paths(st, entry, path);
+    if (paths == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tleaves); i++) {
+        PyObject *s = sleaves != NULL ? PyList_GET_ITEM(sleaves, i) : p->missing;
+        if (add_position(p, PyList_GET_ITEM(tleaves, i), s,
+                         PyList_GET_ITEM(paths, i)) < 0) {
+            goto error;
+        }
+    }
+    res = 0;
+error:
+    Py_XDECREF(treedef);
+    Py_XDECREF(tleaves);
+    Py_XDECREF(sleaves);
+    Py_XDECREF(paths);
+    return res;
+}
+
+static int
+collect_by_path(update_plan *p)
+{
+    PyObject *t = p->target, *s = p->source;
+    Py_ssize_t n = PyDict_GET_SIZE(t), matched = 0, pos = 0;
+    p->tl = PyList_New(0);
+    p->sl = PyList_New(0);
+    p->paths = PyList_New(0);
+    /* a fresh object: no source value can be it */
+    p->missing = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    if (p->tl == NULL || p->sl == NULL || p->paths == NULL ||
+        p->missing == NULL) {
+        return -1;
+    }
+    refx_dict_cursor cur;
+    refx_cursor_init(&cur, s);
+    PyObject *bpath, *bentry;
+    while (PyDict_Next(t, &pos, &bpath, &bentry)) {
+        /* owned: looking the path up may run Python code (a key's __eq__)
+         * that mutates either dict */
+        PyObject *path = Py_NewRef(bpath), *entry = Py_NewRef(bentry);
+        PyObject *value = refx_cursor_get(&cur, path);
+        int r = -1;
+        if (value != NULL || !PyErr_Occurred()) {
+            if (value != NULL) {
+                matched++;
             }
             else {
-                Py_INCREF(bsv);
-                Py_INCREF(key);
-                Py_INCREF(path);
-                int eq = PyObject_RichCompareBool(key, path, Py_EQ);
-                Py_DECREF(key);
-                Py_DECREF(path);
-                if (eq < 0) {
-                    Py_DECREF(bsv);
-                    return -1;
-                }
-                if (eq) {
-                    sv = bsv;
-                }
-                else {
-                    Py_DECREF(bsv);
-                    lockstep = 0;
-                }
+                value = Py_NewRef(p->missing); /* checked in plan_position */
+            }
+            r = is_leaf(p->st, entry);
+            if (r > 0) {
+                r = add_position(p, entry, value, path);
+            }
+            else if (r == 0) {
+                r = expand_entry(p, path, entry, value);
             }
         }
-        if (sv == NULL) {
-            sv = Py_XNewRef(PyDict_GetItemWithError(s, path));
-            if (sv == NULL && PyErr_Occurred()) {
-                return -1;
-            }
+        Py_DECREF(path);
+        Py_DECREF(entry);
+        Py_XDECREF(value);
+        if (r < 0) {
+            return -1;
         }
-        if (sv == NULL) {
-            sv = Py_NewRef(c->missing); /* checked in phase 1 */
-        }
-        else {
-            matched++;
-        }
-        PyList_SET_ITEM(*sl, j, sv);
-        j++;
     }
-    if (j != n) {
+    if (PyDict_GET_SIZE(t) != n) {
         PyErr_SetString(PyExc_RuntimeError,
                         "update_refs: target changed size during the call");
         return -1;
     }
     if (matched != PyDict_GET_SIZE(s)) {
         /* name a source path the target does not have */
-        Py_ssize_t pos = 0;
+        Py_ssize_t spos = 0;
         PyObject *k, *v;
-        while (PyDict_Next(s, &pos, &k, &v)) {
+        while (PyDict_Next(s, &spos, &k, &v)) {
             Py_INCREF(k);
             int r = PyDict_Contains(t, k);
-            if (r <= 0) {
-                if (r == 0) {
-                    PyErr_Format(PyExc_ValueError,
-                                 "update_refs: path %R is in the source but "
-                                 "not in the target",
-                                 k);
-                }
-                Py_DECREF(k);
-                return -1;
+            if (r == 0) {
+                PyErr_Format(PyExc_ValueError,
+                             "update_refs: path %R is in the source but not "
+                             "in the target",
+                             k);
             }
             Py_DECREF(k);
+            if (r <= 0) {
+                return -1;
+            }
         }
         PyErr_SetString(PyExc_RuntimeError,
                         "update_refs: source changed size during the call");
@@ -245,39 +478,403 @@ collect_by_path(update_ctx *c, PyObject **tl, PyObject **sl)
     return 0;
 }
 
-typedef struct {
-    RefObject *ref;  /* borrowed (kept alive by the leaf lists) */
-    PyObject *value; /* owned: phase 1 may run Python code that replaces a
-                        source Ref's value */
-} plan_item;
+/* ------------------------------------------------------------------ */
+/* the plan                                                             */
+/* ------------------------------------------------------------------ */
 
-enum { MODE_NONE, MODE_REF, MODE_DEREF };
+/* Take the value of every source Ref, at one moment: this loop allocates
+ * no Python object and so runs no Python code. */
+static int
+plan_snapshot(update_plan *p)
+{
+    Py_ssize_t n = PyList_GET_SIZE(p->sl);
+    p->snap = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
+    if (p->snap == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *s = PyList_GET_ITEM(p->sl, j);
+        if (Ref_Check(p->st, s)) {
+            p->snap[j] = Py_NewRef(((RefObject *)s)->value);
+        }
+    }
+    return 0;
+}
+
+/* By path, where the Ref holds an array: the new value must have its
+ * shape and dtype (a checkpoint of the wrong model must not load). */
+static int
+check_shape(update_plan *p, Py_ssize_t j, PyObject *old, PyObject *new)
+{
+    refx_state *st = p->st;
+    PyObject *oshape = NULL, *odtype = NULL, *nshape = NULL, *ndtype = NULL;
+    int res = -1;
+    oshape = PyObject_GetAttr(old, st->str_shape);
+    odtype = oshape != NULL ? PyObject_GetAttr(old, st->str_dtype) : NULL;
+    if (odtype == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            goto error;
+        }
+        PyErr_Clear(); /* not an array: nothing to check */
+        res = 0;
+        goto error;
+    }
+    nshape = PyObject_GetAttr(new, st->str_shape);
+    ndtype = nshape != NULL ? PyObject_GetAttr(new, st->str_dtype) : NULL;
+    if (ndtype == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            /* a Python scalar for a 0-d array: what a scalar looks like in
+             * a file (a step counter) */
+            if ((PyFloat_Check(new) || PyLong_Check(new) ||
+                 PyComplex_Check(new)) &&
+                PyTuple_Check(oshape) && PyTuple_GET_SIZE(oshape) == 0) {
+                res = 0;
+                goto error;
+            }
+            fail_at(p, j,
+                    "the source is a %.200s, not an array; the target Ref "
+                    "holds an array of shape %R and dtype %S",
+                    Py_TYPE(new)->tp_name, oshape, odtype);
+        }
+        goto error;
+    }
+    int eq = PyObject_RichCompareBool(nshape, oshape, Py_EQ);
+    if (eq == 1) {
+        eq = PyObject_RichCompareBool(ndtype, odtype, Py_EQ);
+        if (eq == 0) {
+            fail_at(p, j,
+                    "the source has dtype %S but the target Ref holds dtype "
+                    "%S",
+                    ndtype, odtype);
+            goto error;
+        }
+    }
+    else if (eq == 0) {
+        fail_at(p, j,
+                "the source has shape %R but the target Ref holds shape %R",
+                nshape, oshape);
+        goto error;
+    }
+    res = eq == 1 ? 0 : -1;
+error:
+    Py_XDECREF(oshape);
+    Py_XDECREF(odtype);
+    Py_XDECREF(nshape);
+    Py_XDECREF(ndtype);
+    return res;
+}
+
+/* Plan to write `value` into `ref` (position j): shape (by path) and
+ * trace checks first. */
+static int
+plan_add(update_plan *p, Py_ssize_t j, RefObject *ref, PyObject *value)
+{
+    Py_INCREF(value); /* the checks may run Python code */
+    if (p->by_path && check_shape(p, j, ref->value, value) < 0) {
+        goto error;
+    }
+    if (refx_check_write(p->st, ref, value, p->trace) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyObject *exc = refx_take_exception();
+            fail_at(p, j, "%S", exc);
+            Py_XDECREF(exc);
+        }
+        goto error;
+    }
+    p->items[p->nitems].ref = ref;
+    p->items[p->nitems].value = value;
+    p->nitems++;
+    return 0;
+error:
+    Py_DECREF(value);
+    return -1;
+}
+
+static int
+plan_index(update_plan *p, Py_ssize_t j, PyObject *t, DerefObject *d)
+{
+    PyObject *key = PyLong_FromSsize_t(d->index);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *owner = PyDict_GetItemWithError(p->value_owner, key);
+    Py_DECREF(key);
+    if (owner == NULL) {
+        if (!PyErr_Occurred()) {
+            fail_at(p, j,
+                    "Index(%zd) comes before any Value with index %zd; an "
+                    "Index must follow its Value",
+                    d->index, d->index);
+        }
+        return -1;
+    }
+    if (owner != t) {
+        fail_at(p, j,
+                "source has Index(%zd) but the target Ref here is not the one "
+                "Value %zd updates; target and source must share the same "
+                "Refs",
+                d->index, d->index);
+        return -1;
+    }
+    return 0; /* Value d->index writes this Ref */
+}
+
+static int
+plan_value(update_plan *p, Py_ssize_t j, RefObject *ref,
+           refx_ptrmap_entry *te, int tfound, ValueObject *v)
+{
+    DerefObject *d = &v->base;
+    PyObject *key = PyLong_FromSsize_t(d->index);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *prev = PyDict_SetDefault(p->value_owner, key, (PyObject *)ref);
+    Py_DECREF(key);
+    if (prev == NULL) {
+        return -1;
+    }
+    if (prev != (PyObject *)ref) {
+        fail_at(p, j,
+                "source has two Values with index %zd; was it deref'ed as "
+                "one tree?",
+                d->index);
+        return -1;
+    }
+    if (tfound && te->obj != NULL) {
+        fail_at(p, j,
+                "the target repeats a Ref here but the source has a new Value "
+                "(index %zd), not an Index; target and source must share the "
+                "same Refs",
+                d->index);
+        return -1;
+    }
+    if (d->collection != ref->collection) {
+        /* both owned across __eq__, which may run any code */
+        PyObject *dc = Py_NewRef(d->collection);
+        PyObject *rc = Py_NewRef(ref->collection);
+        int eq = PyObject_RichCompareBool(dc, rc, Py_EQ);
+        if (eq == 0) {
+            fail_at(p, j,
+                    "source Value has collection %R but the target Ref has "
+                    "collection %R",
+                    dc, rc);
+        }
+        Py_DECREF(dc);
+        Py_DECREF(rc);
+        if (eq <= 0) {
+            return -1;
+        }
+    }
+    te->obj = (PyObject *)v; /* borrowed: the maps never own their objs */
+    return plan_add(p, j, ref, v->value);
+}
+
+/* A source Ref or a plain value: the same object must come back wherever
+ * the target repeats its Ref (sharing is by identity). */
+static int
+plan_ref_or_plain(update_plan *p, Py_ssize_t j, RefObject *ref,
+                  refx_ptrmap_entry *te, int tfound, PyObject *s, int s_ref)
+{
+    if (tfound && te->obj != NULL) {
+        if (te->obj != s) {
+            fail_at(p, j,
+                    "the target repeats a Ref here but the source has %s "
+                    "that is not the object at the Ref's first position; "
+                    "sharing is by identity: give the same object at every "
+                    "position of a shared Ref (or, by path, leave the "
+                    "repeats out)",
+                    s_ref ? "a Ref" : "a value");
+            return -1;
+        }
+        return 0;
+    }
+    PyObject *value = s;
+    if (s_ref) {
+        int sfound;
+        refx_ptrmap_entry *se = refx_ptrmap_get(&p->sources, s, &sfound);
+        if (se == NULL) {
+            return -1;
+        }
+        if (sfound && se->obj != (PyObject *)ref) {
+            fail_at(p, j,
+                    "the source repeats a Ref here but the target has a "
+                    "different Ref; target and source must share alike");
+            return -1;
+        }
+        se->obj = (PyObject *)ref;
+        value = p->snap[j];
+    }
+    te->obj = s;
+    return plan_add(p, j, ref, value);
+}
+
+/* Check position j and add what it writes to the plan. */
+static int
+plan_position(update_plan *p, Py_ssize_t j)
+{
+    refx_state *st = p->st;
+    PyObject *t = PyList_GET_ITEM(p->tl, j), *s = PyList_GET_ITEM(p->sl, j);
+    if (s == p->missing) {
+        /* by path, no source value: fine for NOTHING and plain leaves; a
+         * Ref must get its value at another path (plan_check_missing) */
+        if (Ref_Check(st, t)) {
+            int found;
+            if (refx_ptrmap_get(&p->targets, t, &found) == NULL) {
+                return -1;
+            }
+            p->nmissing++;
+        }
+        return 0;
+    }
+    int s_ref = Ref_Check(st, s), s_deref = Deref_Check(st, s);
+    if (t == st->nothing || s == st->nothing) {
+        if (t != s) {
+            fail_at(p, j, "target has %s but source has %s", kind_of(st, t),
+                    kind_of(st, s));
+            return -1;
+        }
+        return 0;
+    }
+    if (!Ref_Check(st, t)) {
+        if (s_ref || s_deref) {
+            fail_at(p, j, "target has %s, not a Ref, but source has %s",
+                    kind_of(st, t), kind_of(st, s));
+            return -1;
+        }
+        int leaf = is_leaf(st, s);
+        if (leaf == 0) {
+            fail_structure_at(p, j,
+                              "the target has a leaf (%.200s) there, the "
+                              "source a pytree node (%.200s)" STRUCTURE_HINT,
+                              Py_TYPE(t)->tp_name, Py_TYPE(s)->tp_name);
+        }
+        return leaf > 0 ? 0 : -1; /* plain on both sides: nothing to write */
+    }
+    if (s_ref || s_deref) {
+        int m = s_ref ? MODE_REF : MODE_DEREF;
+        if (p->mode != MODE_NONE && p->mode != m) {
+            fail_at(p, j,
+                    "source has %s but earlier positions hold %s; a source "
+                    "may not mix Refs with Values/Indexes",
+                    kind_of(st, s),
+                    p->mode == MODE_REF ? "Refs" : "Values/Indexes");
+            return -1;
+        }
+        p->mode = m;
+    }
+    RefObject *ref = (RefObject *)t;
+    int tfound;
+    refx_ptrmap_entry *te = refx_ptrmap_get(&p->targets, t, &tfound);
+    if (te == NULL) {
+        return -1;
+    }
+    if (Index_Check(st, s)) {
+        return plan_index(p, j, t, (DerefObject *)s);
+    }
+    if (Value_Check(st, s)) {
+        return plan_value(p, j, ref, te, tfound, (ValueObject *)s);
+    }
+    return plan_ref_or_plain(p, j, ref, te, tfound, s, s_ref);
+}
+
+/* By path: every Ref whose path the source left out got its value at
+ * another of its paths. */
+static int
+plan_check_missing(update_plan *p)
+{
+    Py_ssize_t n = PyList_GET_SIZE(p->tl);
+    for (Py_ssize_t j = 0; p->nmissing > 0 && j < n; j++) {
+        PyObject *t = PyList_GET_ITEM(p->tl, j);
+        if (PyList_GET_ITEM(p->sl, j) != p->missing || !Ref_Check(p->st, t)) {
+            continue;
+        }
+        int found;
+        refx_ptrmap_entry *te = refx_ptrmap_get(&p->targets, t, &found);
+        if (te == NULL) {
+            return -1;
+        }
+        if (te->obj == NULL) {
+            fail_at(p, j,
+                    "the source has no value for the Ref here (the path is "
+                    "missing from the source, and so are the Ref's other "
+                    "paths)");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Store every planned value; cannot fail and runs no Python code.  The
+ * old values are released only after every store (by plan_fini):
+ * releasing one may run a __del__ that lets another thread in, which then
+ * saw (or wrote over) a half-applied update. */
+static void
+plan_apply(update_plan *p)
+{
+    for (Py_ssize_t k = 0; k < p->nitems; k++) {
+        plan_item *it = &p->items[k];
+        PyObject *old = Py_NewRef(it->ref->value);
+        refx_ref_store(p->st, it->ref, it->value);
+        Py_SETREF(it->value, old); /* the Ref holds the new value */
+    }
+}
+
+static void
+plan_fini(update_plan *p)
+{
+    /* the maps' objs are borrowed: drop them without DECREF */
+    refx_ptrmap_fini(&p->targets);
+    refx_ptrmap_fini(&p->sources);
+    for (Py_ssize_t k = 0; k < p->nitems; k++) {
+        Py_XDECREF(p->items[k].value);
+    }
+    PyMem_Free(p->items);
+    if (p->snap != NULL) {
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(p->sl); j++) {
+            Py_XDECREF(p->snap[j]);
+        }
+        PyMem_Free(p->snap);
+    }
+    Py_XDECREF(p->value_owner);
+    Py_XDECREF(p->trace);
+    Py_XDECREF(p->tl);
+    Py_XDECREF(p->sl);
+    Py_XDECREF(p->paths);
+    Py_XDECREF(p->missing);
+}
+
+/* ------------------------------------------------------------------ */
+/* update_refs                                                          */
+/* ------------------------------------------------------------------ */
 
 PyDoc_STRVAR(
-    update_refs_doc,
+    refx_update_refs__doc__,
     "update_refs($module, target, source, /)\n"
     "--\n\n"
     "Write the values of `source` into the Refs of `target`.\n\n"
     "`target` is a tree (or Partition) of Refs; `source` a tree of the same\n"
-    "shape holding Refs, deref'ed Values/Indexes, or plain values (a dict\n"
-    "keyed by path when `target` is a Partition, which may leave out NOTHING\n"
-    "paths and repeats of a shared Ref).  Where the target shares a\n"
-    "Ref, the source must share too.  Every position is checked, including\n"
-    "the trace-level write check, before any Ref is written: on error no Ref\n"
-    "has changed.");
+    "structure holding Refs, deref'ed Values/Indexes, or plain values at "
+    "the\n"
+    "Refs' places, or, when `target` is a Partition, a dict keyed by path\n"
+    "(which may leave out NOTHING paths and repeats of a shared Ref, and "
+    "must\n"
+    "match the shape and dtype of each array a Ref holds).  Where the "
+    "target\n"
+    "shares a Ref the source must share too (by identity).  Every position "
+    "is\n"
+    "checked, including the trace-level write check, before any Ref is\n"
+    "written: on error no Ref has changed.");
 
 static PyObject *
 refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     refx_state *st = refx_get_state(module);
-    PyObject *tl = NULL, *sl = NULL, *trace = NULL, *by_index = NULL;
+    update_plan p = {.st = st};
     PyObject *res = NULL;
-    plan_item *plan = NULL;
-    Py_ssize_t nplan = 0;
-    refx_ptrmap tmap, smap;
-    refx_ptrmap_init(&tmap);
-    refx_ptrmap_init(&smap);
-    update_ctx c = {st, NULL, NULL, 0, NULL, NULL};
+    refx_ptrmap_init(&p.targets);
+    refx_ptrmap_init(&p.sources);
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError,
                      "update_refs() takes 2 arguments (target, source) but "
@@ -288,257 +885,40 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (refx_require_trees(st, "update_refs") < 0) {
         goto error;
     }
-    c.target = args[0];
-    c.source = args[1];
-    c.by_path = Partition_Check(st, c.target) && PyDict_Check(c.source);
-    if ((c.by_path ? collect_by_path(&c, &tl, &sl)
-                   : collect_by_leaf(&c, &tl, &sl)) < 0) {
+    p.target = args[0];
+    p.source = args[1];
+    p.by_path = Partition_Check(st, p.target) && PyDict_Check(p.source);
+    if ((p.by_path ? collect_by_path(&p) : collect_by_leaf(&p)) < 0 ||
+        plan_snapshot(&p) < 0) {
         goto error;
     }
-    trace = refx_current_trace(st);
-    by_index = PyDict_New();
-    Py_ssize_t n = PyList_GET_SIZE(tl);
-    plan = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(plan_item));
-    if (trace == NULL || by_index == NULL || plan == NULL) {
-        if (plan == NULL) {
+    Py_ssize_t n = PyList_GET_SIZE(p.tl);
+    p.trace = refx_current_trace(st);
+    p.value_owner = PyDict_New();
+    p.items = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(plan_item));
+    if (p.trace == NULL || p.value_owner == NULL || p.items == NULL) {
+        if (p.items == NULL) {
             PyErr_NoMemory();
         }
         goto error;
     }
-    int mode = MODE_NONE;
-    Py_ssize_t nmissing = 0;
-
-    /* phase 1: check every position, build the plan */
     for (Py_ssize_t j = 0; j < n; j++) {
-        PyObject *t = PyList_GET_ITEM(tl, j), *s = PyList_GET_ITEM(sl, j);
-        if (s == c.missing) {
-            /* by path, no source value: fine for NOTHING and plain leaves;
-             * a Ref must get its value at another path (checked below) */
-            if (Ref_Check(st, t)) {
-                int found;
-                if (refx_ptrmap_get(&tmap, t, &found) == NULL) {
-                    goto error;
-                }
-                nmissing++;
-            }
-            continue;
-        }
-        int s_ref = Ref_Check(st, s), s_deref = Deref_Check(st, s);
-        if (t == st->nothing || s == st->nothing) {
-            if (t != s) {
-                fail_at(&c, j, "target has %s but source has %s",
-                        kind_of(st, t), kind_of(st, s));
-                goto error;
-            }
-            continue;
-        }
-        if (!Ref_Check(st, t)) {
-            if (s_ref || s_deref) {
-                fail_at(&c, j, "target has %s, not a Ref, but source has %s",
-                        kind_of(st, t), kind_of(st, s));
-                goto error;
-            }
-            continue; /* plain leaf on both sides: nothing to write */
-        }
-        if (s_ref || s_deref) {
-            int m = s_ref ? MODE_REF : MODE_DEREF;
-            if (mode != MODE_NONE && mode != m) {
-                fail_at(&c, j,
-                        "source has %s but earlier positions hold %s; a "
-                        "source may not mix Refs with Values/Indexes",
-                        kind_of(st, s),
-                        mode == MODE_REF ? "Refs" : "Values/Indexes");
-                goto error;
-            }
-            mode = m;
-        }
-        RefObject *ref = (RefObject *)t;
-        int tfound;
-        refx_ptrmap_entry *te = refx_ptrmap_get(&tmap, t, &tfound);
-        if (te == NULL) {
-            goto error;
-        }
-        PyObject *newvalue;
-        if (Index_Check(st, s)) {
-            DerefObject *d = (DerefObject *)s;
-            PyObject *key = PyLong_FromSsize_t(d->index);
-            if (key == NULL) {
-                goto error;
-            }
-            PyObject *owner = PyDict_GetItemWithError(by_index, key);
-            Py_DECREF(key);
-            if (owner == NULL) {
-                if (!PyErr_Occurred()) {
-                    fail_at(&c, j,
-                            "Index(%zd) comes before any Value with index "
-                            "%zd; an Index must follow its Value",
-                            d->index, d->index);
-                }
-                goto error;
-            }
-            if (owner != t) {
-                fail_at(&c, j,
-                        "source has Index(%zd) but the target Ref here is "
-                        "not the one Value %zd updates; target and source "
-                        "must share the same Refs",
-                        d->index, d->index);
-                goto error;
-            }
-            continue;
-        }
-        if (Value_Check(st, s)) {
-            DerefObject *d = (DerefObject *)s;
-            PyObject *key = PyLong_FromSsize_t(d->index);
-            if (key == NULL) {
-                goto error;
-            }
-            PyObject *prev = PyDict_SetDefault(by_index, key, t);
-            Py_DECREF(key);
-            if (prev == NULL) {
-                goto error;
-            }
-            if (prev != t) {
-                fail_at(&c, j,
-                        "source has two Values with index %zd; was it "
-                        "deref'ed as one tree?",
-                        d->index);
-                goto error;
-            }
-            if (tfound && te->obj != NULL) {
-                fail_at(&c, j,
-                        "the target repeats a Ref here but the source has a "
-                        "new Value (index %zd), not an Index; target and "
-                        "source must share the same Refs",
-                        d->index);
-                goto error;
-            }
-            if (d->collection != ref->collection) {
-                /* owned across __eq__, which may re-init the Ref and free
-                 * its collection mid-comparison */
-                PyObject *rc = Py_NewRef(ref->collection);
-                int eq = PyObject_RichCompareBool(d->collection, rc, Py_EQ);
-                Py_DECREF(rc);
-                if (eq < 0) {
-                    goto error;
-                }
-                if (!eq) {
-                    fail_at(&c, j,
-                            "source Value has collection %R but the target "
-                            "Ref has collection %R",
-                            d->collection, ref->collection);
-                    goto error;
-                }
-            }
-            newvalue = ((ValueObject *)s)->value;
-        }
-        else {
-            /* a source Ref or a plain value: the same object must come
-             * back wherever the target repeats its Ref */
-            if (tfound && te->obj != NULL) {
-                if (te->obj != s) {
-                    fail_at(&c, j,
-                            "the target repeats a Ref here but the source "
-                            "has %s different from the one at its first "
-                            "position; target and source must share alike",
-                            s_ref ? "a Ref" : "a value");
-                    goto error;
-                }
-                continue;
-            }
-            if (s_ref) {
-                int sfound;
-                refx_ptrmap_entry *se = refx_ptrmap_get(&smap, s, &sfound);
-                if (se == NULL) {
-                    goto error;
-                }
-                if (sfound && se->obj != t) {
-                    fail_at(&c, j,
-                            "the source repeats a Ref here but the target "
-                            "has a different Ref; target and source must "
-                            "share alike");
-                    goto error;
-                }
-                se->obj = t; /* borrowed: not released (see below) */
-                newvalue = ((RefObject *)s)->value;
-            }
-            else {
-                newvalue = s;
-            }
-        }
-        te->obj = s; /* borrowed: these maps never own their objs */
-        /* owned from here: the check may run Python code (a custom node's
-         * flatten) that replaces a source Ref's value and frees this one */
-        Py_INCREF(newvalue);
-        if (refx_check_write(st, ref, newvalue, trace) < 0) {
-            Py_DECREF(newvalue);
-            PyObject *et, *ev, *etb;
-            PyErr_Fetch(&et, &ev, &etb);
-            PyErr_NormalizeException(&et, &ev, &etb);
-            if (PyErr_GivenExceptionMatches(et, PyExc_ValueError)) {
-                fail_at(&c, j, "%S", ev);
-                Py_XDECREF(et);
-                Py_XDECREF(ev);
-                Py_XDECREF(etb);
-            }
-            else {
-                PyErr_Restore(et, ev, etb);
-            }
-            goto error;
-        }
-        plan[nplan].ref = ref;
-        plan[nplan].value = newvalue;
-        nplan++;
-    }
-
-    /* every Ref with a missing source path got a value at another path */
-    for (Py_ssize_t j = 0; nmissing > 0 && j < n; j++) {
-        PyObject *t = PyList_GET_ITEM(tl, j);
-        if (PyList_GET_ITEM(sl, j) != c.missing || !Ref_Check(st, t)) {
-            continue;
-        }
-        int found;
-        refx_ptrmap_entry *te = refx_ptrmap_get(&tmap, t, &found);
-        if (te == NULL) {
-            goto error;
-        }
-        if (te->obj == NULL) {
-            fail_at(&c, j,
-                    "the source has no value for the Ref here (the path is "
-                    "missing from the source, and so are the Ref's other "
-                    "paths)");
+        if (plan_position(&p, j) < 0) {
             goto error;
         }
     }
-
-    /* phase 2: write; nothing here can fail.  The old values are released
-     * only after every store: releasing one may run a __del__ that lets
-     * another thread in, which then saw (or wrote over) a half-applied
-     * update.  plan[k].value takes the old value; the cleanup drops it. */
-    for (Py_ssize_t k = 0; k < nplan; k++) {
-        PyObject *old = Py_NewRef(plan[k].ref->value);
-        refx_ref_store(st, plan[k].ref, plan[k].value);
-        Py_SETREF(plan[k].value, old); /* the Ref holds the new value */
+    if (plan_check_missing(&p) < 0) {
+        goto error;
     }
+    plan_apply(&p);
     res = Py_NewRef(Py_None);
 error:
-    /* the maps' objs are borrowed: drop them without DECREF */
-    refx_ptrmap_fini(&tmap);
-    refx_ptrmap_fini(&smap);
-    for (Py_ssize_t k = 0; k < nplan; k++) {
-        Py_XDECREF(plan[k].value);
-    }
-    PyMem_Free(plan);
-    Py_XDECREF(by_index);
-    Py_XDECREF(trace);
-    Py_XDECREF(tl);
-    Py_XDECREF(sl);
-    Py_XDECREF(c.paths);
-    Py_XDECREF(c.missing);
+    plan_fini(&p);
     return res;
 }
 
 PyMethodDef refx_update_functions[] = {
     {"update_refs", (PyCFunction)(void (*)(void))refx_update_refs,
-     METH_FASTCALL, update_refs_doc},
+     METH_FASTCALL, refx_update_refs__doc__},
     {NULL, NULL, 0, NULL},
 };
