@@ -35,12 +35,14 @@ Prints one row per operation and exits 1 if anything drifts.
 
 from __future__ import annotations
 
+import copy
 import gc
 import sys
 import tracemalloc
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import refx
 
@@ -173,7 +175,55 @@ OPS = {
     "Not/All/Any()": lambda: (refx.Not("c"), refx.All(refx.Ref, "c"), refx.Any(int, ("c", refx.Ref))),
     "Not() bad filter": lambda: expect(TypeError, refx.Not, []),
     "filter raising": lambda: expect(ZeroDivisionError, refx.Any(lambda x: 1 / 0), R),
+    # issue 10: merge by path with a treedef the cache does not hold, paths
+    # of non-canonical trees, structure errors, by-path subtrees and shape
+    # checks, tracers refused by reref, pickle/copy of subclasses
+    "merge_partitions, jax treedef": lambda: refx.merge_partitions(
+        (dict(reversed(list(JAX_PART.items()))),), JAX_TD),
+    # (a bool key: float keys warm up CPython's dtoa free lists, ~2 MB once)
+    "tree_partition, non-canonical keys": lambda: refx.merge_partitions(
+        *refx.tree_partition({True: R, 2: 2}, "c")),
+    "update_refs structure error": lambda: expect(ValueError, refx.update_refs, TREE, [1.0]),
+    "update_refs by path, subtree entry": lambda: refx.update_refs(SUB_PART, SUB_SRC),
+    "update_refs by path, wrong shape": lambda: expect(ValueError, refx.update_refs, SHAPE_PART, SHAPE_SRC),
+    "reref of a dead tracer": lambda: expect(ValueError, refx.reref, DEAD),
+    # (pickle takes the same __reduce__/__setstate__ path)
+    "copy/deepcopy of a Ref subclass": lambda: (copy.copy(SUB_REF), copy.deepcopy(SUB_REF)),
+    "Ref.__init__ on a live Ref": lambda: expect(TypeError, R.__init__, 1.0, "other"),
+    "Value index too large": lambda: expect(ValueError, refx.Value, 1, 2**70),
 }
+
+JAX_TD = jax.tree_util.tree_structure({"x": 0, "y": [0, 0]})
+JAX_PART = {("x",): 1.0, ("y", "0"): 2.0, ("y", "1"): 3.0}
+_SUB = (refx.Ref(1.0, "c"), refx.Ref(2.0, "c"))
+SUB_PART = refx.get_partition({"block": _SUB}, ..., is_leaf=lambda x: isinstance(x, tuple))
+SUB_SRC = {("block",): (1.0, 2.0)}
+SHAPE_PART = refx.get_partition({"w": refx.Ref(np.ones((3, 2), np.float32), "c")}, "c")
+SHAPE_SRC = {("w",): np.ones((2, 3), np.float32)}
+
+
+def _dead_tracer_tree():
+    out = {}
+
+    @jax.jit
+    def f(x):
+        out["d"] = refx.deref({"w": refx.Ref(x)})
+        return x
+
+    f(jnp.ones(2))
+    return out["d"]
+
+
+DEAD = _dead_tracer_tree()
+
+
+class SubRef(refx.Ref):
+    pass
+
+
+SUB_REF = SubRef([1.0], "c")
+SUB_REF.note = "kept"
+
 
 class BadHashColl:
     def __hash__(self):
