@@ -8,25 +8,25 @@
  * Index(i, ref.collection), and the tree is unflattened with the same
  * treedef.  Other leaves pass through untouched; values are never copied.
  *
- *   Two passes.  Pass 1 numbers the Refs and takes a snapshot of each
- *   distinct Ref's value and collection (new references in the numbering's
- *   slots).  It allocates no Python object, so it runs no Python code: no
- *   garbage collection, no finalizer, no other thread.  Pass 2 builds the
- *   Values and Indexes from the snapshot; its allocations may run the GC,
- *   whose finalizers may let another thread's update_refs in, but by then
- *   every value has been read.  So a deref sees the values of one moment,
- *   never half of an update (issue 10: with values read while allocating,
- *   358 of 3,000 derefs racing a writer thread returned a mix).
+ *   One moment.  All values must be read at one moment: never half of
+ *   another thread's update_refs (with values read while allocating, 358
+ *   of 3,000 derefs racing a writer thread returned a mix, issue 10).  An
+ *   allocation is the only way Python code could run inside the loop (it
+ *   may start a garbage collection, whose finalizers run Python code and
+ *   may let another thread in), so the loop runs with the collector paused
+ *   (PyGC_Disable; it is restored before returning, errors included).
+ *   With that, nothing but this call runs from the first value read to the
+ *   last.  (CPython 3.12+ only collects at the next bytecode boundary, so
+ *   there the pause costs nothing and changes nothing.)
  *
  *   Identity.  "Is this Ref new?" is answered by marks in the Ref itself:
- *   each deref/clone call takes a fresh epoch number and pass 1 stamps
- *   every Ref it numbers with (epoch, number).  That costs one load per
- *   leaf, where a hash table keyed by address costs a cache miss per leaf
- *   once the table outgrows the cache (measured: 1.67x of the
- *   flatten+unflatten floor at 100k Refs with a table; commit 8102970).
- *   Since pass 1 runs no Python code, no other call can stamp a Ref while
- *   the marks are in use, and they are never read after pass 1: pass 1
- *   records each leaf's number in `at`.
+ *   each deref/clone call takes a fresh epoch number and stamps every Ref
+ *   it numbers with (epoch, number).  That costs one load per leaf, where a
+ *   hash table keyed by address costs a cache miss per leaf once the table
+ *   outgrows the cache (measured: 1.67x of the flatten+unflatten floor at
+ *   100k Refs with a table; commit 8102970).  Since no other code runs
+ *   while the loop does, no other call can stamp a Ref in the meantime
+ *   (the loop used to be able to, and then redid itself with a map).
  *
  *   Already deref'ed input.  Value and Index are pytree nodes, so a plain
  *   flatten would walk into them; refx_flatten_leaves redoes the flatten
@@ -42,95 +42,94 @@
  * tracers of another trace (a deref'ed tree that escaped a finished jit)
  * is refused, as Ref() refuses it.
  *
- * clone(tree) is reref(deref(tree)) in one call: pass 1 as for deref, then
- * one new Ref per slot (values checked as reref checks them).
+ * clone(tree) is reref(deref(tree)) in one call: the same numbering, with
+ * one new Ref per distinct Ref made from the values as read.  Their values
+ * are then checked as reref checks them (Python code, after the loop).
  *
- * Functions in this file: number_refs (pass 1) and the numbering slots,
- * refx_deref, refx_reref, refx_clone.
+ * Functions in this file: the numbering (number_ref), flatten_ref_tree,
+ * refx_deref and deref_leaves, refx_reref, refx_clone and clone_leaves.
  */
 #include "refx.h"
 
 /* ------------------------------------------------------------------ */
-/* pass 1: numbering distinct Refs, with a snapshot of their values      */
+/* numbering distinct Refs                                              */
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    RefObject *ref;       /* owned: the leaves list may be rewritten */
-    PyObject *value;      /* owned: the value at the moment of pass 1 */
-    PyObject *collection; /* owned */
-    PyObject *obj;        /* owned: the shared Index (deref), new Ref (clone) */
-    Py_ssize_t first;     /* leaf position of the first occurrence */
+    RefObject *ref; /* owned: the leaves list is rewritten in place */
+    PyObject *obj;  /* owned: the shared Index (deref), the new Ref (clone) */
 } numbered;
 
 typedef struct {
+    uint64_t epoch;
     numbered *slots;
     Py_ssize_t count, cap;
-    Py_ssize_t *at; /* per leaf: its Ref's slot, or -1 for other leaves */
 } numbering;
+
+static void
+numbering_init(refx_state *st, numbering *nb)
+{
+    nb->epoch = ++st->epoch;
+    nb->slots = NULL;
+    nb->count = nb->cap = 0;
+}
 
 static void
 numbering_fini(numbering *nb)
 {
     for (Py_ssize_t i = 0; i < nb->count; i++) {
         Py_DECREF(nb->slots[i].ref);
-        Py_XDECREF(nb->slots[i].value);
-        Py_XDECREF(nb->slots[i].collection);
         Py_XDECREF(nb->slots[i].obj);
     }
     PyMem_Free(nb->slots);
-    PyMem_Free(nb->at);
     nb->slots = NULL;
-    nb->at = NULL;
     nb->count = nb->cap = 0;
 }
 
-/* Pass 1 over `leaves`: fill nb (zeroed by the caller).  Allocates only
- * C memory, so no Python code runs.  -1 with MemoryError. */
-static int
-number_refs(refx_state *st, PyObject *leaves, numbering *nb)
+/* The number of `ref` in this call; *is_new says whether it was just
+ * given one.  -1 with MemoryError set. */
+static inline Py_ssize_t
+number_ref(numbering *nb, RefObject *ref, int *is_new)
 {
-    Py_ssize_t n = PyList_GET_SIZE(leaves);
-    uint64_t epoch = ++st->epoch;
-    nb->at = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(Py_ssize_t));
-    if (nb->at == NULL) {
-        PyErr_NoMemory();
-        return -1;
+    if (ref->mark_epoch == nb->epoch) {
+        *is_new = 0;
+        return ref->mark_index;
     }
-    PyObject **items = &PyList_GET_ITEM(leaves, 0);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *leaf = items[i];
-        if (!Ref_Check(st, leaf)) {
-            nb->at[i] = -1;
-            continue;
+    if (nb->count == nb->cap) {
+        Py_ssize_t ncap = nb->cap ? nb->cap * 2 : 64;
+        numbered *ns = PyMem_Realloc(nb->slots, (size_t)ncap * sizeof(*ns));
+        if (ns == NULL) {
+            PyErr_NoMemory();
+            return -1;
         }
-        RefObject *ref = (RefObject *)leaf;
-        if (ref->mark_epoch == epoch) {
-            nb->at[i] = ref->mark_index;
-            continue;
-        }
-        if (nb->count == nb->cap) {
-            Py_ssize_t ncap = nb->cap ? nb->cap * 2 : 64;
-            numbered *ns =
-                PyMem_Realloc(nb->slots, (size_t)ncap * sizeof(*ns));
-            if (ns == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            nb->slots = ns;
-            nb->cap = ncap;
-        }
-        Py_ssize_t k = nb->count++;
-        numbered *slot = &nb->slots[k];
-        slot->ref = (RefObject *)Py_NewRef(ref);
-        slot->value = Py_NewRef(ref->value);
-        slot->collection = Py_NewRef(ref->collection);
-        slot->obj = NULL;
-        slot->first = i;
-        ref->mark_epoch = epoch;
-        ref->mark_index = k;
-        nb->at[i] = k;
+        nb->slots = ns;
+        nb->cap = ncap;
     }
-    return 0;
+    Py_ssize_t k = nb->count++;
+    nb->slots[k].ref = (RefObject *)Py_NewRef(ref);
+    nb->slots[k].obj = NULL;
+    ref->mark_epoch = nb->epoch;
+    ref->mark_index = k;
+    *is_new = 1;
+    return k;
+}
+
+/* Bring leaf i + AHEAD (a Ref, say) and the value of the Ref at i + AHEAD/2
+ * into the cache before the loop needs them: at 100k Refs each is a miss,
+ * and the loop otherwise waits on them one at a time. */
+#define AHEAD 16
+static inline void
+prefetch_ahead(refx_state *st, PyObject **items, Py_ssize_t i, Py_ssize_t n)
+{
+    if (i + AHEAD < n) {
+        __builtin_prefetch(items[i + AHEAD]);
+    }
+    if (i + AHEAD / 2 < n) {
+        PyObject *x = items[i + AHEAD / 2];
+        if (Py_IS_TYPE(x, st->Ref_Type)) {
+            __builtin_prefetch(((RefObject *)x)->value);
+        }
+    }
 }
 
 /* Flatten a tree of Refs (Value/Index as leaves if it holds any, so they
@@ -188,42 +187,55 @@ PyDoc_STRVAR(
     "is\n"
     "a ValueError.");
 
-/* Pass 2: replace the Refs of `leaves` in place (saves a second list). */
+/* Replace the Refs of `leaves` (a list only we hold) in place, with the
+ * collector paused (see "One moment").  Rewriting in place saves a second
+ * list of n items. */
 static int
-deref_leaves(refx_state *st, PyObject *leaves, numbering *nb)
+deref_leaves(refx_state *st, PyObject *leaves)
 {
+    numbering nb;
+    numbering_init(st, &nb);
     Py_ssize_t n = PyList_GET_SIZE(leaves);
+    PyObject **items = &PyList_GET_ITEM(leaves, 0);
+    int res = -1, gc_was_on = PyGC_Disable();
     for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t k = nb->at[i];
-        if (k < 0) {
+        prefetch_ahead(st, items, i, n);
+        PyObject *leaf = items[i], *new;
+        if (!Ref_Check(st, leaf)) {
             continue;
         }
-        numbered *slot = &nb->slots[k];
-        PyObject *new;
-        if (slot->first == i) {
-            /* the Value takes over the snapshot of the value */
-            PyObject *value = slot->value;
-            slot->value = NULL;
-            new = refx_value_steal(st, value, k, Py_NewRef(slot->collection));
+        RefObject *ref = (RefObject *)leaf;
+        int is_new;
+        Py_ssize_t k = number_ref(&nb, ref, &is_new);
+        if (k < 0) {
+            goto done;
+        }
+        if (is_new) {
+            new = refx_value_create(st, ref->value, k, ref->collection);
         }
         else {
+            numbered *slot = &nb.slots[k];
             if (slot->obj == NULL) {
-                slot->obj = refx_index_create(st, k, slot->collection);
+                slot->obj = refx_index_create(st, k, ref->collection);
                 if (slot->obj == NULL) {
-                    return -1;
+                    goto done;
                 }
             }
             new = Py_NewRef(slot->obj);
         }
         if (new == NULL) {
-            return -1;
+            goto done;
         }
-        /* the Ref stays alive: the slot owns it */
-        PyObject *old = PyList_GET_ITEM(leaves, i);
-        PyList_SET_ITEM(leaves, i, new);
-        Py_DECREF(old);
+        items[i] = new;
+        Py_DECREF(leaf); /* the Ref stays alive: the slot owns it */
     }
-    return 0;
+    res = 0;
+done:
+    if (gc_was_on) {
+        PyGC_Enable();
+    }
+    numbering_fini(&nb);
+    return res;
 }
 
 static PyObject *
@@ -231,18 +243,15 @@ refx_deref(PyObject *module, PyObject *tree)
 {
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *res = NULL;
-    numbering nb = {0};
     if (refx_require_trees(st, "deref") < 0) {
         return NULL;
     }
     leaves = flatten_ref_tree(st, "deref", tree, &treedef);
-    if (leaves == NULL || number_refs(st, leaves, &nb) < 0 ||
-        deref_leaves(st, leaves, &nb) < 0) {
+    if (leaves == NULL || deref_leaves(st, leaves) < 0) {
         goto error;
     }
     res = refx_unflatten(st, treedef, leaves);
 error:
-    numbering_fini(&nb);
     Py_XDECREF(leaves);
     Py_XDECREF(treedef);
     return res;
@@ -401,43 +410,89 @@ PyDoc_STRVAR(
     "Same as reref(deref(tree)), in one call: a copy of `tree` with new Refs\n"
     "(of the current trace) that share among themselves as the old ones did.");
 
+/* The Refs of `leaves` (a list only we hold) replaced in place by new
+ * Refs, as deref_leaves does; then every new Ref's value is checked (this
+ * runs Python code, so it comes after the loop). */
+static int
+clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace)
+{
+    numbering nb;
+    numbering_init(st, &nb);
+    Py_ssize_t n = PyList_GET_SIZE(leaves);
+    PyObject **items = &PyList_GET_ITEM(leaves, 0);
+    int res = -1, gc_was_on = PyGC_Disable();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        prefetch_ahead(st, items, i, n);
+        PyObject *leaf = items[i];
+        if (!Ref_Check(st, leaf)) {
+            continue;
+        }
+        RefObject *ref = (RefObject *)leaf;
+        int is_new;
+        Py_ssize_t k = number_ref(&nb, ref, &is_new);
+        if (k < 0) {
+            goto done;
+        }
+        numbered *slot = &nb.slots[k];
+        if (is_new) {
+            slot->obj = refx_ref_create(st, st->Ref_Type, ref->value,
+                                        ref->collection, trace);
+            if (slot->obj == NULL) {
+                goto done;
+            }
+        }
+        items[i] = Py_NewRef(slot->obj);
+        Py_DECREF(leaf); /* the old Ref stays alive: the slot owns it */
+    }
+    if (gc_was_on) {
+        PyGC_Enable();
+        gc_was_on = 0;
+    }
+    /* the value checks run Python code: after the loop */
+    res = 0;
+    for (Py_ssize_t k = 0; k < nb.count && res == 0; k++) {
+        RefObject *r = (RefObject *)nb.slots[k].obj;
+        if (refx_check_value(st, r->value, trace) < 0) {
+            res = -1;
+            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+                /* name the Ref's first position in the tree */
+                Py_ssize_t at = 0;
+                while (at < n && items[at] != (PyObject *)r) {
+                    at++;
+                }
+                PyObject *exc = refx_take_exception();
+                refx_raise_at_leaf(st, PyExc_ValueError, tree, st->pred_deref,
+                                   at, "clone: at {path}: %S", exc);
+                Py_DECREF(exc);
+            }
+        }
+    }
+done:
+    if (gc_was_on) {
+        PyGC_Enable();
+    }
+    numbering_fini(&nb);
+    return res;
+}
+
 static PyObject *
 refx_clone(PyObject *module, PyObject *tree)
 {
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *trace = NULL, *res = NULL;
-    numbering nb = {0};
     if (refx_require_trees(st, "clone") < 0) {
         return NULL;
     }
     leaves = flatten_ref_tree(st, "clone", tree, &treedef);
-    if (leaves == NULL || number_refs(st, leaves, &nb) < 0) {
+    if (leaves == NULL) {
         goto error;
     }
     trace = refx_current_trace(st);
-    if (trace == NULL) {
+    if (trace == NULL || clone_leaves(st, tree, leaves, trace) < 0) {
         goto error;
-    }
-    /* one new Ref per distinct Ref, from the snapshot */
-    for (Py_ssize_t k = 0; k < nb.count; k++) {
-        numbered *slot = &nb.slots[k];
-        slot->obj = new_ref_for(st, "clone", slot->value, slot->collection,
-                                trace, tree, st->pred_deref, slot->first);
-        if (slot->obj == NULL) {
-            goto error;
-        }
-    }
-    Py_ssize_t n = PyList_GET_SIZE(leaves);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (nb.at[i] >= 0) {
-            PyObject *old = PyList_GET_ITEM(leaves, i);
-            PyList_SET_ITEM(leaves, i, Py_NewRef(nb.slots[nb.at[i]].obj));
-            Py_DECREF(old);
-        }
     }
     res = refx_unflatten(st, treedef, leaves);
 error:
-    numbering_fini(&nb);
     Py_XDECREF(trace);
     Py_XDECREF(leaves);
     Py_XDECREF(treedef);

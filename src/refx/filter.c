@@ -21,7 +21,8 @@
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD PyObject *filters; /* tuple; one item for Not */
+    PyObject_HEAD
+    PyObject *filters; /* tuple; one item for Not */
 } FilterObject;
 
 static const char filter_kinds[] =
@@ -326,17 +327,10 @@ FILTER_SPEC(any, "Any", any_new,
 int
 refx_init_filter_types(PyObject *module, refx_state *st)
 {
-    PyType_Spec *specs[] = {&not_spec, &all_spec, &any_spec};
-    PyTypeObject **outs[] = {&st->Not_Type, &st->All_Type, &st->Any_Type};
-    for (size_t i = 0; i < sizeof(specs) / sizeof(specs[0]); i++) {
-        PyObject *tp = PyType_FromModuleAndSpec(module, specs[i], NULL);
-        if (tp == NULL) {
-            return -1;
-        }
-        *outs[i] = (PyTypeObject *)tp;
-        if (PyModule_AddType(module, (PyTypeObject *)tp) < 0) {
-            return -1;
-        }
+    if (refx_add_type(module, &not_spec, NULL, &st->Not_Type, 1) < 0 ||
+        refx_add_type(module, &all_spec, NULL, &st->All_Type, 1) < 0 ||
+        refx_add_type(module, &any_spec, NULL, &st->Any_Type, 1) < 0) {
+        return -1;
     }
     return 0;
 }

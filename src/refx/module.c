@@ -97,16 +97,16 @@ install_jax(PyObject *module, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (registry != NULL && registry != Py_None && !PyDict_Check(registry)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "_install_jax: pytree_registry must be a dict or None");
+        PyErr_SetString(
+            PyExc_TypeError,
+            "_install_jax: pytree_registry must be a dict or None");
         return NULL;
     }
     refx_state *st = refx_get_state(module);
     for (size_t i = 0; i < N_JAX_HOOKS; i++) {
         PyObject **slot = (PyObject **)((char *)st + jax_hooks[i].offset);
-        PyObject *o = given[i] == Py_None && jax_hooks[i].optional
-                          ? NULL
-                          : given[i];
+        PyObject *o =
+            given[i] == Py_None && jax_hooks[i].optional ? NULL : given[i];
         Py_XSETREF(*slot, Py_XNewRef(o));
     }
     st->registry_seen = -1; /* look at the registry on the next call */
@@ -178,6 +178,15 @@ static PyMethodDef module_functions[] = {
     X(str_dtype)
 /* clang-format on */
 
+/* A field added to refx_state without its STATE_OBJECTS entry would escape
+ * traverse and clear: the objects come first in the struct, and there must
+ * be exactly as many of them as the list names. */
+#define ONE(name) +1
+_Static_assert(offsetof(refx_state, deref_nodes_seen) ==
+                   (0 STATE_OBJECTS(ONE)) * sizeof(PyObject *),
+               "STATE_OBJECTS does not list every object of refx_state");
+#undef ONE
+
 static int
 module_traverse(PyObject *m, visitproc visit, void *arg)
 {
@@ -210,10 +219,19 @@ module_free(void *m)
     module_clear((PyObject *)m);
 }
 
-static int
-add_functions(PyObject *module, PyMethodDef *defs)
+/* Create a heap type of this module into *out; `public`: also make it an
+ * attribute of the module (internal types, like the leaf predicates', are
+ * not). */
+int
+refx_add_type(PyObject *module, PyType_Spec *spec, PyObject *base,
+              PyTypeObject **out, int public)
 {
-    return PyModule_AddFunctions(module, defs);
+    PyObject *tp = PyType_FromModuleAndSpec(module, spec, base);
+    if (tp == NULL) {
+        return -1;
+    }
+    *out = (PyTypeObject *)tp;
+    return public ? PyModule_AddType(module, (PyTypeObject *)tp) : 0;
 }
 
 static int
@@ -252,11 +270,11 @@ module_exec(PyObject *module)
         refx_init_filter_types(module, st) < 0) {
         return -1;
     }
-    if (add_functions(module, module_functions) < 0 ||
-        add_functions(module, refx_ref_functions) < 0 ||
-        add_functions(module, refx_deref_functions) < 0 ||
-        add_functions(module, refx_partition_functions) < 0 ||
-        add_functions(module, refx_update_functions) < 0) {
+    if (PyModule_AddFunctions(module, module_functions) < 0 ||
+        PyModule_AddFunctions(module, refx_ref_functions) < 0 ||
+        PyModule_AddFunctions(module, refx_deref_functions) < 0 ||
+        PyModule_AddFunctions(module, refx_partition_functions) < 0 ||
+        PyModule_AddFunctions(module, refx_update_functions) < 0) {
         return -1;
     }
     return refx_init_tree_types(module, st);

@@ -551,8 +551,8 @@ path_info_from_pairs(refx_state *st, const char *fname, PyObject *pairs,
             REFX_BUG("flatten_with_path returned a bad pair");
             goto error;
         }
-        PyObject *path =
-            refx_path_from_keypath_ex(st, PyTuple_GET_ITEM(pair, 0), canonical);
+        PyObject *path = refx_path_from_keypath_ex(
+            st, PyTuple_GET_ITEM(pair, 0), canonical);
         if (path == NULL) {
             goto error;
         }
@@ -1072,8 +1072,8 @@ merge_check_args(refx_state *st, PyObject *partitions, PyObject *treedef,
         PyObject *p = PyTuple_GET_ITEM(*parts, k);
         if (PyDict_GET_SIZE(p) != *n) {
             int more = PyDict_GET_SIZE(p) > *n;
-            PyObject *only = more ? missing_path(p, first)
-                                  : missing_path(first, p);
+            PyObject *only =
+                more ? missing_path(p, first) : missing_path(first, p);
             if (only == NULL && PyErr_Occurred()) {
                 goto error;
             }
@@ -1229,8 +1229,8 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
     if (info == NULL) {
         goto error;
     }
-    leaves = merge_by_paths(st, parts, PyTuple_GET_ITEM(info, 0), &missing,
-                            &at);
+    leaves =
+        merge_by_paths(st, parts, PyTuple_GET_ITEM(info, 0), &missing, &at);
     if (leaves == NULL && !PyErr_Occurred() && cached) {
         /* the cache holds the paths of an equal treedef; this one's own
          * paths (a non-canonical tree's) may be what the partitions hold */
@@ -1239,8 +1239,8 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
             goto error;
         }
         Py_SETREF(info, own);
-        leaves = merge_by_paths(st, parts, PyTuple_GET_ITEM(info, 0),
-                                &missing, &at);
+        leaves = merge_by_paths(st, parts, PyTuple_GET_ITEM(info, 0), &missing,
+                                &at);
     }
     if (leaves == NULL) {
         if (!PyErr_Occurred()) {
@@ -1297,23 +1297,6 @@ PyMethodDef refx_partition_functions[] = {
 int
 refx_init_partition_types(PyObject *module, refx_state *st)
 {
-    struct {
-        PyType_Spec *spec;
-        PyObject *base;
-        PyTypeObject **out;
-    } types[] = {
-        {&partition_spec, (PyObject *)&PyDict_Type, &st->Partition_Type},
-    };
-    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
-        PyObject *tp =
-            PyType_FromModuleAndSpec(module, types[i].spec, types[i].base);
-        if (tp == NULL) {
-            return -1;
-        }
-        *types[i].out = (PyTypeObject *)tp;
-        if (PyModule_AddType(module, (PyTypeObject *)tp) < 0) {
-            return -1;
-        }
-    }
-    return 0;
+    return refx_add_type(module, &partition_spec, (PyObject *)&PyDict_Type,
+                         &st->Partition_Type, 1);
 }

@@ -529,14 +529,13 @@ deref_maybe_track(DerefObject *self, PyObject *value)
     }
 }
 
-/* A new Value taking over the caller's references to value and
- * collection (on failure too).  deref hands over its snapshot this way,
- * so making a Value does not touch the value again (at 100k Refs each
- * touch of an array's refcount is a cache miss). */
 PyObject *
-refx_value_steal(refx_state *st, PyObject *value, Py_ssize_t index,
-                 PyObject *collection)
+refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
+                  PyObject *collection)
 {
+    /* owned before allocating: see refx_ref_create */
+    Py_INCREF(value);
+    Py_INCREF(collection);
     ValueObject *self = PyObject_GC_New(ValueObject, st->Value_Type);
     if (self == NULL) {
         Py_DECREF(value);
@@ -549,15 +548,6 @@ refx_value_steal(refx_state *st, PyObject *value, Py_ssize_t index,
     self->value = value;
     deref_maybe_track(&self->base, value);
     return (PyObject *)self;
-}
-
-PyObject *
-refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
-                  PyObject *collection)
-{
-    /* owned before allocating: see refx_ref_create */
-    return refx_value_steal(st, Py_NewRef(value), index,
-                            Py_NewRef(collection));
 }
 
 PyObject *
@@ -1118,28 +1108,16 @@ PyMethodDef refx_ref_functions[] = {
 /* type creation                                                        */
 /* ------------------------------------------------------------------ */
 
-static int
-add_type(PyObject *module, PyType_Spec *spec, PyObject *base,
-         PyTypeObject **out)
-{
-    PyObject *tp = PyType_FromModuleAndSpec(module, spec, base);
-    if (tp == NULL) {
-        return -1;
-    }
-    *out = (PyTypeObject *)tp;
-    return PyModule_AddType(module, (PyTypeObject *)tp);
-}
-
 int
 refx_init_ref_types(PyObject *module, refx_state *st)
 {
-    if (add_type(module, &ref_spec, NULL, &st->Ref_Type) < 0 ||
-        add_type(module, &deref_spec, NULL, &st->Deref_Type) < 0 ||
-        add_type(module, &value_spec, (PyObject *)st->Deref_Type,
-                 &st->Value_Type) < 0 ||
-        add_type(module, &index_spec, (PyObject *)st->Deref_Type,
-                 &st->Index_Type) < 0 ||
-        add_type(module, &nothing_spec, NULL, &st->Nothing_Type) < 0) {
+    if (refx_add_type(module, &ref_spec, NULL, &st->Ref_Type, 1) < 0 ||
+        refx_add_type(module, &deref_spec, NULL, &st->Deref_Type, 1) < 0 ||
+        refx_add_type(module, &value_spec, (PyObject *)st->Deref_Type,
+                      &st->Value_Type, 1) < 0 ||
+        refx_add_type(module, &index_spec, (PyObject *)st->Deref_Type,
+                      &st->Index_Type, 1) < 0 ||
+        refx_add_type(module, &nothing_spec, NULL, &st->Nothing_Type, 1) < 0) {
         return -1;
     }
     st->nothing = PyType_GenericAlloc(st->Nothing_Type, 0);

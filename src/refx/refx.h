@@ -89,10 +89,10 @@ typedef struct {
     PyObject *dict_key;
     PyObject *getattr_key;
     PyObject *flattened_index_key;
-    PyObject *trace_state; /* .value is the current trace's weakref */
-    PyObject *check_value; /* check_value(value, trace_weakref) */
-    PyObject *plain_types; /* tuple of types that never hold tracers */
-    PyObject *copyreg_newobj; /* copyreg.__newobj__, for Ref.__reduce__ */
+    PyObject *trace_state;         /* .value is the current trace's weakref */
+    PyObject *check_value;         /* check_value(value, trace_weakref) */
+    PyObject *plain_types;         /* tuple of types that never hold tracers */
+    PyObject *copyreg_newobj;      /* copyreg.__newobj__, for Ref.__reduce__ */
     PyObject *pytree_registry;     /* JAX's dict of registered node types */
     PyObject *registered_ref_type; /* a Ref subclass found in it, or NULL */
 
@@ -102,6 +102,20 @@ typedef struct {
 
     /* treedef -> path info, bounded (see partition.c) */
     PyObject *path_cache;
+
+    /* interned strings */
+    PyObject *str_value;
+    PyObject *str_unflatten;
+    PyObject *str_num_leaves;
+    PyObject *str_idx;
+    PyObject *str_key;
+    PyObject *str_name;
+    PyObject *str_flatten_up_to;
+    PyObject *str_shape;
+    PyObject *str_dtype;
+
+    /* Everything above is an object listed in STATE_OBJECTS (module.c,
+     * which checks that the list covers them); plain data from here on. */
 
     /* Bumped by the flatten functions of Value/Index and of NOTHING; see
      * refx_flatten_leaves. */
@@ -114,17 +128,6 @@ typedef struct {
     /* The path cache's bounds and what it holds (partition.c). */
     Py_ssize_t path_cache_paths, path_cache_max_paths, path_cache_max_entries;
     Py_ssize_t registry_seen; /* size of pytree_registry when last checked */
-
-    /* interned strings */
-    PyObject *str_value;
-    PyObject *str_unflatten;
-    PyObject *str_num_leaves;
-    PyObject *str_idx;
-    PyObject *str_key;
-    PyObject *str_name;
-    PyObject *str_flatten_up_to;
-    PyObject *str_shape;
-    PyObject *str_dtype;
 } refx_state;
 
 extern PyModuleDef refx_module;
@@ -176,9 +179,10 @@ refx_take_exception(void)
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD PyObject *value; /* owned; never NULL after construction */
-    PyObject *collection;          /* owned, hashable; None by default */
-    PyObject *trace; /* owned weakref to the creating JAX trace */
+    PyObject_HEAD
+    PyObject *value;      /* owned; never NULL after construction */
+    PyObject *collection; /* owned, hashable; None by default */
+    PyObject *trace;      /* owned weakref to the creating JAX trace */
     PyObject *weakreflist;
     /* Scratch marks for deref/clone (see deref.c): "this Ref is number
      * mark_index in the deref call numbered mark_epoch".  Meaningless
@@ -191,7 +195,8 @@ typedef struct {
 } RefObject;
 
 typedef struct {
-    PyObject_HEAD Py_ssize_t index;
+    PyObject_HEAD
+    Py_ssize_t index;
     PyObject *collection; /* owned */
     PyObject *flat;       /* lazily built ((children...), (index, coll)) */
 } DerefObject;
@@ -216,6 +221,10 @@ typedef struct {
 /* ------------------------------------------------------------------ */
 /* cross-file functions                                                */
 /* ------------------------------------------------------------------ */
+
+/* module.c */
+int refx_add_type(PyObject *module, PyType_Spec *spec, PyObject *base,
+                  PyTypeObject **out, int public);
 
 /* tree.c */
 int refx_init_tree_types(PyObject *module, refx_state *st);
@@ -268,8 +277,6 @@ int refx_is_plain_value(refx_state *st, PyObject *value);
 void refx_ref_store(refx_state *st, RefObject *ref, PyObject *value);
 PyObject *refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
                             PyObject *collection);
-PyObject *refx_value_steal(refx_state *st, PyObject *value, Py_ssize_t index,
-                           PyObject *collection);
 PyObject *refx_index_create(refx_state *st, Py_ssize_t index,
                             PyObject *collection);
 PyObject *refx_collection_of(refx_state *st, PyObject *leaf);

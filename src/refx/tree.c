@@ -487,9 +487,9 @@ refx_flatten_leaves(refx_state *st, PyObject *tree, PyObject *pred,
 {
     uint64_t d = st->deref_nodes_seen, z = st->nothing_nodes_seen;
     PyObject *leaves = refx_flatten(st, tree, NULL, treedef);
-    if (leaves == NULL || (st->deref_nodes_seen == d &&
-                           (pred == st->pred_deref ||
-                            st->nothing_nodes_seen == z))) {
+    if (leaves == NULL ||
+        (st->deref_nodes_seen == d &&
+         (pred == st->pred_deref || st->nothing_nodes_seen == z))) {
         return leaves;
     }
     Py_DECREF(leaves);
@@ -566,7 +566,8 @@ refx_cursor_get(refx_dict_cursor *cur, PyObject *key)
 enum { PRED_DEREF, PRED_REFX, PRED_REFX_OR_USER };
 
 typedef struct {
-    PyObject_HEAD vectorcallfunc vectorcall;
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
     int kind;
     PyObject *module; /* strong: the state lives in it */
     PyObject *user;   /* PRED_REFX_OR_USER: the user's is_leaf */
@@ -723,9 +724,7 @@ refx_make_pred(refx_state *st, PyObject *user_is_leaf)
 int
 refx_init_tree_types(PyObject *module, refx_state *st)
 {
-    st->Pred_Type =
-        (PyTypeObject *)PyType_FromModuleAndSpec(module, &pred_spec, NULL);
-    if (st->Pred_Type == NULL) {
+    if (refx_add_type(module, &pred_spec, NULL, &st->Pred_Type, 0) < 0) {
         return -1;
     }
     st->pred_deref = pred_new(st, module, PRED_DEREF, NULL);

@@ -76,13 +76,13 @@ typedef struct {
     refx_state *st;
     PyObject *target, *source; /* the arguments, for error paths */
     int by_path;
-    PyObject *tl, *sl;   /* aligned target and source leaf, per position */
-    PyObject *paths;     /* by path: the path of each position */
-    PyObject *missing;   /* by path: stands for "no such source path" */
-    PyObject **snap;     /* per position: a source Ref's value, or NULL */
-    PyObject *trace;     /* the current trace's weakref */
-    refx_ptrmap targets; /* target Ref -> source object first given it */
-    refx_ptrmap sources; /* source Ref -> the target Ref it feeds */
+    PyObject *tl, *sl;     /* aligned target and source leaf, per position */
+    PyObject *paths;       /* by path: the path of each position */
+    PyObject *missing;     /* by path: stands for "no such source path" */
+    PyObject **snap;       /* per position: a source Ref's value, or NULL */
+    PyObject *trace;       /* the current trace's weakref */
+    refx_ptrmap targets;   /* target Ref -> source object first given it */
+    refx_ptrmap sources;   /* source Ref -> the target Ref it feeds */
     PyObject *value_owner; /* {Value index: target Ref} */
     int mode;
     Py_ssize_t nmissing;
@@ -211,7 +211,8 @@ has_prefix(PyObject *path, PyObject *prefix)
         return 0;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *a = PyTuple_GET_ITEM(path, i), *b = PyTuple_GET_ITEM(prefix, i);
+        PyObject *a = PyTuple_GET_ITEM(path, i),
+                 *b = PyTuple_GET_ITEM(prefix, i);
         if (a != b && PyUnicode_Compare(a, b) != 0) {
             return 0;
         }
@@ -233,7 +234,7 @@ cut_at_difference(PyObject *path, PyObject *other)
 }
 
 #define STRUCTURE_HINT                                                        \
-    "; the source must have the target's structure (a Ref's place may "      \
+    "; the source must have the target's structure (a Ref's place may "       \
     "hold a Ref, a Value/Index or a plain value)"
 
 /* The source does not have the target's structure (jax_exc: what jaxlib's
@@ -281,8 +282,9 @@ structure_error(refx_state *st, PyObject *target, PyObject *source,
     }
     if (j < ns) {
         PyObject *s = PyList_GET_ITEM(sp, j);
-        PyObject *cut = nt > 0 ? cut_at_difference(s, PyList_GET_ITEM(tp, nt - 1))
-                               : PyTuple_GetSlice(s, 0, 1);
+        PyObject *cut = nt > 0
+                            ? cut_at_difference(s, PyList_GET_ITEM(tp, nt - 1))
+                            : PyTuple_GetSlice(s, 0, 1);
         if (cut != NULL) {
             refx_raise_at_path(PyExc_ValueError, cut,
                                "update_refs: the source's structure differs "
@@ -388,7 +390,8 @@ expand_entry(update_plan *p, PyObject *path, PyObject *entry, PyObject *value)
         goto error;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tleaves); i++) {
-        PyObject *s = sleaves != NULL ? PyList_GET_ITEM(sleaves, i) : p->missing;
+        PyObject *s =
+            sleaves != NULL ? PyList_GET_ITEM(sleaves, i) : p->missing;
         if (add_position(p, PyList_GET_ITEM(tleaves, i), s,
                          PyList_GET_ITEM(paths, i)) < 0) {
             goto error;
@@ -622,8 +625,8 @@ plan_index(update_plan *p, Py_ssize_t j, PyObject *t, DerefObject *d)
 }
 
 static int
-plan_value(update_plan *p, Py_ssize_t j, RefObject *ref,
-           refx_ptrmap_entry *te, int tfound, ValueObject *v)
+plan_value(update_plan *p, Py_ssize_t j, RefObject *ref, refx_ptrmap_entry *te,
+           int tfound, ValueObject *v)
 {
     DerefObject *d = &v->base;
     PyObject *key = PyLong_FromSsize_t(d->index);
