@@ -381,7 +381,11 @@ def state_dict(tree: Any, /, filter: Any = ...) -> dict[str, Any]:
     tree (Values are stored, Indexes are the repeats).  The leaves are the
     held objects themselves, not copies.
     """
-    layout = _layout("state_dict", tree, filter, writable=False)
+    return _state_dict("state_dict", tree, filter)
+
+
+def _state_dict(fname: str, tree: Any, filter: Any) -> dict[str, Any]:
+    layout = _layout(fname, tree, filter, writable=False)
     return {
         name: leaf
         for entry in layout.entries
@@ -457,7 +461,7 @@ def save(
     """
     ocp = _orbax("save")
     path = _directory(directory)
-    state = state_dict(tree, filter)
+    state = _state_dict("save", tree, filter)
     if not state:
         raise ValueError("save: the filter selects no Ref with state; nothing to save")
     if "" in state:
