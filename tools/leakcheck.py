@@ -173,6 +173,10 @@ OPS = {
     "Not/All/Any()": lambda: (refx.Not("c"), refx.All(refx.Ref, "c"), refx.Any(int, ("c", refx.Ref))),
     "Not() bad filter": lambda: expect(TypeError, refx.Not, []),
     "filter raising": lambda: expect(ZeroDivisionError, refx.Any(lambda x: 1 / 0), R),
+    # the getter binds refx._inspect's renderer (treescope is not imported)
+    "__treescope_repr__ getter": lambda: (
+        R.__treescope_repr__, refx.NOTHING.__treescope_repr__, PARTS[0].__treescope_repr__,
+        refx.Index(0, "c").__treescope_repr__),
 }
 
 class BadHashColl:
