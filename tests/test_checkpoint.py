@@ -165,6 +165,25 @@ def test_optax_state_in_a_ref(tmp_path):
     assert np.array_equal(dst["opt"].value[0].mu["w"], jnp.ones(2))
 
 
+def test_leaves_orbax_cannot_store_as_they_are(tmp_path):
+    # numpy scalars, Python complex and typed PRNG keys go in another form
+    def build(v):
+        return {"f32": refx.Ref(np.float32(v)), "i32": refx.Ref(np.int32(v)),
+                "b": refx.Ref(np.bool_(v)), "c": refx.Ref(complex(v, v)),
+                "flag": refx.Ref(bool(v)), "rng": refx.Ref(jax.random.key(int(v)), "rngs")}
+
+    src, dst = build(3), build(0)
+    refx.save(tmp_path / "ckpt", src)
+    refx.restore(tmp_path / "ckpt", dst)
+    for k in ("f32", "i32", "b", "c", "flag"):
+        assert type(dst[k].value) is type(src[k].value) and dst[k].value == src[k].value, k
+    assert jax.dtypes.issubdtype(dst["rng"].value.dtype, jax.dtypes.prng_key)
+    assert np.array_equal(jax.random.key_data(dst["rng"].value), jax.random.key_data(jax.random.key(3)))
+    unsafe = {"rng": refx.Ref(jax.random.key(0, impl="rbg"), "rngs")}
+    with pytest.raises(ValueError, match=r"'rng': uint32\[2\] in the checkpoint, uint32\[4\] in the tree"):
+        refx.restore(tmp_path / "ckpt", unsafe, filter="rngs")
+
+
 def test_save_refuses_to_overwrite_unless_forced(tmp_path):
     refx.save(tmp_path / "ckpt", model(1.0))
     with pytest.raises(FileExistsError, match=r"save: .*ckpt already exists; pass force=True to replace it"):

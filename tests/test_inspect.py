@@ -91,6 +91,11 @@ def test_summary_human_bytes():
     assert big.bytes == 12 * 2**20 and "12.0 MiB" in str(big)
 
 
+def test_summary_of_prng_keys():
+    s = refx.summary({"rng": refx.Ref(jax.random.key(0), "rngs")})
+    assert s.rows == (refx.CollectionSummary("rngs", 1, 0, 1, 8),)
+
+
 def test_summary_refuses_mixed_trees():
     with pytest.raises(TypeError, match="summary: the tree mixes Refs and deref'ed nodes"):
         refx.summary([refx.Ref(1), refx.Value(1, 0)])

@@ -173,6 +173,33 @@ def test_scalar_kind_mismatch_is_an_error():
     assert m["n"].value == 0
 
 
+def test_numpy_scalars_stay_numpy_scalars():
+    m = {"x": refx.Ref(np.float32(1.0)), "y": refx.Ref(np.float64(2.0))}
+    refx.load_state_dict(m, {"x": np.array(3.0, np.float32), "y": np.float64(4.0)})
+    assert type(m["x"].value) is np.float32 and m["x"].value == 3.0
+    assert type(m["y"].value) is np.float64 and m["y"].value == 4.0
+    with pytest.raises(ValueError, match=r"'x': float64\[\] in the state, float32\[\] in the tree"):
+        refx.load_state_dict(m, {"x": np.float64(1.0), "y": np.float64(1.0)})
+
+
+def test_prng_key_arrays():
+    m = {"rng": refx.Ref(jax.random.key(0), "rngs")}
+    assert refx.state_dict(m)["rng"] is m["rng"].value
+    refx.load_state_dict(m, {"rng": jax.random.key(7)})
+    assert np.array_equal(jax.random.key_data(m["rng"].value), jax.random.key_data(jax.random.key(7)))
+    with pytest.raises(ValueError, match=r"'rng': uint32\[2\] in the state, key<fry>\[\] in the tree"):
+        refx.load_state_dict(m, {"rng": jnp.zeros(2, jnp.uint32)})
+
+
+def test_python_scalar_for_an_array_is_an_error():
+    m = {"x": refx.Ref(np.float64(1.0)), "y": refx.Ref(jnp.zeros((), jnp.int32))}
+    with pytest.raises(ValueError) as e:
+        refx.load_state_dict(m, {"x": 2.0, "y": 3})
+    assert "'x': a Python scalar (float64) in the state, float64[] in the tree" in str(e.value)
+    assert "'y': a Python scalar (int64) in the state, int32[] in the tree" in str(e.value)
+    assert m["x"].value == 1.0
+
+
 def test_values_that_are_not_arrays_or_scalars_are_refused():
     with pytest.raises(TypeError, match=r"state_dict: the Ref at \('a',\) holds a str; state dicts hold "
                                         r"arrays and Python scalars"):

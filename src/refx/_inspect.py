@@ -73,7 +73,9 @@ def _count(value: Any) -> tuple[int, int]:
             continue
         size = int(np.prod(shape, dtype=np.int64))
         params += size
-        nbytes += size * np.dtype(dtype).itemsize
+        # numpy dtypes and JAX's extended ones (PRNG keys) have an itemsize
+        itemsize = getattr(dtype, "itemsize", None)
+        nbytes += size * (np.dtype(dtype).itemsize if itemsize is None else itemsize)
     return params, nbytes
 
 

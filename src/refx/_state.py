@@ -111,10 +111,33 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def _is_py_scalar(x: Any) -> bool:
+    # np.float64 subclasses float (and np.complex128 complex): numpy scalars
+    # are arrays here, with a dtype to check
+    return isinstance(x, _SCALAR_TYPES) and not isinstance(x, np.generic)
+
+
+def _is_key(x: Any) -> bool:
+    """A typed PRNG key array (jax.random.key): its dtype is not numpy's."""
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _spec(shape: Any, dtype: Any) -> str:
+    """'float32[3,3]', 'key<fry>[]' (str of a dtype: numpy's or JAX's extended ones)."""
+    return f"{dtype}[{','.join(map(str, shape))}]"
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except TypeError:  # pragma: no cover - a dtype that does not compare
+        return False
+
+
 def _describe(x: Any) -> str:
     """'float32[3,3]' for an array, 'int' for a Python int, else the type."""
     if _is_array(x) or isinstance(x, jax.ShapeDtypeStruct):
-        return f"{np.dtype(x.dtype).name}[{','.join(map(str, np.shape(x)))}]"
+        return _spec(np.shape(x), x.dtype)
     return type(x).__name__
 
 
@@ -137,6 +160,11 @@ class _Entry(NamedTuple):
 class _Layout(NamedTuple):
     entries: list[_Entry]
     where: dict[str, tuple[int, int]]  # name -> (entry, leaf) indexes
+
+    def storage_form(self) -> _Layout:
+        """The layout with each leaf as orbax stores it (_to_storage)."""
+        entries = [e._replace(leaves=tuple(map(_to_storage, e.leaves))) for e in self.entries]
+        return _Layout(entries, self.where)
 
     def repeat_names(self) -> dict[str, str]:
         """{name a repeat of a shared Ref would have: the name it is stored under}"""
@@ -236,26 +264,30 @@ def _mismatch(current: Any, shape: tuple[int, ...], dtype: Any, is_array: bool) 
     """Why a stored leaf of this shape/dtype cannot replace `current`, or None.
 
     `is_array` is False for a stored Python scalar.  A Python scalar in the
-    tree accepts a Python scalar of its type or a 0-d array of its kind (it
-    is loaded back as a Python scalar); an array accepts only its own shape
-    and dtype, never a silent cast.
+    tree accepts a Python scalar of its kind or a 0-d array of its kind (it
+    is loaded back as a Python scalar); an array accepts only an array of
+    its own shape and dtype, never a silent cast.
     """
-    if isinstance(current, _SCALAR_TYPES):
+    if _is_py_scalar(current):
         kind = _SCALAR_KINDS[type(current)] if type(current) in _SCALAR_KINDS else None
         if kind is None:  # a subclass of a scalar type (e.g. an IntEnum)
             kind = next(k for t, k in _SCALAR_KINDS.items() if isinstance(current, t))
-        if shape == () and np.dtype(dtype).kind in kind:
+        if shape == () and getattr(dtype, "kind", None) in kind:
             return None
         return f"a Python {type(current).__name__} in the tree"
-    if tuple(np.shape(current)) != tuple(shape) or np.dtype(current.dtype) != np.dtype(dtype):
+    if (
+        not is_array
+        or tuple(np.shape(current)) != tuple(shape)
+        or not _same_dtype(current.dtype, dtype)
+    ):
         return _describe(current) + " in the tree"
     return None
 
 
 def _stored_describe(shape: tuple[int, ...], dtype: Any, is_array: bool) -> str:
     if not is_array:
-        return f"a Python scalar ({np.dtype(dtype).name})"
-    return f"{np.dtype(dtype).name}[{','.join(map(str, shape))}]"
+        return f"a Python scalar ({dtype})"
+    return _spec(shape, dtype)
 
 
 def _check(
@@ -328,10 +360,14 @@ def _target_sharding(entry: _Entry, current: Any) -> Any:
 
 
 def _convert(entry: _Entry, current: Any, new: Any) -> Any:
-    if isinstance(current, _SCALAR_TYPES):
+    """`new` in the form of `current`: a Python or numpy scalar stays one, a
+    numpy array for a jax.Array goes onto its sharding."""
+    if _is_py_scalar(current):
         if isinstance(new, (np.ndarray, np.generic)):
             return type(current)(new.item())
         return new
+    if isinstance(current, np.generic) and isinstance(new, np.ndarray):
+        return new[()]
     sharding = _target_sharding(entry, current)
     if sharding is not None and not isinstance(new, jax.Array):
         return jax.device_put(new, sharding)
@@ -461,7 +497,7 @@ def save(
     """
     ocp = _orbax("save")
     path = _directory(directory)
-    state = _state_dict("save", tree, filter)
+    state = {n: _to_storage(x) for n, x in _state_dict("save", tree, filter).items()}
     if not state:
         raise ValueError("save: the filter selects no Ref with state; nothing to save")
     if "" in state:
@@ -474,6 +510,27 @@ def save(
         raise FileExistsError(f"save: {path} already exists; pass force=True to replace it")
     with ocp.PyTreeCheckpointer() as ckptr:
         ckptr.save(path, args=ocp.args.PyTreeSave(state), force=force)
+
+
+# orbax stores arrays and Python bool/int/float; these leaves go in another
+# form (checked against the checkpoint in that form, and turned back):
+#   numpy scalars and Python complex   a 0-d numpy array
+#   typed PRNG keys (jax.random.key)   their key data (orbax 0.11 cannot
+#                                      store key dtypes)
+
+
+def _to_storage(x: Any) -> Any:
+    if _is_key(x):
+        return jax.random.key_data(x)
+    if isinstance(x, np.generic) or (isinstance(x, complex) and _is_py_scalar(x)):
+        return np.asarray(x)
+    return x
+
+
+def _from_storage(current: Any, stored: Any) -> Any:
+    if _is_key(current):
+        return jax.random.wrap_key_data(stored, impl=jax.random.key_impl(current))
+    return stored  # scalars: _convert turns 0-d arrays back
 
 
 def _stored_layout(ocp: Any, ckptr: Any, path: str) -> dict[str, tuple[tuple[int, ...], Any, bool]]:
@@ -502,18 +559,20 @@ def _stored_layout(ocp: Any, ckptr: Any, path: str) -> dict[str, tuple[tuple[int
 
 
 def _restore_target(entry: _Entry, current: Any) -> Any:
-    """What orbax should restore a leaf as: an abstract array with the
-    sharding the Ref wants, or (numpy arrays, Python scalars) the current
-    leaf itself, which orbax reads for its type, shape and dtype."""
-    sharding = _target_sharding(entry, current)
-    if sharding is not None:
-        return jax.ShapeDtypeStruct(current.shape, current.dtype, sharding=sharding)
-    if isinstance(current, jax.Array):  # a tracer: Refs of a trace cannot be restored
+    """What orbax should restore a leaf as (in storage form): an abstract
+    array with the sharding the Ref wants, or (numpy arrays, Python scalars)
+    the leaf itself, which orbax reads for its type, shape and dtype."""
+    if isinstance(current, jax.core.Tracer):
         raise ValueError(
             f"restore: the Ref at {entry.path!r} holds a tracer; restore outside of JAX "
             f"transforms"
         )
-    return current
+    stored = _to_storage(current)
+    # a key's data is sharded like the key (plus a trailing axis)
+    sharding = _target_sharding(entry, stored)
+    if sharding is not None:
+        return jax.ShapeDtypeStruct(stored.shape, stored.dtype, sharding=sharding)
+    return stored
 
 
 def restore(
@@ -539,13 +598,17 @@ def restore(
         raise FileNotFoundError(f"restore: no checkpoint at {path}")
     with ocp.PyTreeCheckpointer() as ckptr:
         stored = _stored_layout(ocp, ckptr, path)
-        missing, unexpected = _check("restore", layout, stored, strict, "checkpoint")
-        target = {}
+        # checked in storage form (a key as its key data)
+        missing, unexpected = _check(
+            "restore", layout.storage_form(), stored, strict, "checkpoint"
+        )
+        target, current = {}, {}
         for name in stored:
             w = layout.where.get(name)
             if w is not None:
                 entry = layout.entries[w[0]]
-                target[name] = _restore_target(entry, entry.leaves[w[1]])
+                current[name] = entry.leaves[w[1]]
+                target[name] = _restore_target(entry, current[name])
         if not target:
             return LoadResult(missing, unexpected)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
@@ -555,5 +618,5 @@ def restore(
             item=target, restore_args=restore_args, transforms={} if unexpected else None
         )
         state = ckptr.restore(path, args=args)
-    _write(layout, state)
+    _write(layout, {n: _from_storage(current[n], x) for n, x in state.items()})
     return LoadResult(missing, unexpected)
