@@ -269,10 +269,10 @@ def _mismatch(current: Any, shape: tuple[int, ...], dtype: Any, is_array: bool) 
     its own shape and dtype, never a silent cast.
     """
     if _is_py_scalar(current):
-        kind = _SCALAR_KINDS[type(current)] if type(current) in _SCALAR_KINDS else None
-        if kind is None:  # a subclass of a scalar type (e.g. an IntEnum)
-            kind = next(k for t, k in _SCALAR_KINDS.items() if isinstance(current, t))
-        if shape == () and getattr(dtype, "kind", None) in kind:
+        # the first match: bool before int (an IntEnum is an int)
+        kind = next(k for t, k in _SCALAR_KINDS.items() if isinstance(current, t))
+        dkind = getattr(dtype, "kind", None)  # 'f' for float64; None for a key dtype
+        if shape == () and isinstance(dkind, str) and len(dkind) == 1 and dkind in kind:
             return None
         return f"a Python {type(current).__name__} in the tree"
     if (
