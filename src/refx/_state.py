@@ -20,18 +20,28 @@ names of their own: the Ref's name, then the leaf's path inside the value
 (``"opt/0/mu/w"``); a Ref whose value is a single array or scalar has just
 the Ref's name.  Loading rebuilds each value with the structure of the
 value the Ref holds now, so the tree being loaded into is the template.
-Leaves must be arrays (anything with ``shape`` and ``dtype``: jax.Array,
-numpy arrays and scalars) or Python scalars (bool, int, float, complex);
-anything else is refused with the path, since no checkpoint format could
-store it faithfully.
+Leaves must be arrays (jax.Array, including typed PRNG keys; numpy arrays
+and numpy scalars) or Python scalars (bool, int, float, complex); anything
+else is refused with its path rather than stored as something else.
 
-Placement.  A leaf loaded where the Ref holds a ``jax.Array`` is put on
-that array's sharding (``_target_sharding``, the one place to plug in a
+Checks.  Before anything is written, every leaf to load is compared with
+the leaf its Ref holds: same shape and the same dtype (never a cast); a
+Python scalar takes a scalar or 0-d array of its kind and stays a Python
+scalar, a numpy scalar stays one.  Names are compared when strict.  One
+ValueError lists every problem.
+
+Placement.  A numpy leaf loaded where the Ref holds a ``jax.Array`` is put
+on that array's sharding (``_target_sharding``: the one place to plug in a
 sharding declared on the Ref once Refs carry metadata); restore reads each
-array straight onto it.
+array straight onto it.  A jax.Array given to load_state_dict is kept as
+given.
 
-orbax-checkpoint is optional (``pip install refx[orbax]``) and imported only
-by ``save``/``restore``: importing it takes ~1.7 s.
+orbax.  save writes the state dict as orbax's PyTree checkpoint (a flat
+dict of names), with the leaves orbax cannot store turned into a form it
+can (``_to_storage``); restore checks the checkpoint's metadata first,
+then reads only the names it loads.  orbax-checkpoint is optional
+(``pip install refx[orbax]``) and imported only by save/restore (its
+import took ~1.7 s here).
 """
 
 from __future__ import annotations
