@@ -191,6 +191,10 @@ OPS = {
     "copy/deepcopy of a Ref subclass": lambda: (copy.copy(SUB_REF), copy.deepcopy(SUB_REF)),
     "Ref.__init__ on a live Ref": lambda: expect(TypeError, R.__init__, 1.0, "other"),
     "Value index too large": lambda: expect(ValueError, refx.Value, 1, 2**70),
+    # the getter binds refx._inspect's renderer (treescope is not imported)
+    "__treescope_repr__ getter": lambda: (
+        R.__treescope_repr__, refx.NOTHING.__treescope_repr__, PARTS[0].__treescope_repr__,
+        refx.Index(0, "c").__treescope_repr__),
 }
 
 JAX_TD = jax.tree_util.tree_structure({"x": 0, "y": [0, 0]})

@@ -3,7 +3,9 @@
 Shared, mutable references (`Ref`) that live in ordinary pytrees and cross
 JAX transforms through `deref`/`reref`, plus semantic partitioning
 (`tree_partition`, `get_partition`, `merge_partitions`) and `update_refs`.
-The core is the C extension `refx._core`; this module only re-exports it.
+The core is the C extension `refx._core`; this module only re-exports it,
+and the Python helpers built on it: checkpoints (`state_dict`, `save`, ...)
+and inspection (`summary`, treescope renderings).
 """
 
 from collections.abc import Callable as _Callable
@@ -31,6 +33,10 @@ from ._core import (
     update_refs,
 )
 
+# -- checkpoints and inspection (Python: refx/_state.py, refx/_inspect.py) --
+from ._inspect import CollectionSummary, Summary, summary
+from ._state import LoadResult, load_state_dict, restore, save, state_dict
+
 __version__ = "0.1.0"
 
 #: What tree_partition, get_partition, Not, All and Any accept as a filter
@@ -56,4 +62,13 @@ __all__ = [
     "reref",
     "tree_partition",
     "update_refs",
+    # checkpoints and inspection
+    "CollectionSummary",
+    "LoadResult",
+    "Summary",
+    "load_state_dict",
+    "restore",
+    "save",
+    "state_dict",
+    "summary",
 ]

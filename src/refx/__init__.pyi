@@ -1,8 +1,9 @@
 # Hand-written stubs for refx (the implementation is the C module refx._core).
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from os import PathLike
 from types import GenericAlias
 from typing import Any as _Any
-from typing import Generic, TypeAlias, TypeVar, final
+from typing import Generic, NamedTuple, TypeAlias, TypeVar, final
 
 from jax.tree_util import PyTreeDef
 from typing_extensions import disjoint_base
@@ -11,6 +12,8 @@ __version__: str
 
 _T = TypeVar("_T")
 _Path: TypeAlias = tuple[str, ...]
+# treescope's rendering hook: (path, subtree_renderer) -> a rendering
+_TreescopeRepr: TypeAlias = Callable[[str | None, _Any], _Any]
 
 @disjoint_base
 class Ref(Generic[_T]):
@@ -24,6 +27,8 @@ class Ref(Generic[_T]):
     def value(self, value: _T) -> None: ...
     @property
     def collection(self) -> Hashable: ...
+    @property
+    def __treescope_repr__(self) -> _TreescopeRepr: ...
 
 @disjoint_base
 class Deref:
@@ -31,6 +36,8 @@ class Deref:
     def index(self) -> int: ...
     @property
     def collection(self) -> Hashable: ...
+    @property
+    def __treescope_repr__(self) -> _TreescopeRepr: ...
 
 @final
 class Value(Deref, Generic[_T]):
@@ -45,7 +52,9 @@ class Index(Deref):
     def __hash__(self) -> int: ...
 
 @final
-class Nothing: ...
+class Nothing:
+    @property
+    def __treescope_repr__(self) -> _TreescopeRepr: ...
 
 NOTHING: Nothing
 
@@ -56,6 +65,8 @@ class Partition(dict[_Path, _Any]):
     def __init__(
         self, mapping: Mapping[_Path, _Any] | Iterable[tuple[_Path, _Any]] = ..., /
     ) -> None: ...
+    @property
+    def __treescope_repr__(self) -> _TreescopeRepr: ...
 
 Filter: TypeAlias = (
     Callable[[_Any], bool] | str | type | tuple[_Any, ...] | Not | All | Any | bool
@@ -99,6 +110,44 @@ def merge_partitions(
 ) -> _Any: ...
 def update_refs(target: _Any, source: _Any, /) -> None: ...
 
+# -- checkpoints and inspection (refx/_state.py, refx/_inspect.py) --
+
+class LoadResult(NamedTuple):
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+def state_dict(tree: _Any, /, filter: Filter = ...) -> dict[str, _Any]: ...
+def load_state_dict(
+    tree: _Any, state: Mapping[str, _Any], /, *, filter: Filter = ..., strict: bool = True
+) -> LoadResult: ...
+def save(
+    directory: str | PathLike[str], tree: _Any, /, *, filter: Filter = ..., force: bool = False
+) -> None: ...
+def restore(
+    directory: str | PathLike[str], tree: _Any, /, *, filter: Filter = ..., strict: bool = True
+) -> LoadResult: ...
+
+class CollectionSummary(NamedTuple):
+    collection: Hashable
+    refs: int
+    ties: int
+    params: int
+    bytes: int
+
+class Summary:
+    rows: tuple[CollectionSummary, ...]
+    def __init__(self, rows: tuple[CollectionSummary, ...]) -> None: ...
+    @property
+    def refs(self) -> int: ...
+    @property
+    def ties(self) -> int: ...
+    @property
+    def params(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+
+def summary(tree: _Any, /) -> Summary: ...
+
 __all__ = [
     "NOTHING",
     "All",
@@ -118,4 +167,12 @@ __all__ = [
     "reref",
     "tree_partition",
     "update_refs",
+    "CollectionSummary",
+    "LoadResult",
+    "Summary",
+    "load_state_dict",
+    "restore",
+    "save",
+    "state_dict",
+    "summary",
 ]

@@ -244,6 +244,11 @@ static PyMethodDef partition_methods[] = {
     {NULL},
 };
 
+static PyGetSetDef partition_getset[] = {
+    REFX_TREESCOPE_GETSET,
+    {NULL},
+};
+
 PyDoc_STRVAR(
     partition_doc,
     "Partition(mapping=(), /)\n"
@@ -263,6 +268,7 @@ static PyType_Slot partition_slots[] = {
     {Py_tp_clear, partition_clear},
     {Py_tp_repr, partition_repr},
     {Py_tp_methods, partition_methods},
+    {Py_tp_getset, partition_getset},
     {Py_mp_ass_subscript, partition_ass_subscript},
     {Py_nb_inplace_or, partition_ior},
     {0, NULL},

@@ -452,6 +452,22 @@ ref_setstate(RefObject *self, PyObject *state)
     Py_RETURN_NONE;
 }
 
+/* treescope renders an object through its __treescope_repr__ only when
+ * that is a bound *Python* method (types.MethodType), so it is an
+ * attribute whose getter returns refx._inspect's renderer bound to self.
+ * treescope itself is imported only by the renderer. */
+PyObject *
+refx_treescope_repr_get(PyObject *self, void *Py_UNUSED(closure))
+{
+    PyObject *mod = PyImport_ImportModule("refx._inspect");
+    if (mod == NULL) {
+        return NULL;
+    }
+    PyObject *res = PyObject_CallMethod(mod, "treescope_method", "O", self);
+    Py_DECREF(mod);
+    return res;
+}
+
 static PyGetSetDef ref_getset[] = {
     {"value", (getter)ref_get_value, (setter)ref_set_value,
      "The referenced value.  Setting it is allowed only from the JAX trace\n"
@@ -459,6 +475,7 @@ static PyGetSetDef ref_getset[] = {
      NULL},
     {"collection", (getter)ref_get_collection, NULL,
      "The Ref's collection (hashable, read-only).", NULL},
+    REFX_TREESCOPE_GETSET,
     {NULL},
 };
 
@@ -805,6 +822,7 @@ static PyGetSetDef deref_getset[] = {
      NULL},
     {"collection", (getter)deref_get_collection, NULL,
      "The collection of the Ref this stands for.", NULL},
+    REFX_TREESCOPE_GETSET,
     {NULL},
 };
 
@@ -932,6 +950,11 @@ static PyMethodDef nothing_methods[] = {
     {NULL},
 };
 
+static PyGetSetDef nothing_getset[] = {
+    REFX_TREESCOPE_GETSET,
+    {NULL},
+};
+
 static PyType_Slot nothing_slots[] = {
     {Py_tp_doc,
      "The type of NOTHING, the placeholder for paths that belong "
@@ -939,6 +962,7 @@ static PyType_Slot nothing_slots[] = {
     {Py_tp_repr, nothing_repr},
     {Py_tp_dealloc, nothing_dealloc},
     {Py_tp_methods, nothing_methods},
+    {Py_tp_getset, nothing_getset},
     {0, NULL},
 };
 

@@ -281,6 +281,12 @@ PyObject *refx_index_create(refx_state *st, Py_ssize_t index,
                             PyObject *collection);
 PyObject *refx_collection_of(refx_state *st, PyObject *leaf);
 extern PyMethodDef refx_ref_functions[];
+/* treescope: the __treescope_repr__ attribute of Ref, Deref, NOTHING and
+ * Partition (the rendering is in refx/_inspect.py) */
+PyObject *refx_treescope_repr_get(PyObject *self, void *closure);
+#define REFX_TREESCOPE_GETSET                                                 \
+    {"__treescope_repr__", refx_treescope_repr_get, NULL,                     \
+     "treescope's rendering hook (refx/_inspect.py).", NULL}
 
 /* deref.c */
 extern PyMethodDef refx_deref_functions[];
