@@ -114,24 +114,6 @@ number_ref(numbering *nb, RefObject *ref, int *is_new)
     return k;
 }
 
-/* Bring leaf i + AHEAD (a Ref, say) and the value of the Ref at i + AHEAD/2
- * into the cache before the loop needs them: at 100k Refs each is a miss,
- * and the loop otherwise waits on them one at a time. */
-#define AHEAD 16
-static inline void
-prefetch_ahead(refx_state *st, PyObject **items, Py_ssize_t i, Py_ssize_t n)
-{
-    if (i + AHEAD < n) {
-        __builtin_prefetch(items[i + AHEAD]);
-    }
-    if (i + AHEAD / 2 < n) {
-        PyObject *x = items[i + AHEAD / 2];
-        if (Py_IS_TYPE(x, st->Ref_Type)) {
-            __builtin_prefetch(((RefObject *)x)->value);
-        }
-    }
-}
-
 /* Flatten a tree of Refs (Value/Index as leaves if it holds any, so they
  * can be named).  The leaves list is ours alone, to rewrite in place. */
 static PyObject *
@@ -199,7 +181,6 @@ deref_leaves(refx_state *st, PyObject *leaves)
     PyObject **items = &PyList_GET_ITEM(leaves, 0);
     int res = -1, gc_was_on = PyGC_Disable();
     for (Py_ssize_t i = 0; i < n; i++) {
-        prefetch_ahead(st, items, i, n);
         PyObject *leaf = items[i], *new;
         if (!Ref_Check(st, leaf)) {
             continue;
@@ -422,7 +403,6 @@ clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace)
     PyObject **items = &PyList_GET_ITEM(leaves, 0);
     int res = -1, gc_was_on = PyGC_Disable();
     for (Py_ssize_t i = 0; i < n; i++) {
-        prefetch_ahead(st, items, i, n);
         PyObject *leaf = items[i];
         if (!Ref_Check(st, leaf)) {
             continue;
