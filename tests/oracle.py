@@ -184,6 +184,11 @@ def make_oracle(Ref, Value, Index, NOTHING, Partition=dict) -> types.SimpleNames
                 isinstance(x, (Ref, Value, Index)) and x.collection == f
             )
         if isinstance(f, type):
+            if issubclass(f, Ref):
+                # a Ref class also matches what was deref'ed from its Refs
+                return lambda x: isinstance(x, f) or (
+                    isinstance(x, (Value, Index))
+                    and issubclass(getattr(x, "ref_type", Ref), f))
             return lambda x: isinstance(x, f)
         if isinstance(f, tuple):
             preds = [to_predicate(g) for g in f]

@@ -103,7 +103,7 @@ CASES = [
     ("ref-arity", lambda: refx.Ref(), TypeError, r"Ref\(\) missing required argument 'value'|function missing required argument"),
     ("ref-unhashable", lambda: refx.Ref(1, {}), TypeError, "Ref: collection must be hashable, got unhashable dict"),
     ("ref-badhash", lambda: refx.Ref(1, BadHash()), Boom, "hash"),
-    ("ref-kw", lambda: refx.Ref(1, colection="x"), TypeError, "colection"),
+    ("ref-kw", lambda: refx.Ref(1, colection="x"), TypeError, r"Ref\(\): metadata name 'colection' looks like a misspelled 'collection'"),
     ("value-index-type", lambda: refx.Value(1, 1.5), TypeError, "Value: index must be an int, not float"),
     ("value-index-neg", lambda: refx.Value(1, -2), ValueError, "Value: index must be >= 0, got -2"),
     ("value-index-huge", lambda: refx.Value(1, 2**80), ValueError, r"Value: index must be >= 0 and < 2\*\*63, got 1208925819614629174706176"),
@@ -442,7 +442,7 @@ def test_update_refs_survives_a_collection_eq_that_tries_to_reinit_the_ref():
 
     x = S("x")
     r = refx.Ref(1.0, x)
-    with pytest.raises(TypeError, match=r"Ref.__init__: this Ref is already initialized; its collection is read-only"):
+    with pytest.raises(TypeError, match=r"Ref.__init__: this Ref is already initialized; its collection and metadata are read-only"):
         refx.update_refs([r], [refx.Value(2.0, 0, "c")])
     assert r.value == 1.0 and r.collection is x
 

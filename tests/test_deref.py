@@ -171,7 +171,7 @@ def test_value_node():
     v2 = jax.tree_util.tree_map(lambda x: x + 1, v)
     assert isinstance(v2, refx.Value) and v2.index == 3 and v2.collection == "c"
     assert jnp.array_equal(v2.value, 2 * jnp.ones(2))
-    assert repr(refx.Value(1, 0, "c")) == "Value(value=1, index=0, collection='c')"
+    assert repr(refx.Value(1, 0, "c")) == "Value(1, index=0, collection='c')"
     with pytest.raises(AttributeError):
         v.value = 2
     with pytest.raises(AttributeError):
@@ -184,7 +184,7 @@ def test_index_node():
     assert jax.tree_util.tree_structure(i).node_data()[1] == (2, "c")
     assert i == refx.Index(2, "c") and i != refx.Index(2, "d") and i != refx.Index(1, "c")
     assert hash(i) == hash(refx.Index(2, "c"))
-    assert repr(i) == "Index(index=2, collection='c')"
+    assert repr(i) == "Index(2, collection='c')"
     assert jax.tree_util.tree_map(lambda x: x, [i]) == [i]
 
 

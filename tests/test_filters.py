@@ -29,7 +29,8 @@ def test_str_matches_collection_of_ref_value_index():
 
 
 def test_type_is_isinstance():
-    assert matches(refx.Ref) == [P, S]
+    # a Ref class also matches the Values/Indexes deref'ed from its Refs
+    assert matches(refx.Ref) == [P, S, V, I]
     assert matches(refx.Deref) == [V, I]
     assert matches(int) == [3]
 
@@ -51,7 +52,7 @@ def test_callable():
 
 def test_not_all_any():
     assert matches(refx.Not("params")) == [S, 3, "params", refx.NOTHING, LEAVES[-1]]
-    assert matches(refx.All(refx.Ref, "params")) == [P]
+    assert matches(refx.All(refx.Ref, "params")) == [P, V, I]
     assert matches(refx.Any(refx.Index, "stats")) == [S, I]
     assert matches(refx.All()) == LEAVES
     assert matches(refx.Any()) == []

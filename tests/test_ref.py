@@ -69,10 +69,10 @@ def test_identity_equality_and_hash():
 
 
 def test_repr_shows_value_and_collection():
-    assert repr(refx.Ref(1, "params")) == "Ref(value=1, collection='params')"
+    assert repr(refx.Ref(1, "params")) == "Ref(1, collection='params')"
     r = refx.Ref(None)
     r.value = [r]
-    assert repr(r) == "Ref(value=[Ref(...)], collection=None)"
+    assert repr(r) == "Ref([Ref(...)], collection=None)"
 
 
 def test_weakref_and_gc():
@@ -150,8 +150,8 @@ def test_text_signatures():
     assert str(inspect.signature(refx.deref)) == "(tree, /)"
     assert str(inspect.signature(refx.tree_partition)) == "(tree, /, *filters, is_leaf=None)"
     assert str(inspect.signature(refx.update_refs)) == "(target, source, /)"
-    assert str(inspect.signature(refx.Ref)) == "(value, collection=None)"
-    assert str(inspect.signature(refx.Value)) == "(value, index, collection=None)"
+    assert str(inspect.signature(refx.Ref)) == "(value, collection=None, **metadata)"
+    assert str(inspect.signature(refx.Value)) == "(value, index, collection=None, *, ref_type=None, metadata=None)"
 
 
 def test_all_is_complete():
@@ -205,7 +205,7 @@ def test_gc_tracking_of_values_and_indexes():
 
 def test_init_on_a_live_ref_cannot_change_its_collection():
     r = refx.Ref(1.0, "params")
-    with pytest.raises(TypeError, match=r"Ref.__init__: this Ref is already initialized; its collection is read-only"):
+    with pytest.raises(TypeError, match=r"Ref.__init__: this Ref is already initialized; its collection and metadata are read-only"):
         r.__init__(2.0, "other")
     assert r.collection == "params" and r.value == 1.0
     with pytest.raises(AttributeError):

@@ -114,8 +114,8 @@ _VALUE_KEY = jax.tree_util.GetAttrKey("value")
 jax.tree_util.register_pytree_with_keys(
     _core.Value,
     # keys only for key paths (JAX error messages read "...[0].value");
-    # plain flattening uses the C function
-    lambda v: (((_VALUE_KEY, v.value),), (v.index, v.collection)),
+    # plain flattening uses the C function, whose aux data this reuses
+    lambda v: (((_VALUE_KEY, v.value),), _core._value_flatten(v)[1]),
     _core._value_unflatten,
     _core._value_flatten,
 )

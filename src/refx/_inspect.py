@@ -1,4 +1,10 @@
-"""Looking at state: summary(tree) and treescope renderings.
+"""Looking at state: short reprs, summary(tree) and treescope renderings.
+
+Short reprs.  The reprs of Ref, Value, Index and Partition (in C) show a
+value through ``short_repr``: an array as ``float32[64,64]`` (a tracer as
+``Traced<float32[64,64]>``), arrays inside lists, tuples, dicts and
+namedtuples likewise, anything else as its repr.  A model's repr then
+fits on a screen.
 
 summary.  Counts the Refs of a tree per collection, built like state_dict
 on the C core: ``get_partition`` finds the Refs (or the Value/Index nodes
@@ -49,6 +55,56 @@ from ._core import (  # type: ignore[import-not-found]
     deref,
     get_partition,
 )
+
+# ---------------------------------------------------------------------------
+# short reprs
+# ---------------------------------------------------------------------------
+
+
+def _array_str(x: Any) -> str | None:
+    """dtype[shape] for an array or a tracer, else None."""
+    if not isinstance(x, jax.Array | np.ndarray | np.generic):
+        return None
+    try:
+        text = f"{x.dtype}[{','.join(str(d) for d in x.shape)}]"
+    except Exception:  # noqa: BLE001 - a deleted or odd array: its own repr
+        return None
+    return f"Traced<{text}>" if isinstance(x, jax.core.Tracer) else text
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) with every array (also inside builtin containers and
+    namedtuples) written as dtype[shape]."""
+    short = _array_str(value)
+    if short is not None:
+        return short
+    if isinstance(value, list | tuple | dict) and _holds_array(value, 0):
+        return _container_repr(value)
+    return repr(value)
+
+
+def _holds_array(value: Any, depth: int) -> bool:
+    if depth > 20:
+        return False
+    if _array_str(value) is not None:
+        return True
+    items = value.values() if isinstance(value, dict) else value
+    return isinstance(value, list | tuple | dict) and any(
+        _holds_array(v, depth + 1) for v in items)
+
+
+def _container_repr(value: Any) -> str:
+    if isinstance(value, dict):
+        body = ", ".join(f"{k!r}: {short_repr(v)}" for k, v in value.items())
+        return f"{{{body}}}" if type(value) is dict else f"{type(value).__name__}({{{body}}})"
+    parts = [short_repr(v) for v in value]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        args = ", ".join(f"{f}={p}" for f, p in zip(value._fields, parts, strict=True))
+        return f"{type(value).__name__}({args})"
+    if isinstance(value, tuple):
+        return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+    return f"[{', '.join(parts)}]"
+
 
 # ---------------------------------------------------------------------------
 # summary

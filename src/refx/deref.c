@@ -58,6 +58,8 @@
 typedef struct {
     RefObject *ref; /* owned: the leaves list is rewritten in place */
     PyObject *obj;  /* owned: the shared Index (deref), the new Ref (clone) */
+    PyObject *kind; /* owned: the Ref's kind (NULL: a plain Ref) */
+    Py_ssize_t first; /* leaf position of its first occurrence */
 } numbered;
 
 typedef struct {
@@ -80,6 +82,7 @@ numbering_fini(numbering *nb)
     for (Py_ssize_t i = 0; i < nb->count; i++) {
         Py_DECREF(nb->slots[i].ref);
         Py_XDECREF(nb->slots[i].obj);
+        Py_XDECREF(nb->slots[i].kind);
     }
     PyMem_Free(nb->slots);
     nb->slots = NULL;
@@ -89,7 +92,7 @@ numbering_fini(numbering *nb)
 /* The number of `ref` in this call; *is_new says whether it was just
  * given one.  -1 with MemoryError set. */
 static inline Py_ssize_t
-number_ref(numbering *nb, RefObject *ref, int *is_new)
+number_ref(numbering *nb, RefObject *ref, Py_ssize_t pos, int *is_new)
 {
     if (ref->mark_epoch == nb->epoch) {
         *is_new = 0;
@@ -108,6 +111,8 @@ number_ref(numbering *nb, RefObject *ref, int *is_new)
     Py_ssize_t k = nb->count++;
     nb->slots[k].ref = (RefObject *)Py_NewRef(ref);
     nb->slots[k].obj = NULL;
+    nb->slots[k].kind = NULL;
+    nb->slots[k].first = pos;
     ref->mark_epoch = nb->epoch;
     ref->mark_index = k;
     *is_new = 1;
@@ -169,11 +174,42 @@ PyDoc_STRVAR(
     "is\n"
     "a ValueError.");
 
+/* A Ref's kind rides in the deref'ed tree's aux data, which jax.jit
+ * hashes: a subclass's instance attributes must be hashable.  Checked
+ * after the loop (hashing runs Python code); the kinds of Refs without
+ * attributes are hashable by construction. */
+static int
+check_kinds(refx_state *st, PyObject *tree, numbering *nb)
+{
+    for (Py_ssize_t k = 0; k < nb->count; k++) {
+        PyObject *kind = nb->slots[k].kind;
+        if (kind == NULL || PyTuple_GET_SIZE(PyTuple_GET_ITEM(kind, 2)) == 0) {
+            continue;
+        }
+        if (PyObject_Hash(kind) == -1) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyObject *exc = refx_take_exception();
+                refx_raise_at_leaf(
+                    st, PyExc_TypeError, tree, st->pred_deref,
+                    nb->slots[k].first,
+                    "deref: the %.200s at {path} has an instance attribute "
+                    "that cannot be hashed (%S); a deref'ed Ref carries its "
+                    "class, metadata and attributes in the tree's static "
+                    "data, which jax.jit hashes",
+                    Py_TYPE(nb->slots[k].ref)->tp_name, exc);
+                Py_XDECREF(exc);
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Replace the Refs of `leaves` (a list only we hold) in place, with the
  * collector paused (see "One moment").  Rewriting in place saves a second
  * list of n items. */
 static int
-deref_leaves(refx_state *st, PyObject *leaves)
+deref_leaves(refx_state *st, PyObject *tree, PyObject *leaves)
 {
     numbering nb;
     numbering_init(st, &nb);
@@ -187,17 +223,24 @@ deref_leaves(refx_state *st, PyObject *leaves)
         }
         RefObject *ref = (RefObject *)leaf;
         int is_new;
-        Py_ssize_t k = number_ref(&nb, ref, &is_new);
+        Py_ssize_t k = number_ref(&nb, ref, i, &is_new);
         if (k < 0) {
             goto done;
         }
+        numbered *slot = &nb.slots[k];
         if (is_new) {
-            new = refx_value_create(st, ref->value, k, ref->collection);
+            int err;
+            slot->kind = refx_ref_kind(st, ref, &err);
+            if (err) {
+                goto done;
+            }
+            new = refx_value_create_kind(st, ref->value, k, ref->collection,
+                                         slot->kind);
         }
         else {
-            numbered *slot = &nb.slots[k];
             if (slot->obj == NULL) {
-                slot->obj = refx_index_create(st, k, ref->collection);
+                slot->obj =
+                    refx_index_create_kind(st, k, ref->collection, slot->kind);
                 if (slot->obj == NULL) {
                     goto done;
                 }
@@ -210,7 +253,11 @@ deref_leaves(refx_state *st, PyObject *leaves)
         items[i] = new;
         Py_DECREF(leaf); /* the Ref stays alive: the slot owns it */
     }
-    res = 0;
+    if (gc_was_on) {
+        PyGC_Enable();
+        gc_was_on = 0;
+    }
+    res = check_kinds(st, tree, &nb);
 done:
     if (gc_was_on) {
         PyGC_Enable();
@@ -228,7 +275,7 @@ refx_deref(PyObject *module, PyObject *tree)
         return NULL;
     }
     leaves = flatten_ref_tree(st, "deref", tree, &treedef);
-    if (leaves == NULL || deref_leaves(st, leaves) < 0) {
+    if (leaves == NULL || deref_leaves(st, tree, leaves) < 0) {
         goto error;
     }
     res = refx_unflatten(st, treedef, leaves);
@@ -258,8 +305,8 @@ PyDoc_STRVAR(
  * for the error): the value is checked as Ref() would check it. */
 static PyObject *
 new_ref_for(refx_state *st, const char *fname, PyObject *value,
-            PyObject *collection, PyObject *trace, PyObject *tree,
-            PyObject *pred, Py_ssize_t i)
+            PyObject *collection, PyObject *kind, PyObject *trace,
+            PyObject *tree, PyObject *pred, Py_ssize_t i)
 {
     if (refx_check_value(st, value, trace) < 0) {
         if (PyErr_ExceptionMatches(PyExc_ValueError)) {
@@ -270,7 +317,7 @@ new_ref_for(refx_state *st, const char *fname, PyObject *value,
         }
         return NULL;
     }
-    return refx_ref_create(st, st->Ref_Type, value, collection, trace);
+    return refx_ref_create_kind(st, kind, value, collection, trace);
 }
 
 static PyObject *
@@ -279,7 +326,8 @@ refx_reref(PyObject *module, PyObject *tree)
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *out = NULL, *res = NULL;
     PyObject *trace = NULL;
-    PyObject **refs = NULL; /* borrowed: owned by `out` */
+    PyObject **refs = NULL;  /* borrowed: owned by `out` */
+    PyObject **kinds = NULL; /* borrowed: owned by the Values in `leaves` */
     Py_ssize_t nrefs = 0, cap = 0;
     PyObject *pred = st->pred_deref;
     if (refx_require_trees(st, "reref") < 0) {
@@ -316,18 +364,26 @@ refx_reref(PyObject *module, PyObject *tree)
                 Py_ssize_t ncap = cap ? cap * 2 : 16;
                 PyObject **nr =
                     PyMem_Realloc(refs, (size_t)ncap * sizeof(*nr));
-                if (nr == NULL) {
+                if (nr != NULL) {
+                    refs = nr;
+                }
+                PyObject **nk =
+                    nr != NULL
+                        ? PyMem_Realloc(kinds, (size_t)ncap * sizeof(*nk))
+                        : NULL;
+                if (nk == NULL) {
                     PyErr_NoMemory();
                     goto error;
                 }
-                refs = nr;
+                kinds = nk;
                 cap = ncap;
             }
             new = new_ref_for(st, "reref", ((ValueObject *)leaf)->value,
-                              d->collection, trace, tree, pred, i);
+                              d->collection, d->kind, trace, tree, pred, i);
             if (new == NULL) {
                 goto error;
             }
+            kinds[nrefs] = d->kind;
             refs[nrefs++] = new;
         }
         else if (tp == st->Index_Type) {
@@ -356,6 +412,30 @@ refx_reref(PyObject *module, PyObject *tree)
                     goto error;
                 }
             }
+            /* kinds made by deref are shared objects: usually a pointer
+             * test; the Value's is the Ref's own or that Ref's cache */
+            PyObject *vk = kinds[d->index];
+            if (vk != d->kind) {
+                int eq = vk != NULL && d->kind != NULL
+                             ? PyObject_RichCompareBool(vk, d->kind, Py_EQ)
+                             : 0;
+                if (eq < 0) {
+                    goto error;
+                }
+                if (!eq) {
+                    refx_raise_at_leaf(
+                        st, PyExc_ValueError, tree, pred, i,
+                        "reref: Index(%zd) at {path} stands for a %.200s "
+                        "with metadata %R but its Value for a %.200s with "
+                        "metadata %R",
+                        d->index, refx_deref_ref_type(st, d)->tp_name,
+                        d->kind != NULL ? PyTuple_GET_ITEM(d->kind, 1)
+                                        : Py_None,
+                        Py_TYPE(target)->tp_name,
+                        vk != NULL ? PyTuple_GET_ITEM(vk, 1) : Py_None);
+                    goto error;
+                }
+            }
             new = Py_NewRef((PyObject *)target);
         }
         else if (Ref_Check(st, leaf)) {
@@ -373,6 +453,7 @@ refx_reref(PyObject *module, PyObject *tree)
     res = refx_unflatten(st, treedef, out);
 error:
     PyMem_Free(refs);
+    PyMem_Free(kinds);
     Py_XDECREF(trace);
     Py_XDECREF(out);
     Py_XDECREF(leaves);
@@ -409,14 +490,19 @@ clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace)
         }
         RefObject *ref = (RefObject *)leaf;
         int is_new;
-        Py_ssize_t k = number_ref(&nb, ref, &is_new);
+        Py_ssize_t k = number_ref(&nb, ref, i, &is_new);
         if (k < 0) {
             goto done;
         }
         numbered *slot = &nb.slots[k];
         if (is_new) {
-            slot->obj = refx_ref_create(st, st->Ref_Type, ref->value,
-                                        ref->collection, trace);
+            int err;
+            slot->kind = refx_ref_kind(st, ref, &err);
+            if (err) {
+                goto done;
+            }
+            slot->obj = refx_ref_create_kind(st, slot->kind, ref->value,
+                                             ref->collection, trace);
             if (slot->obj == NULL) {
                 goto done;
             }

@@ -4,7 +4,8 @@
  * Filters.  A filter decides which partition a leaf goes to.  Besides any
  * callable f(leaf) -> bool, these are evaluated in C with no Python call:
  *   "name"            Ref/Value/Index whose collection == "name"
- *   a type            isinstance(leaf, type)
+ *   a type            isinstance(leaf, type); a Ref class also matches
+ *                     the Values/Indexes deref'ed from its Refs
  *   (f1, f2, ...)     any of them
  *   ..., True, False  everything, everything, nothing
  *   Not(f), All(*fs), Any(*fs)
@@ -87,6 +88,13 @@ refx_filter_match(refx_state *st, PyObject *f, PyObject *leaf)
         return r;
     }
     if (PyType_Check(f)) {
+        if (Deref_Check(st, leaf) &&
+            PyType_IsSubtype((PyTypeObject *)f, st->Ref_Type)) {
+            /* a Ref class matches what was deref'ed from its Refs */
+            return PyType_IsSubtype(
+                refx_deref_ref_type(st, (DerefObject *)leaf),
+                (PyTypeObject *)f);
+        }
         if (Py_IS_TYPE(f, &PyType_Type)) {
             /* no __instancecheck__ to honour */
             return PyObject_TypeCheck(leaf, (PyTypeObject *)f);

@@ -140,10 +140,6 @@ refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
     return refx_check_value(st, value, ref->trace);
 }
 
-/* ------------------------------------------------------------------ */
-/* Ref                                                                  */
-/* ------------------------------------------------------------------ */
-
 /* Could `o` ever lead back to the object holding it?  Not if it takes no
  * part in the GC (scalars, str, numpy arrays), nor if it is an exact tuple
  * the collector already untracked (its items can never change).  Anything
@@ -165,6 +161,266 @@ ref_needs_tracking(PyObject *value, PyObject *collection)
     return may_close_cycle(collection) || may_close_cycle(value);
 }
 
+/* ------------------------------------------------------------------ */
+/* metadata and kinds                                                   */
+/* ------------------------------------------------------------------ */
+
+static int check_not_a_typo(PyObject *name, const char *fname);
+
+/* Metadata from keyword arguments (a dict, or NULL): a tuple of
+ * (name, value) pairs sorted by name, or NULL (no error) when there is
+ * none.  Values must be hashable: metadata rides in a deref'ed tree's aux
+ * data, which jax.jit hashes. */
+static PyObject *
+metadata_from_dict(PyObject *kwargs, const char *fname)
+{
+    if (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0) {
+        return NULL;
+    }
+    PyObject *items = PyDict_Items(kwargs);
+    if (items == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *pair = PyList_GET_ITEM(items, i);
+        PyObject *name = PyTuple_GET_ITEM(pair, 0);
+        if (!PyUnicode_Check(name)) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s: metadata names must be str, "
+                         "not %.200s",
+                         fname, Py_TYPE(name)->tp_name);
+            goto error;
+        }
+        if (check_not_a_typo(name, fname) < 0) {
+            goto error;
+        }
+        if (PyObject_Hash(PyTuple_GET_ITEM(pair, 1)) == -1) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError,
+                             "%s: metadata %R must be hashable (it is part "
+                             "of the jit cache key), got unhashable %.200s",
+                             fname, name,
+                             Py_TYPE(PyTuple_GET_ITEM(pair, 1))->tp_name);
+            }
+            goto error;
+        }
+    }
+    if (PyList_Sort(items) < 0) { /* names are unique: only they compare */
+        goto error;
+    }
+    PyObject *res = PyList_AsTuple(items);
+    Py_DECREF(items);
+    return res;
+error:
+    Py_DECREF(items);
+    return NULL;
+}
+
+/* Edit distance (with swapped neighbours as one edit) between two short
+ * names, or cap + 1 when that is certainly more than cap. */
+static Py_ssize_t
+edit_distance(const char *a, const char *b, Py_ssize_t cap)
+{
+    Py_ssize_t la = (Py_ssize_t)strlen(a), lb = (Py_ssize_t)strlen(b);
+    if (la > 32 || lb > 32 || (la > lb ? la - lb : lb - la) > cap) {
+        return cap + 1;
+    }
+    Py_ssize_t d[33][33]; /* d[i][j]: distance of a[:i] and b[:j] */
+    for (Py_ssize_t i = 0; i <= la; i++) {
+        for (Py_ssize_t j = 0; j <= lb; j++) {
+            if (i == 0 || j == 0) {
+                d[i][j] = i + j;
+                continue;
+            }
+            Py_ssize_t best = d[i - 1][j - 1] + (a[i - 1] != b[j - 1]);
+            if (d[i - 1][j] + 1 < best) {
+                best = d[i - 1][j] + 1;
+            }
+            if (d[i][j - 1] + 1 < best) {
+                best = d[i][j - 1] + 1;
+            }
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] &&
+                a[i - 2] == b[j - 1] && d[i - 2][j - 2] + 1 < best) {
+                best = d[i - 2][j - 2] + 1; /* swapped neighbours */
+            }
+            d[i][j] = best;
+        }
+    }
+    return d[la][lb];
+}
+
+/* A metadata name one or two typos away from an argument name is almost
+ * certainly that argument misspelled: refuse it rather than make it
+ * metadata silently. */
+static int
+check_not_a_typo(PyObject *name, const char *fname)
+{
+    const char *s = PyUnicode_AsUTF8(name);
+    if (s == NULL) {
+        return -1;
+    }
+    static const char *const args[] = {"collection", "value"};
+    for (size_t i = 0; i < 2; i++) {
+        Py_ssize_t cap = i == 0 ? 2 : 1;
+        if (edit_distance(s, args[i], cap) <= cap) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s: metadata name %R looks like a misspelled '%s' "
+                         "(metadata names must not be that close to one of "
+                         "Ref's arguments)",
+                         fname, name, args[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A new dict of `pairs` (metadata or attributes; NULL for none). */
+static PyObject *
+pairs_to_dict(PyObject *pairs)
+{
+    PyObject *d = PyDict_New();
+    for (Py_ssize_t i = 0;
+         d != NULL && pairs != NULL && i < PyTuple_GET_SIZE(pairs); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+        if (PyDict_SetItem(d, PyTuple_GET_ITEM(pair, 0),
+                           PyTuple_GET_ITEM(pair, 1)) < 0) {
+            Py_CLEAR(d);
+        }
+    }
+    return d;
+}
+
+/* A read-only mapping of `pairs`. */
+static PyObject *
+pairs_to_mapping(PyObject *pairs)
+{
+    PyObject *d = pairs_to_dict(pairs);
+    if (d == NULL) {
+        return NULL;
+    }
+    PyObject *proxy = PyDictProxy_New(d);
+    Py_DECREF(d);
+    return proxy;
+}
+
+/* The instance __dict__ of a Python subclass's Ref, or NULL (no error) if
+ * it has none or it is empty.  Runs no Python code. */
+static PyObject *
+ref_instance_dict(refx_state *st, PyObject *self)
+{
+    if (Py_IS_TYPE(self, st->Ref_Type)) {
+        return NULL;
+    }
+    PyObject *d = PyObject_GenericGetDict(self, NULL);
+    if (d == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!PyDict_Check(d) || PyDict_GET_SIZE(d) == 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+/*
+ * The kind of a Ref: what a Value/Index must record, besides index and
+ * collection, to rebuild it: NULL for a plain Ref without metadata (most
+ * Refs: no allocation), else the tuple (type, metadata pairs, attribute
+ * pairs), the last two () when empty.  Attributes are a Ref subclass's
+ * instance __dict__, sorted by name.  The class and metadata of a Ref
+ * never change, so a kind without attributes is made once and kept in
+ * the Ref.  Runs no Python code (deref calls it with the collector
+ * paused); whether attribute values are hashable is for the caller to
+ * check, after its loop.  On error returns NULL with *err set to 1.
+ */
+PyObject *
+refx_ref_kind(refx_state *st, RefObject *ref, int *err)
+{
+    *err = 0;
+    PyTypeObject *tp = Py_TYPE(ref);
+    if (tp == st->Ref_Type && ref->metadata == NULL) {
+        return NULL;
+    }
+    if (ref->kind != NULL) {
+        return Py_NewRef(ref->kind);
+    }
+    PyObject *attrs = NULL, *d = ref_instance_dict(st, (PyObject *)ref);
+    if (d != NULL) {
+        PyObject *items = PyDict_Items(d);
+        Py_DECREF(d);
+        if (items == NULL || PyList_Sort(items) < 0) {
+            Py_XDECREF(items);
+            *err = 1;
+            return NULL;
+        }
+        attrs = PyList_AsTuple(items);
+        Py_DECREF(items);
+        if (attrs == NULL) {
+            *err = 1;
+            return NULL;
+        }
+    }
+    PyObject *empty = PyTuple_New(0);
+    PyObject *kind =
+        empty == NULL
+            ? NULL
+            : PyTuple_Pack(3, tp,
+                           ref->metadata != NULL ? ref->metadata : empty,
+                           attrs != NULL ? attrs : empty);
+    Py_XDECREF(empty);
+    if (kind == NULL) {
+        *err = 1;
+    }
+    else if (attrs == NULL) {
+        ref->kind = Py_NewRef(kind);
+    }
+    Py_XDECREF(attrs);
+    return kind;
+}
+
+/* Check a kind read from aux data or a constructor: (a Ref subclass,
+ * pairs, pairs).  0, or -1 with TypeError. */
+int
+refx_check_kind(refx_state *st, PyObject *kind, const char *fname)
+{
+    if (kind == NULL) {
+        return 0;
+    }
+    if (!PyTuple_Check(kind) || PyTuple_GET_SIZE(kind) != 3 ||
+        !PyType_Check(PyTuple_GET_ITEM(kind, 0)) ||
+        !PyType_IsSubtype((PyTypeObject *)PyTuple_GET_ITEM(kind, 0),
+                          st->Ref_Type) ||
+        !PyTuple_Check(PyTuple_GET_ITEM(kind, 1)) ||
+        !PyTuple_Check(PyTuple_GET_ITEM(kind, 2))) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: a Ref's kind is (Ref subclass, metadata pairs, "
+                     "attribute pairs), got %R",
+                     fname, kind);
+        return -1;
+    }
+    for (int part = 1; part < 3; part++) {
+        PyObject *pairs = PyTuple_GET_ITEM(kind, part);
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pairs); i++) {
+            PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+                !PyUnicode_Check(PyTuple_GET_ITEM(pair, 0))) {
+                PyErr_Format(PyExc_TypeError,
+                             "%s: metadata and attributes are (name, value) "
+                             "pairs, got %R",
+                             fname, pair);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Ref                                                                  */
+/* ------------------------------------------------------------------ */
+
 PyObject *
 refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
                 PyObject *collection, PyObject *trace)
@@ -181,6 +437,8 @@ refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
             self->weakreflist = NULL;
             self->mark_epoch = 0;
             self->mark_index = 0;
+            self->metadata = NULL;
+            self->kind = NULL;
         }
     }
     else {
@@ -200,6 +458,48 @@ refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
         PyObject_GC_Track(self);
     }
     return (PyObject *)self;
+}
+
+/* A new Ref of `kind` (NULL: a plain Ref), without running the class's
+ * __init__: that is how reref, clone and replace rebuild typed Refs. */
+PyObject *
+refx_ref_create_kind(refx_state *st, PyObject *kind, PyObject *value,
+                     PyObject *collection, PyObject *trace)
+{
+    if (kind == NULL) {
+        return refx_ref_create(st, st->Ref_Type, value, collection, trace);
+    }
+    PyTypeObject *tp = (PyTypeObject *)PyTuple_GET_ITEM(kind, 0);
+    PyObject *metadata = PyTuple_GET_ITEM(kind, 1);
+    PyObject *attrs = PyTuple_GET_ITEM(kind, 2);
+    PyObject *self = refx_ref_create(st, tp, value, collection, trace);
+    if (self == NULL) {
+        return NULL;
+    }
+    RefObject *ref = (RefObject *)self;
+    if (PyTuple_GET_SIZE(metadata) != 0) {
+        ref->metadata = Py_NewRef(metadata);
+    }
+    if (PyTuple_GET_SIZE(attrs) == 0) {
+        ref->kind = Py_NewRef(kind); /* (type, metadata, ()): reusable */
+        return self;
+    }
+    PyObject *d = PyObject_GenericGetDict(self, NULL);
+    if (d == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(attrs); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(attrs, i);
+        if (PyDict_SetItem(d, PyTuple_GET_ITEM(pair, 0),
+                           PyTuple_GET_ITEM(pair, 1)) < 0) {
+            Py_DECREF(d);
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
+    Py_DECREF(d);
+    return self;
 }
 
 /* Store a new value (owned by the caller's reference), tracking the Ref
@@ -240,53 +540,115 @@ ref_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     return self;
 }
 
-/* The one way value and collection are first set: by __init__ or
- * __setstate__ on a Ref fresh from __new__.  The value is checked as any
- * write is (the trace, tracers in the value). */
+/* The one way value, collection and metadata are first set: by __init__
+ * or __setstate__ on a Ref fresh from __new__.  The value is checked as
+ * any write is (the trace, tracers in the value).  Steals `metadata`. */
 static int
 ref_initialize(RefObject *self, const char *fname, PyObject *value,
-               PyObject *collection)
+               PyObject *collection, PyObject *metadata)
 {
     if (self->initialized) {
         PyErr_Format(PyExc_TypeError,
-                     "%s: this Ref is already initialized; its collection is "
-                     "read-only (set .value to change its value, or make a "
-                     "new Ref)",
+                     "%s: this Ref is already initialized; its collection "
+                     "and metadata are read-only (set .value to change its "
+                     "value, or make a new Ref with .replace())",
                      fname);
-        return -1;
+        goto error;
     }
     if (refx_check_hashable(collection, "Ref", "collection") < 0) {
-        return -1;
+        goto error;
     }
     refx_state *st = refx_state_from_type(Py_TYPE(self));
     if (st == NULL) {
-        return -1;
+        goto error;
     }
     PyObject *trace = refx_current_trace(st);
     if (trace == NULL) {
-        return -1;
+        goto error;
     }
     int r = refx_check_write(st, self, value, trace);
     Py_DECREF(trace);
     if (r < 0) {
-        return -1;
+        goto error;
     }
     Py_XSETREF(self->collection, Py_NewRef(collection));
+    Py_XSETREF(self->metadata, metadata);
+    Py_CLEAR(self->kind);
     ref_store(st, self, value);
     self->initialized = 1;
     return 0;
+error:
+    Py_XDECREF(metadata);
+    return -1;
+}
+
+/* Split Ref()'s arguments: value and collection (positional or keyword),
+ * every other keyword is metadata.  0, or -1 with TypeError. */
+static int
+parse_ref_args(PyObject *args, PyObject *kwds, const char *fname,
+               PyObject **value, PyObject **collection, PyObject **metadata)
+{
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    *value = nargs > 0 ? PyTuple_GET_ITEM(args, 0) : NULL;
+    *collection = nargs > 1 ? PyTuple_GET_ITEM(args, 1) : NULL;
+    *metadata = NULL;
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s takes at most 2 positional arguments (value, "
+                     "collection), %zd given; metadata is keyword-only",
+                     fname, nargs);
+        return -1;
+    }
+    PyObject *rest = NULL;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        rest = PyDict_Copy(kwds);
+        if (rest == NULL) {
+            return -1;
+        }
+        const char *names[2] = {"value", "collection"};
+        PyObject **slots[2] = {value, collection};
+        for (int i = 0; i < 2; i++) {
+            PyObject *v = PyDict_GetItemString(rest, names[i]);
+            if (v == NULL) {
+                continue;
+            }
+            if (*slots[i] != NULL) {
+                PyErr_Format(PyExc_TypeError,
+                             "%s got multiple values for argument '%s'", fname,
+                             names[i]);
+                Py_DECREF(rest);
+                return -1;
+            }
+            *slots[i] = v; /* borrowed: kwds keeps it alive */
+            if (PyDict_DelItemString(rest, names[i]) < 0) {
+                Py_DECREF(rest);
+                return -1;
+            }
+        }
+    }
+    if (*value == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s missing required argument 'value'",
+                     fname);
+        Py_XDECREF(rest);
+        return -1;
+    }
+    if (*collection == NULL) {
+        *collection = Py_None;
+    }
+    *metadata = metadata_from_dict(rest, fname);
+    Py_XDECREF(rest);
+    return *metadata == NULL && PyErr_Occurred() ? -1 : 0;
 }
 
 static int
 ref_init(RefObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"value", "collection", NULL};
-    PyObject *value, *collection = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Ref", kwlist, &value,
-                                     &collection)) {
+    PyObject *value, *collection, *metadata;
+    if (parse_ref_args(args, kwds, "Ref()", &value, &collection, &metadata) <
+        0) {
         return -1;
     }
-    return ref_initialize(self, "Ref.__init__", value, collection);
+    return ref_initialize(self, "Ref.__init__", value, collection, metadata);
 }
 
 static int
@@ -296,6 +658,8 @@ ref_traverse(RefObject *self, visitproc visit, void *arg)
     Py_VISIT(self->value);
     Py_VISIT(self->collection);
     Py_VISIT(self->trace);
+    Py_VISIT(self->metadata);
+    Py_VISIT(self->kind);
     return 0;
 }
 
@@ -305,6 +669,8 @@ ref_clear(RefObject *self)
     Py_CLEAR(self->value);
     Py_CLEAR(self->collection);
     Py_CLEAR(self->trace);
+    Py_CLEAR(self->metadata);
+    Py_CLEAR(self->kind);
     return 0;
 }
 
@@ -365,6 +731,45 @@ ref_get_collection(RefObject *self, void *closure)
 }
 
 static PyObject *
+ref_get_metadata(RefObject *self, void *closure)
+{
+    (void)closure;
+    return pairs_to_mapping(self->metadata);
+}
+
+/* ", name=value" for each pair (reprs of metadata), or "" */
+static PyObject *
+pairs_repr(PyObject *pairs)
+{
+    PyObject *res = PyUnicode_FromString("");
+    for (Py_ssize_t i = 0;
+         res != NULL && pairs != NULL && i < PyTuple_GET_SIZE(pairs); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+        PyObject *part = PyUnicode_FromFormat(
+            ", %U=%R", PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
+        PyObject *joined = part != NULL ? PyUnicode_Concat(res, part) : NULL;
+        Py_XDECREF(part);
+        Py_SETREF(res, joined);
+    }
+    return res;
+}
+
+/* refx._inspect.short_repr(value): arrays as dtype[shape] */
+PyObject *
+refx_short_repr(PyObject *value)
+{
+    PyObject *mod = PyImport_ImportModule("refx._inspect");
+    if (mod == NULL) {
+        return NULL;
+    }
+    PyObject *fn = PyObject_GetAttrString(mod, "short_repr");
+    PyObject *res = fn != NULL ? PyObject_CallOneArg(fn, value) : NULL;
+    Py_XDECREF(fn);
+    Py_DECREF(mod);
+    return res;
+}
+
+static PyObject *
 ref_repr(RefObject *self)
 {
     int rc = Py_ReprEnter((PyObject *)self);
@@ -373,37 +778,106 @@ ref_repr(RefObject *self)
                                              _PyType_Name(Py_TYPE(self)))
                       : NULL;
     }
-    PyObject *res = PyUnicode_FromFormat(
-        "%s(value=%R, collection=%R)", _PyType_Name(Py_TYPE(self)),
-        self->value != NULL ? self->value : Py_None,
-        self->collection != NULL ? self->collection : Py_None);
+    PyObject *res = NULL;
+    PyObject *value =
+        refx_short_repr(self->value != NULL ? self->value : Py_None);
+    PyObject *meta = value != NULL ? pairs_repr(self->metadata) : NULL;
+    if (meta != NULL) {
+        res = PyUnicode_FromFormat(
+            "%s(%U, collection=%R%U)", _PyType_Name(Py_TYPE(self)), value,
+            self->collection != NULL ? self->collection : Py_None, meta);
+    }
+    Py_XDECREF(value);
+    Py_XDECREF(meta);
     Py_ReprLeave((PyObject *)self);
     return res;
 }
 
-/* The instance __dict__ of a Python subclass, or NULL (no error) when
- * there is none or it is empty. */
+/* ref.replace(value=..., collection=..., **metadata): a new Ref of the
+ * same class and attributes, with these changed (metadata merged). */
 static PyObject *
-ref_instance_dict(PyObject *self)
+ref_replace(RefObject *self, PyObject *args, PyObject *kwds)
 {
-    if (Py_IS_TYPE(self, refx_state_from_type(Py_TYPE(self))->Ref_Type)) {
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    PyObject *value = NULL, *collection = NULL, *changes = NULL;
+    PyObject *merged = NULL, *metadata = NULL, *kind = NULL, *res = NULL;
+    PyObject *trace = NULL;
+    if (st == NULL) {
         return NULL;
     }
-    PyObject *d = PyObject_GenericGetDict(self, NULL);
-    if (d == NULL) {
-        PyErr_Clear();
+    if (PyTuple_GET_SIZE(args) != 0) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Ref.replace() takes keyword arguments only");
         return NULL;
     }
-    if (!PyDict_Check(d) || PyDict_GET_SIZE(d) == 0) {
-        Py_DECREF(d);
-        return NULL;
+    if (kwds != NULL) {
+        changes = PyDict_Copy(kwds);
+        if (changes == NULL) {
+            return NULL;
+        }
+        value = PyDict_GetItemString(changes, "value");
+        collection = PyDict_GetItemString(changes, "collection");
+        Py_XINCREF(value);
+        Py_XINCREF(collection);
+        if ((value != NULL && PyDict_DelItemString(changes, "value") < 0) ||
+            (collection != NULL &&
+             PyDict_DelItemString(changes, "collection") < 0)) {
+            goto error;
+        }
     }
-    return d;
+    if (value == NULL) {
+        value = Py_NewRef(self->value);
+    }
+    if (collection == NULL) {
+        collection = Py_NewRef(self->collection);
+    }
+    if (refx_check_hashable(collection, "Ref.replace", "collection") < 0) {
+        goto error;
+    }
+    merged = pairs_to_dict(self->metadata);
+    if (merged == NULL ||
+        (changes != NULL && PyDict_Update(merged, changes) < 0)) {
+        goto error;
+    }
+    metadata = metadata_from_dict(merged, "Ref.replace");
+    if (metadata == NULL && PyErr_Occurred()) {
+        goto error;
+    }
+    int err;
+    PyObject *old_kind = refx_ref_kind(st, self, &err);
+    if (err) {
+        goto error;
+    }
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL) {
+        Py_XDECREF(old_kind);
+        goto error;
+    }
+    kind =
+        PyTuple_Pack(3, Py_TYPE(self), metadata != NULL ? metadata : empty,
+                     old_kind != NULL ? PyTuple_GET_ITEM(old_kind, 2) : empty);
+    Py_DECREF(empty);
+    Py_XDECREF(old_kind);
+    trace = refx_current_trace(st);
+    if (kind == NULL || trace == NULL ||
+        refx_check_value(st, value, trace) < 0) {
+        goto error;
+    }
+    res = refx_ref_create_kind(st, kind, value, collection, trace);
+error:
+    Py_XDECREF(trace);
+    Py_XDECREF(kind);
+    Py_XDECREF(metadata);
+    Py_XDECREF(merged);
+    Py_XDECREF(changes);
+    Py_XDECREF(value);
+    Py_XDECREF(collection);
+    return res;
 }
 
-/* (copyreg.__newobj__, (cls,), (value, collection, dict or None)):
- * unpickling calls cls.__new__(cls), then __setstate__, never the
- * subclass's __init__. */
+/* (copyreg.__newobj__, (cls,), (value, collection, dict or None,
+ * metadata pairs or None)): unpickling calls cls.__new__(cls), then
+ * __setstate__, never the subclass's __init__. */
 static PyObject *
 ref_reduce(RefObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -411,30 +885,59 @@ ref_reduce(RefObject *self, PyObject *Py_UNUSED(ignored))
     if (st == NULL) {
         return NULL;
     }
-    PyObject *d = ref_instance_dict((PyObject *)self);
-    return Py_BuildValue("O(O)(OON)", st->copyreg_newobj, Py_TYPE(self),
+    PyObject *d = ref_instance_dict(st, (PyObject *)self);
+    return Py_BuildValue("O(O)(OONO)", st->copyreg_newobj, Py_TYPE(self),
                          self->value != NULL ? self->value : Py_None,
                          self->collection != NULL ? self->collection : Py_None,
-                         d != NULL ? d : Py_NewRef(Py_None));
+                         d != NULL ? d : Py_NewRef(Py_None),
+                         self->metadata != NULL ? self->metadata : Py_None);
 }
 
 static PyObject *
 ref_setstate(RefObject *self, PyObject *state)
 {
     if (self->initialized) {
-        ref_initialize(self, "Ref.__setstate__", Py_None, Py_None);
+        ref_initialize(self, "Ref.__setstate__", Py_None, Py_None, NULL);
         return NULL; /* refused: a live Ref */
     }
-    if (!PyTuple_Check(state) || PyTuple_GET_SIZE(state) != 3 ||
+    if (!PyTuple_Check(state) || PyTuple_GET_SIZE(state) != 4 ||
         (PyTuple_GET_ITEM(state, 2) != Py_None &&
-         !PyDict_Check(PyTuple_GET_ITEM(state, 2)))) {
+         !PyDict_Check(PyTuple_GET_ITEM(state, 2))) ||
+        (PyTuple_GET_ITEM(state, 3) != Py_None &&
+         !PyTuple_Check(PyTuple_GET_ITEM(state, 3)))) {
         PyErr_SetString(PyExc_TypeError,
                         "Ref.__setstate__: state must be (value, collection, "
-                        "dict or None)");
+                        "dict or None, metadata pairs or None)");
         return NULL;
     }
+    PyObject *meta = PyTuple_GET_ITEM(state, 3), *metadata = NULL;
+    if (meta != Py_None && PyTuple_GET_SIZE(meta) != 0) {
+        /* through a dict: checks names and hashability, sorts */
+        PyObject *d = pairs_to_dict(NULL);
+        for (Py_ssize_t i = 0; d != NULL && i < PyTuple_GET_SIZE(meta); i++) {
+            PyObject *pair = PyTuple_GET_ITEM(meta, i);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+                PyDict_SetItem(d, PyTuple_GET_ITEM(pair, 0),
+                               PyTuple_GET_ITEM(pair, 1)) < 0) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetString(PyExc_TypeError,
+                                    "Ref.__setstate__: metadata must be "
+                                    "(name, value) pairs");
+                }
+                Py_CLEAR(d);
+            }
+        }
+        if (d == NULL) {
+            return NULL;
+        }
+        metadata = metadata_from_dict(d, "Ref.__setstate__");
+        Py_DECREF(d);
+        if (metadata == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
     if (ref_initialize(self, "Ref.__setstate__", PyTuple_GET_ITEM(state, 0),
-                       PyTuple_GET_ITEM(state, 1)) < 0) {
+                       PyTuple_GET_ITEM(state, 1), metadata) < 0) {
         return NULL;
     }
     PyObject *d = PyTuple_GET_ITEM(state, 2);
@@ -463,7 +966,9 @@ refx_treescope_repr_get(PyObject *self, void *Py_UNUSED(closure))
     if (mod == NULL) {
         return NULL;
     }
-    PyObject *res = PyObject_CallMethod(mod, "treescope_method", "O", self);
+    PyObject *fn = PyObject_GetAttrString(mod, "treescope_method");
+    PyObject *res = fn != NULL ? PyObject_CallOneArg(fn, self) : NULL;
+    Py_XDECREF(fn);
     Py_DECREF(mod);
     return res;
 }
@@ -475,6 +980,10 @@ static PyGetSetDef ref_getset[] = {
      NULL},
     {"collection", (getter)ref_get_collection, NULL,
      "The Ref's collection (hashable, read-only).", NULL},
+    {"metadata", (getter)ref_get_metadata, NULL,
+     "The Ref's metadata (a read-only mapping; make a Ref with other\n"
+     "metadata with .replace()).",
+     NULL},
     REFX_TREESCOPE_GETSET,
     {NULL},
 };
@@ -491,6 +1000,12 @@ static PyMethodDef ref_methods[] = {
      "__dict__; shared Refs stay shared."},
     {"__setstate__", (PyCFunction)ref_setstate, METH_O,
      "Set the state of a Ref fresh from __new__ (pickle, copy)."},
+    {"replace", (PyCFunction)(void (*)(void))ref_replace,
+     METH_VARARGS | METH_KEYWORDS,
+     "replace($self, /, **changes)\n--\n\n"
+     "A new Ref of the same class and attributes, with `value`,\n"
+     "`collection` or metadata changed (metadata is merged): the new Ref\n"
+     "shares nothing with this one and belongs to the current trace."},
     {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
      "See PEP 585."},
     {NULL},
@@ -498,14 +1013,18 @@ static PyMethodDef ref_methods[] = {
 
 PyDoc_STRVAR(
     ref_doc,
-    "Ref(value, collection=None)\n"
+    "Ref(value, collection=None, **metadata)\n"
     "--\n\n"
     "A shared, mutable reference to a value.\n\n"
     "A Ref is a pytree leaf: the same Ref may sit at many places of a tree,\n"
     "and writing `ref.value` is seen through all of them.  Before a tree of\n"
     "Refs crosses a JAX transform, `deref` it; rebuild the Refs inside with\n"
     "`reref`.\n\n"
-    "`collection` (hashable, default None) groups Refs for partitioning.\n"
+    "`collection` (hashable, default None) groups Refs for partitioning;\n"
+    "`metadata` (keyword arguments with hashable values, read-only, e.g.\n"
+    "sharding=('model', None)) travels with the Ref through deref/reref,\n"
+    "clone, pickle and the transforms, as does its class: subclass Ref to\n"
+    "type your variables.\n"
     "A Ref remembers the JAX trace it was created in and may only be written\n"
     "from that trace (ValueError otherwise); reading is always allowed.");
 
@@ -541,26 +1060,30 @@ static PyType_Spec ref_spec = {
 static void
 deref_maybe_track(DerefObject *self, PyObject *value)
 {
-    if (may_close_cycle(self->collection) || may_close_cycle(value)) {
+    if (may_close_cycle(self->collection) || may_close_cycle(value) ||
+        may_close_cycle(self->kind)) {
         PyObject_GC_Track(self);
     }
 }
 
 PyObject *
-refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
-                  PyObject *collection)
+refx_value_create_kind(refx_state *st, PyObject *value, Py_ssize_t index,
+                       PyObject *collection, PyObject *kind)
 {
     /* owned before allocating: see refx_ref_create */
     Py_INCREF(value);
     Py_INCREF(collection);
+    Py_XINCREF(kind);
     ValueObject *self = PyObject_GC_New(ValueObject, st->Value_Type);
     if (self == NULL) {
         Py_DECREF(value);
         Py_DECREF(collection);
+        Py_XDECREF(kind);
         return NULL;
     }
     self->base.index = index;
     self->base.collection = collection;
+    self->base.kind = kind;
     self->base.flat = NULL;
     self->value = value;
     deref_maybe_track(&self->base, value);
@@ -568,19 +1091,43 @@ refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
 }
 
 PyObject *
-refx_index_create(refx_state *st, Py_ssize_t index, PyObject *collection)
+refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
+                  PyObject *collection)
+{
+    return refx_value_create_kind(st, value, index, collection, NULL);
+}
+
+PyObject *
+refx_index_create_kind(refx_state *st, Py_ssize_t index, PyObject *collection,
+                       PyObject *kind)
 {
     Py_INCREF(collection); /* owned before allocating: see refx_ref_create */
+    Py_XINCREF(kind);
     DerefObject *self = PyObject_GC_New(DerefObject, st->Index_Type);
     if (self == NULL) {
         Py_DECREF(collection);
+        Py_XDECREF(kind);
         return NULL;
     }
     self->index = index;
     self->collection = collection;
+    self->kind = kind;
     self->flat = NULL;
     deref_maybe_track(self, NULL);
     return (PyObject *)self;
+}
+
+PyObject *
+refx_index_create(refx_state *st, Py_ssize_t index, PyObject *collection)
+{
+    return refx_index_create_kind(st, index, collection, NULL);
+}
+
+PyTypeObject *
+refx_deref_ref_type(refx_state *st, DerefObject *d)
+{
+    return d->kind != NULL ? (PyTypeObject *)PyTuple_GET_ITEM(d->kind, 0)
+                           : st->Ref_Type;
 }
 
 static int
@@ -610,14 +1157,59 @@ parse_index(PyObject *o, const char *fname, Py_ssize_t *out)
     return 0;
 }
 
+/* The kind for Value(...)/Index(...)'s keywords ref_type and metadata (a
+ * mapping, or None): NULL (no error) for a plain Ref. */
+static PyObject *
+kind_from_args(refx_state *st, PyObject *ref_type, PyObject *metadata,
+               const char *fname)
+{
+    if (ref_type == Py_None) {
+        ref_type = (PyObject *)st->Ref_Type;
+    }
+    if (!PyType_Check(ref_type) ||
+        !PyType_IsSubtype((PyTypeObject *)ref_type, st->Ref_Type)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: ref_type must be Ref or a subclass of it, not %R",
+                     fname, ref_type);
+        return NULL;
+    }
+    PyObject *pairs = NULL;
+    if (metadata != Py_None) {
+        PyObject *d = PyDict_New();
+        if (d == NULL || PyDict_Update(d, metadata) < 0) {
+            Py_XDECREF(d);
+            return NULL;
+        }
+        pairs = metadata_from_dict(d, fname);
+        Py_DECREF(d);
+        if (pairs == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (ref_type == (PyObject *)st->Ref_Type && pairs == NULL) {
+        return NULL;
+    }
+    PyObject *empty = PyTuple_New(0);
+    PyObject *kind =
+        empty != NULL
+            ? PyTuple_Pack(3, ref_type, pairs != NULL ? pairs : empty, empty)
+            : NULL;
+    Py_XDECREF(empty);
+    Py_XDECREF(pairs);
+    return kind;
+}
+
 static PyObject *
 value_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"value", "index", "collection", NULL};
-    PyObject *value, *index, *collection = Py_None;
+    static char *kwlist[] = {"value",    "index",    "collection",
+                             "ref_type", "metadata", NULL};
+    PyObject *value, *index, *collection = Py_None, *ref_type = Py_None;
+    PyObject *metadata = Py_None;
     Py_ssize_t i;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:Value", kwlist, &value,
-                                     &index, &collection)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O$OO:Value", kwlist,
+                                     &value, &index, &collection, &ref_type,
+                                     &metadata)) {
         return NULL;
     }
     if (parse_index(index, "Value", &i) < 0 ||
@@ -628,17 +1220,26 @@ value_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     if (st == NULL) {
         return NULL;
     }
-    return refx_value_create(st, value, i, collection);
+    PyObject *kind = kind_from_args(st, ref_type, metadata, "Value");
+    if (kind == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *res = refx_value_create_kind(st, value, i, collection, kind);
+    Py_XDECREF(kind);
+    return res;
 }
 
 static PyObject *
 index_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"index", "collection", NULL};
-    PyObject *index, *collection = Py_None;
+    static char *kwlist[] = {"index", "collection", "ref_type", "metadata",
+                             NULL};
+    PyObject *index, *collection = Py_None, *ref_type = Py_None;
+    PyObject *metadata = Py_None;
     Py_ssize_t i;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Index", kwlist, &index,
-                                     &collection)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O$OO:Index", kwlist,
+                                     &index, &collection, &ref_type,
+                                     &metadata)) {
         return NULL;
     }
     if (parse_index(index, "Index", &i) < 0 ||
@@ -649,7 +1250,13 @@ index_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     if (st == NULL) {
         return NULL;
     }
-    return refx_index_create(st, i, collection);
+    PyObject *kind = kind_from_args(st, ref_type, metadata, "Index");
+    if (kind == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *res = refx_index_create_kind(st, i, collection, kind);
+    Py_XDECREF(kind);
+    return res;
 }
 
 static int
@@ -657,6 +1264,7 @@ deref_traverse(DerefObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->collection);
+    Py_VISIT(self->kind);
     Py_VISIT(self->flat);
     return 0;
 }
@@ -665,6 +1273,7 @@ static int
 deref_clear(DerefObject *self)
 {
     Py_CLEAR(self->collection);
+    Py_CLEAR(self->kind);
     Py_CLEAR(self->flat);
     return 0;
 }
@@ -722,14 +1331,31 @@ deref_get_collection(DerefObject *self, void *closure)
 }
 
 static PyObject *
+deref_get_ref_type(DerefObject *self, void *closure)
+{
+    (void)closure;
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    return st != NULL ? Py_NewRef((PyObject *)refx_deref_ref_type(st, self))
+                      : NULL;
+}
+
+static PyObject *
+deref_get_metadata(DerefObject *self, void *closure)
+{
+    (void)closure;
+    return pairs_to_mapping(
+        self->kind != NULL ? PyTuple_GET_ITEM(self->kind, 1) : NULL);
+}
+
+static PyObject *
 value_get_value(ValueObject *self, void *closure)
 {
     (void)closure;
     return Py_NewRef(self->value != NULL ? self->value : Py_None);
 }
 
-/* Value and Index compare by contents: same type, index, collection (and
- * value for Value, with == after an identity check). */
+/* Value and Index compare by contents: same type, index, collection, kind
+ * (and value for Value, with == after an identity check). */
 static PyObject *
 deref_richcompare(PyObject *a, PyObject *b, int op)
 {
@@ -740,6 +1366,14 @@ deref_richcompare(PyObject *a, PyObject *b, int op)
     int eq = x->index == y->index;
     if (eq && x->collection != y->collection) {
         eq = PyObject_RichCompareBool(x->collection, y->collection, Py_EQ);
+        if (eq < 0) {
+            return NULL;
+        }
+    }
+    if (eq && x->kind != y->kind) {
+        eq = x->kind != NULL && y->kind != NULL
+                 ? PyObject_RichCompareBool(x->kind, y->kind, Py_EQ)
+                 : 0;
         if (eq < 0) {
             return NULL;
         }
@@ -771,9 +1405,33 @@ index_hash(DerefObject *self)
     if (h == -1) {
         return -1;
     }
+    Py_hash_t hk = self->kind != NULL ? PyObject_Hash(self->kind) : 0;
+    if (hk == -1) {
+        return -1;
+    }
     Py_uhash_t x = (Py_uhash_t)h * 1000003u ^ (Py_uhash_t)self->index;
-    x ^= 0x5bd1e995u;
+    x = (x ^ 0x5bd1e995u) * 1000003u ^ (Py_uhash_t)hk;
     return x == (Py_uhash_t)-1 ? -2 : (Py_hash_t)x;
+}
+
+/* ", ref_type=Param, sharding=..." for a kind, or "" */
+static PyObject *
+kind_repr(refx_state *st, PyObject *kind)
+{
+    if (kind == NULL) {
+        return PyUnicode_FromString("");
+    }
+    PyObject *meta = pairs_repr(PyTuple_GET_ITEM(kind, 1));
+    if (meta == NULL) {
+        return NULL;
+    }
+    PyTypeObject *tp = (PyTypeObject *)PyTuple_GET_ITEM(kind, 0);
+    PyObject *res =
+        tp == st->Ref_Type
+            ? Py_NewRef(meta)
+            : PyUnicode_FromFormat(", ref_type=%s%U", _PyType_Name(tp), meta);
+    Py_DECREF(meta);
+    return res;
 }
 
 static PyObject *
@@ -783,10 +1441,23 @@ value_repr(ValueObject *self)
     if (rc != 0) {
         return rc > 0 ? PyUnicode_FromString("Value(...)") : NULL;
     }
-    PyObject *res = PyUnicode_FromFormat(
-        "Value(value=%R, index=%zd, collection=%R)",
-        self->value != NULL ? self->value : Py_None, self->base.index,
-        self->base.collection != NULL ? self->base.collection : Py_None);
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    PyObject *res = NULL, *kind = NULL;
+    PyObject *value =
+        st != NULL
+            ? refx_short_repr(self->value != NULL ? self->value : Py_None)
+            : NULL;
+    if (value != NULL) {
+        kind = kind_repr(st, self->base.kind);
+    }
+    if (kind != NULL) {
+        res = PyUnicode_FromFormat(
+            "Value(%U, index=%zd, collection=%R%U)", value, self->base.index,
+            self->base.collection != NULL ? self->base.collection : Py_None,
+            kind);
+    }
+    Py_XDECREF(value);
+    Py_XDECREF(kind);
     Py_ReprLeave((PyObject *)self);
     return res;
 }
@@ -794,26 +1465,52 @@ value_repr(ValueObject *self)
 static PyObject *
 index_repr(DerefObject *self)
 {
-    return PyUnicode_FromFormat(
-        "Index(index=%zd, collection=%R)", self->index,
-        self->collection != NULL ? self->collection : Py_None);
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    PyObject *kind = st != NULL ? kind_repr(st, self->kind) : NULL;
+    if (kind == NULL) {
+        return NULL;
+    }
+    PyObject *res = PyUnicode_FromFormat(
+        "Index(%zd, collection=%R%U)", self->index,
+        self->collection != NULL ? self->collection : Py_None, kind);
+    Py_DECREF(kind);
+    return res;
+}
+
+static PyObject *deref_flat(DerefObject *self, PyObject *value);
+
+/* Pickled as the pytree node it is: (_core._value_unflatten, (aux,
+ * children)), so the kind comes back too. */
+static PyObject *
+deref_reduce(DerefObject *self, const char *unflatten, PyObject *value)
+{
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &refx_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    PyObject *fn = PyObject_GetAttrString(module, unflatten);
+    PyObject *flat = fn != NULL ? deref_flat(self, value) : NULL;
+    PyObject *res = NULL;
+    if (flat != NULL) {
+        res = Py_BuildValue("O(OO)", fn, PyTuple_GET_ITEM(flat, 1),
+                            PyTuple_GET_ITEM(flat, 0));
+    }
+    Py_XDECREF(fn);
+    Py_XDECREF(flat);
+    return res;
 }
 
 static PyObject *
 value_reduce(ValueObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue(
-        "O(OnO)", Py_TYPE(self), self->value != NULL ? self->value : Py_None,
-        self->base.index,
-        self->base.collection != NULL ? self->base.collection : Py_None);
+    return deref_reduce(&self->base, "_value_unflatten",
+                        self->value != NULL ? self->value : Py_None);
 }
 
 static PyObject *
 index_reduce(DerefObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue(
-        "O(nO)", Py_TYPE(self), self->index,
-        self->collection != NULL ? self->collection : Py_None);
+    return deref_reduce(self, "_index_unflatten", NULL);
 }
 
 static PyGetSetDef deref_getset[] = {
@@ -822,6 +1519,10 @@ static PyGetSetDef deref_getset[] = {
      NULL},
     {"collection", (getter)deref_get_collection, NULL,
      "The collection of the Ref this stands for.", NULL},
+    {"ref_type", (getter)deref_get_ref_type, NULL,
+     "The class of the Ref this stands for (Ref or a subclass).", NULL},
+    {"metadata", (getter)deref_get_metadata, NULL,
+     "The metadata of the Ref this stands for (read-only mapping).", NULL},
     REFX_TREESCOPE_GETSET,
     {NULL},
 };
@@ -848,15 +1549,17 @@ PyDoc_STRVAR(deref_doc,
 
 PyDoc_STRVAR(
     value_doc,
-    "Value(value, index, collection=None)\n"
+    "Value(value, index, collection=None, *, ref_type=None, metadata=None)\n"
     "--\n\n"
     "The first occurrence of a Ref in a deref'ed tree.\n\n"
     "A pytree node with one child (the value) and (index, collection) as\n"
-    "static aux data.  `index` counts distinct Refs in leaf order from 0.");
+    "static aux data, with the Ref's class and metadata too when it has\n"
+    "them (ref_type, metadata).  `index` counts distinct Refs in leaf order\n"
+    "from 0.");
 
 PyDoc_STRVAR(
     index_doc,
-    "Index(index, collection=None)\n"
+    "Index(index, collection=None, *, ref_type=None, metadata=None)\n"
     "--\n\n"
     "A later occurrence of a Ref in a deref'ed tree: points at the Value\n"
     "with the same index.  A pytree node with no children.");
@@ -987,7 +1690,10 @@ deref_flat(DerefObject *self, PyObject *value)
         PyObject *idx = PyLong_FromSsize_t(self->index);
         PyObject *aux = NULL;
         if (children != NULL && idx != NULL) {
-            aux = PyTuple_Pack(2, idx, self->collection);
+            /* (index, collection), or (index, collection, kind) */
+            aux = self->kind == NULL
+                      ? PyTuple_Pack(2, idx, self->collection)
+                      : PyTuple_Pack(3, idx, self->collection, self->kind);
         }
         if (aux != NULL) {
             self->flat = PyTuple_Pack(2, children, aux);
@@ -1027,15 +1733,22 @@ index_flatten(PyObject *module, PyObject *v)
 }
 
 static int
-parse_aux(PyObject *aux, const char *fname, Py_ssize_t *index,
-          PyObject **collection)
+parse_aux(refx_state *st, PyObject *aux, const char *fname, Py_ssize_t *index,
+          PyObject **collection, PyObject **kind)
 {
-    if (!PyTuple_Check(aux) || PyTuple_GET_SIZE(aux) != 2) {
+    if (!PyTuple_Check(aux) ||
+        (PyTuple_GET_SIZE(aux) != 2 && PyTuple_GET_SIZE(aux) != 3)) {
         PyErr_Format(PyExc_TypeError,
-                     "%s: aux data must be (index, collection)", fname);
+                     "%s: aux data must be (index, collection) or (index, "
+                     "collection, kind)",
+                     fname);
         return -1;
     }
     *collection = PyTuple_GET_ITEM(aux, 1);
+    *kind = PyTuple_GET_SIZE(aux) == 3 ? PyTuple_GET_ITEM(aux, 2) : NULL;
+    if (refx_check_kind(st, *kind, fname) < 0) {
+        return -1;
+    }
     return parse_index(PyTuple_GET_ITEM(aux, 0), fname, index);
 }
 
@@ -1049,8 +1762,8 @@ value_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     refx_state *st = refx_get_state(module);
     Py_ssize_t index;
-    PyObject *collection;
-    if (parse_aux(args[0], "Value", &index, &collection) < 0) {
+    PyObject *collection, *kind;
+    if (parse_aux(st, args[0], "Value", &index, &collection, &kind) < 0) {
         return NULL;
     }
     PyObject *children =
@@ -1064,8 +1777,8 @@ value_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      PySequence_Fast_GET_SIZE(children));
     }
     else {
-        res = refx_value_create(st, PySequence_Fast_GET_ITEM(children, 0),
-                                index, collection);
+        res = refx_value_create_kind(st, PySequence_Fast_GET_ITEM(children, 0),
+                                     index, collection, kind);
     }
     Py_DECREF(children);
     return res;
@@ -1081,11 +1794,11 @@ index_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     refx_state *st = refx_get_state(module);
     Py_ssize_t index;
-    PyObject *collection;
-    if (parse_aux(args[0], "Index", &index, &collection) < 0) {
+    PyObject *collection, *kind;
+    if (parse_aux(st, args[0], "Index", &index, &collection, &kind) < 0) {
         return NULL;
     }
-    return refx_index_create(st, index, collection);
+    return refx_index_create_kind(st, index, collection, kind);
 }
 
 static PyObject *

@@ -189,8 +189,10 @@ typedef struct {
      * outside that call; never read by anything else. */
     uint64_t mark_epoch;
     Py_ssize_t mark_index;
+    PyObject *metadata; /* owned: NULL, or (name, value) pairs by name */
+    PyObject *kind;     /* owned cache: NULL, or its kind (see ref.c) */
     /* 0 from __new__ until __init__ or __setstate__ sets value and
-     * collection; then 1, and collection is read-only. */
+     * collection; then 1, and collection and metadata are read-only. */
     char initialized;
 } RefObject;
 
@@ -198,7 +200,8 @@ typedef struct {
     PyObject_HEAD
     Py_ssize_t index;
     PyObject *collection; /* owned */
-    PyObject *flat;       /* lazily built ((children...), (index, coll)) */
+    PyObject *kind;       /* owned: NULL for a plain Ref, else its kind */
+    PyObject *flat;       /* lazily built ((children...), aux) */
 } DerefObject;
 
 typedef struct {
@@ -268,6 +271,13 @@ PyObject *refx_make_pred(refx_state *st, PyObject *user_is_leaf);
 int refx_init_ref_types(PyObject *module, refx_state *st);
 PyObject *refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
                           PyObject *collection, PyObject *trace);
+/* A Ref's kind: NULL for a plain Ref without metadata, else
+ * (type, metadata pairs, attribute pairs); *err = 1 on error. */
+PyObject *refx_ref_kind(refx_state *st, RefObject *ref, int *err);
+int refx_check_kind(refx_state *st, PyObject *kind, const char *fname);
+PyObject *refx_ref_create_kind(refx_state *st, PyObject *kind, PyObject *value,
+                               PyObject *collection, PyObject *trace);
+PyObject *refx_short_repr(PyObject *value);
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                      PyObject *current_trace);
 int refx_check_value(refx_state *st, PyObject *value, PyObject *trace);
@@ -279,6 +289,14 @@ PyObject *refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
                             PyObject *collection);
 PyObject *refx_index_create(refx_state *st, Py_ssize_t index,
                             PyObject *collection);
+/* the same, recording a kind (NULL: plain) */
+PyObject *refx_value_create_kind(refx_state *st, PyObject *value,
+                                 Py_ssize_t index, PyObject *collection,
+                                 PyObject *kind);
+PyObject *refx_index_create_kind(refx_state *st, Py_ssize_t index,
+                                 PyObject *collection, PyObject *kind);
+/* the type of Ref a Value/Index stands for (borrowed) */
+PyTypeObject *refx_deref_ref_type(refx_state *st, DerefObject *d);
 PyObject *refx_collection_of(refx_state *st, PyObject *leaf);
 extern PyMethodDef refx_ref_functions[];
 /* treescope: the __treescope_repr__ attribute of Ref, Deref, NOTHING and

@@ -653,6 +653,14 @@ plan_value(update_plan *p, Py_ssize_t j, RefObject *ref, refx_ptrmap_entry *te,
                 d->index);
         return -1;
     }
+    PyTypeObject *vt = refx_deref_ref_type(p->st, d);
+    if (vt != Py_TYPE(ref)) {
+        fail_at(p, j,
+                "source Value stands for a %.200s but the target Ref is a "
+                "%.200s",
+                vt->tp_name, Py_TYPE(ref)->tp_name);
+        return -1;
+    }
     if (d->collection != ref->collection) {
         /* both owned across __eq__, which may run any code */
         PyObject *dc = Py_NewRef(d->collection);
