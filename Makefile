@@ -19,6 +19,8 @@ CONSTRAINTS ?=
 PIN    := -c ci/tools.txt $(addprefix -c ,$(CONSTRAINTS))
 # Extra pytest arguments, e.g. PYTEST_ARGS='--randomly-seed=N -x'.
 PYTEST_ARGS ?=
+# The command that reruns this venv's suite (the replay hint it prints).
+REPLAY ?= make pytest
 
 # Development builds fail on any compiler warning: setup.py adds -Werror
 # only when REFX_WERROR=1, so a user's `pip install .` never stops on a
@@ -61,7 +63,7 @@ test: lint pytest typecheck bench-smoke test-jax-oldest test-jax-newest
 # and the Hypothesis examples that went with it (tests/conftest.py).
 pytest: install
 	@$(VPY) -c 'import sys, jax, jaxlib; print(f"== suite on CPython {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__} ($(VENV))")'
-	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider -p randomly $(PYTEST_ARGS) .
+	cd tests && REFX_REPLAY='$(REPLAY)' ../$(VPY) -m pytest -q -p no:cacheprovider -p randomly $(PYTEST_ARGS) .
 
 # Fail with a clear message unless $(2) is CPython $(3) ($(1): the target).
 define need_python
@@ -79,13 +81,13 @@ PYTHON_NEWEST ?= $(call find_python,3.13)
 # JAX fails here, not in a user's install.
 test-jax-oldest:
 	$(call need_python,$@,$(PYTHON_OLDEST),3.11,PYTHON_OLDEST)
-	$(MAKE) --no-print-directory pytest PYTHON=$(PYTHON_OLDEST) VENV=.venv-jax-oldest CONSTRAINTS=ci/jax-oldest.txt
+	$(MAKE) --no-print-directory pytest PYTHON=$(PYTHON_OLDEST) VENV=.venv-jax-oldest CONSTRAINTS=ci/jax-oldest.txt REPLAY='make $@'
 
 # The suite on the newest JAX tested (CPython 3.13), in .venv-jax-newest
 # pinned by ci/jax-newest.txt: a change that breaks it fails here.
 test-jax-newest:
 	$(call need_python,$@,$(PYTHON_NEWEST),3.13,PYTHON_NEWEST)
-	$(MAKE) --no-print-directory pytest PYTHON=$(PYTHON_NEWEST) VENV=.venv-jax-newest CONSTRAINTS=ci/jax-newest.txt
+	$(MAKE) --no-print-directory pytest PYTHON=$(PYTHON_NEWEST) VENV=.venv-jax-newest CONSTRAINTS=ci/jax-newest.txt REPLAY='make $@'
 
 # Train the digits MLP: the README's example, end to end.
 demo: install
@@ -150,7 +152,7 @@ test-pythons:
 	@set -e; for py in $(PYTHONS); do \
 	    v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
 	    echo "== CPython $$v ($$py)"; \
-	    $(MAKE) --no-print-directory pytest PYTHON=$$py VENV=.venv-$$v; \
+	    $(MAKE) --no-print-directory pytest PYTHON=$$py VENV=.venv-$$v REPLAY="make test-pythons PYTHONS=$$py"; \
 	done
 
 # ruff over the Python and clang-format (--dry-run: it reports, never

@@ -16,6 +16,7 @@ every run (the examples still vary from run to run) and one number,
 --hypothesis-seed, or -p no:randomly, leaves Hypothesis as it was.
 """
 
+import os
 import zlib
 
 import pytest
@@ -51,7 +52,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, config):
     seed = _randomly_seed(config)
     if seed is not None:
-        terminalreporter.write_line(
-            f"random order: --randomly-seed={seed}; replay it with "
-            f"make pytest PYTEST_ARGS=--randomly-seed={seed}"
-        )
+        # The Makefile names the target that ran this venv's suite.
+        make = os.environ.get("REFX_REPLAY")
+        how = f"{make} PYTEST_ARGS=--randomly-seed={seed}" if make else f"--randomly-seed={seed}"
+        terminalreporter.write_line(f"random order: --randomly-seed={seed}; replay it with {how}")
