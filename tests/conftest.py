@@ -12,7 +12,9 @@ from fresh entropy, so a failing order replayed with --randomly-seed would
 not see the same examples.  While randomly is active, each Hypothesis test
 gets `hypothesis.seed(randomly seed + crc32(test id))` instead: a new seed
 every run (the examples still vary from run to run) and one number,
---randomly-seed=N, replays the order and every example.  An explicit
+--randomly-seed=N, replays the order and every example.  (hypothesis.seed
+also turns off the example database for that test: the seed is the record
+of a failure, and CI's fresh clone has no database anyway.)  An explicit
 --hypothesis-seed, or -p no:randomly, leaves Hypothesis as it was.
 """
 
