@@ -131,7 +131,7 @@ sanitize: install
 	rm -rf $(SAN_DIR)
 	REFX_SANITIZE=1 PYTHON=$(VPY) tools/devbuild.sh $(SAN_DIR)
 	cd tests && $(SAN_ENV) ../$(VPY) -c "import refx._core as c, sys; assert '$(SAN_DIR)' in c.__file__, c.__file__; print('sanitized build:', c.__file__)"
-	cd tests && $(SAN_ENV) ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) .; rc=$$?; \
+	cd tests && REFX_REPLAY='make sanitize' $(SAN_ENV) ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) .; rc=$$?; \
 	if ls $(SAN_LOG).* >/dev/null 2>&1; then \
 	    echo "sanitizer reports:"; cat $(SAN_LOG).*; exit 1; \
 	fi; \
