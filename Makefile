@@ -1,18 +1,44 @@
 # refx: every target sets itself up from nothing (a fresh clone).
-#   make test    venv + install refx with test deps + the whole suite
+#   make test    what CI runs (.ci/run): lint, the suite in a random order,
+#                mypy on the examples, a benchmark smoke run, then the suite
+#                again on the oldest and on the newest JAX tested
 #   make demo    venv + install + the demo (examples/train_digits.py)
 #   make bench   venv + install + peers (flax, equinox, optax) + benchmarks
+#
+# Pins: ci/tools.txt (ruff, clang-format, pytest-randomly, every venv),
+# ci/jax-oldest.txt and ci/jax-newest.txt (the two JAX compatibility venvs);
+# README.md ("Development") says how to move them.
 
 PYTHON ?= python3
 VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip --disable-pip-version-check -q
+# Extra pip constraints files for the venv being built (the JAX
+# compatibility targets set it to ci/jax-oldest.txt or ci/jax-newest.txt).
+CONSTRAINTS ?=
+PIN    := -c ci/tools.txt $(addprefix -c ,$(CONSTRAINTS))
+# Extra pytest arguments, e.g. PYTEST_ARGS='--randomly-seed=N -x'.
+PYTEST_ARGS ?=
+# The command that reruns this venv's suite (the replay hint it prints).
+REPLAY ?= make pytest
+
+# Development builds fail on any compiler warning: setup.py adds -Werror
+# only when REFX_WERROR=1, so a user's `pip install .` never stops on a
+# newer compiler's new warning.  Exported to every build below (install,
+# sanitize, tools/devbuild.sh); REFX_WERROR=0 on the command line turns it off.
+export REFX_WERROR ?= 1
 
 .PHONY: all venv install install-bench test pytest demo bench bench-smoke \
-        sanitize leakcheck lint typecheck test-pythons clean
+        sanitize leakcheck lint typecheck test-jax-oldest test-jax-newest \
+        test-pythons clean
+
+# The venvs share build/ (pip builds refx in the tree) and tests/.hypothesis:
+# never build or test two of them at once, even under make -j.
+.NOTPARALLEL:
 
 all: test
 
+# A venv with the build tools refx needs (--no-build-isolation below).
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip 'setuptools>=70.1' wheel
@@ -23,27 +49,60 @@ venv: $(VPY)
 # current C sources.  pip replaces files by rename, so a running process
 # keeps the extension it loaded.
 install: venv
-	$(PIP) install --no-build-isolation '.[test]'
+	$(PIP) install --no-build-isolation $(PIN) '.[test]'
 
+# install + the peers the benchmarks compare against.
 install-bench: install
-	$(PIP) install '.[bench]'
+	$(PIP) install $(PIN) '.[bench]'
 
+# Everything CI checks, cheapest first so a lint error fails in seconds.
+test: lint pytest typecheck bench-smoke test-jax-oldest test-jax-newest
+
+# The whole suite, in a random order (pytest-randomly): the seed is printed
+# at the start and the end; PYTEST_ARGS=--randomly-seed=N replays an order
+# and the Hypothesis examples that went with it (tests/conftest.py).
 pytest: install
-	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider .
+	@$(VPY) -c 'import sys, jax, jaxlib; print(f"== suite on CPython {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__} ($(VENV))")'
+	cd tests && REFX_REPLAY='$(REPLAY)' ../$(VPY) -m pytest -q -p no:cacheprovider -p randomly $(PYTEST_ARGS) .
 
-test: pytest typecheck bench-smoke
+# Fail with a clear message unless $(2) is CPython $(3) ($(1): the target).
+define need_python
+	@test -n "$(2)" || { echo "$(1): no CPython $(3) found (looked for $(HOME)/.pyenv/versions/$(3).*/bin/python and python$(3) on PATH); install it (pyenv install $(3)) or pass $(4)=/path/to/python$(3)"; exit 1; }
+	@v=$$($(2) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); \
+	test "$$v" = "$(3)" || { echo "$(1): $(4)=$(2) does not run as CPython $(3) (its sys.version_info: '$$v')"; exit 1; }
+endef
+# The newest CPython X.Y that pyenv has, else pythonX.Y on PATH.
+find_python = $(or $(lastword $(shell ls -d $(HOME)/.pyenv/versions/$(1).*/bin/python 2>/dev/null | sort -V)),$(shell command -v python$(1) 2>/dev/null))
+PYTHON_OLDEST ?= $(call find_python,3.11)
+PYTHON_NEWEST ?= $(call find_python,3.13)
 
+# The suite on the oldest JAX refx supports (0.4.36, CPython 3.11), in
+# .venv-jax-oldest pinned by ci/jax-oldest.txt: a change that needs a newer
+# JAX fails here, not in a user's install.
+test-jax-oldest:
+	$(call need_python,$@,$(PYTHON_OLDEST),3.11,PYTHON_OLDEST)
+	$(MAKE) --no-print-directory pytest PYTHON=$(PYTHON_OLDEST) VENV=.venv-jax-oldest CONSTRAINTS=ci/jax-oldest.txt REPLAY='make $@'
+
+# The suite on the newest JAX tested (CPython 3.13), in .venv-jax-newest
+# pinned by ci/jax-newest.txt: a change that breaks it fails here.
+test-jax-newest:
+	$(call need_python,$@,$(PYTHON_NEWEST),3.13,PYTHON_NEWEST)
+	$(MAKE) --no-print-directory pytest PYTHON=$(PYTHON_NEWEST) VENV=.venv-jax-newest CONSTRAINTS=ci/jax-newest.txt REPLAY='make $@'
+
+# Train the digits MLP: the README's example, end to end.
 demo: install
-	$(PIP) install '.[demo]'
+	$(PIP) install $(PIN) '.[demo]'
 	$(VPY) examples/train_digits.py
 
 # mypy --strict on the examples, against the installed refx stubs.
 typecheck: install
 	$(VPY) -m mypy --config-file examples/mypy.ini examples
 
+# Every benchmark, full size: tables and benchmarks/results/.
 bench: install-bench
 	$(VPY) benchmarks/run_all.py
 
+# Every benchmark at tiny sizes: they still run and still check their answers.
 bench-smoke: install-bench
 	$(VPY) benchmarks/run_all.py --smoke
 
@@ -72,7 +131,7 @@ sanitize: install
 	rm -rf $(SAN_DIR)
 	REFX_SANITIZE=1 PYTHON=$(VPY) tools/devbuild.sh $(SAN_DIR)
 	cd tests && $(SAN_ENV) ../$(VPY) -c "import refx._core as c, sys; assert '$(SAN_DIR)' in c.__file__, c.__file__; print('sanitized build:', c.__file__)"
-	cd tests && $(SAN_ENV) ../$(VPY) -m pytest -q -p no:cacheprovider .; rc=$$?; \
+	cd tests && REFX_REPLAY='make sanitize' $(SAN_ENV) ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) .; rc=$$?; \
 	if ls $(SAN_LOG).* >/dev/null 2>&1; then \
 	    echo "sanitizer reports:"; cat $(SAN_LOG).*; exit 1; \
 	fi; \
@@ -83,22 +142,28 @@ sanitize: install
 leakcheck: install
 	$(VPY) tools/leakcheck.py
 
-# The suite on other CPython versions (CI runs 3.11): one venv per version,
-# .venv-3.12 etc.  Default: every pyenv-installed 3.12+; override with
-# PYTHONS="/path/to/python3.12 /path/to/python3.13".
+# The suite on other CPython versions with whatever JAX pip resolves for
+# each (not part of make test, which pins 3.11 and 3.13 above): one venv per
+# version, .venv-3.12 etc.  Default: every pyenv-installed 3.12+; override
+# with PYTHONS="/path/to/python3.12 /path/to/python3.13".
 PYTHONS ?= $(wildcard $(HOME)/.pyenv/versions/3.1[2-9].*/bin/python)
 test-pythons:
 	@test -n "$(strip $(PYTHONS))" || { echo "test-pythons: no CPython 3.12+ found; set PYTHONS"; exit 1; }
 	@set -e; for py in $(PYTHONS); do \
 	    v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
 	    echo "== CPython $$v ($$py)"; \
-	    $(MAKE) --no-print-directory pytest PYTHON=$$py VENV=.venv-$$v; \
+	    $(MAKE) --no-print-directory pytest PYTHON=$$py VENV=.venv-$$v REPLAY="make test-pythons PYTHONS=$$py"; \
 	done
 
+# ruff over the Python and clang-format (--dry-run: it reports, never
+# rewrites) over the C core, at the versions pinned in ci/tools.txt, so a
+# new release's rules cannot fail CI on an unchanged tree.
 lint: venv
-	$(PIP) install ruff clang-format
+	$(PIP) install $(PIN) ruff clang-format
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/clang-format --dry-run --Werror src/refx/*.c src/refx/*.h
+	@echo "make lint: clean ($$($(VENV)/bin/ruff --version), $$($(VENV)/bin/clang-format --version))"
 
+# Build products and the extra venvs (the main .venv stays).
 clean:
-	rm -rf build dist src/*.egg-info src/refx/*.so .pytest_cache .venv-3.*
+	rm -rf build dist src/*.egg-info src/refx/*.so .pytest_cache .venv-3.* .venv-jax-*

@@ -5,7 +5,10 @@
 # The new .so is moved into place with rename(2), never written over:
 # a process that has the old one loaded keeps its (still valid) mapping.
 # Extra environment (REFX_SANITIZE=1, REFX_DEBUG=1) is passed to setup.py.
+# A development build: compiler warnings are errors (REFX_WERROR=1) unless
+# REFX_WERROR=0 is given.
 set -euo pipefail
+export REFX_WERROR=${REFX_WERROR:-1}
 out=${1:?usage: tools/devbuild.sh OUTDIR}
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")/.." && pwd)
