@@ -1,5 +1,6 @@
 """Filters: callables, the C-evaluated shorthands and Not/All/Any."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -109,3 +110,65 @@ def test_collection_eq_exception_passes_through():
     r = refx.Ref(1, Weird())
     with pytest.raises(RuntimeError, match="eq"):
         refx.get_partition([r], "params")
+
+
+# --- path filters (issue 14) -------------------------------------------------
+
+
+def path_model():
+    return {
+        "enc": {"w": refx.Ref(1.0, "params"), "b": refx.Ref(2.0, "params")},
+        "dec": {"w": refx.Ref(3.0, "params")},
+        "blocks": [{"linear": {"w": refx.Ref(4.0, "params")}},
+                   {"linear": {"w": refx.Ref(5.0, "params")}}],
+    }
+
+
+def present(p):
+    return [k for k, v in p.items() if v is not refx.NOTHING]
+
+
+def test_path_contains_matches_a_run_of_path_parts():
+    t = path_model()
+    assert present(refx.get_partition(t, refx.PathContains("enc"))) == [("enc", "b"), ("enc", "w")]
+    assert present(refx.get_partition(t, refx.PathContains("blocks", "0"))) == [("blocks", "0", "linear", "w")]
+    assert present(refx.get_partition(t, refx.PathContains("linear", "w"))) == [
+        ("blocks", "0", "linear", "w"), ("blocks", "1", "linear", "w")]
+    assert present(refx.get_partition(t, refx.PathContains("0", "blocks"))) == []  # in order
+    # combined with other filters, and on a deref'ed tree
+    p = refx.get_partition(refx.deref(t), refx.All("params", refx.Not(refx.PathContains("w"))))
+    assert present(p) == [("enc", "b")]
+    (enc, rest), td = refx.tree_partition(t, refx.Any(refx.PathContains("enc"), refx.PathContains("dec")))
+    assert len(present(enc)) == 3 and refx.merge_partitions((enc, rest), td) == t
+
+
+def test_path_filter_takes_path_and_leaf():
+    t = path_model()
+    f = refx.PathFilter(lambda path, leaf: path[-1] == "w" and leaf.value > 2)
+    assert present(refx.get_partition(t, f)) == [("blocks", "0", "linear", "w"),
+                                                 ("blocks", "1", "linear", "w"), ("dec", "w")]
+
+
+def test_path_filters_can_be_called_with_a_path_and_refuse_a_bare_leaf():
+    f = refx.PathContains("enc")
+    assert f(("enc", "w"), 1) is True and f(("dec", "w"), 1) is False
+    assert refx.Not(f)(("dec",), 1) is True
+    with pytest.raises(TypeError, match="PathContains is a path filter: it needs the leaf's path"):
+        f(1)
+    with pytest.raises(TypeError, match="PathFilter is a path filter"):
+        refx.All(refx.PathFilter(lambda p, x: True))(1)
+    with pytest.raises(TypeError, match="path parts are str"):
+        refx.PathContains(0)
+    with pytest.raises(TypeError, match=r"PathFilter\(fn\) takes one callable"):
+        refx.PathFilter(1)
+    assert refx.PathContains("a", "b") == refx.PathContains("a", "b")
+    assert repr(refx.PathContains("a", "b")) == "PathContains('a', 'b')"
+
+
+def test_keypath_to_path_is_the_partition_key():
+    t = path_model()
+    pairs, _ = jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: isinstance(x, refx.Ref))
+    (p,), _ = refx.tree_partition(t)
+    assert [refx.keypath_to_path(kp) for kp, _ in pairs] == list(p)
+    with pytest.raises(TypeError):
+        refx.keypath_to_path(5)

@@ -189,3 +189,45 @@ def test_ref_init_on_live_ref_is_refused_under_jit_too():
     with pytest.raises(TypeError, match="Ref.__init__: this Ref is already initialized"):
         f(jnp.ones(()))
     assert r.value == 1.0
+
+
+# --- the trace-level error says which Ref and what to do (issue 14) ------------
+
+
+def test_trace_error_names_the_ref_and_the_fix():
+    class Param(refx.Ref):
+        pass
+
+    p = Param(1.0, "params")
+
+    @jax.jit
+    def f(x):
+        p.value = x
+        return x
+
+    with pytest.raises(ValueError) as e:
+        f(jnp.ones(()))
+    msg = str(e.value)
+    assert msg.startswith("Cannot mutate Ref from a different trace level: this Param "
+                          "(collection 'params') was created in another JAX trace")
+    assert "Pass the tree holding it to the transform as an argument" in msg
+    leaked = {}
+
+    @jax.jit
+    def g(x):
+        leaked["r"] = refx.Ref(x)
+        return x
+
+    g(jnp.ones(()))
+    import gc
+
+    gc.collect()
+    with pytest.raises(ValueError, match="Cannot mutate Ref from a different trace level: this Ref "
+                                         r"\(collection None\) was created in (a JAX trace that has finished|another JAX trace)"):
+        leaked["r"].value = 1.0
+
+
+def test_writing_a_value_says_to_reref():
+    v = refx.deref([refx.Ref(1.0)])[0]
+    with pytest.raises(AttributeError, match=r"a Value is a deref'ed Ref and cannot be written: reref the tree \(refx.reref\)"):
+        v.value = 2.0

@@ -22,11 +22,14 @@ from ._core import (
     Not,
     Nothing,
     Partition,
+    PathContains,
+    PathFilter,
     Ref,
     Value,
     clone,
     deref,
     get_partition,
+    keypath_to_path,
     merge_partitions,
     reref,
     tree_partition,
@@ -41,7 +44,10 @@ __version__ = "0.1.0"
 
 #: What tree_partition, get_partition, Not, All and Any accept as a filter
 #: (see README, "Partitioning"); for annotations in code built on refx.
-Filter = _Callable[[_Any], bool] | str | type | tuple | Not | All | Any | bool | _EllipsisType
+Filter = (
+    _Callable[[_Any], bool] | str | type | tuple | Not | All | Any | PathContains | PathFilter
+    | bool | _EllipsisType
+)
 
 __all__ = [
     "NOTHING",
@@ -53,11 +59,14 @@ __all__ = [
     "Not",
     "Nothing",
     "Partition",
+    "PathContains",
+    "PathFilter",
     "Ref",
     "Value",
     "clone",
     "deref",
     "get_partition",
+    "keypath_to_path",
     "merge_partitions",
     "reref",
     "tree_partition",

@@ -12,8 +12,19 @@
  * Filters are checked when the call starts (TypeError for anything else),
  * so a bad filter never leaves a half-built result.
  *
- * Functions in this file: refx_filter_validate, refx_filter_match, the
- * Not/All/Any types, refx_init_filter_types.
+ * Path filters see where a leaf is: its path, the tuple of str that keys a
+ * partition (tree_partition has it at hand for every leaf: it comes from
+ * the path cache).
+ *   PathContains(*parts)  the path holds `parts` as a run of consecutive
+ *                         elements (PathContains("enc"), PathContains(
+ *                         "blocks", "0")); evaluated in C
+ *   PathFilter(fn)        fn(path, leaf) -> bool
+ * Where no path is known (calling a filter on a bare leaf) a path filter
+ * is a TypeError; filter objects may also be called as f(path, leaf).
+ *
+ * Functions in this file: refx_filter_validate, refx_filter_match_at (and
+ * refx_filter_match, without a path), the Not/All/Any and PathContains/
+ * PathFilter types, refx_init_filter_types.
  */
 #include "refx.h"
 
@@ -28,7 +39,7 @@ typedef struct {
 
 static const char filter_kinds[] =
     "a callable, a collection name (str), a type, a tuple of filters, "
-    "Not/All/Any, ..., True or False";
+    "Not/All/Any, PathContains/PathFilter, ..., True or False";
 
 int
 refx_filter_validate(refx_state *st, PyObject *f, const char *fname,
@@ -39,7 +50,8 @@ refx_filter_validate(refx_state *st, PyObject *f, const char *fname,
         return 0;
     }
     PyTypeObject *tp = Py_TYPE(f);
-    if (tp == st->Not_Type || tp == st->All_Type || tp == st->Any_Type) {
+    if (tp == st->Not_Type || tp == st->All_Type || tp == st->Any_Type ||
+        tp == st->PathContains_Type || tp == st->PathFilter_Type) {
         return 0; /* validated at construction */
     }
     if (PyTuple_Check(f)) {
@@ -61,9 +73,45 @@ refx_filter_validate(refx_state *st, PyObject *f, const char *fname,
     return -1;
 }
 
-/* 1 if leaf matches, 0 if not, -1 with an exception */
+/* PathContains: `parts` (a tuple of str) is a run of `path` */
+static int
+path_contains(PyObject *path, PyObject *parts)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(path), m = PyTuple_GET_SIZE(parts);
+    for (Py_ssize_t i = 0; i + m <= n; i++) {
+        Py_ssize_t j = 0;
+        while (j < m) {
+            PyObject *a = PyTuple_GET_ITEM(path, i + j);
+            PyObject *b = PyTuple_GET_ITEM(parts, j);
+            if (a != b &&
+                (!PyUnicode_Check(a) || PyUnicode_Compare(a, b) != 0)) {
+                break;
+            }
+            j++;
+        }
+        if (j == m) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int
+no_path(PyObject *f)
+{
+    PyErr_Format(PyExc_TypeError,
+                 "%s is a path filter: it needs the leaf's path, which only "
+                 "tree_partition and get_partition (and what is built on "
+                 "them) know; call it as f(path, leaf) to test it",
+                 _PyType_Name(Py_TYPE(f)));
+    return -1;
+}
+
+/* 1 if the leaf at `path` (a tuple of str, or NULL when unknown) matches,
+ * 0 if not, -1 with an exception */
 int
-refx_filter_match(refx_state *st, PyObject *f, PyObject *leaf)
+refx_filter_match_at(refx_state *st, PyObject *f, PyObject *path,
+                     PyObject *leaf)
 {
     if (f == Py_Ellipsis || f == Py_True) {
         return 1;
@@ -102,6 +150,24 @@ refx_filter_match(refx_state *st, PyObject *f, PyObject *leaf)
         return PyObject_IsInstance(leaf, f);
     }
     PyTypeObject *tp = Py_TYPE(f);
+    if (tp == st->PathContains_Type) {
+        return path != NULL ? path_contains(path, ((FilterObject *)f)->filters)
+                            : no_path(f);
+    }
+    if (tp == st->PathFilter_Type) {
+        if (path == NULL) {
+            return no_path(f);
+        }
+        PyObject *args[2] = {path, leaf};
+        PyObject *res = PyObject_Vectorcall(
+            PyTuple_GET_ITEM(((FilterObject *)f)->filters, 0), args, 2, NULL);
+        if (res == NULL) {
+            return -1;
+        }
+        int r = PyObject_IsTrue(res);
+        Py_DECREF(res);
+        return r;
+    }
     int is_not = tp == st->Not_Type, is_all = tp == st->All_Type;
     if (PyTuple_Check(f) || is_not || is_all || tp == st->Any_Type) {
         PyObject *fs = PyTuple_Check(f) ? f : ((FilterObject *)f)->filters;
@@ -110,7 +176,8 @@ refx_filter_match(refx_state *st, PyObject *f, PyObject *leaf)
         }
         int r = is_all ? 1 : 0;
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(fs); i++) {
-            int m = refx_filter_match(st, PyTuple_GET_ITEM(fs, i), leaf);
+            int m =
+                refx_filter_match_at(st, PyTuple_GET_ITEM(fs, i), path, leaf);
             if (m < 0) {
                 r = -1;
                 break;
@@ -137,6 +204,12 @@ refx_filter_match(refx_state *st, PyObject *f, PyObject *leaf)
     int r = PyObject_IsTrue(res);
     Py_DECREF(res);
     return r;
+}
+
+int
+refx_filter_match(refx_state *st, PyObject *f, PyObject *leaf)
+{
+    return refx_filter_match_at(st, f, NULL, leaf);
 }
 
 static PyObject *
@@ -189,22 +262,81 @@ any_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *
+path_contains_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
+{
+    if ((kwds != NULL && PyDict_GET_SIZE(kwds) != 0) ||
+        PyTuple_GET_SIZE(args) == 0) {
+        PyErr_SetString(PyExc_TypeError,
+                        "PathContains(*parts) takes one or more path parts "
+                        "(str), no keywords");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); i++) {
+        PyObject *p = PyTuple_GET_ITEM(args, i);
+        if (!PyUnicode_Check(p)) {
+            PyErr_Format(PyExc_TypeError,
+                         "PathContains: path parts are str (a path is a "
+                         "tuple of str: '0' for index 0), got %R",
+                         p);
+            return NULL;
+        }
+    }
+    FilterObject *self = (FilterObject *)tp->tp_alloc(tp, 0);
+    if (self != NULL) {
+        self->filters = Py_NewRef(args);
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *
+path_filter_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
+{
+    if ((kwds != NULL && PyDict_GET_SIZE(kwds) != 0) ||
+        PyTuple_GET_SIZE(args) != 1 ||
+        !PyCallable_Check(PyTuple_GET_ITEM(args, 0))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "PathFilter(fn) takes one callable fn(path, leaf) -> "
+                        "bool");
+        return NULL;
+    }
+    FilterObject *self = (FilterObject *)tp->tp_alloc(tp, 0);
+    if (self != NULL) {
+        self->filters = Py_NewRef(args);
+    }
+    return (PyObject *)self;
+}
+
+/* f(leaf), or f(path, leaf) to test a path filter */
+static PyObject *
 filter_call(FilterObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *leaf;
+    PyObject *leaf, *path = NULL;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
         PyErr_SetString(PyExc_TypeError,
                         "a filter takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_UnpackTuple(args, _PyType_Name(Py_TYPE(self)), 1, 1, &leaf)) {
+    if (!PyArg_UnpackTuple(args, _PyType_Name(Py_TYPE(self)), 1, 2, &leaf,
+                           &path)) {
         return NULL;
+    }
+    if (path != NULL) { /* (path, leaf) */
+        PyObject *t = leaf;
+        leaf = path;
+        path = t;
+        if (!PyTuple_Check(path)) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s(path, leaf): path must be a tuple of str, not "
+                         "%.200s",
+                         _PyType_Name(Py_TYPE(self)), Py_TYPE(path)->tp_name);
+            return NULL;
+        }
     }
     refx_state *st = refx_state_from_type(Py_TYPE(self));
     if (st == NULL) {
         return NULL;
     }
-    int r = refx_filter_match(st, (PyObject *)self, leaf);
+    int r = refx_filter_match_at(st, (PyObject *)self, path, leaf);
     if (r < 0) {
         return NULL;
     }
@@ -331,13 +463,28 @@ FILTER_SPEC(any, "Any", any_new,
             "Any(*filters)\n--\n\n"
             "Filter matching the leaves any of `filters` matches "
             "(Any() matches nothing).")
+FILTER_SPEC(path_contains, "PathContains", path_contains_new,
+            "PathContains(*parts)\n--\n\n"
+            "Filter matching the leaves whose path holds `parts` as a run of\n"
+            "consecutive elements: PathContains('enc') matches ('enc', 'w'),\n"
+            "PathContains('blocks', '0') matches ('blocks', '0', 'linear', "
+            "'w').\n"
+            "Evaluated in C; usable wherever a filter is.")
+FILTER_SPEC(path_filter, "PathFilter", path_filter_new,
+            "PathFilter(fn, /)\n--\n\n"
+            "Filter matching the leaves for which fn(path, leaf) is true;\n"
+            "`path` is the leaf's path, a tuple of str.")
 
 int
 refx_init_filter_types(PyObject *module, refx_state *st)
 {
     if (refx_add_type(module, &not_spec, NULL, &st->Not_Type, 1) < 0 ||
         refx_add_type(module, &all_spec, NULL, &st->All_Type, 1) < 0 ||
-        refx_add_type(module, &any_spec, NULL, &st->Any_Type, 1) < 0) {
+        refx_add_type(module, &any_spec, NULL, &st->Any_Type, 1) < 0 ||
+        refx_add_type(module, &path_contains_spec, NULL,
+                      &st->PathContains_Type, 1) < 0 ||
+        refx_add_type(module, &path_filter_spec, NULL, &st->PathFilter_Type,
+                      1) < 0) {
         return -1;
     }
     return 0;

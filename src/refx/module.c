@@ -126,7 +126,28 @@ debug_counters(PyObject *module, PyObject *Py_UNUSED(ignored))
         st->path_cache_paths);
 }
 
+PyDoc_STRVAR(
+    keypath_to_path__doc__,
+    "keypath_to_path($module, keypath, /)\n"
+    "--\n\n"
+    "The refx path (a tuple of str, as partitions are keyed and state_dict\n"
+    "names are joined) of a jax.tree_util key path: a sequence index i\n"
+    "becomes str(i), a dict key str(key), an attribute its name; a key\n"
+    "that is a tuple (a Partition's path) is spliced in.");
+
+static PyObject *
+keypath_to_path(PyObject *module, PyObject *keypath)
+{
+    refx_state *st = refx_get_state(module);
+    if (refx_require_jax(st, "keypath_to_path") < 0) {
+        return NULL;
+    }
+    return refx_path_from_keypath(st, keypath);
+}
+
 static PyMethodDef module_functions[] = {
+    {"keypath_to_path", (PyCFunction)keypath_to_path, METH_O,
+     keypath_to_path__doc__},
     {"_debug_counters", (PyCFunction)debug_counters, METH_NOARGS,
      "_debug_counters($module, /)\n--\n\nInternal counters, for tests."},
     {"_install_jax", (PyCFunction)(void (*)(void))install_jax,
@@ -149,6 +170,8 @@ static PyMethodDef module_functions[] = {
     X(Not_Type) \
     X(All_Type) \
     X(Any_Type) \
+    X(PathContains_Type) \
+    X(PathFilter_Type) \
     X(Pred_Type) \
     X(nothing) \
     X(flatten) \

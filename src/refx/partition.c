@@ -878,7 +878,8 @@ partition_impl(refx_state *st, const char *fname, PyObject *tree,
         PyObject *leaf = PyList_GET_ITEM(leaves, i);
         Py_ssize_t k = 0;
         for (; k < nfilters; k++) {
-            int m = refx_filter_match(st, filters[k], leaf);
+            int m = refx_filter_match_at(st, filters[k],
+                                         PyTuple_GET_ITEM(paths, i), leaf);
             if (m < 0) {
                 goto error;
             }

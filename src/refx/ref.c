@@ -133,8 +133,20 @@ refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                  PyObject *current_trace)
 {
     if (ref->trace != current_trace) {
-        PyErr_SetString(PyExc_ValueError,
-                        "Cannot mutate Ref from a different trace level");
+        /* the seed's words, then which Ref and what to do */
+        PyErr_Format(
+            PyExc_ValueError,
+            "Cannot mutate Ref from a different trace level: this %s "
+            "(collection %R) was created %s, and may only be written there. "
+            "Pass the tree holding it to the transform as an argument "
+            "(refx.jit, refx.grad and the other refx transforms do this), or "
+            "deref it outside and reref it inside",
+            _PyType_Name(Py_TYPE(ref)),
+            ref->collection != NULL ? ref->collection : Py_None,
+            PyWeakref_Check(ref->trace) && refx_weakref_is_dead(ref->trace)
+                ? "in a JAX trace that has finished"
+                : "in another JAX trace (outside the current transform, or "
+                  "inside a transform that has finished)");
         return -1;
     }
     return refx_check_value(st, value, ref->trace);
@@ -1527,8 +1539,22 @@ static PyGetSetDef deref_getset[] = {
     {NULL},
 };
 
+static int
+value_set_value(ValueObject *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    (void)value;
+    PyErr_SetString(
+        PyExc_AttributeError,
+        "a Value is a deref'ed Ref and cannot be written: reref the tree "
+        "(refx.reref) and set .value on the Ref, or write deref'ed values "
+        "back with refx.update_refs(target, source)");
+    return -1;
+}
+
 static PyGetSetDef value_getset[] = {
-    {"value", (getter)value_get_value, NULL, "The Ref's value.", NULL},
+    {"value", (getter)value_get_value, (setter)value_set_value,
+     "The Ref's value (read-only: a Value is a deref'ed Ref).", NULL},
     {NULL},
 };
 

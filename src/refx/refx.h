@@ -78,6 +78,8 @@ typedef struct {
     PyTypeObject *Not_Type;
     PyTypeObject *All_Type;
     PyTypeObject *Any_Type;
+    PyTypeObject *PathContains_Type;
+    PyTypeObject *PathFilter_Type;
     PyTypeObject *Pred_Type; /* leaf predicates handed to jaxlib */
     PyObject *nothing;       /* the NOTHING singleton */
 
@@ -166,6 +168,24 @@ refx_take_exception(void)
     Py_XDECREF(et);
     Py_XDECREF(etb);
     return ev;
+#endif
+}
+
+/* Is this weakref's referent gone?  (PyWeakref_GET_OBJECT is deprecated
+ * in 3.13, PyWeakref_GetRef new in it.) */
+static inline int
+refx_weakref_is_dead(PyObject *wr)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj;
+    if (PyWeakref_GetRef(wr, &obj) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_XDECREF(obj);
+    return obj == NULL;
+#else
+    return PyWeakref_GET_OBJECT(wr) == Py_None;
 #endif
 }
 
@@ -314,6 +334,9 @@ int refx_init_filter_types(PyObject *module, refx_state *st);
 int refx_filter_validate(refx_state *st, PyObject *filter, const char *fname,
                          Py_ssize_t pos);
 int refx_filter_match(refx_state *st, PyObject *filter, PyObject *leaf);
+/* the same, for the leaf at `path` (NULL: unknown; path filters raise) */
+int refx_filter_match_at(refx_state *st, PyObject *filter, PyObject *path,
+                         PyObject *leaf);
 
 /* partition.c */
 int refx_init_partition_types(PyObject *module, refx_state *st);
