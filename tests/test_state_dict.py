@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 import refx
 from oracle import keypath_to_path
-from refx._state import path_from_keypath
 
 
 def model():
@@ -423,8 +422,8 @@ def test_names_match_the_oracle_and_round_trip(tree, filter_):
 
 @settings(max_examples=200, deadline=None)
 @given(trees())
-def test_python_paths_agree_with_the_c_partition_keys(tree):
+def test_keypath_to_path_gives_the_partition_keys_and_agrees_with_the_oracle(tree):
     part = refx.get_partition(tree, ...)
     pairs, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, refx.Ref))
-    assert list(part) == [path_from_keypath(kp) for kp, _ in pairs]
-    assert [path_from_keypath(kp) for kp, _ in pairs] == [keypath_to_path(kp) for kp, _ in pairs]
+    assert list(part) == [refx.keypath_to_path(kp) for kp, _ in pairs]
+    assert [refx.keypath_to_path(kp) for kp, _ in pairs] == [keypath_to_path(kp) for kp, _ in pairs]

@@ -255,6 +255,13 @@ PROBES = {
 }
 
 
+def warm(op):
+    """Call op WARMUP times: what its first calls cache (the path cache
+    keeps a treedef, say) is not a leak."""
+    for _ in range(WARMUP):
+        op()
+
+
 def measure(op, n=N):
     """(pymalloc blocks, tracemalloc bytes) per call over n calls."""
     for _ in range(WARMUP):
@@ -301,6 +308,7 @@ def main(n: int = N) -> int:
     for name, op in OPS.items():
         if name == "deep tree" and hasattr(sys, "gettotalrefcount"):
             continue  # jaxlib aborts debug interpreters on too-deep trees
+        warm(op)  # caches filled by the first calls are not drift
         before = probe_refcounts()
         objs = len(gc.get_objects())
         dblocks, dmem = measure(op, n)

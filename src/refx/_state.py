@@ -61,6 +61,7 @@ from ._core import (  # type: ignore[import-not-found]
     Ref,
     Value,
     deref,
+    keypath_to_path,
     get_partition,
     update_refs,
 )
@@ -75,38 +76,8 @@ _SCALAR_KINDS = {bool: "b", int: "iu", float: "f", complex: "c"}
 # paths and names
 # ---------------------------------------------------------------------------
 
-_SequenceKey = jax.tree_util.SequenceKey
-_DictKey = jax.tree_util.DictKey
-_GetAttrKey = jax.tree_util.GetAttrKey
-_FlattenedIndexKey = jax.tree_util.FlattenedIndexKey
-
-
-def path_from_keypath(keypath: tuple[Any, ...]) -> tuple[str, ...]:
-    """A jax.tree_util key path as a refx path (a tuple of str).
-
-    The same rules as the C core's ``refx_path_from_keypath`` (module.c),
-    which partitions use: a sequence index becomes ``str(idx)``, a dict key
-    ``str(key)`` (a tuple key, a Partition's path, is spliced in part by
-    part), an attribute its name, a flattened index ``str(key)``, any other
-    key ``str(key)``.  (To be replaced by the C function once it is public.)
-    """
-    parts: list[str] = []
-    for k in keypath:
-        if isinstance(k, _SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, _DictKey):
-            if isinstance(k.key, tuple):
-                parts.extend(str(p) for p in k.key)
-            else:
-                parts.append(str(k.key))
-        elif isinstance(k, _GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, _FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return tuple(parts)
-
+# A jax key path becomes a refx path by the C core's own rule
+# (refx.keypath_to_path), the one partitions are keyed by.
 
 def _join(path: tuple[str, ...]) -> str:
     return "/".join(path)
@@ -233,7 +204,7 @@ def _layout(fname: str, tree: Any, filter: Any, *, writable: bool) -> _Layout:
         base = _join(path)
         names: list[str] = []
         for keypath, x in leaves_with_paths:
-            sub = _join(path_from_keypath(keypath))
+            sub = _join(keypath_to_path(keypath))
             name = f"{base}/{sub}" if base and sub else base or sub
             at = f"{path!r}" + (f" (at {sub!r} in its value)" if sub else "")
             if isinstance(x, Ref):
