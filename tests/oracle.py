@@ -223,18 +223,21 @@ def make_oracle(Ref, Value, Index, NOTHING, Partition=dict) -> types.SimpleNames
         return first
 
     def merge_partitions(partitions, treedef):
-        first = partitions[0]
-        for p in partitions[1:]:
-            if set(p) != set(first):
-                raise ValueError("merge_partitions: partitions differ in paths")
+        # by path, always: the treedef's own paths (its tree rebuilt with
+        # placeholder leaves), looked up in every partition
+        marks = list(range(treedef.num_leaves))
+        pairs, _ = tu.tree_flatten_with_path(treedef.unflatten(marks))
         leaves = []
-        for path in first:
+        for kp, _ in pairs:
+            path = keypath_to_path(kp)
+            if any(path not in p for p in partitions):
+                raise ValueError(f"merge_partitions: path {path} is not in every partition")
             values = [p[path] for p in partitions if p[path] is not NOTHING]
             if len(values) != 1:
                 raise ValueError(f"merge_partitions: {len(values)} values at {path}")
             leaves.append(values[0])
-        if treedef.num_leaves != len(leaves):
-            raise ValueError("merge_partitions: treedef does not match")
+        if any(len(p) != len(leaves) for p in partitions):
+            raise ValueError("merge_partitions: partitions have other paths")
         return treedef.unflatten(leaves)
 
     def update_refs(target, source):
@@ -245,10 +248,10 @@ def make_oracle(Ref, Value, Index, NOTHING, Partition=dict) -> types.SimpleNames
                 raise ValueError("update_refs: paths differ")
             pairs = [(target[p], source[p]) for p in target]
         else:
-            tl = tu.tree_leaves(target, is_leaf=is_refx_leaf)
-            sl = tu.tree_leaves(source, is_leaf=is_refx_leaf)
-            if len(tl) != len(sl):
-                raise ValueError("update_refs: leaf counts differ")
+            # the source must have the target's structure (anything at a
+            # Ref's place): flattened up to the target's treedef
+            tl, ttd = tu.tree_flatten(target, is_leaf=is_refx_leaf)
+            sl = ttd.flatten_up_to(source)
             pairs = list(zip(tl, sl, strict=True))
         plan: dict[int, tuple[Any, Any]] = {}
         by_index: dict[int, Any] = {}
