@@ -9,7 +9,7 @@ import os
 
 from setuptools import Extension, setup
 
-SOURCES = ["module.c", "ref.c", "deref.c", "partition.c", "update.c"]
+SOURCES = ["module.c", "ref.c", "deref.c", "partition.c", "update.c", "jit.c"]
 
 compile_args = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
 link_args: list[str] = []

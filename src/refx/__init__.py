@@ -31,6 +31,10 @@ from ._core import (
     update_refs,
 )
 
+# transforms: jit/jit_partial (per-call path in C), grad, Dag, Static
+from ._core import JitFunction, Static
+from ._transforms import Dag, grad, jit, jit_partial, value_and_grad
+
 __version__ = "0.1.0"
 
 #: What tree_partition, get_partition, Not, All and Any accept as a filter
@@ -56,4 +60,12 @@ __all__ = [
     "reref",
     "tree_partition",
     "update_refs",
+    # transforms
+    "Dag",
+    "JitFunction",
+    "Static",
+    "grad",
+    "jit",
+    "jit_partial",
+    "value_and_grad",
 ]

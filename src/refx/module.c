@@ -698,7 +698,11 @@ static PyMethodDef module_functions[] = {
     X(str_num_leaves) \
     X(str_idx) \
     X(str_key) \
-    X(str_name)
+    X(str_name) \
+    X(Static_Type) \
+    X(Jit_Type) \
+    X(jit_builder) \
+    X(jit_array_type)
 /* clang-format on */
 
 static int
@@ -765,6 +769,9 @@ module_exec(PyObject *module)
         add_functions(module, refx_deref_functions) < 0 ||
         add_functions(module, refx_partition_functions) < 0 ||
         add_functions(module, refx_update_functions) < 0) {
+        return -1;
+    }
+    if (refx_init_jit(module, st) < 0) { /* jit.c */
         return -1;
     }
     st->Pred_Type =

@@ -109,6 +109,12 @@ typedef struct {
     PyObject *str_idx;
     PyObject *str_key;
     PyObject *str_name;
+
+    /* refx.jit (jit.c) */
+    PyTypeObject *Static_Type;
+    PyTypeObject *Jit_Type;
+    PyObject *jit_builder;    /* _transforms.build_jit_entry (NULL before) */
+    PyObject *jit_array_type; /* jax's Array type: the only donated values */
 } refx_state;
 
 extern PyModuleDef refx_module;
@@ -220,6 +226,9 @@ extern PyMethodDef refx_partition_functions[];
 
 /* update.c */
 extern PyMethodDef refx_update_functions[];
+
+/* jit.c: refx.jit's per-call path, Static */
+int refx_init_jit(PyObject *module, refx_state *st);
 
 /* ------------------------------------------------------------------ */
 /* a pointer-keyed hash map for per-call identity tables                 */
