@@ -144,7 +144,7 @@ def _donation_candidates(jf, treedef, has_kwargs, statics, pattern, kwnames):
     nb = len(bound)
     static_pos = {s[0] for s in statics or () if isinstance(s[0], int)}
     args_td, kwargs_td = treedef.children() if has_kwargs else (treedef, None)
-    ndyn = args_td.num_children
+    ndyn = len(args_td.children())
     total = nb + ndyn + len(static_pos)
     donated = {d + total if d < 0 else d for d in dnums}
     cand: set[int] = set()
@@ -347,9 +347,42 @@ def jit_partial(fun, /, *bound_args, static_argnums=(), static_argnames=(), dona
 # --------------------------------------------------------------------------
 
 
-def _path_of(tree, leaf_index):
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return jax.tree_util.keystr(leaves[leaf_index][0])
+def _key_str(k) -> str:
+    for field in ("idx", "key", "name"):
+        if hasattr(k, field):
+            return str(getattr(k, field))
+    return str(k)
+
+
+def _describe_leaf(tree, leaf_index, *, has_kwargs=True, bound=False, nbound=0, static_pos=()):
+    """'argument 0 at ('enc', 'w')' for leaf `leaf_index` of the flattened
+    (args, kwargs) tree (or args tuple, or bound tuple); for error messages."""
+    keys = list(jax.tree_util.tree_flatten_with_path(tree)[0][leaf_index][0])
+    if bound:
+        where = f"bound argument {_key_str(keys[0])}"
+    else:
+        if has_kwargs:
+            top, keys = int(_key_str(keys[0])), keys[1:]
+            if top == 1:
+                where = f"keyword argument {_key_str(keys[0])!r}"
+                keys = keys[1:]
+                return where + (f" at {tuple(_key_str(k) for k in keys)}" if keys else "")
+        i = int(_key_str(keys[0]))
+        positions = [g for g in range(nbound, nbound + i + 1 + len(static_pos))
+                     if g not in static_pos]
+        where = f"argument {positions[i]}"
+    keys = keys[1:]
+    return where + (f" at {tuple(_key_str(k) for k in keys)}" if keys else "")
+
+
+def _describe_jit_leaf(jf, tree, has_kwargs, statics, leaf_index, bound):
+    """jit.c's error path: where Ref leaf `leaf_index` sits."""
+    if bound:
+        return _describe_leaf(jf._bound, leaf_index, bound=True)
+    nb = len(jf._bound or ())
+    static_pos = {s[0] for s in statics or () if isinstance(s[0], int)}
+    return _describe_leaf(tree, leaf_index, has_kwargs=has_kwargs, nbound=nb,
+                          static_pos=static_pos)
 
 
 def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
@@ -397,7 +430,7 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
                 loss, aux = out, None
             for k in diff:
                 if new[k].value is not cur[k]:
-                    where = _path_of(tree, pattern.index(k))
+                    where = _describe_leaf(tree, pattern.index(k))
                     raise ValueError(
                         f"refx.{kind}({name}): fun wrote the Ref at {where} (collection "
                         f"{colls[k]!r}), which is being differentiated (wrt={wrt!r}); a "
@@ -417,7 +450,7 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
         except ValueError as e:
             if len(e.args) == 2 and isinstance(e.args[1], int):
                 k = written[e.args[1]]
-                where = _path_of(tree, pattern.index(k))
+                where = _describe_leaf(tree, pattern.index(k))
                 raise ValueError(f"{e.args[0]}: refx.{kind}({name}) wrote the Ref at {where}, "
                                  "which belongs to another JAX trace than the call's; nothing "
                                  "was written") from None
@@ -525,4 +558,5 @@ def _array_type():
     return ArrayImpl
 
 
-_core._install_jit(builder=_build_jit_entry, array_type=_array_type())
+_core._install_jit(builder=_build_jit_entry, describe=_describe_jit_leaf,
+                   array_type=_array_type())

@@ -689,36 +689,42 @@ done:
     return desc;
 }
 
-/* repr of the path of Ref k among the arguments (never fails) */
+/* Where Ref k sits among the arguments, e.g. "argument 0 at ('w',)"
+ * (never fails: the message it goes into is the error that matters) */
 static PyObject *
 ref_path(call_ctx *c, Py_ssize_t k)
 {
     refx_state *st = c->st;
+    PyObject *res = NULL, *tree = c->tree, *bound = Py_False;
+    Py_ssize_t leaf = -1;
     if (k < c->nbound) {
         PyObject *pat = PyTuple_GET_ITEM(c->jf->bound_desc, 1);
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pat); i++) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pat) && leaf < 0; i++) {
             if (PyLong_AsSsize_t(PyTuple_GET_ITEM(pat, i)) == k) {
-                PyObject *p = refx_leaf_path_repr(st, c->jf->bound, NULL, i);
-                PyObject *r = PyUnicode_FromFormat("%U of the bound arguments", p);
-                Py_XDECREF(p);
-                return r;
+                leaf = i;
             }
         }
+        tree = c->jf->bound;
+        bound = Py_True;
     }
     else {
-        for (Py_ssize_t i = 0; i < c->nleaves; i++) {
+        for (Py_ssize_t i = 0; i < c->nleaves && leaf < 0; i++) {
             if (c->pattern[i] == k) {
-                PyObject *p = refx_leaf_path_repr(st, c->tree, NULL, i);
-                PyObject *r = PyUnicode_FromFormat(
-                    "%U of the %s", p,
-                    c->dyn_kwargs != NULL ? "(args, kwargs)" : "arguments");
-                Py_XDECREF(p);
-                return r;
+                leaf = i;
             }
         }
     }
-    PyErr_Clear();
-    return PyUnicode_FromFormat("Ref %zd", k);
+    if (leaf >= 0 && st->jit_describe != NULL) {
+        res = PyObject_CallFunction(
+            st->jit_describe, "OOOOnO", (PyObject *)c->jf, tree,
+            c->dyn_kwargs != NULL ? Py_True : Py_False,
+            c->statics != NULL ? c->statics : Py_None, leaf, bound);
+    }
+    if (res == NULL) {
+        PyErr_Clear();
+        res = PyUnicode_FromFormat("Ref %zd", k);
+    }
+    return res;
 }
 
 /* ValueError for a write of Ref k that its trace forbids.  Keeps the
@@ -736,7 +742,7 @@ fail_write(call_ctx *c, Py_ssize_t k, const char *what)
     PyObject *path = ref_path(c, k);
     if (path != NULL) {
         PyErr_Format(PyExc_ValueError,
-                     "%S: %s(%U) %s the Ref at %U, which belongs to another "
+                     "%S: %s(%U) %s the Ref of %U, which belongs to another "
                      "JAX trace than the call's; nothing was written",
                      ev, jit_kind(c->jf), c->jf->name, what, path);
         Py_DECREF(path);
@@ -1669,14 +1675,15 @@ done:
 static PyObject *
 install_jit(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"builder", "array_type", NULL};
-    PyObject *builder, *array_type;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OO:_install_jit", kwlist,
-                                     &builder, &array_type)) {
+    static char *kwlist[] = {"builder", "describe", "array_type", NULL};
+    PyObject *builder, *describe, *array_type;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO:_install_jit", kwlist,
+                                     &builder, &describe, &array_type)) {
         return NULL;
     }
     refx_state *st = refx_get_state(module);
     Py_XSETREF(st->jit_builder, Py_NewRef(builder));
+    Py_XSETREF(st->jit_describe, Py_NewRef(describe));
     Py_XSETREF(st->jit_array_type, Py_NewRef(array_type));
     Py_RETURN_NONE;
 }
@@ -1699,7 +1706,7 @@ PyMethodDef refx_jit_functions[] = {
      "Check every write, then write all (all or nothing)."},
     {"_install_jit", (PyCFunction)(void (*)(void))install_jit,
      METH_VARARGS | METH_KEYWORDS,
-     "_install_jit($module, /, *, builder, array_type)\n--\n\n"
+     "_install_jit($module, /, *, builder, describe, array_type)\n--\n\n"
      "Link refx.jit's per-call path to its trace-time builder; not public."},
     {NULL, NULL, 0, NULL},
 };

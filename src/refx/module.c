@@ -702,7 +702,8 @@ static PyMethodDef module_functions[] = {
     X(Static_Type) \
     X(Jit_Type) \
     X(jit_builder) \
-    X(jit_array_type)
+    X(jit_array_type) \
+    X(jit_describe)
 /* clang-format on */
 
 static int

@@ -115,6 +115,7 @@ typedef struct {
     PyTypeObject *Jit_Type;
     PyObject *jit_builder;    /* _transforms.build_jit_entry (NULL before) */
     PyObject *jit_array_type; /* jax's Array type: the only donated values */
+    PyObject *jit_describe;   /* _transforms: where a Ref sits, for errors */
 } refx_state;
 
 extern PyModuleDef refx_module;
