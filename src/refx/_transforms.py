@@ -432,7 +432,7 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
                 if new[k].value is not cur[k]:
                     where = _describe_leaf(tree, pattern.index(k))
                     raise ValueError(
-                        f"refx.{kind}({name}): fun wrote the Ref at {where} (collection "
+                        f"refx.{kind}({name}): fun wrote the Ref of {where} (collection "
                         f"{colls[k]!r}), which is being differentiated (wrt={wrt!r}); a "
                         "differentiated Ref may be read, not written, inside fun")
             written = _written(new, cur, diffset)
@@ -451,7 +451,7 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
             if len(e.args) == 2 and isinstance(e.args[1], int):
                 k = written[e.args[1]]
                 where = _describe_leaf(tree, pattern.index(k))
-                raise ValueError(f"{e.args[0]}: refx.{kind}({name}) wrote the Ref at {where}, "
+                raise ValueError(f"{e.args[0]}: refx.{kind}({name}) wrote the Ref of {where}, "
                                  "which belongs to another JAX trace than the call's; nothing "
                                  "was written") from None
             raise
