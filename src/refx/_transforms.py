@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Generic, TypeVar
 
 import jax
 
@@ -499,7 +500,10 @@ def grad(fun, argnums=0, *, wrt="params", has_aux=False):
 # --------------------------------------------------------------------------
 
 
-class Dag:
+_T = TypeVar("_T")
+
+
+class Dag(Generic[_T]):
     """A pytree node around a tree of Refs: flattening derefs it,
     unflattening rerefs it (lazily, on the first `.tree`).
 

@@ -266,6 +266,8 @@ static PyGetSetDef static_getset[] = {
 
 static PyMethodDef static_methods[] = {
     {"__reduce__", (PyCFunction)static_reduce, METH_NOARGS, NULL},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "See PEP 585."},
     {NULL},
 };
 
@@ -1499,10 +1501,17 @@ static PyMethodDef jit_methods[] = {
      "Number of compiled traces over all cache entries."},
     {"_clear_cache", (PyCFunction)jit_clear_cache, METH_NOARGS,
      "_clear_cache($self, /)\n--\n\nForget every cache entry."},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "See PEP 585."},
     {NULL},
 };
 
-PyDoc_STRVAR(jit_doc, "A function compiled by refx.jit or refx.jit_partial.");
+PyDoc_STRVAR(
+    jit_doc,
+    "JitFunction(fun, *, static_argnums, static_argnames, donate_argnums,\n"
+    "            donate_argnames, options, bound=None)\n"
+    "--\n\n"
+    "A function compiled by refx.jit or refx.jit_partial (make it with those).");
 
 static PyType_Slot jit_slots[] = {
     {Py_tp_doc, (void *)jit_doc},
