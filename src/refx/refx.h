@@ -1,7 +1,7 @@
 /*
  * refx.h: the private header shared by the C files of refx._core.
  *
- * refx is a reference system for JAX pytrees.  The C core owns five
+ * refx is a reference system for JAX pytrees.  The C core owns six
  * things, one file each:
  *
  *   module.c     module state, the JAX hooks installed by refx._compat,
@@ -14,6 +14,9 @@
  *                shorthands), tree_partition, get_partition and
  *                merge_partitions.
  *   update.c     update_refs: validate everything, then write everything.
+ *   jit.c        the per-call path of refx.jit / refx.jit_partial (the
+ *                JitFunction type) and Static; their trace-time side is
+ *                refx/_transforms.py.
  *
  * All state lives in `refx_state` (PEP 489 multi-phase init, heap types).
  * JAX is not imported from C: refx/_compat.py imports it, picks the calls
