@@ -41,7 +41,11 @@ import optax
 from flax import nnx
 
 import refx
-from common import SIZE_HEADER, SMOKE, bench, check, fmt_time, print_table, save, size_str, tree_stats
+import gc
+import statistics
+import time
+
+from common import SIZE_HEADER, SMOKE, check, fmt_time, print_table, save, size_str, tree_stats
 
 WIDTH, BATCH, MOMENTUM, EPS, LR = 32, 64, 0.99, 1e-5, 1e-3
 DEPTHS = [5] if SMOKE else [5, 100]
@@ -322,6 +326,36 @@ def eqx_variant(params, stats):
 # ------------------------------------------------------------------ main
 
 
+def bench(fns, rounds, budget):
+    """common.bench's method (interleaved rotated rounds, a gc.collect()
+    before each batch, medians), timing each batch with two clocks: wall
+    time, and this process's CPU time (all its threads, XLA's included).
+    The machine is shared: when other jobs load it, wall-time medians of
+    millisecond calls swing by 2x while CPU time stays put, so both are kept
+    and the goals are judged on both."""
+    numbers = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        numbers[name] = max(1, int(budget / max(time.perf_counter() - t0, 1e-7)))
+    names = list(fns)
+    wall: dict = {n: [] for n in fns}
+    cpu: dict = {n: [] for n in fns}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], numbers[name]
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                fn()
+            wall[name].append((time.perf_counter() - t0) / n)
+            cpu[name].append((time.process_time() - c0) / n)
+    return ({n: statistics.median(v) for n, v in wall.items()},
+            {n: statistics.median(v) for n, v in cpu.items()})
+
+
+
 def agree(variants, x, y):
     """Three SGD steps each from the same arrays: same weights, batch
     statistics, counter and eval logits as bare jax.jit."""
@@ -365,7 +399,7 @@ def main() -> None:
         }
         sizes = tree_stats(rmodel)
         agree(variants, x, y)
-        timings = {}
+        timings, cpu_timings = {}, {}
         for kind in STEPS:
             if kind == "SGD step":
                 fns = {n: (lambda f=v[0]: jax.block_until_ready(f(x, y))) for n, v in variants.items()}
@@ -373,18 +407,22 @@ def main() -> None:
                 fns = {n: (lambda f=v[1]: jax.block_until_ready(f(x))) for n, v in variants.items()}
             else:
                 fns = {n: (lambda f=v[2]: jax.block_until_ready(f())) for n, v in variants.items()}
-            t = bench(fns, rounds=5 if SMOKE else 21, budget=0.01 if SMOKE else 0.2)
-            timings[kind] = t
+            t, c = bench(fns, rounds=5 if SMOKE else 21, budget=0.01 if SMOKE else 0.2)
+            timings[kind], cpu_timings[kind] = t, c
             for name in variants:
                 rows.append([str(depth), size_str(sizes), kind, name, fmt_time(t[name]),
                              "-" if name == BARE else f"{t[name] / t[BARE]:.2f}x",
-                             f"{t[name] / t['refx.jit']:.2f}x"])
-        data["depths"].append({"depth": depth, "width": WIDTH, **sizes, "seconds": timings})
+                             f"{t[name] / t['refx.jit']:.2f}x", fmt_time(c[name]),
+                             "-" if name == BARE else f"{c[name] / c[BARE]:.2f}x",
+                             f"{c[name] / c['refx.jit']:.2f}x"])
+        data["depths"].append({"depth": depth, "width": WIDTH, **sizes, "seconds": timings,
+                               "cpu_seconds": cpu_timings})
     table = print_table(
         "5. time per training step (MLP of Linear+BatchNorm, width 32; goals: refx.jit <= 1.05x "
-        "and refx.jit_partial <= 1.00x bare jax.jit on SGD/eval, nnx.jit >= 3x refx.jit)",
-        ["depth", f"refx model: {SIZE_HEADER}", "step", "variant", "per step", "/ bare jax.jit",
-         "/ refx.jit"], rows)
+        "and refx.jit_partial <= 1.00x bare jax.jit on SGD/eval, nnx.jit >= 3x refx.jit; wall "
+        "time and CPU time, medians)",
+        ["depth", f"refx model: {SIZE_HEADER}", "step", "variant", "wall", "/ bare", "/ refx.jit",
+         "CPU", "/ bare", "/ refx.jit"], rows)
     save("step", data, table)
 
 
