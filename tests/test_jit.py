@@ -654,3 +654,75 @@ def test_jit_partial_static_and_donation():
     np.testing.assert_array_equal(m["w"].value, [4.0, 4.0])
     with pytest.raises(ValueError, match="bound argument"):
         refx.jit_partial(f, m, static_argnums=0)
+
+
+# ------------------------------------------------------------ hostile input
+
+
+def test_leaves_jax_cannot_trace_are_named():
+    f = refx.jit(lambda m, x: x)
+    with pytest.raises(TypeError, match=r"refx.jit\(.*lambda.*\): argument 1 at \('name',\) is a "
+                       r"str, which JAX cannot trace; pass it as a static argument"):
+        f({"r": refx.Ref(jnp.ones(2))}, {"name": "relu"})
+    with pytest.raises(TypeError, match=r"the Ref of argument 0 at \('r',\) holds a str"):
+        f({"r": refx.Ref("relu")}, 1.0)
+    g = refx.jit_partial(lambda m, x: x, {"r": refx.Ref(object())})
+    with pytest.raises(TypeError, match=r"refx.jit_partial\(.*\): the Ref of bound argument 0 at "
+                       r"\('r',\) holds a object"):
+        g(1.0)
+
+
+def test_a_raising_custom_node_propagates_and_writes_nothing():
+    class Boom(Exception):
+        pass
+
+    class Node:
+        def __init__(self, r, fail):
+            self.r, self.fail = r, fail
+
+    def flatten(n):
+        if n.fail:
+            raise Boom("flatten")
+        return (n.r,), None
+
+    jax.tree_util.register_pytree_node(Node, flatten, lambda _, c: Node(c[0], False))
+    r = refx.Ref(jnp.ones(()))
+    v0 = r.value
+
+    @refx.jit
+    def f(n):
+        n.r.value = n.r.value + 1
+
+    with pytest.raises(Boom, match="flatten"):
+        f(Node(r, True))
+    assert r.value is v0
+    f(Node(r, False))
+    assert float(r.value) == 2.0
+
+
+def test_threads_on_a_cold_cache():
+    errors, results = [], [None] * 8
+    barrier = threading.Barrier(8)
+
+    @refx.jit
+    def f(r, x):
+        r.value = r.value + x
+        return r.value * 2
+
+    refs = [refx.Ref(jnp.array(float(i))) for i in range(8)]
+
+    def work(i):
+        try:
+            barrier.wait()
+            results[i] = float(f(refs[i], jnp.array(1.0)))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results == [2.0 * (i + 1) for i in range(8)]
+    assert [float(r.value) for r in refs] == [i + 1.0 for i in range(8)]

@@ -22,6 +22,7 @@ import inspect
 from typing import Generic, TypeVar
 
 import jax
+import numpy as np
 
 from . import _core
 from ._core import Deref, JitFunction, Ref, Static, deref, get_partition, reref
@@ -169,9 +170,49 @@ def _donation_candidates(jf, treedef, has_kwargs, statics, pattern, kwnames):
     return tuple(sorted(cand)) or None
 
 
+def _traceable(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex)) or hasattr(
+        x, "__jax_array__")
+
+
+def _check_leaves(jf, desc, kind):
+    """A leaf jax cannot trace (a str, an object) is a TypeError naming where
+    it sits; jax's own error would name a position in refx's flat lists."""
+    treedef, has_kwargs, statics, pattern, colls, types, kwnames, vals, others = desc
+    name = _name(jf._fun)
+    nbo = len(jf._bound_desc[1]) - sum(p >= 0 for p in jf._bound_desc[1]) if jf._bound else 0
+    for k, v in enumerate(vals):
+        for leaf in _tree_flatten(v)[0]:
+            if not _traceable(leaf):
+                if k < len(jf._bound_refs or ()):
+                    where = _describe_leaf(jf._bound, jf._bound_desc[1].index(k), bound=True)
+                else:
+                    where = _where(jf, treedef, has_kwargs, statics, pattern.index(k))
+                raise TypeError(f"{kind}({name}): the Ref of {where} holds a "
+                                f"{type(leaf).__name__}, which JAX cannot trace; keep arrays in "
+                                "Refs, or pass other values as static arguments or in refx.Static")
+    call_others = [i for i, p in enumerate(pattern) if p < 0]
+    for j, leaf in enumerate(others[nbo:]):
+        if not _traceable(leaf):
+            where = _where(jf, treedef, has_kwargs, statics, call_others[j])
+            raise TypeError(f"{kind}({name}): {where} is a {type(leaf).__name__}, which JAX "
+                            "cannot trace; pass it as a static argument (static_argnums/"
+                            "static_argnames) or wrap it in refx.Static")
+
+
+def _where(jf, treedef, has_kwargs, statics, leaf_index):
+    """Describe a call leaf from the treedef alone (the tree is not kept)."""
+    try:
+        tree = treedef.unflatten([object() for _ in range(treedef.num_leaves)])
+        return _describe_jit_leaf(jf, tree, has_kwargs, statics, leaf_index, False)
+    except Exception:  # noqa: BLE001 - a custom node that rejects placeholders
+        return f"argument leaf {leaf_index}"
+
+
 def _build_jit_entry(jf, desc):
     """Make the (jitted, donation candidates) entry for one cache key."""
     treedef, has_kwargs, statics, pattern, colls, types, kwnames, _vals, _others = desc
+    _check_leaves(jf, desc, "refx.jit_partial" if jf._bound is not None else "refx.jit")
     fun = jf._fun
     name = _name(fun)
     bound = jf._bound
