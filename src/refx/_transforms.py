@@ -155,8 +155,7 @@ def _donation_candidates(jf, treedef, has_kwargs, statics, pattern, kwnames):
         for g, (a, b) in enumerate(_child_leaf_ranges(btd)):
             if g in donated:
                 cand.update(p for p in bpattern[a:b] if p >= 0)
-    offset_td = args_td
-    ranges = _child_leaf_ranges(offset_td)
+    ranges = _child_leaf_ranges(args_td)
     dyn_positions = [g for g in range(nb, total) if g not in static_pos]
     for i, (a, b) in enumerate(ranges):
         if dyn_positions[i] in donated:

@@ -172,7 +172,8 @@ static_richcompare(PyObject *a, PyObject *b, int op)
     if ((op != Py_EQ && op != Py_NE) || Py_TYPE(a) != Py_TYPE(b)) {
         Py_RETURN_NOTIMPLEMENTED;
     }
-    PyObject *va = ((StaticObject *)a)->value, *vb = ((StaticObject *)b)->value;
+    PyObject *va = ((StaticObject *)a)->value,
+             *vb = ((StaticObject *)b)->value;
     int eq = 0;
     if (va != NULL && vb != NULL && Py_TYPE(va) == Py_TYPE(vb)) {
         Py_INCREF(va);
@@ -233,8 +234,8 @@ static_flatten(PyObject *module, PyObject *s)
     StaticObject *self = (StaticObject *)s;
     if (self->flat == NULL) {
         PyObject *value = self->value != NULL ? self->value : Py_None;
-        self->flat = Py_BuildValue("(()(OO))", (PyObject *)Py_TYPE(value),
-                                   value);
+        self->flat =
+            Py_BuildValue("(()(OO))", (PyObject *)Py_TYPE(value), value);
         if (self->flat == NULL) {
             return NULL;
         }
@@ -438,7 +439,8 @@ split_args(call_ctx *c, PyObject *const *args, Py_ssize_t nargs,
 {
     JitObject *jf = c->jf;
     Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
-    Py_ssize_t nbound_args = jf->bound != NULL ? PyTuple_GET_SIZE(jf->bound) : 0;
+    Py_ssize_t nbound_args =
+        jf->bound != NULL ? PyTuple_GET_SIZE(jf->bound) : 0;
     Py_ssize_t total = nbound_args + nargs;
     int any_static = PyTuple_GET_SIZE(jf->static_nums) > 0 ||
                      (nkw > 0 && PyTuple_GET_SIZE(jf->static_names) > 0);
@@ -528,8 +530,8 @@ snapshot(call_ctx *c)
     refx_state *st = c->st;
     JitObject *jf = c->jf;
     Py_ssize_t n = PyList_GET_SIZE(c->leaves);
-    Py_ssize_t nb = jf->bound_refs != NULL ? PyTuple_GET_SIZE(jf->bound_refs)
-                                           : 0;
+    Py_ssize_t nb =
+        jf->bound_refs != NULL ? PyTuple_GET_SIZE(jf->bound_refs) : 0;
     Py_ssize_t cap = nb + n;
     c->nleaves = n;
     c->nbound = nb;
@@ -595,9 +597,9 @@ make_key(call_ctx *c)
     Py_INCREF(Py_None);
     Py_INCREF(Py_None);
     if (c->nothers < c->nleaves) { /* some leaf is a Ref */
-        Py_SETREF(pattern,
-                  PyBytes_FromStringAndSize((const char *)c->pattern,
-                                            c->nleaves * (Py_ssize_t)sizeof(int32_t)));
+        Py_SETREF(pattern, PyBytes_FromStringAndSize(
+                               (const char *)c->pattern,
+                               c->nleaves * (Py_ssize_t)sizeof(int32_t)));
         if (pattern == NULL) {
             goto done;
         }
@@ -623,9 +625,9 @@ make_key(call_ctx *c)
             }
         }
     }
-    key = PyTuple_Pack(6, c->treedef, c->dyn_kwargs != NULL ? Py_True : Py_False,
-                       c->statics != NULL ? c->statics : Py_None, pattern,
-                       colls, types);
+    key = PyTuple_Pack(
+        6, c->treedef, c->dyn_kwargs != NULL ? Py_True : Py_False,
+        c->statics != NULL ? c->statics : Py_None, pattern, colls, types);
 done:
     Py_XDECREF(pattern);
     Py_XDECREF(colls);
@@ -677,10 +679,10 @@ make_desc(call_ctx *c)
             goto done;
         }
     }
-    desc = PyTuple_Pack(9, c->treedef,
-                        c->dyn_kwargs != NULL ? Py_True : Py_False,
-                        c->statics != NULL ? c->statics : Py_None, pattern,
-                        colls, types, names, vals, others);
+    desc =
+        PyTuple_Pack(9, c->treedef, c->dyn_kwargs != NULL ? Py_True : Py_False,
+                     c->statics != NULL ? c->statics : Py_None, pattern, colls,
+                     types, names, vals, others);
 done:
     Py_XDECREF(pattern);
     Py_XDECREF(colls);
@@ -768,13 +770,15 @@ build_call(call_ctx *c, PyObject *cand)
 {
     refx_state *st = c->st;
     JitObject *jf = c->jf;
-    Py_ssize_t nbo = jf->bound_others != NULL ? PyTuple_GET_SIZE(jf->bound_others) : 0;
+    Py_ssize_t nbo =
+        jf->bound_others != NULL ? PyTuple_GET_SIZE(jf->bound_others) : 0;
     PyObject *others = PyList_New(nbo + c->nothers);
     if (others == NULL) {
         return -1;
     }
     for (Py_ssize_t i = 0; i < nbo; i++) {
-        PyList_SET_ITEM(others, i, Py_NewRef(PyTuple_GET_ITEM(jf->bound_others, i)));
+        PyList_SET_ITEM(others, i,
+                        Py_NewRef(PyTuple_GET_ITEM(jf->bound_others, i)));
     }
     for (Py_ssize_t i = 0; i < c->nothers; i++) {
         PyList_SET_ITEM(others, nbo + i, Py_NewRef(c->others[i]));
@@ -985,7 +989,8 @@ jit_finish(call_ctx *c, PyObject *res)
     PyObject *payload = PyTuple_GET_ITEM(res, 2);
     if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 3 ||
         !PyTuple_CheckExact(PyTuple_GET_ITEM(plan, 0)) ||
-        PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 0)) != PyList_GET_SIZE(wvals)) {
+        PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 0)) !=
+            PyList_GET_SIZE(wvals)) {
         REFX_BUG("malformed jit plan");
         return NULL;
     }
@@ -1223,7 +1228,8 @@ check_int_tuple(PyObject *t, const char *what)
             PyErr_Format(PyExc_TypeError, "%s must be a tuple of int", what);
             return -1;
         }
-        if (PyLong_AsSsize_t(PyTuple_GET_ITEM(t, i)) == -1 && PyErr_Occurred()) {
+        if (PyLong_AsSsize_t(PyTuple_GET_ITEM(t, i)) == -1 &&
+            PyErr_Occurred()) {
             return -1;
         }
     }
@@ -1316,10 +1322,16 @@ done:
 static PyObject *
 jit_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fun",          "static_argnums", "static_argnames",
-                             "donate_argnums", "donate_argnames", "options",
-                             "bound",        NULL};
-    PyObject *fun, *snums = NULL, *snames = NULL, *dnums = NULL, *dnames = NULL;
+    static char *kwlist[] = {"fun",
+                             "static_argnums",
+                             "static_argnames",
+                             "donate_argnums",
+                             "donate_argnames",
+                             "options",
+                             "bound",
+                             NULL};
+    PyObject *fun, *snums = NULL, *snames = NULL, *dnums = NULL,
+                   *dnames = NULL;
     PyObject *options = NULL, *bound = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$OOOOOO:JitFunction",
                                      kwlist, &fun, &snums, &snames, &dnums,
@@ -1511,21 +1523,16 @@ PyDoc_STRVAR(
     "JitFunction(fun, *, static_argnums, static_argnames, donate_argnums,\n"
     "            donate_argnames, options, bound=None)\n"
     "--\n\n"
-    "A function compiled by refx.jit or refx.jit_partial (make it with those).");
+    "A function compiled by refx.jit or refx.jit_partial (make it with "
+    "those).");
 
 static PyType_Slot jit_slots[] = {
-    {Py_tp_doc, (void *)jit_doc},
-    {Py_tp_new, jit_new},
-    {Py_tp_call, PyVectorcall_Call},
-    {Py_tp_dealloc, jit_dealloc},
-    {Py_tp_traverse, jit_traverse},
-    {Py_tp_clear, jit_clear},
-    {Py_tp_repr, jit_repr},
-    {Py_tp_descr_get, jit_descr_get},
-    {Py_tp_getset, jit_getset},
-    {Py_tp_members, jit_members},
-    {Py_tp_methods, jit_methods},
-    {0, NULL},
+    {Py_tp_doc, (void *)jit_doc},    {Py_tp_new, jit_new},
+    {Py_tp_call, PyVectorcall_Call}, {Py_tp_dealloc, jit_dealloc},
+    {Py_tp_traverse, jit_traverse},  {Py_tp_clear, jit_clear},
+    {Py_tp_repr, jit_repr},          {Py_tp_descr_get, jit_descr_get},
+    {Py_tp_getset, jit_getset},      {Py_tp_members, jit_members},
+    {Py_tp_methods, jit_methods},    {0, NULL},
 };
 
 static PyType_Spec jit_spec = {
