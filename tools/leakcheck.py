@@ -270,6 +270,11 @@ PROBES = {
     "jit shared Ref": JTREE["w"],
     "JitFunction": JSTEP,
     "jit cache": JSTEP._cache,
+    "jit cache entry": next(iter(JSTEP._cache.values())),
+    "jit static-kwarg entry": next(iter(JEVAL._cache.values())),
+    "jit_partial entry": next(iter(JPART._cache.values())),
+    "jit donating entry": next(iter(JDONATE._cache.values())),
+    "jit_partial bound Refs": JPART._bound_refs,
     "jit_partial": JPART,
     "Static": STATIC,
 }
