@@ -726,3 +726,33 @@ def test_threads_on_a_cold_cache():
     assert not errors, errors
     assert results == [2.0 * (i + 1) for i in range(8)]
     assert [float(r.value) for r in refs] == [i + 1.0 for i in range(8)]
+
+
+def test_cache_key_compares_collections_by_equality_and_passes_their_errors():
+    class Coll:
+        def __init__(self, name, boom=False):
+            self.name, self.boom = name, boom
+
+        def __hash__(self):
+            return hash(self.name)
+
+        def __eq__(self, other):
+            if self.boom or getattr(other, "boom", False):
+                raise ZeroDivisionError("collection __eq__")
+            return isinstance(other, Coll) and other.name == self.name
+
+    count = Counter()
+
+    @refx.jit
+    def f(r):
+        count()
+        r.value = r.value + 1
+
+    a, b = refx.Ref(jnp.ones(()), Coll("p")), refx.Ref(jnp.ones(()), Coll("p"))
+    f(a)
+    f(b)  # an equal collection (another object): the same entry
+    assert count.n == 1 and float(b.value) == 2.0
+    with pytest.raises(ZeroDivisionError, match="collection __eq__"):
+        f(refx.Ref(jnp.ones(()), Coll("p", boom=True)))
+    f(a)
+    assert count.n == 1 and float(a.value) == 3.0

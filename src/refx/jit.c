@@ -34,6 +34,9 @@
  *              its Ref or -1.  Shapes and dtypes are not in the key: the
  *              jax.jit function of an entry retraces for those itself.
  *   lookup     cache[key] -> entry; on a miss the Python builder makes one.
+ *              The last (key, entry) is kept: a call whose parts equal that
+ *              key (the same item-by-item == as the dict's) takes its entry
+ *              without building or hashing a key of its own.
  *              An entry is (jitted, candidates): the jax.jit function, and
  *              the numbers of the Refs that may be donated (or None).
  *   call       jitted(values, others): the distinct Refs' values in
@@ -325,6 +328,7 @@ typedef struct {
     PyObject *bound_others; /* tuple: their non-Ref leaves, in order */
     PyObject *bound_desc;   /* (treedef, pattern tuple) for the builder */
     PyObject *name;         /* str, for messages */
+    PyObject *last;         /* (key, entry) of the last cache lookup */
     PyObject *dict;
     PyObject *weakreflist;
 } JitObject;
@@ -900,6 +904,69 @@ error:
     return -1;
 }
 
+/* Does this call's key equal `key` (one that make_key built)?  The same
+ * test as the cache dict's ==, item by item, without building the call's
+ * key or hashing it: a loop calling with one structure pays only the
+ * treedef comparison.  1 yes, 0 no, -1 error. */
+static int
+key_equals_call(call_ctx *c, PyObject *key)
+{
+    int r =
+        PyObject_RichCompareBool(PyTuple_GET_ITEM(key, 0), c->treedef, Py_EQ);
+    if (r <= 0) {
+        return r;
+    }
+    if (PyTuple_GET_ITEM(key, 1) !=
+        (c->dyn_kwargs != NULL ? Py_True : Py_False)) {
+        return 0;
+    }
+    PyObject *ks = PyTuple_GET_ITEM(key, 2);
+    if ((ks == Py_None) != (c->statics == NULL)) {
+        return 0;
+    }
+    if (c->statics != NULL) {
+        r = PyObject_RichCompareBool(ks, c->statics, Py_EQ);
+        if (r <= 0) {
+            return r;
+        }
+    }
+    PyObject *pat = PyTuple_GET_ITEM(key, 3);
+    if (c->nothers == c->nleaves) { /* no Ref leaf: see make_key */
+        return pat == Py_None;
+    }
+    if (pat == Py_None ||
+        PyBytes_GET_SIZE(pat) != c->nleaves * (Py_ssize_t)sizeof(int32_t) ||
+        memcmp(PyBytes_AS_STRING(pat), c->pattern,
+               (size_t)PyBytes_GET_SIZE(pat)) != 0) {
+        return 0;
+    }
+    PyObject *colls = PyTuple_GET_ITEM(key, 4);
+    PyObject *types = PyTuple_GET_ITEM(key, 5);
+    Py_ssize_t ncall = c->nrefs - c->nbound;
+    if (PyTuple_GET_SIZE(colls) != ncall) {
+        return 0;
+    }
+    for (Py_ssize_t k = 0; k < ncall; k++) {
+        RefObject *ref = c->refs[c->nbound + k];
+        PyTypeObject *tp = Py_TYPE(ref);
+        if (types == Py_None ? tp != c->st->Ref_Type
+                             : (PyObject *)tp != PyTuple_GET_ITEM(types, k)) {
+            return 0;
+        }
+        PyObject *a = PyTuple_GET_ITEM(colls, k), *b = ref->collection;
+        if (a != b) {
+            /* owned across __eq__, which may re-init the Ref */
+            Py_INCREF(b);
+            r = PyObject_RichCompareBool(a, b, Py_EQ);
+            Py_DECREF(b);
+            if (r <= 0) {
+                return r;
+            }
+        }
+    }
+    return 1;
+}
+
 /* split, flatten, snapshot, key, lookup (or build), call arguments */
 static int
 jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
@@ -932,6 +999,20 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
     if (c->leaves == NULL || snapshot(c) < 0) {
         return -1;
     }
+    PyObject *last = Py_XNewRef(jf->last); /* owned across __eq__ calls */
+    if (last != NULL) {
+        int m = key_equals_call(c, PyTuple_GET_ITEM(last, 0));
+        if (m > 0) {
+            c->entry = Py_NewRef(PyTuple_GET_ITEM(last, 1));
+        }
+        Py_DECREF(last);
+        if (m < 0) {
+            return -1;
+        }
+    }
+    if (c->entry != NULL) {
+        return build_call(c, PyTuple_GET_ITEM(c->entry, 1));
+    }
     key = make_key(c);
     if (key == NULL) {
         return -1;
@@ -959,6 +1040,11 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
             goto error;
         }
     }
+    last = PyTuple_Pack(2, key, c->entry);
+    if (last == NULL) {
+        goto error;
+    }
+    Py_XSETREF(jf->last, last);
     Py_CLEAR(key);
     if (build_call(c, PyTuple_GET_ITEM(c->entry, 1)) < 0) {
         return -1;
@@ -1212,6 +1298,7 @@ jit_cache_size(JitObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 jit_clear_cache(JitObject *self, PyObject *Py_UNUSED(ignored))
 {
+    Py_CLEAR(self->last);
     PyDict_Clear(self->cache);
     Py_RETURN_NONE;
 }
@@ -1414,6 +1501,7 @@ jit_traverse(JitObject *self, visitproc visit, void *arg)
     Py_VISIT(self->bound_others);
     Py_VISIT(self->bound_desc);
     Py_VISIT(self->name);
+    Py_VISIT(self->last);
     Py_VISIT(self->dict);
     return 0;
 }
@@ -1433,6 +1521,7 @@ jit_clear(JitObject *self)
     Py_CLEAR(self->bound_others);
     Py_CLEAR(self->bound_desc);
     Py_CLEAR(self->name);
+    Py_CLEAR(self->last);
     Py_CLEAR(self->dict);
     return 0;
 }
