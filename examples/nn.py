@@ -11,11 +11,12 @@ State lives in Refs, sorted into collections by what updates it:
     "params"       trained by the optimiser (weights, biases, BatchNorm scale/bias)
     "batch_stats"  BatchNorm running mean/var, written in training mode
     "rng"          the dropout key, split and written back on every call
+    "opt_state"    the optax state of an `Optimizer`
 
-Nothing here knows about jit, grad or optimisers.  Layers read and write
-``ref.value``; sharing is ordinary Python sharing (`Linear.tied` reuses
-another layer's weight Ref); the training script moves the model across
-`jax.jit` with `refx.deref` / `refx.reref`.
+Nothing here knows about jit or grad.  Layers read and write ``ref.value``;
+sharing is ordinary Python sharing (`Linear.tied` reuses another layer's
+weight Ref); the training script passes models to `refx.jit` functions and
+takes gradients with `refx.value_and_grad`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.tree_util import GetAttrKey
 
 import refx
@@ -146,3 +148,20 @@ class Dropout(Module):
         self.rng.value = key  # the next call (and the next step) gets fresh bits
         keep = jax.random.bernoulli(sub, 1.0 - self.rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.rate), 0.0)
+
+
+class Optimizer(Module):
+    """An optax optimiser whose state is a Ref (collection "opt_state"), so a
+    refx.jit step updates it in place: ``opt.update(model, grads)`` with the
+    gradient Partition of ``refx.grad(..., wrt=opt.wrt)``."""
+
+    def __init__(self, model: Module, tx: optax.GradientTransformation, wrt: str = "params"):
+        self.tx = refx.Static(tx)  # static: part of the pytree structure
+        self.wrt = wrt
+        params = refx.get_partition(refx.deref(model), wrt)
+        self.state: refx.Ref[optax.OptState] = refx.Ref(tx.init(params), "opt_state")
+
+    def update(self, model: Module, grads: refx.Partition) -> None:
+        params = refx.get_partition(refx.deref(model), self.wrt)
+        updates, self.state.value = self.tx.value.update(grads, self.state.value, params)
+        refx.update_refs(refx.get_partition(model, self.wrt), optax.apply_updates(params, updates))

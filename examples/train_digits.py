@@ -2,16 +2,14 @@
 
 The model (built from `nn.py`) has BatchNorm, Dropout and a tied weight: a
 decoder that reconstructs the input from the first hidden layer using the
-first layer's weight Ref, transposed.  Its state sits in three collections:
-"params" (trained), "batch_stats" (BatchNorm running averages) and "rng"
-(the dropout key).  One training step is:
-
-    deref the model -> jax.jit(train_step) -> update_refs(model, result)
-
-and inside the jitted step: partition by collection, `jax.grad` over the
-"params" partition (the forward pass reref's the model and mutates its batch
-stats and rng key as it goes), an optax update written back with
-`update_refs`.  No functional plumbing reaches the model code.
+first layer's weight Ref, transposed.  Its state sits in four collections:
+"params" (trained), "batch_stats" (BatchNorm running averages), "rng" (the
+dropout key) and "opt_state" (the optimiser's).  One training step is a
+`refx.jit` function of the model and the optimiser: `refx.value_and_grad`
+differentiates the "params" Refs (the forward pass writes the batch stats
+and the rng key as it goes, and they are written back), the optimiser
+updates the params in place, and refx.jit writes every Ref the step wrote
+back into the caller's model.  No functional plumbing reaches the code.
 
 Afterwards the script checks the tied weight is still one Ref, plots the
 loss, and round-trips a checkpoint (params + batch stats as {path: array},
@@ -23,7 +21,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +33,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import refx
-from nn import Array, BatchNorm, Dropout, Linear, Module
+from nn import Array, BatchNorm, Dropout, Linear, Module, Optimizer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -86,40 +84,18 @@ def loss_fn(model: MLP, x: Array, y: Array) -> Array:
 # ------------------------------------------------------------ the training
 
 
-TrainStep = Callable[[MLP, optax.OptState, Array, Array], tuple[MLP, optax.OptState, Array]]
+@refx.jit
+def train_step(model: MLP, opt: Optimizer, x: Array, y: Array) -> Array:
+    loss: Array
+    loss, grads = refx.value_and_grad(loss_fn)(model, x, y)  # batch stats, rng key written
+    opt.update(model, grads)  # params and optimiser state, in place
+    return loss
 
 
-def make_train_step(tx: optax.GradientTransformation) -> TrainStep:
-    @jax.jit
-    def train_step(
-        graph: MLP, opt_state: optax.OptState, x: Array, y: Array
-    ) -> tuple[MLP, optax.OptState, Array]:
-        # graph is the deref'ed model: Values and Indexes, a plain pytree
-        (params, rest), treedef = refx.tree_partition(graph, "params")
-
-        def loss_of_params(params: refx.Partition) -> tuple[Array, MLP]:
-            model = refx.reref(refx.merge_partitions((params, rest), treedef))
-            loss = loss_fn(model, x, y)  # writes batch stats and the rng key
-            return loss, refx.deref(model)
-
-        (loss, graph), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        model = refx.reref(graph)  # Refs of this trace, so we may write them
-        refx.update_refs(refx.get_partition(model, "params"), optax.apply_updates(params, updates))
-        return refx.deref(model), opt_state, loss
-
-    return train_step
-
-
-@jax.jit
-def _predict(graph: MLP, x: Array) -> Array:
-    logits, _ = refx.reref(graph)(x, train=False)
-    return jnp.argmax(logits, axis=-1)
-
-
+@refx.jit
 def predict(model: MLP, x: Array) -> Array:
-    labels: Array = _predict(refx.deref(model), x)
-    return labels
+    logits, _ = model(x, train=False)
+    return jnp.argmax(logits, axis=-1)
 
 
 def accuracy(model: MLP, x: Array, y: Array) -> float:
@@ -148,15 +124,12 @@ def train(
     progress: bool = True,
 ) -> list[float]:
     """Train `model` in place; return the loss of every step."""
-    tx = optax.adam(lr)
-    opt_state = tx.init(refx.get_partition(refx.deref(model), "params"))
-    train_step = make_train_step(tx)
+    opt = Optimizer(model, optax.adam(lr))
     losses: list[float] = []
     running = None
     with tqdm(total=steps, desc="train", disable=not progress, ncols=80) as bar:
         for step, idx in zip(range(steps), batches(len(x), batch_size, seed), strict=False):
-            graph, opt_state, loss = train_step(refx.deref(model), opt_state, x[idx], y[idx])
-            refx.update_refs(model, graph)  # params, batch stats and rng key, in place
+            loss = train_step(model, opt, x[idx], y[idx])
             losses.append(float(loss))
             running = losses[-1] if running is None else 0.95 * running + 0.05 * losses[-1]
             if step % 10 == 0 or step == steps - 1:

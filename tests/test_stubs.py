@@ -17,15 +17,17 @@ pytest.importorskip("mypy")
 
 
 def test_stubtest_finds_no_differences(tmp_path):
-    # refx/_compat.py is plain Python without a stub; it imports the C
-    # module refx._core, which has no stub of its own (refx/__init__.pyi
-    # describes what _core exports).  Only the public stub is compared.
-    # Under JAX 0.4.36, jax.tree_util.GetAttrKey is declared as a Python
-    # class but is jaxlib's C++ class at run time, so stubtest sees the
-    # private _compat._VALUE_KEY differ from its inferred type; later JAX
-    # releases agree with themselves, hence --ignore-unused-allowlist.
+    # refx/_compat.py and refx/_transforms.py are plain Python without a
+    # stub; they import the C module refx._core, which has no stub of its
+    # own (refx/__init__.pyi describes what _core exports).  Only the public
+    # stub is compared.  Under JAX 0.4.36, jax.tree_util.GetAttrKey is
+    # declared as a Python class but is jaxlib's C++ class at run time, so
+    # stubtest sees the private _compat._VALUE_KEY differ from its inferred
+    # type; later JAX releases agree with themselves, hence
+    # --ignore-unused-allowlist.
     cfg = tmp_path / "mypy.ini"
-    cfg.write_text("[mypy]\n[mypy-refx._compat]\nignore_errors = True\n")
+    cfg.write_text("[mypy]\n[mypy-refx._compat]\nignore_errors = True\n"
+                   "[mypy-refx._transforms]\nignore_errors = True\n")
     allow = tmp_path / "allowlist.txt"
     allow.write_text("refx._compat._VALUE_KEY\n")
     r = subprocess.run(

@@ -234,3 +234,46 @@ def test_update_refs_refuses_a_value_of_another_class():
         refx.update_refs(tree, src)
     refx.update_refs(tree, jax.tree_util.tree_map(lambda x: x + 1, d))
     assert jnp.array_equal(tree["m"].value, jnp.ones(3))
+
+
+# --- refx.jit and refx.grad keep kinds (issue 13 with issue 11) -------------------
+
+
+def test_refx_jit_sees_and_returns_typed_refs_and_keys_on_metadata():
+    tree = model()
+    seen, traces = [], []
+
+    @refx.jit
+    def step(t):
+        traces.append(1)
+        seen.append((type(t["w"]), dict(t["w"].metadata), t["f"].fan_in, type(t["m"])))
+        t["m"].value = t["m"].value + 1
+        made = Fan(jnp.zeros(2), fan_in=11).replace(tag="new")
+        return made, t["w"]
+
+    made, w = step(tree)
+    assert seen[0] == (Param, {"sharding": ("data", None)}, 7, BatchStat)
+    assert w is tree["w"] and type(made) is Fan and made.fan_in == 11
+    assert dict(made.metadata) == {"tag": "new"} and made.collection == "params"
+    assert jnp.array_equal(tree["m"].value, jnp.ones(3))
+    step(tree)
+    assert len(traces) == 1
+    other = model()
+    other["w"] = other["w2"] = Param(jnp.ones((2, 3)), "params", sharding=("model", None))
+    step(other)
+    assert len(traces) == 2  # other metadata: another entry
+    assert seen[-1][1] == {"sharding": ("model", None)}
+
+
+def test_refx_grad_differentiates_typed_refs_by_class():
+    w = Param(jnp.full(2, 3.0), "params")
+    s = BatchStat(jnp.zeros(2), "batch_stats")
+
+    def loss(m):
+        m["s"].value = m["s"].value + 1
+        return jnp.sum(m["w"].value ** 2)
+
+    g = refx.grad(loss, wrt=Param)({"w": w, "s": s})
+    assert g[("w",)].ref_type is Param
+    assert jnp.allclose(g[("w",)].value, 6.0) and g[("s",)] is refx.NOTHING
+    assert jnp.array_equal(s.value, jnp.ones(2))

@@ -234,6 +234,73 @@ class BadHashColl:
         raise Boom("hash")
 
 
+# ---- refx.jit / jit_partial / Static / Dag / grad helpers (jit.c) ----
+# Their own trees: a jitted step writes some Refs, so TREE's probed values
+# would change hands on purpose.
+
+
+def jmodel():
+    w = refx.Ref(jnp.ones(2), PARAMS)
+    return {"w": w, "tied": w, "b": refx.Ref(jnp.zeros(2), PARAMS),
+            "keep": refx.Ref(jnp.full(2, 3.0), "stats"), "n": refx.Ref(jnp.array(0), "count")}
+
+
+JTREE = jmodel()
+JKEEP = JTREE["keep"].value  # never written: its refcount must not move
+JX = jnp.ones(2)
+
+
+def _jstep(m, x):
+    m["n"].value = m["n"].value + 1
+    m["b"].value = m["b"].value + x
+    return m["w"], refx.Ref(x, "new"), m["keep"].value.sum()
+
+
+def _jeval(m, x, *, scale):
+    return m["w"].value * scale + x
+
+
+JSTEP = refx.jit(_jstep)
+JEVAL = refx.jit(_jeval, static_argnames="scale")
+JPART = refx.jit_partial(_jstep, JTREE)
+DONATED = {"d": refx.Ref(jnp.ones(2), PARAMS)}
+JDONATE = refx.jit(lambda m, x: m["d"].value.sum() + x.sum(), donate_argnums=0)
+JWRITE_OTHER = refx.jit(lambda r: setattr(r, "value", r.value + 1))
+_OTHER = []
+jax.jit(lambda x: _OTHER.append(refx.Ref(np.ones(2, np.float32))) or x)(1.0)
+OTHER_TRACE_CONCRETE = _OTHER[0]  # a Ref of a finished trace, concrete value
+try:
+    JWRITE_OTHER(OTHER_TRACE_CONCRETE)  # compiles; the write is refused
+except ValueError:
+    pass
+STATIC = refx.Static(("relu", 3))
+SDEF = jax.tree_util.tree_structure([STATIC, 1.0])
+DAG_TD = jax.tree_util.tree_structure(refx.Dag(JTREE))
+GRAD_R = refx.Ref(jnp.ones(2), PARAMS)
+for _f, _a in ((JSTEP, (JTREE, JX)), (JPART, (JX,)), (JDONATE, (DONATED, JX))):
+    _f(*_a)  # compile before measuring (the gc-object count spans the warm-up)
+JEVAL(JTREE, JX, scale=2.0)
+
+OPS.update({
+    "refx.jit call (writes, Refs out)": lambda: JSTEP(JTREE, JX),
+    "refx.jit call (static kwarg, no write)": lambda: JEVAL(JTREE, JX, scale=2.0),
+    "refx.jit_partial call": lambda: JPART(JX),
+    "refx.jit donating call": lambda: JDONATE(DONATED, JX),
+    "refx.jit unhashable static": lambda: expect(TypeError, JEVAL, JTREE, JX, scale=[1]),
+    "refx.jit writes other-trace Ref": lambda: expect(ValueError, JWRITE_OTHER, OTHER_TRACE_CONCRETE),
+    "refx.jit(...) and jit_partial(...)": lambda: (refx.jit(_jstep), refx.jit_partial(_jstep, JTREE)),
+    "Static()/flatten/unflatten": lambda: jax.tree_util.tree_unflatten(
+        SDEF, jax.tree_util.tree_leaves([refx.Static(("a", 1)), 1.0])),
+    "Static() unhashable": lambda: expect(TypeError, refx.Static, [1]),
+    "Dag flatten/unflatten": lambda: jax.tree_util.tree_unflatten(
+        DAG_TD, jax.tree_util.tree_leaves(refx.Dag(JTREE))).tree,
+    "_make_refs/_write_refs": lambda: refx._core._write_refs(
+        refx._core._make_refs([JX], (PARAMS,), (refx.Ref,)), [JX]),
+    "_write_refs other trace": lambda: expect(
+        ValueError, refx._core._write_refs, [GRAD_R, OTHER_TRACE_REF], [JX, JX]),
+})
+
+
 DEEP = refx.Ref(0)
 for _ in range(20000):  # beyond 3.13's C recursion limit (10,000) too
     DEEP = [DEEP]
@@ -252,6 +319,17 @@ PROBES = {
     "shared Ref in TREE": TREE["head"],
     "other-trace Ref": OTHER_TRACE_REF,
     "tracer": TRACER,
+    "unwritten jit value": JKEEP,
+    "jit shared Ref": JTREE["w"],
+    "JitFunction": JSTEP,
+    "jit cache": JSTEP._cache,
+    "jit cache entry": next(iter(JSTEP._cache.values())),
+    "jit static-kwarg entry": next(iter(JEVAL._cache.values())),
+    "jit_partial entry": next(iter(JPART._cache.values())),
+    "jit donating entry": next(iter(JDONATE._cache.values())),
+    "jit_partial bound Refs": JPART._bound_refs,
+    "jit_partial": JPART,
+    "Static": STATIC,
 }
 
 

@@ -39,6 +39,9 @@ from ._core import (
 # -- checkpoints and inspection (Python: refx/_state.py, refx/_inspect.py) --
 from ._inspect import CollectionSummary, Summary, summary
 from ._state import LoadResult, load_state_dict, restore, save, state_dict
+# transforms: jit/jit_partial (per-call path in C), grad, Dag, Static
+from ._core import JitFunction, Static
+from ._transforms import Dag, grad, jit, jit_partial, value_and_grad
 
 __version__ = "0.1.0"
 
@@ -80,4 +83,12 @@ __all__ = [
     "save",
     "state_dict",
     "summary",
+    # transforms
+    "Dag",
+    "JitFunction",
+    "Static",
+    "grad",
+    "jit",
+    "jit_partial",
+    "value_and_grad",
 ]

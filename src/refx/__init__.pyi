@@ -3,7 +3,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from os import PathLike
 from types import GenericAlias
 from typing import Any as _Any
-from typing import Generic, NamedTuple, TypeAlias, TypeVar, final
+from typing import Generic, NamedTuple, ParamSpec, TypeAlias, TypeVar, final, overload
 
 from jax.tree_util import PyTreeDef
 from typing_extensions import disjoint_base
@@ -187,6 +187,87 @@ class Summary:
     def bytes(self) -> int: ...
 
 def summary(tree: _Any, /) -> Summary: ...
+# ---- transforms (refx.jit's per-call path is the C type JitFunction) ----
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_R_co = TypeVar("_R_co", covariant=True)
+
+@final
+class JitFunction(Generic[_P, _R_co]):
+    """A function compiled by refx.jit or refx.jit_partial."""
+
+    def __new__(
+        cls,
+        fun: Callable[..., _Any],
+        *,
+        static_argnums: tuple[int, ...],
+        static_argnames: tuple[str, ...],
+        donate_argnums: tuple[int, ...],
+        donate_argnames: tuple[str, ...],
+        options: dict[str, _Any],
+        bound: tuple[_Any, ...] | None = None,
+    ) -> JitFunction[_P, _R_co]: ...
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co: ...
+    def __get__(self, instance: _Any, owner: type | None = None, /) -> _Any: ...
+    def __class_getitem__(cls, item: _Any, /) -> GenericAlias: ...
+    def lower(self, *args: _Any, **kwargs: _Any) -> _Any: ...
+
+@overload
+def jit(
+    fun: Callable[_P, _R],
+    /,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Iterable[str] = (),
+    donate_argnums: int | Sequence[int] = (),
+    donate_argnames: str | Iterable[str] = (),
+    **jax_jit_options: _Any,
+) -> JitFunction[_P, _R]: ...
+@overload
+def jit(
+    fun: None = None,
+    /,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Iterable[str] = (),
+    donate_argnums: int | Sequence[int] = (),
+    donate_argnames: str | Iterable[str] = (),
+    **jax_jit_options: _Any,
+) -> Callable[[Callable[_P, _R]], JitFunction[_P, _R]]: ...
+def jit_partial(
+    fun: Callable[..., _R],
+    /,
+    *bound_args: _Any,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Iterable[str] = (),
+    donate_argnums: int | Sequence[int] = (),
+    donate_argnames: str | Iterable[str] = (),
+    **jax_jit_options: _Any,
+) -> JitFunction[..., _R]: ...
+def grad(
+    fun: Callable[..., _Any], argnums: int = 0, *, wrt: Filter = "params", has_aux: bool = False
+) -> Callable[..., _Any]: ...
+def value_and_grad(
+    fun: Callable[..., _Any], argnums: int = 0, *, wrt: Filter = "params", has_aux: bool = False
+) -> Callable[..., tuple[_Any, Partition]]: ...
+
+@final
+class Static(Generic[_T]):
+    """A pytree node with no children; the hashable value rides in the aux data."""
+
+    def __new__(cls, value: _T) -> Static[_T]: ...
+    def __class_getitem__(cls, item: _Any, /) -> GenericAlias: ...
+    @property
+    def value(self) -> _T: ...
+    def __hash__(self) -> int: ...
+
+class Dag(Generic[_Tree]):
+    """A pytree node around a tree of Refs: flattening derefs, unflattening rerefs."""
+
+    def __init__(self, tree: _Tree) -> None: ...
+    @property
+    def tree(self) -> _Tree: ...
 
 __all__ = [
     "NOTHING",
@@ -215,4 +296,11 @@ __all__ = [
     "save",
     "state_dict",
     "summary",
+    "Dag",
+    "JitFunction",
+    "Static",
+    "grad",
+    "jit",
+    "jit_partial",
+    "value_and_grad",
 ]

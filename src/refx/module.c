@@ -198,7 +198,12 @@ static PyMethodDef module_functions[] = {
     X(str_name) \
     X(str_flatten_up_to) \
     X(str_shape) \
-    X(str_dtype)
+    X(str_dtype) \
+    X(Static_Type) \
+    X(Jit_Type) \
+    X(jit_builder) \
+    X(jit_array_type) \
+    X(jit_describe)
 /* clang-format on */
 
 /* A field added to refx_state without its STATE_OBJECTS entry would escape
@@ -298,6 +303,9 @@ module_exec(PyObject *module)
         PyModule_AddFunctions(module, refx_deref_functions) < 0 ||
         PyModule_AddFunctions(module, refx_partition_functions) < 0 ||
         PyModule_AddFunctions(module, refx_update_functions) < 0) {
+        return -1;
+    }
+    if (refx_init_jit(module, st) < 0) { /* jit.c */
         return -1;
     }
     return refx_init_tree_types(module, st);

@@ -17,6 +17,9 @@
  *   partition.c  the Partition type, tree_partition, get_partition and
  *                merge_partitions.
  *   update.c     update_refs: validate everything, then write everything.
+ *   jit.c        the per-call path of refx.jit / refx.jit_partial (the
+ *                JitFunction type) and Static; their trace-time side is
+ *                refx/_transforms.py.
  *   ptrmap.h     a pointer-keyed hash map for per-call identity tables.
  *
  * Naming: functions named refx_* are declared here and shared between
@@ -115,6 +118,13 @@ typedef struct {
     PyObject *str_flatten_up_to;
     PyObject *str_shape;
     PyObject *str_dtype;
+
+    /* refx.jit (jit.c) */
+    PyTypeObject *Static_Type;
+    PyTypeObject *Jit_Type;
+    PyObject *jit_builder;    /* _transforms.build_jit_entry (NULL before) */
+    PyObject *jit_array_type; /* jax's Array type: the only donated values */
+    PyObject *jit_describe;   /* _transforms: where a Ref sits, for errors */
 
     /* Everything above is an object listed in STATE_OBJECTS (module.c,
      * which checks that the list covers them); plain data from here on. */
@@ -344,5 +354,8 @@ extern PyMethodDef refx_partition_functions[];
 
 /* update.c */
 extern PyMethodDef refx_update_functions[];
+
+/* jit.c: refx.jit's per-call path, Static */
+int refx_init_jit(PyObject *module, refx_state *st);
 
 #endif /* REFX_H */

@@ -1,0 +1,1911 @@
+/*
+ * jit.c: the per-call path of refx.jit and refx.jit_partial, and Static.
+ *
+ * refx.jit(fun) returns a JitFunction: a C object with its own vectorcall
+ * that turns a call with trees of Refs into a call of a plain jax.jit
+ * function on one flat list of arrays, and writes back what `fun` wrote.
+ * Everything that runs once per compilation (building that jax.jit
+ * function, tracing `fun`, finding out what it wrote) is Python, in
+ * refx/_transforms.py; everything that runs on every call is here.
+ *
+ * One call, in order:
+ *
+ *   split      positional/keyword arguments named static go into `statics`
+ *              as (position or name, type, value): the type is there because
+ *              jax.jit retraces for 1, 1.0 and True (it compares the type of
+ *              a static argument, then ==), and so do we.  The rest are the
+ *              dynamic arguments: a tuple, plus a dict when any keyword
+ *              argument is dynamic.
+ *   flatten    the dynamic arguments, once, by jaxlib and with no leaf
+ *              predicate: a Ref is a leaf because it is not a pytree node;
+ *              Value/Index/NOTHING/Partition are ordinary nodes.
+ *   snapshot   ONE pass over the leaves that numbers the distinct Refs
+ *              (the bound ones of jit_partial first) and takes a new
+ *              reference to each one's value, and runs no Python code and
+ *              allocates no GC object: another thread's update_refs or
+ *              write cannot land half-way through it, so every call sees
+ *              the Refs as they were at one instant.  Distinct Refs are
+ *              told apart by the scratch marks in RefObject (see deref.c),
+ *              stamped with a fresh epoch; since nothing else can run during
+ *              the pass, no one can re-stamp them, so no fallback is needed.
+ *   key        (treedef, has-kwargs, statics, sharing pattern, each distinct
+ *              Ref's collection, their specs (class, metadata, attributes)
+ *              when any is a subclass or has metadata).  The
+ *              sharing pattern is a bytes object: per leaf, the number of
+ *              its Ref or -1.  Shapes and dtypes are not in the key: the
+ *              jax.jit function of an entry retraces for those itself.
+ *   lookup     cache[key] -> entry; on a miss the Python builder makes one.
+ *              The last (key, entry) is kept: a call whose parts equal that
+ *              key (the same item-by-item == as the dict's) takes its entry
+ *              without building or hashing a key of its own.
+ *              An entry is (jitted, candidates): the jax.jit function, and
+ *              the numbers of the Refs that may be donated (or None).
+ *   call       jitted(values, others): the distinct Refs' values in
+ *              numbering order, then the other leaves.  With donation,
+ *              jitted(mask, donated, kept, others), `mask` a static bytes
+ *              argument saying which candidates are donated this call.
+ *   result     (Static(plan), written values, out).  The plan is made by
+ *              the trace that compiled this executable and rides in the aux
+ *              data of a Static (a node with no children), so each call
+ *              gets the plan of its own trace, even when jax.jit retraced
+ *              the entry for new shapes and `fun` wrote other Refs then:
+ *                plan = (written: tuple of Ref numbers,
+ *                        spec: None, or one item per output leaf,
+ *                        out_treedef: None, or the output's treedef)
+ *              With spec None, `out` is the output tree itself (it holds no
+ *              Ref).  Otherwise `out` is a flat list and spec says, per
+ *              output leaf: None (take the next item of `out`), an int k
+ *              (the caller's Ref number k), a Ref (a Ref `fun` closed over,
+ *              returned as is), or (j, type, collection) (a Ref made inside
+ *              `fun`: the first occurrence of j takes the next item of `out`
+ *              as its value, later ones the same new Ref; `type` is its
+ *              spec: its class, or its kind when it has metadata or is a
+ *              subclass, see ref_spec).
+ *   outputs    built before anything is written (building may fail).
+ *   write      all or nothing, as update_refs' phases: every written Ref is
+ *              checked first (the trace-level check: a Ref of another trace
+ *              that `fun` wrote is a ValueError naming its path), then all
+ *              are stored with no Python code running, old values released
+ *              after the last store.
+ *
+ * Donation.  donate_argnums/argnames donate the buffers of the Refs of
+ * those arguments.  A donated buffer is deleted by the call, so a donated
+ * Ref must be given a new value: the trace returns every donated Ref as
+ * written (a Ref it did not write gets its input back, which XLA aliases).
+ * A Ref is donated only if its value is a jax Array that appears once among
+ * all inputs (not the same array in two Refs, or in a Ref and a plain
+ * argument): otherwise the other holder would keep a deleted array.  The
+ * trace check of donated Refs is done before the call, since after it
+ * their old buffers are gone.
+ *
+ * jit_partial binds trees of Refs once: their distinct Refs (bound_refs),
+ * their other leaves and their structure.  Each call reads the bound Refs'
+ * current values in the snapshot pass and flattens only the remaining
+ * arguments; the bound part is constant, so it is not in the key.
+ *
+ * Static(value) is a pytree node with no children whose aux data is
+ * (type(value), value): part of every treedef and so of every jit cache
+ * key, and of refx.jit's; with the type, for the reason given above.
+ *
+ * Functions in this file: Static, the JitFunction type (split, snapshot,
+ * key, call, finish), _make_refs/_ref_is_current/_write_refs (helpers for
+ * the trace-time code), _install_jit, refx_init_jit.
+ */
+#include "refx.h"
+#include "ptrmap.h"
+#include <structmember.h>
+
+/* ------------------------------------------------------------------ */
+/* Static                                                               */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *value; /* owned, hashable */
+    PyObject *flat;  /* lazily built ((), (type, value)) */
+} StaticObject;
+
+static PyObject *
+static_create(refx_state *st, PyObject *value)
+{
+    Py_INCREF(value); /* owned before allocating: see refx_ref_create */
+    StaticObject *self = PyObject_GC_New(StaticObject, st->Static_Type);
+    if (self == NULL) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    self->value = value;
+    self->flat = NULL;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+static_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"value", NULL};
+    PyObject *value;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:Static", kwlist, &value)) {
+        return NULL;
+    }
+    if (refx_check_hashable(value, "Static", "value") < 0) {
+        return NULL;
+    }
+    refx_state *st = refx_state_from_type(tp);
+    if (st == NULL) {
+        return NULL;
+    }
+    return static_create(st, value);
+}
+
+static int
+static_traverse(StaticObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->value);
+    Py_VISIT(self->flat);
+    return 0;
+}
+
+static int
+static_clear(StaticObject *self)
+{
+    Py_CLEAR(self->value);
+    Py_CLEAR(self->flat);
+    return 0;
+}
+
+static void
+static_dealloc(StaticObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    static_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+static_get_value(StaticObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->value != NULL ? self->value : Py_None);
+}
+
+/* Equal when the values have the same type and compare equal (jax.jit's
+ * rule for static arguments: 1, 1.0 and True are three keys). */
+static PyObject *
+static_richcompare(PyObject *a, PyObject *b, int op)
+{
+    if ((op != Py_EQ && op != Py_NE) || Py_TYPE(a) != Py_TYPE(b)) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *va = ((StaticObject *)a)->value,
+             *vb = ((StaticObject *)b)->value;
+    int eq = 0;
+    if (va != NULL && vb != NULL && Py_TYPE(va) == Py_TYPE(vb)) {
+        Py_INCREF(va);
+        Py_INCREF(vb);
+        eq = PyObject_RichCompareBool(va, vb, Py_EQ);
+        Py_DECREF(va);
+        Py_DECREF(vb);
+        if (eq < 0) {
+            return NULL;
+        }
+    }
+    return Py_NewRef((eq == (op == Py_EQ)) ? Py_True : Py_False);
+}
+
+static Py_hash_t
+static_hash(StaticObject *self)
+{
+    if (self->value == NULL) {
+        return 0;
+    }
+    Py_hash_t h = PyObject_Hash(self->value);
+    if (h == -1) {
+        return -1;
+    }
+    Py_uhash_t x = (Py_uhash_t)h * 1000003u ^
+                   (Py_uhash_t)(uintptr_t)Py_TYPE(self->value) >> 4;
+    return x == (Py_uhash_t)-1 ? -2 : (Py_hash_t)x;
+}
+
+static PyObject *
+static_repr(StaticObject *self)
+{
+    int rc = Py_ReprEnter((PyObject *)self);
+    if (rc != 0) {
+        return rc > 0 ? PyUnicode_FromString("Static(...)") : NULL;
+    }
+    PyObject *res = PyUnicode_FromFormat(
+        "Static(%R)", self->value != NULL ? self->value : Py_None);
+    Py_ReprLeave((PyObject *)self);
+    return res;
+}
+
+static PyObject *
+static_reduce(StaticObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("O(O)", Py_TYPE(self),
+                         self->value != NULL ? self->value : Py_None);
+}
+
+static PyObject *
+static_flatten(PyObject *module, PyObject *s)
+{
+    refx_state *st = refx_get_state(module);
+    if (Py_TYPE(s) != st->Static_Type) {
+        PyErr_SetString(PyExc_TypeError, "_static_flatten expects a Static");
+        return NULL;
+    }
+    StaticObject *self = (StaticObject *)s;
+    if (self->flat == NULL) {
+        PyObject *value = self->value != NULL ? self->value : Py_None;
+        self->flat =
+            Py_BuildValue("(()(OO))", (PyObject *)Py_TYPE(value), value);
+        if (self->flat == NULL) {
+            return NULL;
+        }
+    }
+    return Py_NewRef(self->flat);
+}
+
+static PyObject *
+static_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_static_unflatten(aux, children) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *aux = args[0];
+    if (!PyTuple_Check(aux) || PyTuple_GET_SIZE(aux) != 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Static: aux data must be (type, value)");
+        return NULL;
+    }
+    return static_create(refx_get_state(module), PyTuple_GET_ITEM(aux, 1));
+}
+
+static PyGetSetDef static_getset[] = {
+    {"value", (getter)static_get_value, NULL, "The static value.", NULL},
+    {NULL},
+};
+
+static PyMethodDef static_methods[] = {
+    {"__reduce__", (PyCFunction)static_reduce, METH_NOARGS, NULL},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "See PEP 585."},
+    {NULL},
+};
+
+PyDoc_STRVAR(
+    static_doc,
+    "Static(value)\n"
+    "--\n\n"
+    "A pytree node with no children that carries a hashable value in its\n"
+    "aux data.  Passing Static(v) to a jitted function makes v part of the\n"
+    "compilation cache key (a new value retraces) rather than a traced\n"
+    "array.  Two Statics are equal when their values have the same type and\n"
+    "compare equal (jax.jit's rule for static arguments).  An unhashable\n"
+    "value is a TypeError.");
+
+static PyType_Slot static_slots[] = {
+    {Py_tp_doc, (void *)static_doc},
+    {Py_tp_new, static_new},
+    {Py_tp_dealloc, static_dealloc},
+    {Py_tp_traverse, static_traverse},
+    {Py_tp_clear, static_clear},
+    {Py_tp_repr, static_repr},
+    {Py_tp_richcompare, static_richcompare},
+    {Py_tp_hash, static_hash},
+    {Py_tp_getset, static_getset},
+    {Py_tp_methods, static_methods},
+    {0, NULL},
+};
+
+/* final: jaxlib registers node types exactly */
+static PyType_Spec static_spec = {
+    .name = "refx.Static",
+    .basicsize = sizeof(StaticObject),
+    .flags =
+        Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = static_slots,
+};
+
+/* ------------------------------------------------------------------ */
+/* JitFunction                                                          */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *fun;
+    PyObject *options;      /* dict of jax.jit options, for the builder */
+    PyObject *cache;        /* dict: key -> (jitted, candidates) */
+    PyObject *static_nums;  /* tuple of int (may be negative) */
+    PyObject *static_names; /* tuple of str */
+    PyObject *donate_nums;  /* tuple of int */
+    PyObject *donate_names; /* tuple of str */
+    /* jit_partial (NULL otherwise) */
+    PyObject *bound;        /* tuple of the bound trees */
+    PyObject *bound_refs;   /* tuple: their distinct Refs, numbering order */
+    PyObject *bound_others; /* tuple: their non-Ref leaves, in order */
+    PyObject *bound_desc;   /* (treedef, pattern tuple) for the builder */
+    PyObject *name;         /* str, for messages */
+    PyObject *last;         /* (key, entry) of the last cache lookup */
+    PyObject *dict;
+    PyObject *weakreflist;
+} JitObject;
+
+/* Everything one call owns.  `refs` borrow: the leaves list and
+ * jf->bound_refs keep them alive. */
+typedef struct {
+    refx_state *st;
+    JitObject *jf;
+    PyObject *dyn_args, *dyn_kwargs, *statics, *kwnames_dyn;
+    PyObject *tree, *leaves, *treedef;
+    Py_ssize_t nleaves, nbound, nrefs, nothers;
+    int32_t *pattern;  /* per call leaf: Ref number or -1 */
+    RefObject **refs;  /* distinct Refs, bound ones first */
+    PyObject **vals;   /* owned snapshot of their values (NULL once moved) */
+    PyObject **others; /* borrowed non-Ref leaves of the call */
+    PyObject *entry;   /* (jitted, candidates) */
+    PyObject *call_args[4];
+    size_t ncall;
+} call_ctx;
+
+static void
+ctx_fini(call_ctx *c)
+{
+    if (c->vals != NULL) {
+        for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+            Py_XDECREF(c->vals[k]);
+        }
+    }
+    PyMem_Free(c->vals);
+    PyMem_Free(c->refs);
+    PyMem_Free(c->pattern);
+    PyMem_Free(c->others);
+    for (size_t i = 0; i < c->ncall; i++) {
+        Py_XDECREF(c->call_args[i]);
+    }
+    Py_XDECREF(c->entry);
+    Py_XDECREF(c->dyn_args);
+    Py_XDECREF(c->dyn_kwargs);
+    Py_XDECREF(c->statics);
+    Py_XDECREF(c->kwnames_dyn);
+    Py_XDECREF(c->tree);
+    Py_XDECREF(c->leaves);
+    Py_XDECREF(c->treedef);
+}
+
+/* "refx.jit(name)" or "refx.jit_partial(name)" prefix pieces */
+static const char *
+jit_kind(JitObject *jf)
+{
+    return jf->bound != NULL ? "refx.jit_partial" : "refx.jit";
+}
+
+static int
+is_static_num(JitObject *jf, Py_ssize_t g, Py_ssize_t total)
+{
+    PyObject *nums = jf->static_nums;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(nums); i++) {
+        Py_ssize_t m = PyLong_AsSsize_t(PyTuple_GET_ITEM(nums, i));
+        if (m < 0) {
+            m += total;
+        }
+        if (m == g) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int
+name_in(PyObject *names, PyObject *name)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+        PyObject *n = PyTuple_GET_ITEM(names, i);
+        if (n == name) {
+            return 1;
+        }
+        int eq = PyUnicode_Compare(n, name);
+        if (eq == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (eq == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* (key, type(value), value), after checking value is hashable */
+static PyObject *
+static_item(JitObject *jf, PyObject *where, PyObject *value)
+{
+    if (PyObject_Hash(value) == -1) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "%s(%U): static argument %R is an unhashable %.200s; "
+                         "static arguments must be hashable",
+                         jit_kind(jf), jf->name, where,
+                         Py_TYPE(value)->tp_name);
+        }
+        return NULL;
+    }
+    return PyTuple_Pack(3, where, (PyObject *)Py_TYPE(value), value);
+}
+
+/* Split the call into dynamic args (tuple), dynamic kwargs (dict or NULL)
+ * and statics (tuple or NULL). */
+static int
+split_args(call_ctx *c, PyObject *const *args, Py_ssize_t nargs,
+           PyObject *kwnames)
+{
+    JitObject *jf = c->jf;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    Py_ssize_t nbound_args =
+        jf->bound != NULL ? PyTuple_GET_SIZE(jf->bound) : 0;
+    Py_ssize_t total = nbound_args + nargs;
+    int any_static = PyTuple_GET_SIZE(jf->static_nums) > 0 ||
+                     (nkw > 0 && PyTuple_GET_SIZE(jf->static_names) > 0);
+    PyObject *statics = NULL, *dyn = NULL;
+    if (!any_static) {
+        c->dyn_args = PyTuple_New(nargs);
+        if (c->dyn_args == NULL) {
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            PyTuple_SET_ITEM(c->dyn_args, i, Py_NewRef(args[i]));
+        }
+    }
+    else {
+        statics = PyList_New(0);
+        dyn = PyList_New(0);
+        if (statics == NULL || dyn == NULL) {
+            goto error;
+        }
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            if (is_static_num(jf, nbound_args + i, total)) {
+                PyObject *where = PyLong_FromSsize_t(nbound_args + i);
+                PyObject *item =
+                    where != NULL ? static_item(jf, where, args[i]) : NULL;
+                Py_XDECREF(where);
+                if (item == NULL || PyList_Append(statics, item) < 0) {
+                    Py_XDECREF(item);
+                    goto error;
+                }
+                Py_DECREF(item);
+            }
+            else if (PyList_Append(dyn, args[i]) < 0) {
+                goto error;
+            }
+        }
+        c->dyn_args = PyList_AsTuple(dyn);
+        if (c->dyn_args == NULL) {
+            goto error;
+        }
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
+        int s = name_in(jf->static_names, name);
+        if (s < 0) {
+            goto error;
+        }
+        if (s) {
+            if (statics == NULL && (statics = PyList_New(0)) == NULL) {
+                goto error;
+            }
+            PyObject *item = static_item(jf, name, v);
+            if (item == NULL || PyList_Append(statics, item) < 0) {
+                Py_XDECREF(item);
+                goto error;
+            }
+            Py_DECREF(item);
+            continue;
+        }
+        if (c->dyn_kwargs == NULL && (c->dyn_kwargs = PyDict_New()) == NULL) {
+            goto error;
+        }
+        if (PyDict_SetItem(c->dyn_kwargs, name, v) < 0) {
+            goto error;
+        }
+    }
+    if (statics != NULL && PyList_GET_SIZE(statics) > 0) {
+        c->statics = PyList_AsTuple(statics);
+        if (c->statics == NULL) {
+            goto error;
+        }
+    }
+    Py_XDECREF(statics);
+    Py_XDECREF(dyn);
+    return 0;
+error:
+    Py_XDECREF(statics);
+    Py_XDECREF(dyn);
+    return -1;
+}
+
+/* Number the distinct Refs and take their values.  Runs no Python code and
+ * allocates no GC object between the first value read and the last (see
+ * the essay): the arrays are allocated first. */
+static int
+snapshot(call_ctx *c)
+{
+    refx_state *st = c->st;
+    JitObject *jf = c->jf;
+    Py_ssize_t n = PyList_GET_SIZE(c->leaves);
+    Py_ssize_t nb =
+        jf->bound_refs != NULL ? PyTuple_GET_SIZE(jf->bound_refs) : 0;
+    Py_ssize_t cap = nb + n;
+    c->nleaves = n;
+    c->nbound = nb;
+    c->pattern = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
+    c->refs = PyMem_Malloc((size_t)(cap > 0 ? cap : 1) * sizeof(RefObject *));
+    c->vals = PyMem_Calloc((size_t)(cap > 0 ? cap : 1), sizeof(PyObject *));
+    c->others = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(PyObject *));
+    if (c->pattern == NULL || c->refs == NULL || c->vals == NULL ||
+        c->others == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (cap > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "refx.jit: too many leaves");
+        return -1;
+    }
+    /* --- from here to the end of the loop: no Python code, no GC --- */
+    uint64_t epoch = ++st->epoch;
+    Py_ssize_t nrefs = 0, nothers = 0;
+    for (Py_ssize_t k = 0; k < nb; k++) {
+        RefObject *r = (RefObject *)PyTuple_GET_ITEM(jf->bound_refs, k);
+        r->mark_epoch = epoch;
+        r->mark_index = k;
+        c->refs[k] = r;
+        c->vals[k] = Py_NewRef(r->value);
+    }
+    nrefs = nb;
+    PyObject **items = ((PyListObject *)c->leaves)->ob_item;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *leaf = items[i];
+        if (!Ref_Check(st, leaf)) {
+            c->pattern[i] = -1;
+            c->others[nothers++] = leaf;
+            continue;
+        }
+        RefObject *r = (RefObject *)leaf;
+        if (r->mark_epoch == epoch) {
+            c->pattern[i] = (int32_t)r->mark_index;
+            continue;
+        }
+        r->mark_epoch = epoch;
+        r->mark_index = nrefs;
+        c->refs[nrefs] = r;
+        c->vals[nrefs] = Py_NewRef(r->value);
+        c->pattern[i] = (int32_t)nrefs;
+        nrefs++;
+    }
+    /* --- end of the snapshot --- */
+    c->nrefs = nrefs;
+    c->nothers = nothers;
+    return 0;
+}
+
+/* A Ref's spec: what rebuilds it inside a trace and keys the cache.  Its
+ * type for a plain Ref (Ref, no metadata), else its kind (class, metadata,
+ * attributes; see ref.c).  New reference, or NULL with an error. */
+static PyObject *
+ref_spec(refx_state *st, RefObject *r)
+{
+    int err;
+    PyObject *kind = refx_ref_kind(st, r, &err);
+    if (kind != NULL || err) {
+        return kind;
+    }
+    return Py_NewRef((PyObject *)Py_TYPE(r));
+}
+
+/* 0 if `spec` is a Ref class or a kind, else -1 with TypeError */
+static int
+check_spec(refx_state *st, PyObject *spec)
+{
+    if (PyType_Check(spec)) {
+        if (PyType_IsSubtype((PyTypeObject *)spec, st->Ref_Type)) {
+            return 0;
+        }
+        PyErr_SetString(PyExc_TypeError,
+                        "refx.jit: a Ref spec must be a Ref "
+                        "class or a kind");
+        return -1;
+    }
+    return refx_check_kind(st, spec, "refx.jit");
+}
+
+static PyObject *
+ref_from_spec(refx_state *st, PyObject *spec, PyObject *value,
+              PyObject *collection, PyObject *trace)
+{
+    if (PyType_Check(spec)) {
+        return refx_ref_create(st, (PyTypeObject *)spec, value, collection,
+                               trace);
+    }
+    return refx_ref_create_kind(st, spec, value, collection, trace);
+}
+
+/* _ref_spec(ref): see ref_spec */
+static PyObject *
+ref_spec_py(PyObject *module, PyObject *ref)
+{
+    refx_state *st = refx_get_state(module);
+    if (!Ref_Check(st, ref)) {
+        PyErr_SetString(PyExc_TypeError, "_ref_spec expects a Ref");
+        return NULL;
+    }
+    return ref_spec(st, (RefObject *)ref);
+}
+
+/* The cache key of this call (see the essay). */
+static PyObject *
+make_key(call_ctx *c)
+{
+    refx_state *st = c->st;
+    Py_ssize_t ncall = c->nrefs - c->nbound;
+    PyObject *pattern = Py_None, *colls = Py_None, *types = Py_None;
+    PyObject *key = NULL;
+    Py_INCREF(Py_None);
+    Py_INCREF(Py_None);
+    Py_INCREF(Py_None);
+    if (c->nothers < c->nleaves) { /* some leaf is a Ref */
+        Py_SETREF(pattern, PyBytes_FromStringAndSize(
+                               (const char *)c->pattern,
+                               c->nleaves * (Py_ssize_t)sizeof(int32_t)));
+        if (pattern == NULL) {
+            goto done;
+        }
+        Py_SETREF(colls, PyTuple_New(ncall));
+        if (colls == NULL) {
+            goto done;
+        }
+        int all_plain = 1;
+        for (Py_ssize_t k = 0; k < ncall; k++) {
+            RefObject *r = c->refs[c->nbound + k];
+            PyTuple_SET_ITEM(colls, k, Py_NewRef(r->collection));
+            all_plain &= Py_TYPE(r) == st->Ref_Type && r->metadata == NULL;
+        }
+        if (!all_plain) { /* classes, metadata and attributes: their specs */
+            Py_SETREF(types, PyTuple_New(ncall));
+            if (types == NULL) {
+                goto done;
+            }
+            for (Py_ssize_t k = 0; k < ncall; k++) {
+                PyObject *spec = ref_spec(st, c->refs[c->nbound + k]);
+                if (spec == NULL) {
+                    goto done;
+                }
+                PyTuple_SET_ITEM(types, k, spec);
+            }
+        }
+    }
+    key = PyTuple_Pack(
+        6, c->treedef, c->dyn_kwargs != NULL ? Py_True : Py_False,
+        c->statics != NULL ? c->statics : Py_None, pattern, colls, types);
+done:
+    Py_XDECREF(pattern);
+    Py_XDECREF(colls);
+    Py_XDECREF(types);
+    return key;
+}
+
+/* What the builder needs beyond the key: (treedef, has_kwargs, statics,
+ * pattern tuple, collections of all Refs, specs of all Refs (see
+ * ref_spec), dynamic keyword names, values, others). */
+static PyObject *
+make_desc(call_ctx *c)
+{
+    PyObject *pattern = NULL, *colls = NULL, *types = NULL, *vals = NULL;
+    PyObject *others = NULL, *names = NULL, *desc = NULL;
+    pattern = PyTuple_New(c->nleaves);
+    colls = PyTuple_New(c->nrefs);
+    types = PyTuple_New(c->nrefs);
+    vals = PyList_New(c->nrefs);
+    others = PyList_New(c->nothers);
+    if (pattern == NULL || colls == NULL || types == NULL || vals == NULL ||
+        others == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < c->nleaves; i++) {
+        PyObject *p = PyLong_FromLong(c->pattern[i]);
+        if (p == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(pattern, i, p);
+    }
+    for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+        PyTuple_SET_ITEM(colls, k, Py_NewRef(c->refs[k]->collection));
+        PyObject *spec = ref_spec(c->st, c->refs[k]);
+        if (spec == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(types, k, spec);
+        PyList_SET_ITEM(vals, k, Py_NewRef(c->vals[k]));
+    }
+    for (Py_ssize_t i = 0; i < c->nothers; i++) {
+        PyList_SET_ITEM(others, i, Py_NewRef(c->others[i]));
+    }
+    if (c->dyn_kwargs != NULL) {
+        names = PyDict_Keys(c->dyn_kwargs);
+        if (names == NULL) {
+            goto done;
+        }
+    }
+    else {
+        names = PyList_New(0);
+        if (names == NULL) {
+            goto done;
+        }
+    }
+    desc =
+        PyTuple_Pack(9, c->treedef, c->dyn_kwargs != NULL ? Py_True : Py_False,
+                     c->statics != NULL ? c->statics : Py_None, pattern, colls,
+                     types, names, vals, others);
+done:
+    Py_XDECREF(pattern);
+    Py_XDECREF(colls);
+    Py_XDECREF(types);
+    Py_XDECREF(vals);
+    Py_XDECREF(others);
+    Py_XDECREF(names);
+    return desc;
+}
+
+/* Where Ref k sits among the arguments, e.g. "argument 0 at ('w',)"
+ * (never fails: the message it goes into is the error that matters) */
+static PyObject *
+ref_path(call_ctx *c, Py_ssize_t k)
+{
+    refx_state *st = c->st;
+    PyObject *res = NULL, *tree = c->tree, *bound = Py_False;
+    Py_ssize_t leaf = -1;
+    if (k < c->nbound) {
+        PyObject *pat = PyTuple_GET_ITEM(c->jf->bound_desc, 1);
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pat) && leaf < 0; i++) {
+            if (PyLong_AsSsize_t(PyTuple_GET_ITEM(pat, i)) == k) {
+                leaf = i;
+            }
+        }
+        tree = c->jf->bound;
+        bound = Py_True;
+    }
+    else {
+        for (Py_ssize_t i = 0; i < c->nleaves && leaf < 0; i++) {
+            if (c->pattern[i] == k) {
+                leaf = i;
+            }
+        }
+    }
+    if (leaf >= 0 && st->jit_describe != NULL) {
+        res = PyObject_CallFunction(
+            st->jit_describe, "OOOOnO", (PyObject *)c->jf, tree,
+            c->dyn_kwargs != NULL ? Py_True : Py_False,
+            c->statics != NULL ? c->statics : Py_None, leaf, bound);
+    }
+    if (res == NULL) {
+        PyErr_Clear();
+        res = PyUnicode_FromFormat("Ref %zd", k);
+    }
+    return res;
+}
+
+/* ValueError for a write of Ref k that its trace forbids.  Keeps the
+ * original message (the trace-level one, or a tracer check's) first. */
+static void
+fail_write(call_ctx *c, Py_ssize_t k, const char *what)
+{
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    PyErr_NormalizeException(&et, &ev, &etb);
+    if (et == NULL || !PyErr_GivenExceptionMatches(et, PyExc_ValueError)) {
+        PyErr_Restore(et, ev, etb);
+        return;
+    }
+    /* the trace-level error: its first clause (the seed's words), then
+     * where the Ref is, which says more than the Ref's own account */
+    PyObject *msg = PyObject_Str(ev), *head = NULL;
+    if (msg != NULL) {
+        PyObject *seed = PyUnicode_FromString(
+            "Cannot mutate Ref from a different trace level");
+        int is_trace = seed != NULL &&
+                       PyUnicode_Tailmatch(msg, seed, 0, PY_SSIZE_T_MAX, -1);
+        head = is_trace ? Py_NewRef(seed) : Py_NewRef(msg);
+        Py_XDECREF(seed);
+    }
+    PyObject *path = head != NULL ? ref_path(c, k) : NULL;
+    if (path != NULL) {
+        PyErr_Format(PyExc_ValueError,
+                     "%U: %s(%U) %s the Ref of %U, which belongs to another "
+                     "JAX trace than the call's; nothing was written (pass "
+                     "the Refs a function writes to it as arguments)",
+                     head, jit_kind(c->jf), c->jf->name, what, path);
+        Py_DECREF(path);
+    }
+    Py_XDECREF(msg);
+    Py_XDECREF(head);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(etb);
+}
+
+/* jax Arrays only: a numpy array or a pytree value is never donated */
+static inline int
+donatable(refx_state *st, PyObject *v)
+{
+    return st->jit_array_type != NULL &&
+           (PyObject *)Py_TYPE(v) == st->jit_array_type;
+}
+
+/* Build the arguments of the jitted call (candidates given by the entry). */
+static int
+build_call(call_ctx *c, PyObject *cand)
+{
+    refx_state *st = c->st;
+    JitObject *jf = c->jf;
+    Py_ssize_t nbo =
+        jf->bound_others != NULL ? PyTuple_GET_SIZE(jf->bound_others) : 0;
+    PyObject *others = PyList_New(nbo + c->nothers);
+    if (others == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nbo; i++) {
+        PyList_SET_ITEM(others, i,
+                        Py_NewRef(PyTuple_GET_ITEM(jf->bound_others, i)));
+    }
+    for (Py_ssize_t i = 0; i < c->nothers; i++) {
+        PyList_SET_ITEM(others, nbo + i, Py_NewRef(c->others[i]));
+    }
+    if (cand == Py_None) {
+        PyObject *vals = PyList_New(c->nrefs);
+        if (vals == NULL) {
+            Py_DECREF(others);
+            return -1;
+        }
+        for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+            PyList_SET_ITEM(vals, k, c->vals[k]); /* moved */
+            c->vals[k] = NULL;
+        }
+        c->call_args[0] = vals;
+        c->call_args[1] = others;
+        c->ncall = 2;
+        return 0;
+    }
+    /* donation: a candidate is donated if its value is a jax Array that
+     * appears once among all inputs */
+    Py_ssize_t ncand = PyTuple_GET_SIZE(cand);
+    PyObject *mask = NULL, *donated = NULL, *kept = NULL, *trace = NULL;
+    char *isd = PyMem_Calloc((size_t)(c->nrefs > 0 ? c->nrefs : 1), 1);
+    refx_ptrmap seen;
+    refx_ptrmap_init(&seen);
+    if (isd == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    /* count every input object: Ref values and other leaves */
+    for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+        int found;
+        refx_ptrmap_entry *e = refx_ptrmap_get(&seen, c->vals[k], &found);
+        if (e == NULL) {
+            goto error;
+        }
+        e->value = found ? e->value + 1 : 1;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(others); i++) {
+        int found;
+        refx_ptrmap_entry *e =
+            refx_ptrmap_get(&seen, PyList_GET_ITEM(others, i), &found);
+        if (e == NULL) {
+            goto error;
+        }
+        e->value = found ? e->value + 1 : 1;
+    }
+    mask = PyBytes_FromStringAndSize(NULL, ncand);
+    if (mask == NULL) {
+        goto error;
+    }
+    char *m = PyBytes_AS_STRING(mask);
+    for (Py_ssize_t j = 0; j < ncand; j++) {
+        Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(cand, j));
+        if (k < 0 || k >= c->nrefs) {
+            if (!PyErr_Occurred()) {
+                REFX_BUG("donation candidate out of range");
+            }
+            goto error;
+        }
+        int found;
+        refx_ptrmap_entry *e = refx_ptrmap_get(&seen, c->vals[k], &found);
+        if (e == NULL) {
+            goto error;
+        }
+        m[j] = (char)(donatable(st, c->vals[k]) && e->value == 1 && !isd[k]);
+        if (m[j]) {
+            isd[k] = 1;
+        }
+    }
+    /* a donated Ref is written whatever fun does: check its trace now,
+     * while its buffer still exists */
+    trace = refx_current_trace(st);
+    if (trace == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+        if (isd[k] && c->refs[k]->trace != trace) {
+            PyErr_SetString(PyExc_ValueError,
+                            "Cannot mutate Ref from a different trace level");
+            fail_write(c, k, "would donate (and so write)");
+            goto error;
+        }
+    }
+    donated = PyList_New(0);
+    kept = PyList_New(0);
+    if (donated == NULL || kept == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t j = 0; j < ncand; j++) {
+        Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(cand, j));
+        if (m[j] && PyList_Append(donated, c->vals[k]) < 0) {
+            goto error;
+        }
+    }
+    for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+        if (!isd[k] && PyList_Append(kept, c->vals[k]) < 0) {
+            goto error;
+        }
+    }
+    c->call_args[0] = mask;
+    c->call_args[1] = donated;
+    c->call_args[2] = kept;
+    c->call_args[3] = others;
+    c->ncall = 4;
+    refx_ptrmap_fini(&seen);
+    PyMem_Free(isd);
+    Py_DECREF(trace);
+    return 0;
+error:
+    refx_ptrmap_fini(&seen);
+    PyMem_Free(isd);
+    Py_XDECREF(trace);
+    Py_XDECREF(mask);
+    Py_XDECREF(donated);
+    Py_XDECREF(kept);
+    Py_DECREF(others);
+    return -1;
+}
+
+/* Does this call's key equal `key` (one that make_key built)?  The same
+ * test as the cache dict's ==, item by item, without building the call's
+ * key or hashing it: a loop calling with one structure pays only the
+ * treedef comparison.  1 yes, 0 no, -1 error. */
+static int
+key_equals_call(call_ctx *c, PyObject *key)
+{
+    int r =
+        PyObject_RichCompareBool(PyTuple_GET_ITEM(key, 0), c->treedef, Py_EQ);
+    if (r <= 0) {
+        return r;
+    }
+    if (PyTuple_GET_ITEM(key, 1) !=
+        (c->dyn_kwargs != NULL ? Py_True : Py_False)) {
+        return 0;
+    }
+    PyObject *ks = PyTuple_GET_ITEM(key, 2);
+    if ((ks == Py_None) != (c->statics == NULL)) {
+        return 0;
+    }
+    if (c->statics != NULL) {
+        r = PyObject_RichCompareBool(ks, c->statics, Py_EQ);
+        if (r <= 0) {
+            return r;
+        }
+    }
+    PyObject *pat = PyTuple_GET_ITEM(key, 3);
+    if (c->nothers == c->nleaves) { /* no Ref leaf: see make_key */
+        return pat == Py_None;
+    }
+    if (pat == Py_None ||
+        PyBytes_GET_SIZE(pat) != c->nleaves * (Py_ssize_t)sizeof(int32_t) ||
+        memcmp(PyBytes_AS_STRING(pat), c->pattern,
+               (size_t)PyBytes_GET_SIZE(pat)) != 0) {
+        return 0;
+    }
+    PyObject *colls = PyTuple_GET_ITEM(key, 4);
+    PyObject *types = PyTuple_GET_ITEM(key, 5);
+    Py_ssize_t ncall = c->nrefs - c->nbound;
+    if (PyTuple_GET_SIZE(colls) != ncall) {
+        return 0;
+    }
+    for (Py_ssize_t k = 0; k < ncall; k++) {
+        RefObject *ref = c->refs[c->nbound + k];
+        PyTypeObject *tp = Py_TYPE(ref);
+        if (types == Py_None ? tp != c->st->Ref_Type
+                             : (PyObject *)tp != PyTuple_GET_ITEM(types, k)) {
+            return 0;
+        }
+        PyObject *a = PyTuple_GET_ITEM(colls, k), *b = ref->collection;
+        if (a != b) {
+            /* owned across __eq__, which may re-init the Ref */
+            Py_INCREF(b);
+            r = PyObject_RichCompareBool(a, b, Py_EQ);
+            Py_DECREF(b);
+            if (r <= 0) {
+                return r;
+            }
+        }
+    }
+    return 1;
+}
+
+/* split, flatten, snapshot, key, lookup (or build), call arguments */
+static int
+jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
+            PyObject *kwnames)
+{
+    refx_state *st = c->st;
+    JitObject *jf = c->jf;
+    PyObject *key = NULL;
+    if (refx_require_jax(st, jit_kind(jf)) < 0) {
+        return -1;
+    }
+    if (st->jit_builder == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "refx.jit: refx._transforms is not loaded");
+        return -1;
+    }
+    if (split_args(c, args, PyVectorcall_NARGS(nargsf), kwnames) < 0) {
+        return -1;
+    }
+    if (c->dyn_kwargs != NULL) {
+        c->tree = PyTuple_Pack(2, c->dyn_args, c->dyn_kwargs);
+        if (c->tree == NULL) {
+            return -1;
+        }
+    }
+    else {
+        c->tree = Py_NewRef(c->dyn_args);
+    }
+    c->leaves = refx_flatten(st, c->tree, NULL, &c->treedef);
+    if (c->leaves == NULL || snapshot(c) < 0) {
+        return -1;
+    }
+    PyObject *last = Py_XNewRef(jf->last); /* owned across __eq__ calls */
+    if (last != NULL) {
+        int m = key_equals_call(c, PyTuple_GET_ITEM(last, 0));
+        if (m > 0) {
+            c->entry = Py_NewRef(PyTuple_GET_ITEM(last, 1));
+        }
+        Py_DECREF(last);
+        if (m < 0) {
+            return -1;
+        }
+    }
+    if (c->entry != NULL) {
+        return build_call(c, PyTuple_GET_ITEM(c->entry, 1));
+    }
+    key = make_key(c);
+    if (key == NULL) {
+        return -1;
+    }
+    c->entry = Py_XNewRef(PyDict_GetItemWithError(jf->cache, key));
+    if (c->entry == NULL) {
+        if (PyErr_Occurred()) {
+            goto error;
+        }
+        PyObject *desc = make_desc(c);
+        if (desc == NULL) {
+            goto error;
+        }
+        PyObject *bargs[2] = {(PyObject *)jf, desc};
+        c->entry = PyObject_Vectorcall(st->jit_builder, bargs, 2, NULL);
+        Py_DECREF(desc);
+        if (c->entry == NULL) {
+            goto error;
+        }
+        if (!PyTuple_CheckExact(c->entry) || PyTuple_GET_SIZE(c->entry) != 2) {
+            REFX_BUG("the jit builder did not return (jitted, candidates)");
+            goto error;
+        }
+        if (PyDict_SetItem(jf->cache, key, c->entry) < 0) {
+            goto error;
+        }
+    }
+    last = PyTuple_Pack(2, key, c->entry);
+    if (last == NULL) {
+        goto error;
+    }
+    Py_XSETREF(jf->last, last);
+    Py_CLEAR(key);
+    if (build_call(c, PyTuple_GET_ITEM(c->entry, 1)) < 0) {
+        return -1;
+    }
+    return 0;
+error:
+    Py_XDECREF(key);
+    return -1;
+}
+
+/* Parse the result, build the outputs, write back.  New reference. */
+static PyObject *
+jit_finish(call_ctx *c, PyObject *res)
+{
+    refx_state *st = c->st;
+    PyObject *out = NULL, *trace = NULL, *leaves = NULL;
+    PyObject **olds = NULL, **news = NULL;
+    RefObject **targets = NULL;
+    Py_ssize_t nw = 0;
+    if (!PyTuple_CheckExact(res) || PyTuple_GET_SIZE(res) != 3 ||
+        Py_TYPE(PyTuple_GET_ITEM(res, 0)) != st->Static_Type ||
+        !PyList_CheckExact(PyTuple_GET_ITEM(res, 1))) {
+        REFX_BUG("the jitted function did not return (Static, list, out)");
+        return NULL;
+    }
+    PyObject *plan = ((StaticObject *)PyTuple_GET_ITEM(res, 0))->value;
+    PyObject *wvals = PyTuple_GET_ITEM(res, 1);
+    PyObject *payload = PyTuple_GET_ITEM(res, 2);
+    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 3 ||
+        !PyTuple_CheckExact(PyTuple_GET_ITEM(plan, 0)) ||
+        PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 0)) !=
+            PyList_GET_SIZE(wvals)) {
+        REFX_BUG("malformed jit plan");
+        return NULL;
+    }
+    PyObject *written = PyTuple_GET_ITEM(plan, 0);
+    PyObject *spec = PyTuple_GET_ITEM(plan, 1);
+    nw = PyTuple_GET_SIZE(written);
+    trace = refx_current_trace(st);
+    if (trace == NULL) {
+        return NULL;
+    }
+
+    /* outputs first: building them may fail, and must not after writing */
+    if (spec == Py_None) {
+        out = Py_NewRef(payload);
+    }
+    else {
+        PyObject *out_td = PyTuple_GET_ITEM(plan, 2);
+        if (!PyTuple_CheckExact(spec) || !PyList_CheckExact(payload)) {
+            REFX_BUG("malformed jit output plan");
+            goto error;
+        }
+        Py_ssize_t n = PyTuple_GET_SIZE(spec), next = 0, nnew = 0;
+        leaves = PyList_New(n);
+        news = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
+        if (leaves == NULL || news == NULL) {
+            if (news == NULL) {
+                PyErr_NoMemory();
+            }
+            goto error;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *s = PyTuple_GET_ITEM(spec, i), *leaf;
+            if (s == Py_None) {
+                if (next >= PyList_GET_SIZE(payload)) {
+                    REFX_BUG("jit output plan longer than the outputs");
+                    goto error;
+                }
+                leaf = Py_NewRef(PyList_GET_ITEM(payload, next++));
+            }
+            else if (PyLong_CheckExact(s)) {
+                Py_ssize_t k = PyLong_AsSsize_t(s);
+                if (k < 0 || k >= c->nrefs) {
+                    REFX_BUG("jit output names no argument Ref");
+                    goto error;
+                }
+                leaf = Py_NewRef((PyObject *)c->refs[k]);
+            }
+            else if (Ref_Check(st, s)) {
+                leaf = Py_NewRef(s);
+            }
+            else {
+                Py_ssize_t j;
+                if (!PyTuple_CheckExact(s) || PyTuple_GET_SIZE(s) != 3 ||
+                    (j = PyLong_AsSsize_t(PyTuple_GET_ITEM(s, 0))) < 0 ||
+                    j >= n || check_spec(st, PyTuple_GET_ITEM(s, 1)) < 0) {
+                    if (!PyErr_Occurred()) {
+                        REFX_BUG("malformed new-Ref item in a jit plan");
+                    }
+                    goto error;
+                }
+                if (news[j] == NULL) {
+                    if (next >= PyList_GET_SIZE(payload)) {
+                        REFX_BUG("jit output plan longer than the outputs");
+                        goto error;
+                    }
+                    news[j] = ref_from_spec(st, PyTuple_GET_ITEM(s, 1),
+                                            PyList_GET_ITEM(payload, next++),
+                                            PyTuple_GET_ITEM(s, 2), trace);
+                    if (news[j] == NULL) {
+                        goto error;
+                    }
+                    nnew = j + 1 > nnew ? j + 1 : nnew;
+                }
+                leaf = Py_NewRef(news[j]);
+            }
+            PyList_SET_ITEM(leaves, i, leaf);
+        }
+        for (Py_ssize_t j = 0; j < n; j++) {
+            Py_CLEAR(news[j]);
+        }
+        out = refx_unflatten(st, out_td, leaves);
+        if (out == NULL) {
+            goto error;
+        }
+    }
+
+    /* write phase 1: check every write */
+    if (nw > 0) {
+        targets = PyMem_Malloc((size_t)nw * sizeof(RefObject *));
+        olds = PyMem_Calloc((size_t)nw, sizeof(PyObject *));
+        if (targets == NULL || olds == NULL) {
+            PyErr_NoMemory();
+            goto error;
+        }
+    }
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, w));
+        if (k < 0 || k >= c->nrefs) {
+            if (!PyErr_Occurred()) {
+                REFX_BUG("jit plan writes no argument Ref");
+            }
+            goto error;
+        }
+        targets[w] = c->refs[k];
+        PyObject *v = PyList_GET_ITEM(wvals, w);
+        if (refx_check_write(st, targets[w], v, trace) < 0) {
+            fail_write(c, k, "wrote");
+            goto error;
+        }
+    }
+    /* write phase 2: store; no Python code runs until the olds go */
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        olds[w] = Py_NewRef(targets[w]->value);
+        refx_ref_store(st, targets[w], PyList_GET_ITEM(wvals, w));
+    }
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        Py_DECREF(olds[w]);
+    }
+    PyMem_Free(olds);
+    PyMem_Free(targets);
+    PyMem_Free(news);
+    Py_XDECREF(leaves);
+    Py_DECREF(trace);
+    return out;
+error:
+    if (news != NULL && leaves != NULL) {
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(leaves); j++) {
+            Py_CLEAR(news[j]);
+        }
+    }
+    PyMem_Free(olds);
+    PyMem_Free(targets);
+    PyMem_Free(news);
+    Py_XDECREF(leaves);
+    Py_XDECREF(out);
+    Py_XDECREF(trace);
+    return NULL;
+}
+
+static PyObject *
+jit_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
+               PyObject *kwnames)
+{
+    JitObject *jf = (JitObject *)self;
+    call_ctx c;
+    memset(&c, 0, sizeof(c));
+    c.st = refx_state_from_type(Py_TYPE(self));
+    c.jf = jf;
+    PyObject *res = NULL, *out = NULL;
+    if (c.st == NULL || jit_prepare(&c, args, nargsf, kwnames) < 0) {
+        goto done;
+    }
+    res = refx_call_jax(PyTuple_GET_ITEM(c.entry, 0), c.call_args, c.ncall);
+    if (res == NULL) {
+        goto done;
+    }
+    out = jit_finish(&c, res);
+done:
+    Py_XDECREF(res);
+    ctx_fini(&c);
+    return out;
+}
+
+/* .lower(*args, **kwargs): the jax.jit function of the entry, lowered
+ * with the flat arguments this call would pass */
+static PyObject *
+jit_lower(PyObject *self, PyObject *const *args, size_t nargsf,
+          PyObject *kwnames)
+{
+    call_ctx c;
+    memset(&c, 0, sizeof(c));
+    c.st = refx_state_from_type(Py_TYPE(self));
+    c.jf = (JitObject *)self;
+    PyObject *res = NULL, *lower = NULL;
+    if (c.st == NULL || jit_prepare(&c, args, nargsf, kwnames) < 0) {
+        goto done;
+    }
+    lower = PyObject_GetAttrString(PyTuple_GET_ITEM(c.entry, 0), "lower");
+    if (lower != NULL) {
+        res = PyObject_Vectorcall(lower, c.call_args, c.ncall, NULL);
+    }
+done:
+    Py_XDECREF(lower);
+    ctx_fini(&c);
+    return res;
+}
+
+static PyObject *
+jit_cache_size(JitObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_ssize_t total = 0, pos = 0;
+    PyObject *k, *entry;
+    PyObject *entries = PyDict_Values(self->cache);
+    if (entries == NULL) {
+        return NULL;
+    }
+    for (pos = 0; pos < PyList_GET_SIZE(entries); pos++) {
+        entry = PyList_GET_ITEM(entries, pos);
+        PyObject *n = PyObject_CallMethod(PyTuple_GET_ITEM(entry, 0),
+                                          "_cache_size", NULL);
+        if (n == NULL) {
+            Py_DECREF(entries);
+            return NULL;
+        }
+        total += PyLong_AsSsize_t(n);
+        Py_DECREF(n);
+    }
+    (void)k;
+    Py_DECREF(entries);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyLong_FromSsize_t(total);
+}
+
+static PyObject *
+jit_clear_cache(JitObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_CLEAR(self->last);
+    PyDict_Clear(self->cache);
+    Py_RETURN_NONE;
+}
+
+static int
+check_int_tuple(PyObject *t, const char *what)
+{
+    if (!PyTuple_Check(t)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple of int", what);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++) {
+        if (!PyLong_Check(PyTuple_GET_ITEM(t, i))) {
+            PyErr_Format(PyExc_TypeError, "%s must be a tuple of int", what);
+            return -1;
+        }
+        if (PyLong_AsSsize_t(PyTuple_GET_ITEM(t, i)) == -1 &&
+            PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+check_str_tuple(PyObject *t, const char *what)
+{
+    if (!PyTuple_Check(t)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple of str", what);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(t, i))) {
+            PyErr_Format(PyExc_TypeError, "%s must be a tuple of str", what);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Bind the trees of jit_partial: their distinct Refs (numbered in leaf
+ * order, as deref would), other leaves and (treedef, pattern). */
+static int
+bind_trees(refx_state *st, JitObject *jf, PyObject *bound)
+{
+    PyObject *treedef = NULL, *leaves = NULL, *refs = NULL, *others = NULL;
+    PyObject *pattern = NULL;
+    refx_ptrmap map;
+    refx_ptrmap_init(&map);
+    int res = -1;
+    leaves = refx_flatten(st, bound, NULL, &treedef);
+    if (leaves == NULL) {
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(leaves);
+    refs = PyList_New(0);
+    others = PyList_New(0);
+    pattern = PyTuple_New(n);
+    if (refs == NULL || others == NULL || pattern == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *leaf = PyList_GET_ITEM(leaves, i), *p;
+        if (Ref_Check(st, leaf)) {
+            int found;
+            refx_ptrmap_entry *e = refx_ptrmap_get(&map, leaf, &found);
+            if (e == NULL) {
+                goto done;
+            }
+            if (!found) {
+                e->value = PyList_GET_SIZE(refs);
+                if (PyList_Append(refs, leaf) < 0) {
+                    goto done;
+                }
+            }
+            p = PyLong_FromSsize_t(e->value);
+        }
+        else {
+            if (PyList_Append(others, leaf) < 0) {
+                goto done;
+            }
+            p = PyLong_FromLong(-1);
+        }
+        if (p == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(pattern, i, p);
+    }
+    jf->bound = Py_NewRef(bound);
+    jf->bound_refs = PyList_AsTuple(refs);
+    jf->bound_others = PyList_AsTuple(others);
+    jf->bound_desc = PyTuple_Pack(2, treedef, pattern);
+    if (jf->bound_refs == NULL || jf->bound_others == NULL ||
+        jf->bound_desc == NULL) {
+        goto done;
+    }
+    res = 0;
+done:
+    refx_ptrmap_fini(&map);
+    Py_XDECREF(treedef);
+    Py_XDECREF(leaves);
+    Py_XDECREF(refs);
+    Py_XDECREF(others);
+    Py_XDECREF(pattern);
+    return res;
+}
+
+static PyObject *
+jit_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fun",
+                             "static_argnums",
+                             "static_argnames",
+                             "donate_argnums",
+                             "donate_argnames",
+                             "options",
+                             "bound",
+                             NULL};
+    PyObject *fun, *snums = NULL, *snames = NULL, *dnums = NULL,
+                   *dnames = NULL;
+    PyObject *options = NULL, *bound = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$OOOOOO:JitFunction",
+                                     kwlist, &fun, &snums, &snames, &dnums,
+                                     &dnames, &options, &bound)) {
+        return NULL;
+    }
+    if (snums == NULL || snames == NULL || dnums == NULL || dnames == NULL ||
+        options == NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "JitFunction: static_argnums, static_argnames, "
+                        "donate_argnums, donate_argnames and options are "
+                        "required keyword arguments (use refx.jit)");
+        return NULL;
+    }
+    if (!PyCallable_Check(fun)) {
+        PyErr_Format(PyExc_TypeError,
+                     "refx.jit: fun must be callable, not %.200s",
+                     Py_TYPE(fun)->tp_name);
+        return NULL;
+    }
+    if (check_int_tuple(snums, "static_argnums") < 0 ||
+        check_str_tuple(snames, "static_argnames") < 0 ||
+        check_int_tuple(dnums, "donate_argnums") < 0 ||
+        check_str_tuple(dnames, "donate_argnames") < 0) {
+        return NULL;
+    }
+    if (!PyDict_Check(options)) {
+        PyErr_SetString(PyExc_TypeError, "options must be a dict");
+        return NULL;
+    }
+    if (bound != Py_None && !PyTuple_Check(bound)) {
+        PyErr_SetString(PyExc_TypeError, "bound must be a tuple or None");
+        return NULL;
+    }
+    refx_state *st = refx_state_from_type(tp);
+    if (st == NULL || refx_require_jax(st, "refx.jit") < 0) {
+        return NULL;
+    }
+    JitObject *self = (JitObject *)tp->tp_alloc(tp, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = jit_vectorcall;
+    self->fun = Py_NewRef(fun);
+    self->static_nums = Py_NewRef(snums);
+    self->static_names = Py_NewRef(snames);
+    self->donate_nums = Py_NewRef(dnums);
+    self->donate_names = Py_NewRef(dnames);
+    self->options = Py_NewRef(options);
+    self->cache = PyDict_New();
+    self->name = PyObject_GetAttrString(fun, "__qualname__");
+    if (self->name == NULL || !PyUnicode_Check(self->name)) {
+        PyErr_Clear();
+        Py_XSETREF(self->name, PyObject_Repr(fun));
+    }
+    if (self->cache == NULL || self->name == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (bound != Py_None && bind_trees(st, self, bound) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+jit_traverse(JitObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->fun);
+    Py_VISIT(self->options);
+    Py_VISIT(self->cache);
+    Py_VISIT(self->static_nums);
+    Py_VISIT(self->static_names);
+    Py_VISIT(self->donate_nums);
+    Py_VISIT(self->donate_names);
+    Py_VISIT(self->bound);
+    Py_VISIT(self->bound_refs);
+    Py_VISIT(self->bound_others);
+    Py_VISIT(self->bound_desc);
+    Py_VISIT(self->name);
+    Py_VISIT(self->last);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+jit_clear(JitObject *self)
+{
+    Py_CLEAR(self->fun);
+    Py_CLEAR(self->options);
+    Py_CLEAR(self->cache);
+    Py_CLEAR(self->static_nums);
+    Py_CLEAR(self->static_names);
+    Py_CLEAR(self->donate_nums);
+    Py_CLEAR(self->donate_names);
+    Py_CLEAR(self->bound);
+    Py_CLEAR(self->bound_refs);
+    Py_CLEAR(self->bound_others);
+    Py_CLEAR(self->bound_desc);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+jit_dealloc(JitObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    jit_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* as a method: bind the instance (jax.jit does the same) */
+static PyObject *
+jit_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    (void)type;
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+jit_repr(JitObject *self)
+{
+    return PyUnicode_FromFormat("<%s of %R>", jit_kind(self), self->fun);
+}
+
+static PyObject *
+jit_get_field(JitObject *self, void *closure)
+{
+    PyObject *v = *(PyObject **)((char *)self + (Py_ssize_t)closure);
+    return Py_NewRef(v != NULL ? v : Py_None);
+}
+
+#define JIT_FIELD(name, field, doc)                                           \
+    {name, (getter)jit_get_field, NULL, doc,                                  \
+     (void *)offsetof(JitObject, field)}
+
+static PyGetSetDef jit_getset[] = {
+    JIT_FIELD("_fun", fun, "The wrapped function."),
+    JIT_FIELD("_options", options, "jax.jit options."),
+    JIT_FIELD("_static_argnums", static_nums, NULL),
+    JIT_FIELD("_static_argnames", static_names, NULL),
+    JIT_FIELD("_donate_argnums", donate_nums, NULL),
+    JIT_FIELD("_donate_argnames", donate_names, NULL),
+    JIT_FIELD("_bound", bound, "jit_partial: the bound trees (or None)."),
+    JIT_FIELD("_bound_desc", bound_desc, NULL),
+    JIT_FIELD("_bound_refs", bound_refs, NULL),
+    JIT_FIELD("_cache", cache, "key -> (jitted, donation candidates)."),
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+static PyMemberDef jit_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(JitObject, vectorcall),
+     READONLY, NULL},
+    {"__dictoffset__", T_PYSSIZET, offsetof(JitObject, dict), READONLY, NULL},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(JitObject, weakreflist),
+     READONLY, NULL},
+    {NULL},
+};
+
+static PyMethodDef jit_methods[] = {
+    {"lower", (PyCFunction)(void (*)(void))jit_lower,
+     METH_FASTCALL | METH_KEYWORDS,
+     "lower($self, /, *args, **kwargs)\n--\n\n"
+     "Lower the jax.jit function this call would run, with the flat\n"
+     "arguments it would get (see jax.jit(...).lower)."},
+    {"_cache_size", (PyCFunction)jit_cache_size, METH_NOARGS,
+     "_cache_size($self, /)\n--\n\n"
+     "Number of compiled traces over all cache entries."},
+    {"_clear_cache", (PyCFunction)jit_clear_cache, METH_NOARGS,
+     "_clear_cache($self, /)\n--\n\nForget every cache entry."},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
+     "See PEP 585."},
+    {NULL},
+};
+
+PyDoc_STRVAR(
+    jit_doc,
+    "JitFunction(fun, *, static_argnums, static_argnames, donate_argnums,\n"
+    "            donate_argnames, options, bound=None)\n"
+    "--\n\n"
+    "A function compiled by refx.jit or refx.jit_partial (make it with "
+    "those).");
+
+static PyType_Slot jit_slots[] = {
+    {Py_tp_doc, (void *)jit_doc},    {Py_tp_new, jit_new},
+    {Py_tp_call, PyVectorcall_Call}, {Py_tp_dealloc, jit_dealloc},
+    {Py_tp_traverse, jit_traverse},  {Py_tp_clear, jit_clear},
+    {Py_tp_repr, jit_repr},          {Py_tp_descr_get, jit_descr_get},
+    {Py_tp_getset, jit_getset},      {Py_tp_members, jit_members},
+    {Py_tp_methods, jit_methods},    {0, NULL},
+};
+
+static PyType_Spec jit_spec = {
+    .name = "refx.JitFunction",
+    .basicsize = sizeof(JitObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = jit_slots,
+};
+
+/* ------------------------------------------------------------------ */
+/* helpers for the trace-time code (refx/_transforms.py)                */
+/* ------------------------------------------------------------------ */
+
+/* _make_refs(values, collections, specs): new Refs of the current trace,
+ * made without calling __init__ (a subclass's may take other arguments) */
+static PyObject *
+make_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    refx_state *st = refx_get_state(module);
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) ||
+        !PyTuple_Check(args[2]) ||
+        PyTuple_GET_SIZE(args[1]) != PyList_GET_SIZE(args[0]) ||
+        PyTuple_GET_SIZE(args[2]) != PyList_GET_SIZE(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_make_refs(values: list, collections: tuple, types: "
+                        "tuple) of equal lengths");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(args[0]);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (check_spec(st, PyTuple_GET_ITEM(args[2], k)) < 0) {
+            return NULL;
+        }
+    }
+    PyObject *trace = refx_current_trace(st);
+    if (trace == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        Py_DECREF(trace);
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *r = ref_from_spec(st, PyTuple_GET_ITEM(args[2], k),
+                                    PyList_GET_ITEM(args[0], k),
+                                    PyTuple_GET_ITEM(args[1], k), trace);
+        if (r == NULL) {
+            Py_DECREF(out);
+            Py_DECREF(trace);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, k, r);
+    }
+    Py_DECREF(trace);
+    return out;
+}
+
+/* _ref_is_current(ref): was ref made in the current trace? */
+static PyObject *
+ref_is_current(PyObject *module, PyObject *ref)
+{
+    refx_state *st = refx_get_state(module);
+    if (!Ref_Check(st, ref)) {
+        PyErr_SetString(PyExc_TypeError, "_ref_is_current expects a Ref");
+        return NULL;
+    }
+    PyObject *trace = refx_current_trace(st);
+    if (trace == NULL) {
+        return NULL;
+    }
+    int r = ((RefObject *)ref)->trace == trace;
+    Py_DECREF(trace);
+    return Py_NewRef(r ? Py_True : Py_False);
+}
+
+/* _write_refs(refs, values): check every write (trace level, tracers),
+ * then store them all with no Python code running.  Raises ValueError
+ * with the index of the first Ref that may not be written as args[1]. */
+static PyObject *
+write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    refx_state *st = refx_get_state(module);
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1]) ||
+        PyList_GET_SIZE(args[0]) != PyList_GET_SIZE(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_write_refs(refs: list, values: list) of equal "
+                        "lengths");
+        return NULL;
+    }
+    /* own both lists' items: a check may run Python code */
+    PyObject *refs = PyList_GetSlice(args[0], 0, PY_SSIZE_T_MAX);
+    PyObject *vals = PyList_GetSlice(args[1], 0, PY_SSIZE_T_MAX);
+    PyObject *trace = NULL, **olds = NULL, *res = NULL;
+    if (refs == NULL || vals == NULL) {
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(refs);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (!Ref_Check(st, PyList_GET_ITEM(refs, k))) {
+            PyErr_SetString(PyExc_TypeError, "_write_refs: refs must be Refs");
+            goto done;
+        }
+    }
+    trace = refx_current_trace(st);
+    olds = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
+    if (trace == NULL || olds == NULL) {
+        if (olds == NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (refx_check_write(st, (RefObject *)PyList_GET_ITEM(refs, k),
+                             PyList_GET_ITEM(vals, k), trace) < 0) {
+            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+                PyObject *et, *ev, *etb;
+                PyErr_Fetch(&et, &ev, &etb);
+                PyErr_NormalizeException(&et, &ev, &etb);
+                PyObject *msg = PyObject_Str(ev);
+                if (msg != NULL) {
+                    PyObject *e = Py_BuildValue("(Nn)", msg, k);
+                    if (e != NULL) {
+                        PyErr_SetObject(PyExc_ValueError, e);
+                        Py_DECREF(e);
+                    }
+                }
+                Py_XDECREF(et);
+                Py_XDECREF(ev);
+                Py_XDECREF(etb);
+            }
+            goto done;
+        }
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        RefObject *r = (RefObject *)PyList_GET_ITEM(refs, k);
+        olds[k] = Py_NewRef(r->value);
+        refx_ref_store(st, r, PyList_GET_ITEM(vals, k));
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_CLEAR(olds[k]);
+    }
+    res = Py_NewRef(Py_None);
+done:
+    PyMem_Free(olds);
+    Py_XDECREF(trace);
+    Py_XDECREF(refs);
+    Py_XDECREF(vals);
+    return res;
+}
+
+static PyObject *
+install_jit(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"builder", "describe", "array_type", NULL};
+    PyObject *builder, *describe, *array_type;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO:_install_jit", kwlist,
+                                     &builder, &describe, &array_type)) {
+        return NULL;
+    }
+    refx_state *st = refx_get_state(module);
+    Py_XSETREF(st->jit_builder, Py_NewRef(builder));
+    Py_XSETREF(st->jit_describe, Py_NewRef(describe));
+    Py_XSETREF(st->jit_array_type, Py_NewRef(array_type));
+    Py_RETURN_NONE;
+}
+
+PyMethodDef refx_jit_functions[] = {
+    {"_static_flatten", (PyCFunction)static_flatten, METH_O,
+     "_static_flatten($module, static, /)\n--\n\npytree flatten of Static."},
+    {"_static_unflatten", (PyCFunction)(void (*)(void))static_unflatten,
+     METH_FASTCALL,
+     "_static_unflatten($module, aux, children, /)\n--\n\n"
+     "pytree unflatten of Static."},
+    {"_make_refs", (PyCFunction)(void (*)(void))make_refs, METH_FASTCALL,
+     "_make_refs($module, values, collections, types, /)\n--\n\n"
+     "New Refs of the current trace (no __init__ call)."},
+    {"_ref_spec", (PyCFunction)ref_spec_py, METH_O,
+     "_ref_spec($module, ref, /)\n--\n\n"
+     "What rebuilds the Ref in a trace: its class, or its kind (class,\n"
+     "metadata, attributes)."},
+    {"_ref_is_current", (PyCFunction)ref_is_current, METH_O,
+     "_ref_is_current($module, ref, /)\n--\n\n"
+     "Whether ref was made in the current JAX trace."},
+    {"_write_refs", (PyCFunction)(void (*)(void))write_refs, METH_FASTCALL,
+     "_write_refs($module, refs, values, /)\n--\n\n"
+     "Check every write, then write all (all or nothing)."},
+    {"_install_jit", (PyCFunction)(void (*)(void))install_jit,
+     METH_VARARGS | METH_KEYWORDS,
+     "_install_jit($module, /, *, builder, describe, array_type)\n--\n\n"
+     "Link refx.jit's per-call path to its trace-time builder; not public."},
+    {NULL, NULL, 0, NULL},
+};
+
+int
+refx_init_jit(PyObject *module, refx_state *st)
+{
+    st->Static_Type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &static_spec, NULL);
+    if (st->Static_Type == NULL ||
+        PyModule_AddType(module, st->Static_Type) < 0) {
+        return -1;
+    }
+    st->Jit_Type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &jit_spec, NULL);
+    if (st->Jit_Type == NULL || PyModule_AddType(module, st->Jit_Type) < 0) {
+        return -1;
+    }
+    return PyModule_AddFunctions(module, refx_jit_functions);
+}
