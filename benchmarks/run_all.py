@@ -21,7 +21,8 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SCRIPTS = ["bench_floor.py", "bench_nnx.py", "bench_equinox.py", "bench_pure_python.py", "bench_step.py"]
+SCRIPTS = ["bench_floor.py", "bench_nnx.py", "bench_equinox.py", "bench_pure_python.py", "bench_step.py",
+           "bench_lines.py"]
 
 
 def plot() -> None:
@@ -74,7 +75,7 @@ def plot() -> None:
     plt.close(fig)
 
 
-QUESTIONS = ["floor", "nnx", "equinox", "pure_python", "step"]
+QUESTIONS = ["floor", "nnx", "equinox", "pure_python", "step", "lines"]
 
 
 def _x(values, fmt="{:.2f}x") -> str:

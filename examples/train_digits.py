@@ -12,8 +12,8 @@ updates the params in place, and refx.jit writes every Ref the step wrote
 back into the caller's model.  No functional plumbing reaches the code.
 
 Afterwards the script checks the tied weight is still one Ref, plots the
-loss, and round-trips a checkpoint (params + batch stats as {path: array},
-saved with numpy.savez) into a freshly built model.
+loss, and round-trips an orbax checkpoint (params + batch stats, named by
+path, through refx.save / refx.restore) into a freshly built model.
 """
 
 from __future__ import annotations
@@ -143,24 +143,18 @@ def train(
 CHECKPOINTED = ("params", "batch_stats")  # a tuple filter: either collection
 
 
-def save_checkpoint(model: Module, file: pathlib.Path) -> None:
-    """Save {path: array}, one entry per Ref: deref marks a tied Ref's first
-    path with a Value and its repeats with Indexes, so it is stored once."""
-    state = refx.get_partition(refx.deref(model), CHECKPOINTED)
-    arrays = {
-        "/".join(p): np.asarray(v.value) for p, v in state.items() if isinstance(v, refx.Value)
-    }
-    np.savez(file, **arrays)  # type: ignore[arg-type]
+def save_checkpoint(model: Module, directory: pathlib.Path) -> None:
+    """An orbax checkpoint of the params and batch stats, named as
+    refx.state_dict names them ("blocks/0/linear/w"): a tied Ref is stored
+    once, under its first path."""
+    refx.save(directory, model, filter=CHECKPOINTED, force=True)
 
 
-def load_checkpoint(model: Module, file: pathlib.Path) -> None:
-    """Load a checkpoint into `model`'s Refs, by path.  The file has one
-    entry per Ref; update_refs accepts a source without the repeats of a
-    tied Ref and without the paths of other collections (NOTHING)."""
-    target = refx.get_partition(model, CHECKPOINTED)
-    with np.load(file) as arrays:
-        source = {tuple(k.split("/")): jnp.asarray(v) for k, v in arrays.items()}
-    refx.update_refs(target, source)
+def load_checkpoint(model: Module, directory: pathlib.Path) -> None:
+    """Restore a checkpoint into `model`'s Refs: names, shapes and dtypes are
+    checked first and every Ref is written at once (all or nothing); a tied
+    Ref gets its one value back at every place it sits."""
+    refx.restore(directory, model, filter=CHECKPOINTED)
 
 
 # ------------------------------------------------------------------- main
@@ -199,8 +193,7 @@ def main() -> None:
     xtr, ytr, xte, yte = load_data(args.seed)
     print(f"digits: {len(xtr)} train / {len(xte)} test images, 64 pixels, 10 classes")
     model = MLP(seed=args.seed)
-    params = [r for r in refx.get_partition(model, "params").values() if r is not refx.NOTHING]
-    print(f"model: {len(params)} param paths, {len(set(params))} distinct param Refs (one is tied)")
+    print(refx.summary(model))  # per collection; the tied weight counted once
 
     t0 = time.perf_counter()
     losses = train(model, xtr, ytr, steps=args.steps, seed=args.seed)
@@ -216,7 +209,7 @@ def main() -> None:
     plot_losses(losses, acc, RESULTS / "loss_curve.png")
     print(f"loss curve: {RESULTS / 'loss_curve.png'}")
 
-    ckpt = RESULTS / "digits_checkpoint.npz"
+    ckpt = RESULTS / "digits_checkpoint"
     save_checkpoint(model, ckpt)
     fresh = MLP(seed=args.seed + 1)  # different random init
     load_checkpoint(fresh, ckpt)
