@@ -386,4 +386,3 @@ def test_crafted_aux_unhashable_metadata_is_refused():
 def test_huge_int_key_error_names_the_function():
     with pytest.raises(ValueError, match="tree_partition"):
         refx.tree_partition({10**5000: 1})
-
