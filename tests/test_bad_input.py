@@ -173,7 +173,7 @@ CASES = [
     # update_refs with a foreign tree shape and a plain target
     ("update-plain-target", lambda: refx.update_refs([1, 2], [refx.Value(1.0, 0), refx.Index(0)]), ValueError,
      r"update_refs: at \('0',\): target has int, not a Ref, but source has a Value"),
-    ("update-ref-source-twice", lambda: refx.update_refs([refx.Ref(1.0), refx.Ref(2.0)], [R, R]), ValueError,
+    ("update-ref-source-twice", lambda: refx.update_refs([refx.Ref(1.0, "c"), refx.Ref(2.0, "c")], [R, R]), ValueError,
      r"update_refs: at \('1',\): the source repeats a Ref here but the target has a different Ref"),
     ("merge-partition-not-seq", lambda: refx.merge_partitions(iter(PARTS), TD), TypeError,
      "merge_partitions: partitions must be a tuple or list of dicts, not tuple_iterator"),

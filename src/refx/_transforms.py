@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from . import _core
-from ._core import Deref, JitFunction, Ref, Static, deref, get_partition, reref
+from ._core import NOTHING, Deref, JitFunction, Ref, Static, deref, get_partition, reref
 
 _tree_flatten = jax.tree_util.tree_flatten
 _tree_unflatten = jax.tree_util.tree_unflatten
@@ -427,6 +427,23 @@ def _describe_jit_leaf(jf, tree, has_kwargs, statics, leaf_index, bound):
                           static_pos=static_pos)
 
 
+def _check_first_paths(kind, chosen, every, accepted):
+    """A Ref that wrt selects must be selected at its first path too: deref
+    puts its Value there, and the gradient is a partition of deref(arg).
+    (A path filter may select a shared Ref at some paths only.)"""
+    first = {}
+    for path, r in every.items():
+        if isinstance(r, Ref) and id(r) not in first:
+            first[id(r)] = path
+    for path, r in chosen.items():
+        if isinstance(r, Ref) and chosen[first[id(r)]] is NOTHING:
+            raise ValueError(
+                f"refx.{kind}: the filter wrt selects the shared Ref at {path!r} but not at "
+                f"{first[id(r)]!r}, its first path, where deref puts its Value; the gradient "
+                "is a partition of deref(arg) and needs that path: select every path of a "
+                "shared Ref, or none")
+
+
 def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
     if not isinstance(argnums, int) or isinstance(argnums, bool):
         raise TypeError(f"refx.{kind}: argnums must be an int, not {argnums!r}")
@@ -446,7 +463,9 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
         index = {id(r): k for k, r in enumerate(refs)}
         # the differentiated Refs, in deref(arg)'s numbering
         local, _ = _number_refs(_tree_flatten(arg)[0])
-        accepted = {id(r) for r in get_partition(arg, only_refs).values() if isinstance(r, Ref)}
+        chosen = get_partition(arg, only_refs)
+        accepted = {id(r) for r in chosen.values() if isinstance(r, Ref)}
+        _check_first_paths(kind, chosen, get_partition(arg, Ref), accepted)
         take = [id(r) in accepted for r in local]
         diff = [index[id(r)] for r, t in zip(local, take, strict=True) if t]
         diffset = frozenset(diff)

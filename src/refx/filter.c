@@ -4,8 +4,8 @@
  * Filters.  A filter decides which partition a leaf goes to.  Besides any
  * callable f(leaf) -> bool, these are evaluated in C with no Python call:
  *   "name"            Ref/Value/Index whose collection == "name"
- *   a type            isinstance(leaf, type); a Ref class also matches
- *                     the Values/Indexes deref'ed from its Refs
+ *   a type            isinstance(leaf, type); it also matches the
+ *                     Values/Indexes deref'ed from Refs of its subclasses
  *   (f1, f2, ...)     any of them
  *   ..., True, False  everything, everything, nothing
  *   Not(f), All(*fs), Any(*fs)
@@ -136,12 +136,17 @@ refx_filter_match_at(refx_state *st, PyObject *f, PyObject *path,
         return r;
     }
     if (PyType_Check(f)) {
-        if (Deref_Check(st, leaf) &&
-            PyType_IsSubtype((PyTypeObject *)f, st->Ref_Type)) {
-            /* a Ref class matches what was deref'ed from its Refs */
-            return PyType_IsSubtype(
-                refx_deref_ref_type(st, (DerefObject *)leaf),
-                (PyTypeObject *)f);
+        if (Deref_Check(st, leaf)) {
+            /* a class matches what was deref'ed from Refs of its subclasses
+             * (Param, or a mixin or ABC of theirs), besides Values/Indexes
+             * themselves (refx.Value, refx.Deref) */
+            PyTypeObject *rt = refx_deref_ref_type(st, (DerefObject *)leaf);
+            int m = Py_IS_TYPE(f, &PyType_Type)
+                        ? PyType_IsSubtype(rt, (PyTypeObject *)f)
+                        : PyObject_IsSubclass((PyObject *)rt, f);
+            if (m != 0) {
+                return m;
+            }
         }
         if (Py_IS_TYPE(f, &PyType_Type)) {
             /* no __instancecheck__ to honour */

@@ -47,6 +47,7 @@ static const struct {
     {"check_value", offsetof(refx_state, check_value), 0},
     {"plain_types", offsetof(refx_state, plain_types), 0},
     {"pytree_registry", offsetof(refx_state, pytree_registry), 1},
+    {"array_types", offsetof(refx_state, array_types), 1},
 };
 #define N_JAX_HOOKS (sizeof(jax_hooks) / sizeof(jax_hooks[0]))
 
@@ -57,7 +58,8 @@ PyDoc_STRVAR(
     "Link the C core to JAX.  Called once by refx._compat; not public.\n"
     "Keywords: flatten, flatten_with_path, treedef_type, sequence_key,\n"
     "dict_key, getattr_key, flattened_index_key, trace_state, check_value,\n"
-    "plain_types (a tuple of types), pytree_registry (a dict or None).");
+    "plain_types (a tuple of types), pytree_registry (a dict or None),\n"
+    "array_types (a tuple of types or None).");
 
 static PyObject *
 install_jax(PyObject *module, PyObject *args, PyObject *kwargs)
@@ -90,7 +92,12 @@ install_jax(PyObject *module, PyObject *args, PyObject *kwargs)
             return NULL;
         }
     }
-    PyObject *plain = given[9], *registry = given[10];
+    PyObject *plain = given[9], *registry = given[10], *arrays = given[11];
+    if (arrays != NULL && arrays != Py_None && !PyTuple_Check(arrays)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_install_jax: array_types must be a tuple or None");
+        return NULL;
+    }
     if (!PyTuple_Check(plain)) {
         PyErr_SetString(PyExc_TypeError,
                         "_install_jax: plain_types must be a tuple");
@@ -142,6 +149,13 @@ keypath_to_path(PyObject *module, PyObject *keypath)
     if (refx_require_jax(st, "keypath_to_path") < 0) {
         return NULL;
     }
+    if (!PyTuple_Check(keypath) && !PyList_Check(keypath)) {
+        PyErr_Format(PyExc_TypeError,
+                     "keypath_to_path: a key path is a tuple of key entries, "
+                     "as jax.tree_util gives them, not %.200s",
+                     Py_TYPE(keypath)->tp_name);
+        return NULL;
+    }
     return refx_path_from_keypath(st, keypath);
 }
 
@@ -187,6 +201,7 @@ static PyMethodDef module_functions[] = {
     X(copyreg_newobj) \
     X(pytree_registry) \
     X(registered_ref_type) \
+    X(array_types) \
     X(pred_deref) \
     X(pred_refx) \
     X(path_cache) \

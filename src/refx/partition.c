@@ -42,18 +42,25 @@
  * Ref per step held ~1 GB after 300 steps.)  A treedef that cannot be
  * hashed (custom node with unhashable aux data) is not cached either.
  *
- * merge_partitions is always by path: the paths of the treedef come from
- * the cache or, for a treedef the cache does not hold (evicted, or made by
- * jax.tree_util), from the treedef itself: it is unflattened with
- * placeholder leaves and flattened again with key paths.  Each path is
+ * The treedef tree_partition returns is the one the cache holds for that
+ * structure (for a canonical tree it is interchangeable with the tree's
+ * own: same structure, equal keys, same paths).  merge_partitions is
+ * always by path: it trusts the cached paths only for that very treedef
+ * object; any other treedef (one the cache no longer holds, one made by
+ * jax.tree_util, or an equal treedef of a non-canonical tree, {1.0: x}
+ * for {1: x}) gets its own paths, from the treedef itself: it is
+ * unflattened with placeholder leaves and flattened again with key paths.
+ * So the answer never depends on what the cache holds.  Each path is
  * looked up in every partition (a dict cursor: one PyDict_Next and a
  * pointer test per path while a partition is in leaf order), and exactly
  * one partition must hold a value there.  A partition keyed by other paths
  * (a treedef of another tree with as many leaves) is an error, not a wrong
- * tree.  Equal treedefs have the same leaf order, so the paths a cached
- * entry gives are right for any equal treedef; if the partitions hold the
- * paths of a non-canonical equal tree instead, the treedef's own paths
- * are computed and tried.
+ * tree.
+ *
+ * Known limit: the keys a custom node gives through flatten_with_keys are
+ * not seen by the leaf predicate, so they are taken to follow from its
+ * type and aux data up to equality: two such nodes whose aux data compare
+ * equal (keys 1 and 1.0) get the paths of the first one cached.
  *
  * Functions in this file: the Partition type and its pytree functions,
  * the path cache (path_info_from_pairs, path_cache_get/put,
@@ -532,12 +539,13 @@ error:
 /* the path cache                                                       */
 /* ------------------------------------------------------------------ */
 
-/* PathInfo (paths, template, hashes) from flatten_with_path's (keypath,
- * leaf) pairs; *canonical is cleared if a key in a path is not canonical.
- * Two leaves with one path are a ValueError. */
+/* PathInfo (paths, template, hashes, treedef) from flatten_with_path's
+ * (keypath, leaf) pairs of a tree of `treedef`; *canonical is cleared if a
+ * key in a path is not canonical.  Two leaves with one path are a
+ * ValueError. */
 static PyObject *
 path_info_from_pairs(refx_state *st, const char *fname, PyObject *pairs,
-                     int *canonical)
+                     PyObject *treedef, int *canonical)
 {
     PyObject *info = NULL, *paths = NULL, *template = NULL, *hashes = NULL;
     PyObject *seen = NULL;
@@ -560,6 +568,15 @@ path_info_from_pairs(refx_state *st, const char *fname, PyObject *pairs,
         PyObject *path = refx_path_from_keypath_ex(
             st, PyTuple_GET_ITEM(pair, 0), canonical);
         if (path == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+                /* str() of a key refused (an int past the digit limit) */
+                PyObject *exc = refx_take_exception();
+                PyErr_Format(PyExc_ValueError,
+                             "%s: a key of leaf %zd's path cannot be made a "
+                             "path part: %S",
+                             fname, i, exc);
+                Py_XDECREF(exc);
+            }
             goto error;
         }
         PyTuple_SET_ITEM(paths, i, path);
@@ -589,7 +606,7 @@ path_info_from_pairs(refx_state *st, const char *fname, PyObject *pairs,
             goto error;
         }
     }
-    info = PyTuple_Pack(3, paths, template, hashes);
+    info = PyTuple_Pack(4, paths, template, hashes, treedef);
 error:
     Py_XDECREF(paths);
     Py_XDECREF(template);
@@ -611,14 +628,16 @@ path_cache_get(refx_state *st, PyObject *treedef)
 }
 
 /* Cache `info` for `treedef`, evicting the oldest entries until it fits
- * both bounds (see the essay).  0, or -1 with an error. */
-static int
+ * both bounds (see the essay).  Returns the entry the cache now holds for
+ * the treedef (`info`, or one another thread put first), or `info` if it
+ * is not cached; a new reference, or NULL with an error. */
+static PyObject *
 path_cache_put(refx_state *st, PyObject *treedef, PyObject *info)
 {
     PyObject *cache = st->path_cache;
     Py_ssize_t n = PyTuple_GET_SIZE(PyTuple_GET_ITEM(info, 0));
     if (n > st->path_cache_max_paths) {
-        return 0;
+        return Py_NewRef(info);
     }
     while (PyDict_GET_SIZE(cache) > 0 &&
            (PyDict_GET_SIZE(cache) >= st->path_cache_max_entries ||
@@ -636,21 +655,21 @@ path_cache_put(refx_state *st, PyObject *treedef, PyObject *info)
         int r = PyDict_DelItem(cache, oldest);
         Py_DECREF(oldest);
         if (r < 0) {
-            return -1;
+            return NULL;
         }
     }
     PyObject *prev = PyDict_SetDefault(cache, treedef, info);
     if (prev == NULL) {
         if (PyErr_ExceptionMatches(PyExc_TypeError)) {
             PyErr_Clear(); /* unhashable aux data */
-            return 0;
+            return Py_NewRef(info);
         }
-        return -1;
+        return NULL;
     }
     if (prev == info) { /* another thread may have cached it meanwhile */
         st->path_cache_paths += n;
     }
-    return 0;
+    return Py_NewRef(prev);
 }
 
 /* The PathInfo of `tree`, flattened with `pred` into n leaves: from the
@@ -682,9 +701,9 @@ tree_path_info(refx_state *st, const char *fname, PyObject *tree,
                      fname);
         goto error;
     }
-    info = path_info_from_pairs(st, fname, pairs, &canonical);
-    if (info != NULL && canonical && path_cache_put(st, treedef, info) < 0) {
-        Py_CLEAR(info);
+    info = path_info_from_pairs(st, fname, pairs, treedef, &canonical);
+    if (info != NULL && canonical) {
+        Py_SETREF(info, path_cache_put(st, treedef, info));
     }
 error:
     Py_DECREF(res);
@@ -748,9 +767,13 @@ treedef_path_info(refx_state *st, const char *fname, PyObject *treedef,
         goto error;
     }
     int canonical = 1;
-    info = path_info_from_pairs(st, fname, pairs, &canonical);
-    if (info != NULL && canonical && path_cache_put(st, treedef, info) < 0) {
-        Py_CLEAR(info);
+    info = path_info_from_pairs(st, fname, pairs, treedef, &canonical);
+    if (info != NULL && canonical) {
+        PyObject *cached = path_cache_put(st, treedef, info);
+        Py_XDECREF(cached); /* this treedef's own paths are what it needs */
+        if (cached == NULL) {
+            Py_CLEAR(info);
+        }
     }
 error:
     Py_XDECREF(res);
@@ -897,7 +920,10 @@ partition_impl(refx_state *st, const char *fname, PyObject *tree,
         }
     }
     res = Py_NewRef(parts);
-    *treedef_out = Py_NewRef(treedef);
+    /* the treedef the path cache holds for this tree's structure, when the
+     * tree is canonical (then it is interchangeable with this one):
+     * merge_partitions trusts the cached paths only for that very object */
+    *treedef_out = Py_NewRef(PyTuple_GET_ITEM(info, 3));
 error:
     Py_XDECREF(parts);
     Py_XDECREF(info);
@@ -1228,8 +1254,13 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
         merge_check_args(st, args[0], treedef, &parts, &n) < 0) {
         return NULL;
     }
+    /* the cached paths are trusted only for the treedef object the cache
+     * gave out (tree_partition returns it): an equal treedef may be of a
+     * non-canonical tree, whose own paths differ ({1.0: x} vs {1: x}) */
     info = path_cache_get(st, treedef);
-    int cached = info != NULL;
+    if (info != NULL && PyTuple_GET_ITEM(info, 3) != treedef) {
+        Py_CLEAR(info);
+    }
     if (info == NULL && !PyErr_Occurred()) {
         info = treedef_path_info(st, "merge_partitions", treedef, n);
     }
@@ -1238,17 +1269,6 @@ refx_merge_partitions(PyObject *module, PyObject *const *args,
     }
     leaves =
         merge_by_paths(st, parts, PyTuple_GET_ITEM(info, 0), &missing, &at);
-    if (leaves == NULL && !PyErr_Occurred() && cached) {
-        /* the cache holds the paths of an equal treedef; this one's own
-         * paths (a non-canonical tree's) may be what the partitions hold */
-        PyObject *own = treedef_path_info(st, "merge_partitions", treedef, n);
-        if (own == NULL) {
-            goto error;
-        }
-        Py_SETREF(info, own);
-        leaves = merge_by_paths(st, parts, PyTuple_GET_ITEM(info, 0), &missing,
-                                &at);
-    }
     if (leaves == NULL) {
         if (!PyErr_Occurred()) {
             refx_raise_at_path(

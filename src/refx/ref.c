@@ -180,8 +180,8 @@ ref_needs_tracking(PyObject *value, PyObject *collection)
 static int check_not_a_typo(PyObject *name, const char *fname);
 
 /* Metadata from keyword arguments (a dict, or NULL): a tuple of
- * (name, value) pairs sorted by name, or NULL (no error) when there is
- * none.  Values must be hashable: metadata rides in a deref'ed tree's aux
+ * (name, value, type(value)) entries sorted by name, or NULL (no error)
+ * when there is none.  Values must be hashable: metadata rides in a deref'ed tree's aux
  * data, which jax.jit hashes. */
 static PyObject *
 metadata_from_dict(PyObject *kwargs, const char *fname)
@@ -220,6 +220,19 @@ metadata_from_dict(PyObject *kwargs, const char *fname)
     }
     if (PyList_Sort(items) < 0) { /* names are unique: only they compare */
         goto error;
+    }
+    /* (name, value, type(value)): with the type, 1, 1.0 and True are three
+     * metadata values, as they are three static arguments to jax.jit */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *pair = PyList_GET_ITEM(items, i);
+        PyObject *v = PyTuple_GET_ITEM(pair, 1);
+        PyObject *entry =
+            PyTuple_Pack(3, PyTuple_GET_ITEM(pair, 0), v, Py_TYPE(v));
+        if (entry == NULL) {
+            goto error;
+        }
+        PyList_SET_ITEM(items, i, entry);
+        Py_DECREF(pair);
     }
     PyObject *res = PyList_AsTuple(items);
     Py_DECREF(items);
@@ -339,11 +352,13 @@ ref_instance_dict(refx_state *st, PyObject *self)
 /*
  * The kind of a Ref: what a Value/Index must record, besides index and
  * collection, to rebuild it: NULL for a plain Ref without metadata (most
- * Refs: no allocation), else the tuple (type, metadata pairs, attribute
- * pairs), the last two () when empty.  Attributes are a Ref subclass's
- * instance __dict__, sorted by name.  The class and metadata of a Ref
- * never change, so a kind without attributes is made once and kept in
- * the Ref.  Runs no Python code (deref calls it with the collector
+ * Refs: no allocation), else the tuple (type, metadata, attributes), the
+ * last two () when empty, each a tuple of (name, value, type(value))
+ * entries sorted by name.  Attributes are a Ref subclass's instance
+ * __dict__ (subclasses may not declare __slots__: see ref_init_subclass).
+ * The class and metadata of a Ref never change, so its kind without
+ * attributes is kept in the Ref and reused while it has none; its
+ * attributes are read afresh every time (they may change).  Runs no Python code (deref calls it with the collector
  * paused); whether attribute values are hashable is for the caller to
  * check, after its loop.  On error returns NULL with *err set to 1.
  */
@@ -355,10 +370,11 @@ refx_ref_kind(refx_state *st, RefObject *ref, int *err)
     if (tp == st->Ref_Type && ref->metadata == NULL) {
         return NULL;
     }
-    if (ref->kind != NULL) {
-        return Py_NewRef(ref->kind);
-    }
+    /* a subclass's attributes can change at any time: look every time */
     PyObject *attrs = NULL, *d = ref_instance_dict(st, (PyObject *)ref);
+    if (d == NULL && ref->kind != NULL) {
+        return Py_NewRef(ref->kind); /* (type, metadata, ()) */
+    }
     if (d != NULL) {
         PyObject *items = PyDict_Items(d);
         Py_DECREF(d);
@@ -366,6 +382,19 @@ refx_ref_kind(refx_state *st, RefObject *ref, int *err)
             Py_XDECREF(items);
             *err = 1;
             return NULL;
+        }
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+            PyObject *pair = PyList_GET_ITEM(items, i);
+            PyObject *v = PyTuple_GET_ITEM(pair, 1);
+            PyObject *entry =
+                PyTuple_Pack(3, PyTuple_GET_ITEM(pair, 0), v, Py_TYPE(v));
+            if (entry == NULL) {
+                Py_DECREF(items);
+                *err = 1;
+                return NULL;
+            }
+            PyList_SET_ITEM(items, i, entry);
+            Py_DECREF(pair);
         }
         attrs = PyList_AsTuple(items);
         Py_DECREF(items);
@@ -386,10 +415,23 @@ refx_ref_kind(refx_state *st, RefObject *ref, int *err)
         *err = 1;
     }
     else if (attrs == NULL) {
-        ref->kind = Py_NewRef(kind);
+        Py_XSETREF(ref->kind, Py_NewRef(kind));
     }
     Py_XDECREF(attrs);
     return kind;
+}
+
+/* Do instances of tp have a __dict__?  (3.12+ manages it without an
+ * offset.) */
+static inline int
+has_instance_dict(PyTypeObject *tp)
+{
+#ifdef Py_TPFLAGS_MANAGED_DICT
+    if (tp->tp_flags & Py_TPFLAGS_MANAGED_DICT) {
+        return 1;
+    }
+#endif
+    return tp->tp_dictoffset != 0;
 }
 
 /* Check a kind read from aux data or a constructor: (a Ref subclass,
@@ -407,24 +449,45 @@ refx_check_kind(refx_state *st, PyObject *kind, const char *fname)
         !PyTuple_Check(PyTuple_GET_ITEM(kind, 1)) ||
         !PyTuple_Check(PyTuple_GET_ITEM(kind, 2))) {
         PyErr_Format(PyExc_TypeError,
-                     "%s: a Ref's kind is (Ref subclass, metadata pairs, "
-                     "attribute pairs), got %R",
+                     "%s: a Ref's kind is (Ref subclass, metadata entries, "
+                     "attribute entries), got %R",
                      fname, kind);
         return -1;
     }
     for (int part = 1; part < 3; part++) {
         PyObject *pairs = PyTuple_GET_ITEM(kind, part);
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pairs); i++) {
-            PyObject *pair = PyTuple_GET_ITEM(pairs, i);
-            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
-                !PyUnicode_Check(PyTuple_GET_ITEM(pair, 0))) {
+            PyObject *e = PyTuple_GET_ITEM(pairs, i);
+            if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3 ||
+                !PyUnicode_Check(PyTuple_GET_ITEM(e, 0)) ||
+                (PyObject *)Py_TYPE(PyTuple_GET_ITEM(e, 1)) !=
+                    PyTuple_GET_ITEM(e, 2)) {
                 PyErr_Format(PyExc_TypeError,
-                             "%s: metadata and attributes are (name, value) "
-                             "pairs, got %R",
-                             fname, pair);
+                             "%s: metadata and attributes are (name, value, "
+                             "type(value)) entries, got %R",
+                             fname, e);
                 return -1;
             }
         }
+    }
+    PyTypeObject *tp = (PyTypeObject *)PyTuple_GET_ITEM(kind, 0);
+    if (PyTuple_GET_SIZE(PyTuple_GET_ITEM(kind, 2)) != 0 &&
+        !has_instance_dict(tp)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: a kind of %.200s carries instance attributes, "
+                     "which that class cannot hold (it has no __dict__)",
+                     fname, tp->tp_name);
+        return -1;
+    }
+    if (PyObject_Hash(kind) == -1) { /* it is aux data: jax.jit hashes it */
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "%s: a Ref's kind must be hashable (it is part of "
+                         "the jit cache key), got %R",
+                         fname, kind);
+        }
+        return -1;
     }
     return 0;
 }
@@ -491,6 +554,9 @@ refx_ref_create_kind(refx_state *st, PyObject *kind, PyObject *value,
     RefObject *ref = (RefObject *)self;
     if (PyTuple_GET_SIZE(metadata) != 0) {
         ref->metadata = Py_NewRef(metadata);
+        if (!PyObject_GC_IsTracked(self) && may_close_cycle(metadata)) {
+            PyObject_GC_Track(self); /* metadata may lead back to it */
+        }
     }
     if (PyTuple_GET_SIZE(attrs) == 0) {
         ref->kind = Py_NewRef(kind); /* (type, metadata, ()): reusable */
@@ -521,7 +587,8 @@ ref_store(refx_state *st, RefObject *self, PyObject *value)
 {
     Py_XSETREF(self->value, Py_NewRef(value));
     if (!PyObject_GC_IsTracked((PyObject *)self) &&
-        ref_needs_tracking(value, self->collection)) {
+        (ref_needs_tracking(value, self->collection) ||
+         may_close_cycle(self->metadata))) {
         PyObject_GC_Track(self);
     }
 }
@@ -928,13 +995,13 @@ ref_setstate(RefObject *self, PyObject *state)
         PyObject *d = pairs_to_dict(NULL);
         for (Py_ssize_t i = 0; d != NULL && i < PyTuple_GET_SIZE(meta); i++) {
             PyObject *pair = PyTuple_GET_ITEM(meta, i);
-            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 2 ||
                 PyDict_SetItem(d, PyTuple_GET_ITEM(pair, 0),
                                PyTuple_GET_ITEM(pair, 1)) < 0) {
                 if (!PyErr_Occurred()) {
                     PyErr_SetString(PyExc_TypeError,
                                     "Ref.__setstate__: metadata must be "
-                                    "(name, value) pairs");
+                                    "(name, value, ...) entries");
                 }
                 Py_CLEAR(d);
             }
@@ -1006,7 +1073,64 @@ static PyMemberDef ref_members[] = {
     {NULL},
 };
 
+/* Ref subclasses may not declare __slots__ (other than __dict__ and
+ * __weakref__): refx carries a Ref's attributes through deref, reref,
+ * clone, pickle and copy from its __dict__, and slots would be dropped
+ * silently.  Then the next __init_subclass__ in the MRO runs. */
+static PyObject *
+ref_init_subclass(PyObject *cls, PyObject *args, PyObject *kwds)
+{
+    refx_state *st = refx_state_from_type((PyTypeObject *)cls);
+    if (st == NULL) {
+        return NULL;
+    }
+    PyObject *slots =
+        PyDict_GetItemString(((PyTypeObject *)cls)->tp_dict, "__slots__");
+    if (slots != NULL) {
+        PyObject *names = PyUnicode_Check(slots) ? PyTuple_Pack(1, slots)
+                                                 : PySequence_Tuple(slots);
+        if (names == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+            PyObject *n = PyTuple_GET_ITEM(names, i);
+            if (PyUnicode_Check(n) &&
+                (PyUnicode_CompareWithASCIIString(n, "__dict__") == 0 ||
+                 PyUnicode_CompareWithASCIIString(n, "__weakref__") == 0)) {
+                continue;
+            }
+            PyErr_Format(PyExc_TypeError,
+                         "%s: a Ref subclass may not declare __slots__ (%R): "
+                         "refx carries a Ref's attributes through deref, "
+                         "clone, pickle and copy from its __dict__, and "
+                         "slots would be lost; use plain attributes or "
+                         "metadata",
+                         ((PyTypeObject *)cls)->tp_name, n);
+            Py_DECREF(names);
+            return NULL;
+        }
+        Py_DECREF(names);
+    }
+    PyObject *sup = PyObject_CallFunctionObjArgs(
+        (PyObject *)&PySuper_Type, (PyObject *)st->Ref_Type, cls, NULL);
+    if (sup == NULL) {
+        return NULL;
+    }
+    PyObject *next = PyObject_GetAttrString(sup, "__init_subclass__");
+    Py_DECREF(sup);
+    if (next == NULL) {
+        return NULL;
+    }
+    PyObject *res = PyObject_Call(next, args, kwds);
+    Py_DECREF(next);
+    return res;
+}
+
 static PyMethodDef ref_methods[] = {
+    {"__init_subclass__", (PyCFunction)(void (*)(void))ref_init_subclass,
+     METH_VARARGS | METH_KEYWORDS | METH_CLASS,
+     "Refuses __slots__ in a Ref subclass (see ref.c), then defers to the\n"
+     "next __init_subclass__."},
     {"__reduce__", (PyCFunction)ref_reduce, METH_NOARGS,
      "Pickle and copy keep the class, value, collection and a subclass's\n"
      "__dict__; shared Refs stay shared."},
@@ -1187,6 +1311,13 @@ kind_from_args(refx_state *st, PyObject *ref_type, PyObject *metadata,
     }
     PyObject *pairs = NULL;
     if (metadata != Py_None) {
+        if (!PyMapping_Check(metadata) || PyTuple_Check(metadata) ||
+            PyList_Check(metadata)) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s: metadata must be a mapping or None, not %.200s",
+                         fname, Py_TYPE(metadata)->tp_name);
+            return NULL;
+        }
         PyObject *d = PyDict_New();
         if (d == NULL || PyDict_Update(d, metadata) < 0) {
             Py_XDECREF(d);
@@ -1772,7 +1903,8 @@ parse_aux(refx_state *st, PyObject *aux, const char *fname, Py_ssize_t *index,
     }
     *collection = PyTuple_GET_ITEM(aux, 1);
     *kind = PyTuple_GET_SIZE(aux) == 3 ? PyTuple_GET_ITEM(aux, 2) : NULL;
-    if (refx_check_kind(st, *kind, fname) < 0) {
+    if (refx_check_hashable(*collection, fname, "collection") < 0 ||
+        refx_check_kind(st, *kind, fname) < 0) {
         return -1;
     }
     return parse_index(PyTuple_GET_ITEM(aux, 0), fname, index);

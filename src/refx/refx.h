@@ -100,6 +100,7 @@ typedef struct {
     PyObject *copyreg_newobj;      /* copyreg.__newobj__, for Ref.__reduce__ */
     PyObject *pytree_registry;     /* JAX's dict of registered node types */
     PyObject *registered_ref_type; /* a Ref subclass found in it, or NULL */
+    PyObject *array_types; /* (numpy.ndarray, numpy.generic, jax.Array) */
 
     /* leaf predicates handed to jaxlib (tree.c) */
     PyObject *pred_deref; /* Value/Index are leaves */

@@ -507,6 +507,36 @@ plan_snapshot(update_plan *p)
 
 /* By path, where the Ref holds an array: the new value must have its
  * shape and dtype (a checkpoint of the wrong model must not load). */
+/* 1 if a Python scalar may stand for a 0-d array of dtype `dtype`: same
+ * kind of number (a bool for bool, an int for an integer dtype, ...), so
+ * nothing is cast; 0 if not; -1 with an error. */
+static int
+scalar_fits(PyObject *scalar, PyObject *dtype)
+{
+    PyObject *kind = PyObject_GetAttrString(dtype, "kind");
+    if (kind == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        return 0; /* an extended dtype (a PRNG key): no scalar fits */
+    }
+    const char *k = PyUnicode_Check(kind) ? PyUnicode_AsUTF8(kind) : "";
+    int r = k == NULL              ? -1
+            : PyBool_Check(scalar) ? strcmp(k, "b") == 0
+            : PyLong_Check(scalar)
+                ? (strcmp(k, "i") == 0 || strcmp(k, "u") == 0)
+            : PyFloat_Check(scalar)   ? strcmp(k, "f") == 0
+            : PyComplex_Check(scalar) ? strcmp(k, "c") == 0
+                                      : 0;
+    Py_DECREF(kind);
+    return r;
+}
+
+/* By path, where the Ref holds an array: the new value must be an array of
+ * its shape and dtype, or a Python scalar of its kind for a 0-d array (a
+ * step counter in a file), so a checkpoint of the wrong model does not
+ * load and nothing is cast silently. */
 static int
 check_shape(update_plan *p, Py_ssize_t j, PyObject *old, PyObject *new)
 {
@@ -523,19 +553,33 @@ check_shape(update_plan *p, Py_ssize_t j, PyObject *old, PyObject *new)
         res = 0;
         goto error;
     }
-    nshape = PyObject_GetAttr(new, st->str_shape);
+    int scalar =
+        PyFloat_Check(new) || PyLong_Check(new) || PyComplex_Check(new);
+    if (scalar) {
+        int fits = PyTuple_Check(oshape) && PyTuple_GET_SIZE(oshape) == 0
+                       ? scalar_fits(new, odtype)
+                       : 0;
+        if (fits == 0) {
+            fail_at(p, j,
+                    "the source is a Python %.200s; the target Ref holds an "
+                    "array of shape %R and dtype %S (a Python scalar stands "
+                    "only for a 0-d array of its own kind)",
+                    Py_TYPE(new)->tp_name, oshape, odtype);
+        }
+        res = fits == 1 ? 0 : -1;
+        goto error;
+    }
+    int is_array = st->array_types == NULL
+                       ? 1
+                       : PyObject_IsInstance(new, st->array_types);
+    if (is_array < 0) {
+        goto error;
+    }
+    nshape = is_array ? PyObject_GetAttr(new, st->str_shape) : NULL;
     ndtype = nshape != NULL ? PyObject_GetAttr(new, st->str_dtype) : NULL;
     if (ndtype == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        if (!is_array || PyErr_ExceptionMatches(PyExc_AttributeError)) {
             PyErr_Clear();
-            /* a Python scalar for a 0-d array: what a scalar looks like in
-             * a file (a step counter) */
-            if ((PyFloat_Check(new) || PyLong_Check(new) ||
-                 PyComplex_Check(new)) &&
-                PyTuple_Check(oshape) && PyTuple_GET_SIZE(oshape) == 0) {
-                res = 0;
-                goto error;
-            }
             fail_at(p, j,
                     "the source is a %.200s, not an array; the target Ref "
                     "holds an array of shape %R and dtype %S",
@@ -595,6 +639,37 @@ error:
     return -1;
 }
 
+/* A source Ref or Value/Index stands for a Ref of `type` and `collection`:
+ * the target Ref must be of the same class and collection. */
+static int
+check_like_target(update_plan *p, Py_ssize_t j, RefObject *ref,
+                  PyTypeObject *type, PyObject *collection, const char *what)
+{
+    if (type != Py_TYPE(ref)) {
+        fail_at(p, j,
+                "source %s stands for a %.200s but the target Ref is a "
+                "%.200s",
+                what, type->tp_name, Py_TYPE(ref)->tp_name);
+        return -1;
+    }
+    if (collection == ref->collection) {
+        return 0;
+    }
+    /* both owned across __eq__, which may run any code */
+    PyObject *sc = Py_NewRef(collection);
+    PyObject *rc = Py_NewRef(ref->collection);
+    int eq = PyObject_RichCompareBool(sc, rc, Py_EQ);
+    if (eq == 0) {
+        fail_at(p, j,
+                "source %s has collection %R but the target Ref has "
+                "collection %R",
+                what, sc, rc);
+    }
+    Py_DECREF(sc);
+    Py_DECREF(rc);
+    return eq > 0 ? 0 : -1;
+}
+
 static int
 plan_index(update_plan *p, Py_ssize_t j, PyObject *t, DerefObject *d)
 {
@@ -621,7 +696,9 @@ plan_index(update_plan *p, Py_ssize_t j, PyObject *t, DerefObject *d)
                 d->index, d->index);
         return -1;
     }
-    return 0; /* Value d->index writes this Ref */
+    return check_like_target(p, j, (RefObject *)t,
+                             refx_deref_ref_type(p->st, d), d->collection,
+                             "Index");
 }
 
 static int
@@ -653,30 +730,9 @@ plan_value(update_plan *p, Py_ssize_t j, RefObject *ref, refx_ptrmap_entry *te,
                 d->index);
         return -1;
     }
-    PyTypeObject *vt = refx_deref_ref_type(p->st, d);
-    if (vt != Py_TYPE(ref)) {
-        fail_at(p, j,
-                "source Value stands for a %.200s but the target Ref is a "
-                "%.200s",
-                vt->tp_name, Py_TYPE(ref)->tp_name);
+    if (check_like_target(p, j, ref, refx_deref_ref_type(p->st, d),
+                          d->collection, "Value") < 0) {
         return -1;
-    }
-    if (d->collection != ref->collection) {
-        /* both owned across __eq__, which may run any code */
-        PyObject *dc = Py_NewRef(d->collection);
-        PyObject *rc = Py_NewRef(ref->collection);
-        int eq = PyObject_RichCompareBool(dc, rc, Py_EQ);
-        if (eq == 0) {
-            fail_at(p, j,
-                    "source Value has collection %R but the target Ref has "
-                    "collection %R",
-                    dc, rc);
-        }
-        Py_DECREF(dc);
-        Py_DECREF(rc);
-        if (eq <= 0) {
-            return -1;
-        }
     }
     te->obj = (PyObject *)v; /* borrowed: the maps never own their objs */
     return plan_add(p, j, ref, v->value);
@@ -703,6 +759,10 @@ plan_ref_or_plain(update_plan *p, Py_ssize_t j, RefObject *ref,
     }
     PyObject *value = s;
     if (s_ref) {
+        if (check_like_target(p, j, ref, Py_TYPE(s),
+                              ((RefObject *)s)->collection, "Ref") < 0) {
+            return -1;
+        }
         int sfound;
         refx_ptrmap_entry *se = refx_ptrmap_get(&p->sources, s, &sfound);
         if (se == NULL) {
@@ -747,6 +807,15 @@ plan_position(update_plan *p, Py_ssize_t j)
             return -1;
         }
         return 0;
+    }
+    if (Deref_Check(st, t)) {
+        fail_at(p, j,
+                "target has %s (a deref'ed Ref), not a Ref: update_refs "
+                "writes into Refs; pass the tree of Refs, not its deref'ed "
+                "form (refx.get_partition(model, ...), not of "
+                "refx.deref(model))",
+                kind_of(st, t));
+        return -1;
     }
     if (!Ref_Check(st, t)) {
         if (s_ref || s_deref) {
