@@ -29,7 +29,11 @@ def test_stubtest_finds_no_differences(tmp_path):
     cfg.write_text("[mypy]\n[mypy-refx._compat]\nignore_errors = True\n"
                    "[mypy-refx._transforms]\nignore_errors = True\n")
     allow = tmp_path / "allowlist.txt"
-    allow.write_text("refx._compat._VALUE_KEY\n")
+    # private modules without stubs: JAX 0.4.36 declares its key classes
+    # (GetAttrKey...) as Python classes but they are jaxlib's C++ ones at run
+    # time, so any module-level instance of them differs (_compat._VALUE_KEY,
+    # _transforms._TREE_KEY); the public stub is what is checked
+    allow.write_text("refx\\._(compat|transforms)\\._[A-Z_]+_KEY\n")
     r = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "refx", "--mypy-config-file", str(cfg),
          "--allowlist", str(allow), "--ignore-unused-allowlist"],
