@@ -4,7 +4,6 @@ threads) and the mutable= option of refx.jit, refx.vmap and refx.scan."""
 import asyncio
 import threading
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
