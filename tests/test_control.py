@@ -415,3 +415,125 @@ def test_threads_running_transforms_on_their_own_trees_get_the_serial_answer():
     for want, got in zip(serial, results, strict=True):
         for a, b in zip(want, got, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# ------------------------------------------- every transform, the same rules
+
+
+class Param(refx.Ref):
+    pass
+
+
+def _transforms():
+    """name -> run(fun_of_a_ref, ref): each transform calling fun with the Ref
+    (fun reads and may write it) and returning what fun returned."""
+    return {
+        "vmap": lambda f, r: refx.vmap(f, in_axes=None, axis_size=2)(r),
+        "scan": lambda f, r: refx.scan(lambda c, x: (c, f(c)), r, None, length=2)[1],
+        "remat": lambda f, r: refx.remat(f)(r),
+        "cond": lambda f, r: refx.cond(True, f, f, r),
+        "switch": lambda f, r: refx.switch(1, [f, f, f], r),
+        "fori_loop": lambda f, r: (refx.fori_loop(0, 2, lambda i, r: (f(r), r)[1], r), None)[1],
+        "while_loop": lambda f, r: refx.while_loop(lambda r: False, lambda r: (f(r), r)[1], r),
+    }
+
+
+@pytest.mark.parametrize("name", list(_transforms()))
+def test_typed_refs_metadata_closed_over_and_all_or_nothing(name):
+    run = _transforms()[name]
+    r = Param(jnp.ones(2), "params", init="ones")
+    seen = {}
+
+    def look(p):
+        seen["type"], seen["meta"], seen["coll"] = type(p), p.metadata, p.collection
+        seen["inner"] = p is not r
+        return p.value.sum()
+
+    run(look, r)
+    if name != "while_loop":  # its body never runs here; cond_fun did not look
+        assert seen == {"type": Param, "meta": {"init": "ones"}, "coll": "params", "inner": True}
+    # closed over: readable, and writing it is the trace-level error
+    other = refx.Ref(jnp.full(2, 3.0), "hyper")
+    run(lambda p: p.value.sum() + other.value.sum(), r)
+    if name != "while_loop":
+        with pytest.raises(ValueError, match="Cannot mutate Ref from a different trace level"):
+            run(lambda p: setattr(other, "value", p.value), r)
+    # fun raising: nothing written
+    r0 = r.value
+
+    def boom(p):
+        p.value = p.value + 1
+        raise RuntimeError("boom")
+
+    if name != "while_loop":
+        with pytest.raises(RuntimeError, match="boom"):
+            run(boom, r)
+    assert r.value is r0 and float(other.value[0]) == 3.0
+
+
+@pytest.mark.parametrize("name", list(_transforms()))
+def test_a_write_back_refused_names_the_transform_and_writes_nothing(name):
+    """The write-back's own checks (trace level, refx.mutable), with their
+    messages: a Ref of another trace written, and a refx.mutable filter that
+    accepts the Ref inside the transform but not the caller's."""
+    if name == "while_loop":
+        run = lambda f, r: refx.while_loop(lambda r: r.value[0] < 1.5, lambda r: (f(r), r)[1], r)
+    else:
+        run = _transforms()[name]
+    bump = lambda p: setattr(p, "value", p.value + 1)
+    outer = []
+
+    @jax.jit
+    def make(x):
+        outer.append(refx.Ref(np.ones(2, np.float32), "s"))  # a Ref of a finished trace
+        return x
+
+    make(jnp.ones(2))
+    with pytest.raises(ValueError, match=r"Cannot mutate Ref from a different trace level: "
+                       rf"refx.{name}\(.*\) wrote the Ref of \w+.*, which belongs to another JAX "
+                       r"trace than the call's; nothing was written"):
+        run(bump, outer[0])
+    r = refx.Ref(jnp.ones(2), "s")
+    not_the_callers = lambda ref: ref is not r  # the Refs inside the transform are others
+    with refx.mutable(not_the_callers), pytest.raises(
+            ValueError, match=rf"refx.mutable: this Ref \(collection 's'\) may not be written .* "
+                              rf"\(refx.{name}\(.*\) wrote the Ref of (argument|operand|init)"
+                              r"[^)]*\); nothing was written"):
+        run(bump, r)
+    np.testing.assert_allclose(r.value, 1.0)
+
+
+def test_switch_gradients_equal_plain_jax():
+    w = refx.Ref(jnp.array([0.5, -1.0]), "params")
+    fs = [lambda m, x: jnp.sum(m["w"].value * x), lambda m, x: jnp.sum(jnp.sin(m["w"].value * x)),
+          lambda m, x: jnp.sum((m["w"].value * x) ** 3)]
+    pfs = [lambda w, x: jnp.sum(w * x), lambda w, x: jnp.sum(jnp.sin(w * x)),
+           lambda w, x: jnp.sum((w * x) ** 3)]
+    x = jnp.array([1.0, 3.0])
+    for i in range(3):
+        value, g = refx.value_and_grad(lambda m, x: refx.switch(i, fs, m, x))({"w": w}, x)
+        want, gw = jax.value_and_grad(lambda w: jax.lax.switch(i, pfs, w, x))(w.value)
+        np.testing.assert_allclose(value, want, rtol=1e-6)
+        np.testing.assert_allclose(g[("w",)].value, gw, rtol=1e-6)
+
+
+def test_while_loop_values_equal_plain_jax_and_static_leaves_ride_along():
+    def plain(x):
+        return jax.lax.while_loop(lambda c: c[0] < 10.0, lambda c: (c[0] * 1.5 + c[1], c[1] + 1),
+                                  (x, 0.0))
+
+    r = refx.Ref(jnp.array(1.0), "s")
+
+    def body(c):
+        c["r"].value = c["r"].value * 1.5 + c["k"]
+        assert c["name"] == "counter"  # a str leaf: kept out of JAX, passed as it is
+        return {**c, "k": c["k"] + 1}
+
+    out = refx.while_loop(lambda c: c["r"].value < 10.0, body, {"r": r, "k": 0.0, "name": "counter"})
+    want = plain(jnp.array(1.0))
+    np.testing.assert_allclose(r.value, want[0], rtol=1e-6)
+    np.testing.assert_allclose(out["k"], want[1])
+    assert out["name"] == "counter" and out["r"] is r
+    with pytest.raises(ValueError, match=r"the carry's str at init_val at \('name',\) changed"):
+        refx.while_loop(lambda c: c["r"].value < 20.0, lambda c: {**c, "name": "x"},
+                        {"r": r, "name": "counter"})
