@@ -511,8 +511,8 @@ def test_switch_gradients_equal_plain_jax():
            lambda w, x: jnp.sum((w * x) ** 3)]
     x = jnp.array([1.0, 3.0])
     for i in range(3):
-        value, g = refx.value_and_grad(lambda m, x: refx.switch(i, fs, m, x))({"w": w}, x)
-        want, gw = jax.value_and_grad(lambda w: jax.lax.switch(i, pfs, w, x))(w.value)
+        value, g = refx.value_and_grad(lambda m, x, i=i: refx.switch(i, fs, m, x))({"w": w}, x)
+        want, gw = jax.value_and_grad(lambda w, i=i: jax.lax.switch(i, pfs, w, x))(w.value)
         np.testing.assert_allclose(value, want, rtol=1e-6)
         np.testing.assert_allclose(g[("w",)].value, gw, rtol=1e-6)
 
