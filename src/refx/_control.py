@@ -59,7 +59,7 @@ import numpy as np
 
 from . import _compat, _core
 from ._core import Ref, tree_partition
-from ._mutable import _check_filter, _with_mutable
+from ._mutable import _with_mutable
 from ._transforms import _key_str, _lift, _name, _number_refs, _traceable
 
 _tree_flatten = jax.tree_util.tree_flatten
@@ -922,5 +922,4 @@ def switch(index, branches, *operands):
     return finish(outs, payload)
 
 
-__all__ = ["StateAxes", "cond", "fori_loop", "remat", "scan", "switch", "vmap", "while_loop",
-           "_check_filter"]
+__all__ = ["StateAxes", "cond", "fori_loop", "remat", "scan", "switch", "vmap", "while_loop"]
