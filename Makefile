@@ -3,6 +3,7 @@
 #                mypy on the examples, a benchmark smoke run, then the suite
 #                again on the oldest and on the newest JAX tested
 #   make demo    venv + install + the demo (examples/train_digits.py)
+#   make examples  venv + install + the transform examples (scan, vmap, remat)
 #   make bench   venv + install + peers (flax, equinox, optax) + benchmarks
 #
 # Pins: ci/tools.txt (ruff, clang-format, pytest-randomly, every venv),
@@ -28,7 +29,7 @@ REPLAY ?= make pytest
 # sanitize, tools/devbuild.sh); REFX_WERROR=0 on the command line turns it off.
 export REFX_WERROR ?= 1
 
-.PHONY: all venv install install-bench test pytest demo bench bench-smoke \
+.PHONY: all venv install install-bench test pytest demo examples bench bench-smoke \
         sanitize leakcheck lint typecheck test-jax-oldest test-jax-newest \
         test-pythons clean
 
@@ -93,6 +94,14 @@ test-jax-newest:
 demo: install
 	$(PIP) install $(PIN) '.[demo]'
 	$(VPY) examples/train_digits.py
+
+# The transform examples, a few seconds each: a GRU trained with refx.scan,
+# an ensemble made and trained with refx.vmap, a deep MLP under refx.remat.
+examples: install
+	$(PIP) install $(PIN) '.[demo]'
+	$(VPY) examples/char_gru.py
+	$(VPY) examples/ensemble.py
+	$(VPY) examples/remat_mlp.py
 
 # mypy --strict on the examples, against the installed refx stubs.
 typecheck: install

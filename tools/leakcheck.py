@@ -309,6 +309,38 @@ OPS.update({
 })
 
 
+# ---- refx.mutable (the write check in ref.c, and jit.c's refused write-back) ----
+MUT_COLL = "-".join(["stats", "leakcheck"])  # built at run time: not an interned str
+MUT_STATS = refx.mutable(MUT_COLL)
+MUT_R = refx.Ref(1.0, MUT_COLL)
+MUT_JTREE = jmodel()
+JSTEP(MUT_JTREE, JX)  # compiled outside the block: the refusal is the write-back's
+
+
+def _mutable_set(ref, value):
+    with MUT_STATS:
+        ref.value = value
+
+
+def _mutable_jit_refused():
+    with MUT_STATS:
+        expect(ValueError, JSTEP, MUT_JTREE, JX)
+
+
+OPS.update({
+    "Ref.value set in refx.mutable, accepted": lambda: _mutable_set(MUT_R, 2.0),
+    "Ref.value set in refx.mutable, refused": lambda: expect(ValueError, _mutable_set, R, 2.0),
+    "update_refs in refx.mutable, refused": lambda: expect(
+        ValueError, _mutable_set_all, [MUT_R, R], [1.0, 2.0]),
+    "refx.jit write-back refused by refx.mutable": _mutable_jit_refused,
+})
+
+
+def _mutable_set_all(refs, values):
+    with MUT_STATS:
+        refx.update_refs(refs, values)
+
+
 DEEP = refx.Ref(0)
 for _ in range(20000):  # beyond 3.13's C recursion limit (10,000) too
     DEEP = [DEEP]
@@ -338,6 +370,8 @@ PROBES = {
     "jit_partial bound Refs": JPART._bound_refs,
     "jit_partial": JPART,
     "Static": STATIC,
+    "refx.mutable filter": MUT_STATS.filter,
+    "refx.mutable Ref": MUT_R,
 }
 
 

@@ -42,6 +42,9 @@ from ._state import LoadResult, load_state_dict, restore, save, state_dict
 # transforms: jit/jit_partial (per-call path in C), grad, Dag, Static
 from ._core import JitFunction, Static
 from ._transforms import Dag, grad, jit, jit_partial, value_and_grad
+# transforms: vmap, scan, remat, cond/switch, loops (refx/_control.py), mutable
+from ._control import StateAxes, cond, fori_loop, remat, scan, switch, vmap, while_loop
+from ._mutable import mutable
 
 __version__ = "0.1.0"
 
@@ -91,4 +94,14 @@ __all__ = [
     "jit",
     "jit_partial",
     "value_and_grad",
+    # transforms: vmap, scan, remat, cond/switch, loops, mutable
+    "StateAxes",
+    "cond",
+    "fori_loop",
+    "mutable",
+    "remat",
+    "scan",
+    "switch",
+    "vmap",
+    "while_loop",
 ]

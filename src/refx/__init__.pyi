@@ -1,9 +1,10 @@
 # Hand-written stubs for refx (the implementation is the C module refx._core).
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ContextDecorator
 from os import PathLike
 from types import GenericAlias
 from typing import Any as _Any
-from typing import Generic, NamedTuple, ParamSpec, TypeAlias, TypeVar, final, overload
+from typing import Generic, Literal, NamedTuple, ParamSpec, Self, TypeAlias, TypeVar, final, overload
 
 from jax.tree_util import PyTreeDef
 from typing_extensions import disjoint_base
@@ -222,6 +223,7 @@ def jit(
     static_argnames: str | Iterable[str] = (),
     donate_argnums: int | Sequence[int] = (),
     donate_argnames: str | Iterable[str] = (),
+    mutable: Filter | None = None,
     **jax_jit_options: _Any,
 ) -> JitFunction[_P, _R]: ...
 @overload
@@ -233,6 +235,7 @@ def jit(
     static_argnames: str | Iterable[str] = (),
     donate_argnums: int | Sequence[int] = (),
     donate_argnames: str | Iterable[str] = (),
+    mutable: Filter | None = None,
     **jax_jit_options: _Any,
 ) -> Callable[[Callable[_P, _R]], JitFunction[_P, _R]]: ...
 def jit_partial(
@@ -243,6 +246,7 @@ def jit_partial(
     static_argnames: str | Iterable[str] = (),
     donate_argnums: int | Sequence[int] = (),
     donate_argnames: str | Iterable[str] = (),
+    mutable: Filter | None = None,
     **jax_jit_options: _Any,
 ) -> JitFunction[..., _R]: ...
 def grad(
@@ -268,6 +272,89 @@ class Dag(Generic[_Tree]):
     def __init__(self, tree: _Tree) -> None: ...
     @property
     def tree(self) -> _Tree: ...
+
+# ---- vmap, scan, remat, cond/switch, loops (refx/_control.py); mutable (refx/_mutable.py) ----
+
+_C = TypeVar("_C")
+_X = TypeVar("_X")
+_Y = TypeVar("_Y")
+
+class StateAxes:
+    """Per-collection axes for a refx.vmap argument: {filter: axis or None}."""
+
+    def __init__(
+        self, axes: Mapping[_Any, int | None] | Iterable[tuple[_Any, int | None]], /
+    ) -> None: ...
+    @property
+    def filters(self) -> tuple[Filter, ...]: ...
+    @property
+    def axes(self) -> tuple[int | None, ...]: ...
+    def items(self) -> tuple[tuple[Filter, int | None], ...]: ...
+    def __iter__(self) -> Iterator[Filter]: ...
+    def __len__(self) -> int: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+def vmap(
+    fun: Callable[_P, _R],
+    *,
+    in_axes: int | StateAxes | Sequence[_Any] | None = 0,
+    out_axes: _Any = 0,
+    axis_name: Hashable | None = None,
+    axis_size: int | None = None,
+    mutable: Filter | None = None,
+) -> Callable[_P, _R]: ...
+def scan(
+    fun: Callable[[_C, _X], tuple[_C, _Y]],
+    init: _C,
+    xs: _X = ...,
+    length: int | None = None,
+    *,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    mutable: Filter | None = None,
+) -> tuple[_C, _Y]: ...
+@overload
+def remat(
+    fun: Callable[_P, _R],
+    /,
+    *,
+    policy: Callable[..., bool] | None = None,
+    prevent_cse: bool = True,
+    static_argnums: int | Sequence[int] = (),
+) -> Callable[_P, _R]: ...
+@overload
+def remat(
+    fun: None = None,
+    /,
+    *,
+    policy: Callable[..., bool] | None = None,
+    prevent_cse: bool = True,
+    static_argnums: int | Sequence[int] = (),
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]: ...
+def cond(
+    pred: _Any, true_fun: Callable[..., _R], false_fun: Callable[..., _R], *operands: _Any
+) -> _R: ...
+def switch(index: _Any, branches: Sequence[Callable[..., _R]], *operands: _Any) -> _R: ...
+def fori_loop(
+    lower: _Any,
+    upper: _Any,
+    body_fun: Callable[[_Any, _C], _C],
+    init_val: _C,
+    *,
+    unroll: int | bool | None = None,
+) -> _C: ...
+def while_loop(
+    cond_fun: Callable[[_C], _Any], body_fun: Callable[[_C], _C], init_val: _C
+) -> _C: ...
+
+class mutable(ContextDecorator):
+    """``with refx.mutable(filter):`` only Refs the filter accepts may be written."""
+
+    filter: Filter
+    def __init__(self, filter: Filter, /) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc_info: object) -> Literal[False]: ...
 
 __all__ = [
     "NOTHING",
@@ -306,4 +393,13 @@ __all__ = [
     "jit",
     "jit_partial",
     "value_and_grad",
+    "StateAxes",
+    "cond",
+    "fori_loop",
+    "mutable",
+    "remat",
+    "scan",
+    "switch",
+    "vmap",
+    "while_loop",
 ]

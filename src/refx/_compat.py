@@ -82,6 +82,19 @@ def check_value(value, trace_ref) -> None:
             )
 
 
+def is_batched(value) -> bool:
+    """True if `value` holds a tracer of the current trace that is mapped
+    over its axis: inside refx.vmap's function (traced by jax.vmap, whose
+    BatchTrace is then current), a value that depends on the mapped axis.
+    A BatchTracer whose batch_dim is None (jax's not_mapped) is not."""
+    trace = _jcore.trace_ctx.trace
+    for leaf in _flatten(value)[0]:
+        if (isinstance(leaf, _Tracer) and leaf._trace is trace
+                and getattr(leaf, "batch_dim", None) is not None):
+            return True
+    return False
+
+
 def _plain_types() -> tuple[type, ...]:
     types: list[type] = [np.ndarray]
     try:

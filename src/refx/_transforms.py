@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _core
 from ._core import NOTHING, Deref, JitFunction, Ref, Static, deref, get_partition, reref
+from ._mutable import _with_mutable
 
 _tree_flatten = jax.tree_util.tree_flatten
 _tree_unflatten = jax.tree_util.tree_unflatten
@@ -312,7 +313,7 @@ def _argnums_and_names(fun, nums, names, what):
 
 
 def _make_jit(fun, bound, static_argnums, static_argnames, donate_argnums, donate_argnames,
-              options, kind):
+              options, kind, mutable=None):
     if not callable(fun):
         raise TypeError(f"{kind}: fun must be callable, not {type(fun).__name__}")
     for k in _UNSUPPORTED:
@@ -329,7 +330,8 @@ def _make_jit(fun, bound, static_argnums, static_argnames, donate_argnums, donat
                              "argument cannot be static")
     if set(snums) & set(dnums) or set(snames) & set(dnames):
         raise ValueError(f"{kind}: an argument cannot be both static and donated")
-    jf = JitFunction(fun, static_argnums=snums, static_argnames=snames,
+    run = _with_mutable(fun, mutable, kind)  # refx.mutable's option (refx/_mutable.py)
+    jf = JitFunction(run, static_argnums=snums, static_argnames=snames,
                      donate_argnums=dnums, donate_argnames=dnames, options=options,
                      bound=bound)
     try:
@@ -340,7 +342,7 @@ def _make_jit(fun, bound, static_argnums, static_argnames, donate_argnums, donat
 
 
 def jit(fun=None, /, *, static_argnums=(), static_argnames=(), donate_argnums=(),
-        donate_argnames=(), **jax_jit_options):
+        donate_argnames=(), mutable=None, **jax_jit_options):
     """Compile `fun` with jax.jit; its arguments may be trees holding Refs.
 
     Inside, `fun` sees new Refs (of the jit trace, same sharing and
@@ -357,19 +359,21 @@ def jit(fun=None, /, *, static_argnums=(), static_argnames=(), donate_argnums=()
 
     `donate_argnums`/`donate_argnames` donate the buffers of the Refs of
     those arguments (each donated Ref gets a new value, so none holds a
-    deleted array).  Other options go to jax.jit.  Usable as `@refx.jit`
-    and `@refx.jit(...)`.
+    deleted array).  `mutable`: a filter; only the Refs it accepts may be
+    written while `fun` traces (see refx.mutable).  Other options go to
+    jax.jit.  Usable as `@refx.jit` and `@refx.jit(...)`.
     """
     if fun is None:
         return functools.partial(jit, static_argnums=static_argnums,
                                  static_argnames=static_argnames, donate_argnums=donate_argnums,
-                                 donate_argnames=donate_argnames, **jax_jit_options)
+                                 donate_argnames=donate_argnames, mutable=mutable,
+                                 **jax_jit_options)
     return _make_jit(fun, None, static_argnums, static_argnames, donate_argnums,
-                     donate_argnames, dict(jax_jit_options), "refx.jit")
+                     donate_argnames, dict(jax_jit_options), "refx.jit", mutable)
 
 
 def jit_partial(fun, /, *bound_args, static_argnums=(), static_argnames=(), donate_argnums=(),
-                donate_argnames=(), **jax_jit_options):
+                donate_argnames=(), mutable=None, **jax_jit_options):
     """refx.jit(fun) with its first arguments bound to `bound_args`.
 
     Binds the Refs of the bound trees once: each call reads their current
@@ -381,7 +385,7 @@ def jit_partial(fun, /, *bound_args, static_argnums=(), static_argnames=(), dona
     arguments first.
     """
     return _make_jit(fun, tuple(bound_args), static_argnums, static_argnames, donate_argnums,
-                     donate_argnames, dict(jax_jit_options), "refx.jit_partial")
+                     donate_argnames, dict(jax_jit_options), "refx.jit_partial", mutable)
 
 
 # --------------------------------------------------------------------------

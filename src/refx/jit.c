@@ -824,7 +824,19 @@ fail_write(call_ctx *c, Py_ssize_t k, const char *what)
         Py_XDECREF(seed);
     }
     PyObject *path = head != NULL ? ref_path(c, k) : NULL;
-    if (path != NULL) {
+    PyObject *mprefix =
+        path != NULL ? PyUnicode_FromString("refx.mutable:") : NULL;
+    int is_mutable =
+        mprefix != NULL &&
+        PyUnicode_Tailmatch(msg, mprefix, 0, PY_SSIZE_T_MAX, -1) == 1;
+    Py_XDECREF(mprefix);
+    if (is_mutable) { /* refx.mutable's error: a refused write, no trace */
+        PyErr_Format(PyExc_ValueError,
+                     "%U (%s(%U) %s the Ref of %U); nothing was written", msg,
+                     jit_kind(c->jf), c->jf->name, what, path);
+        Py_DECREF(path);
+    }
+    else if (path != NULL) {
         PyErr_Format(PyExc_ValueError,
                      "%U: %s(%U) %s the Ref of %U, which belongs to another "
                      "JAX trace than the call's; nothing was written (pass "

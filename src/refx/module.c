@@ -218,7 +218,8 @@ static PyMethodDef module_functions[] = {
     X(Jit_Type) \
     X(jit_builder) \
     X(jit_array_type) \
-    X(jit_describe)
+    X(jit_describe) \
+    X(mutable_var)
 /* clang-format on */
 
 /* A field added to refx_state without its STATE_OBJECTS entry would escape

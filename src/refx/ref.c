@@ -22,6 +22,16 @@
  * trace or of a trace enclosing it (a jit tracer inside grad, say), never
  * of an inner or finished trace.  Reading is always allowed.
  *
+ * refx.mutable.  Inside `with refx.mutable(f)` a write (the setter,
+ * update_refs, a transform's write-back: everything that goes through
+ * refx_check_write on an initialized Ref) must also be accepted by f, and
+ * by the filter of every enclosing block.  The blocks a thread is in are a
+ * tuple of filters in a ContextVar (st->mutable_var, so per thread and per
+ * asyncio task; refx/_mutable.py pushes and pops it); outside every block
+ * it is unset and the check costs one PyContextVar_Get.  Making a Ref
+ * (__init__, reref, a transform lifting Refs into its trace) is not a
+ * write.
+ *
  * GC.  A Ref starts untracked when neither its value nor its collection
  * could ever lead back to it (may_close_cycle: scalars, str, numpy arrays,
  * tuples the collector already untracked), and a write of anything else
@@ -126,6 +136,41 @@ refx_check_value(refx_state *st, PyObject *value, PyObject *trace)
     return 0;
 }
 
+/* 0 if the refx.mutable blocks this context is in (see the essay) all
+ * accept `ref`; -1 with ValueError (or the filter's error) otherwise. */
+static int
+check_mutable(refx_state *st, RefObject *ref)
+{
+    PyObject *blocks = NULL;
+    if (PyContextVar_Get(st->mutable_var, NULL, &blocks) < 0) {
+        return -1;
+    }
+    if (blocks == NULL) {
+        return 0;
+    }
+    int r = 0;
+    if (!PyTuple_Check(blocks)) {
+        REFX_BUG("refx.mutable's context variable holds a non-tuple");
+        r = -1;
+    }
+    for (Py_ssize_t i = 0; r == 0 && i < PyTuple_GET_SIZE(blocks); i++) {
+        PyObject *f = PyTuple_GET_ITEM(blocks, i);
+        int m = refx_filter_match(st, f, (PyObject *)ref);
+        if (m == 0) {
+            PyErr_Format(
+                PyExc_ValueError,
+                "refx.mutable: this %s (collection %R) may not be written "
+                "inside refx.mutable(%R); only the Refs that filter accepts "
+                "may be written in the block",
+                _PyType_Name(Py_TYPE(ref)),
+                ref->collection != NULL ? ref->collection : Py_None, f);
+        }
+        r = m == 1 ? 0 : -1;
+    }
+    Py_DECREF(blocks);
+    return r;
+}
+
 /* 0 if `ref` may be set to `value` while `current_trace` (a weakref) is
  * current; -1 with ValueError otherwise. */
 int
@@ -147,6 +192,9 @@ refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                 ? "in a JAX trace that has finished"
                 : "in another JAX trace (outside the current transform, or "
                   "inside a transform that has finished)");
+        return -1;
+    }
+    if (ref->initialized && check_mutable(st, ref) < 0) {
         return -1;
     }
     return refx_check_value(st, value, ref->trace);
@@ -2017,6 +2065,11 @@ refx_init_ref_types(PyObject *module, refx_state *st)
     }
     st->nothing = PyType_GenericAlloc(st->Nothing_Type, 0);
     if (st->nothing == NULL) {
+        return -1;
+    }
+    st->mutable_var = PyContextVar_New("refx.mutable", NULL);
+    if (st->mutable_var == NULL ||
+        PyModule_AddObjectRef(module, "_mutable_var", st->mutable_var) < 0) {
         return -1;
     }
     return PyModule_AddObjectRef(module, "NOTHING", st->nothing);

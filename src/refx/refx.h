@@ -127,6 +127,11 @@ typedef struct {
     PyObject *jit_array_type; /* jax's Array type: the only donated values */
     PyObject *jit_describe;   /* _transforms: where a Ref sits, for errors */
 
+    /* refx.mutable (ref.c): a ContextVar holding the filters of the
+     * `with refx.mutable(f)` blocks this context is in (a tuple, innermost
+     * last); unset outside every block */
+    PyObject *mutable_var;
+
     /* Everything above is an object listed in STATE_OBJECTS (module.c,
      * which checks that the list covers them); plain data from here on. */
 

@@ -1,0 +1,925 @@
+"""Trace-time logic of refx's other transforms: vmap (with StateAxes),
+scan, remat, cond, switch, fori_loop and while_loop.
+
+Each is the lift of refx.jit/refx.grad (see _transforms.py) around one JAX
+transform: the Refs of the arguments are numbered (sharing kept) and their
+values read at one moment; the JAX transform runs a function that makes
+new Refs of its trace holding those values (same class, collection and
+metadata), rebuilds the caller's trees with them, calls `fun`, and returns
+the values of the Refs `fun` may have written with its outputs; after it,
+the caller's Refs that `fun` wrote get their new values, all or nothing,
+through the core's one write check (trace level, refx.mutable).
+
+What differs per transform is what flows where:
+
+  vmap      Ref values go in at their axis (an int/None per argument, or a
+            StateAxes per collection) and every Ref's value comes out at that
+            axis (None: unbatched, and a batched write is a ValueError); the
+            Refs fun wrote are written back (stacked, for mapped ones).
+  scan      the carry's Ref values are part of scan's carry: each iteration
+            sees the previous one's writes, and must keep their shapes and
+            dtypes; Refs in xs get one slice per iteration, and their writes
+            come out stacked in ys.
+  remat     only the written values come out (jax.checkpoint's output is
+            free).
+  cond/switch  every operand Ref's value comes out of every branch (a
+            branch that does not write a Ref returns its input); the Refs
+            any branch wrote are written back with the taken branch's
+            values.  Shapes and dtypes are compared branch by branch as
+            JAX traces them, so the error names the Ref.
+  fori_loop/while_loop  as scan's carry.
+
+Where the written set must be known before JAX traces (vmap's out_axes,
+cond's branch outputs, a loop's carry) every Ref's value comes out and
+only the written ones are written back: the others are pass-through
+outputs, which XLA removes under jit (an unused conditional output, a
+loop-invariant carry) and which cost a buffer eagerly.
+
+What `fun` wrote and how its outputs are built is recorded by the traced
+function itself in a dict of the call (`info`): each call makes its own
+closures, so JAX's trace caches (keyed by function identity) never hand
+one call's trace to another.
+
+Outputs: a Ref of the arguments comes back as the caller's own object, a
+Ref closed over as itself, a Ref made inside as a new Ref holding the
+transformed value (stacked by vmap and in scan's ys), sharing kept.  A
+leaf JAX cannot trace (a str, a function) is kept out of the transform:
+as an argument leaf it is closed over, as an output leaf it rides in the
+plan.  A Ref must hold what JAX can trace (arrays, scalars, pytrees of
+them), as with refx.jit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _compat, _core
+from ._core import Ref, tree_partition
+from ._mutable import _with_mutable
+from ._transforms import _key_str, _lift, _name, _number_refs, _traceable
+
+_tree_flatten = jax.tree_util.tree_flatten
+_SEED = "Cannot mutate Ref from a different trace level"
+
+
+# --------------------------------------------------------------------------
+# the lift: trees of Refs in, new Refs of the inner trace, writes out
+# --------------------------------------------------------------------------
+
+
+class _Const:
+    """A leaf JAX cannot trace, kept out of a transform's outputs."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return type(other) is _Const and (self.value is other.value or self.value == other.value)
+
+    def __hash__(self):  # pragma: no cover - never hashed
+        return 0
+
+
+class _Trees:
+    """Some trees (the arguments, or init and xs) flattened with one
+    numbering of their Refs.
+
+    refs    distinct Refs in leaf order; vals their values (read at one
+            moment), colls/specs what rebuilds them in a trace
+    parts   per tree: (label, tree, treedef, pattern, start, stop) where
+            pattern[i] is leaf i's Ref number or -1, and start:stop its
+            range in the flat leaf list
+    traced  the other leaves JAX can trace, in order (the transform's
+            inputs); static ones (a str, a function) are closed over
+    """
+
+    def __init__(self, kind, name, trees, labels):
+        self.kind, self.name = kind, name
+        self.parts = []
+        leaves = []
+        for label, tree in zip(labels, trees, strict=True):
+            ls, td = _tree_flatten(tree)
+            self.parts.append([label, tree, td, None, len(leaves), len(leaves) + len(ls)])
+            leaves.extend(ls)
+        self.refs, pattern = _number_refs(leaves)
+        for part in self.parts:
+            part[3] = pattern[part[4]:part[5]]
+        self.pattern = pattern
+        others = [x for x, p in zip(leaves, pattern, strict=True) if p < 0]
+        self.is_static = [not _traceable(x) for x in others]
+        self.plain = others  # every leaf that is not a Ref
+        self.traced = [x for x, s in zip(others, self.is_static, strict=True) if not s]
+        self.vals = [v.value for v in _core.deref(self.refs)]  # one moment
+        self.colls = tuple(r.collection for r in self.refs)
+        self.specs = tuple(_core._ref_spec(r) for r in self.refs)
+        for k, v in enumerate(self.vals):
+            for leaf in _tree_flatten(v)[0]:
+                if not _traceable(leaf):
+                    raise TypeError(f"{self.prefix()}: the Ref of {self.where(k)} holds a "
+                                    f"{type(leaf).__name__}, which JAX cannot trace; keep "
+                                    "arrays (or pytrees of them) in Refs")
+
+    def prefix(self):
+        return f"refx.{self.kind}({self.name})"
+
+    # -- where things are, for messages
+
+    def leaf_path(self, i):
+        """(label, path) of flat leaf i."""
+        for label, tree, _td, _pat, a, b in self.parts:
+            if a <= i < b:
+                keys = jax.tree_util.tree_flatten_with_path(tree)[0][i - a][0]
+                return label, tuple(_key_str(key) for key in keys)
+        raise AssertionError(i)  # pragma: no cover
+
+    def at(self, i):
+        label, path = self.leaf_path(i)
+        if label is None:  # the (args, kwargs) of a call
+            if path[0] == "1":
+                return f"keyword argument {path[1]!r}" + (f" at {path[2:]}" if path[2:] else "")
+            label, path = f"argument {path[1]}", path[2:]
+        elif label == "operands":
+            label, path = f"operand {path[0]}", path[1:]
+        return label + (f" at {path}" if path else "")
+
+    def where(self, k):
+        """Where Ref k first sits, e.g. "argument 0 at ('enc', 'w')"."""
+        return self.at(self.pattern.index(k))
+
+    def describe(self, k):
+        r = self.refs[k]
+        return f"the {type(r).__name__} of {self.where(k)} (collection {r.collection!r})"
+
+    # -- inside the transform
+
+    def others(self, traced):
+        """All non-Ref leaves, the traced ones from `traced`."""
+        it = iter(traced)
+        return [next(it) if not s else x
+                for x, s in zip(self.plain, self.is_static, strict=True)]
+
+    def rebuild(self, new, others, parts=None):
+        """The trees, with Refs `new` and the other leaves `others`."""
+        out, it = [], iter(others)
+        for _label, _tree, td, pat, _a, _b in self.parts if parts is None else parts:
+            out.append(td.unflatten([new[p] if p >= 0 else next(it) for p in pat]))
+        return out
+
+    def lift(self, vals, traced):
+        new = _lift(list(vals), self.colls, self.specs)
+        return new, self.rebuild(new, self.others(traced))
+
+    # -- after it
+
+    def write(self, written, values, what="wrote"):
+        """Write values[j] into Ref written[j], all or nothing."""
+        if not written:
+            return
+        try:
+            _core._write_refs([self.refs[k] for k in written], list(values))
+        except ValueError as e:
+            if len(e.args) != 2 or not isinstance(e.args[1], int):
+                raise
+            k = written[e.args[1]]
+            head = e.args[0]
+            if head.startswith("refx.mutable:"):
+                raise ValueError(f"{head} ({self.prefix()} {what} the Ref of {self.where(k)}); "
+                                 "nothing was written") from None
+            if head.startswith(_SEED):
+                head = _SEED  # where the Ref is says more than its own account
+            raise ValueError(f"{head}: {self.prefix()} {what} the Ref of {self.where(k)}, which "
+                             "belongs to another JAX trace than the call's; nothing was written "
+                             "(pass the Refs a function writes to it as arguments)") from None
+
+
+def _written(new, vals):
+    return [k for k, r in enumerate(new) if r.value is not vals[k]]
+
+
+def _plan_out(out, refs):
+    """(spec, treedef, payload) of an output tree that may hold Refs.
+
+    spec None: payload is `out` itself (no Ref, every leaf traceable).
+    Otherwise spec has one item per leaf of `out`: None (a plain leaf, in
+    payload), k (Ref number k of the call), a Ref (closed over: itself),
+    _Const (a leaf JAX cannot trace), or (j, ref spec, collection) (the
+    j-th Ref made inside; its first occurrence holds its value in payload).
+    payload is `out` with each Ref and _Const replaced by its payload item
+    (a value or None), so it keeps out's structure down to those leaves
+    and out_axes-style prefixes of `out` apply to it.
+    """
+    leaves, td = _tree_flatten(out)
+    if not any(isinstance(x, Ref) or not _traceable(x) for x in leaves):
+        return None, None, out
+    index = {id(r): k for k, r in enumerate(refs)}
+    new: dict[int, int] = {}
+    spec, items = [], []
+    for x in leaves:
+        if isinstance(x, Ref):
+            k = index.get(id(x))
+            if k is not None:
+                spec.append(k)
+                items.append(None)
+            elif _core._ref_is_current(x):
+                j = new.get(id(x))
+                if j is None:
+                    j = new[id(x)] = len(new)
+                    items.append(x.value)
+                else:
+                    items.append(None)
+                spec.append((j, _core._ref_spec(x), x.collection))
+            else:
+                spec.append(x)  # closed over: the very object
+                items.append(None)
+        elif _traceable(x):
+            spec.append(None)
+            items.append(x)
+        else:
+            spec.append(_Const(x))
+            items.append(None)
+    return tuple(spec), td, td.unflatten(items)
+
+
+def _rebuild_out(spec, td, payload, refs):
+    """Outside the transform: the outputs described by _plan_out."""
+    if spec is None:
+        return payload
+    subs = td.flatten_up_to(payload)
+    made: dict[int, Ref] = {}
+    leaves = []
+    for s, sub in zip(spec, subs, strict=True):
+        if s is None:
+            leaves.append(sub)
+        elif type(s) is int:
+            leaves.append(refs[s])
+        elif isinstance(s, Ref):
+            leaves.append(s)
+        elif type(s) is _Const:
+            leaves.append(s.value)
+        else:
+            j, tp, coll = s
+            if j not in made:
+                made[j] = _lift([sub], (coll,), (tp,))[0]
+            leaves.append(made[j])
+    return td.unflatten(leaves)
+
+
+def _aval(v):
+    """(treedef, ((shape, dtype), ...)) of a Ref's value."""
+    leaves, td = _tree_flatten(v)
+    return td, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+def _fmt(aval):
+    td, leaves = aval
+    items = [f"{dt}{list(shape)}".replace(" ", "") for shape, dt in leaves]
+    if td.num_nodes == 1 and len(items) == 1:
+        return items[0]
+    return f"a pytree {td} of ({', '.join(items)})"
+
+
+def _check_kept(t, k, before, after, what, rule):
+    """ValueError unless Ref k's value keeps its structure, shapes, dtypes."""
+    a, b = _aval(before), _aval(after)
+    if a != b:
+        raise ValueError(f"{t.prefix()}: {what} {t.describe(k)} with {_fmt(b)}, but it holds "
+                         f"{_fmt(a)}; {rule}")
+
+
+def _pair(kind, name, out):
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"refx.{kind}({name}): fun must return a pair (carry, y), got "
+                        f"{type(out).__name__}")
+    return out
+
+
+# --------------------------------------------------------------------------
+# the carry of scan / fori_loop / while_loop
+# --------------------------------------------------------------------------
+
+_CARRY_RULE = ("a Ref in the carry must keep its shape and dtype from one iteration to the "
+               "next (scan's rule for its carry); write a value of the same shape and dtype, "
+               "or keep the Ref out of the carry")
+
+
+def _check_carry_out(t, kind, carry_in, carry_out, new, label):
+    """The carry fun returned must be init's structure, with the Refs it
+    was given at the same places, and other leaves of the same types."""
+    _label, _tree, td, pat, a, _b = t.parts[0]
+    leaves, otd = _tree_flatten(carry_out)
+    if otd != td:
+        raise ValueError(f"{t.prefix()}: fun returned a carry of another structure than "
+                         f"{label}: {otd} != {td}; return the carry with init's structure "
+                         "(the same Refs at the same places)")
+    in_leaves = _tree_flatten(carry_in)[0]
+    traced = []
+    for i, (p, x, x0) in enumerate(zip(pat, leaves, in_leaves, strict=True)):
+        if p >= 0:
+            if x is not new[p]:
+                got = ("another Ref" if isinstance(x, Ref)
+                       else f"a {type(x).__name__}")
+                raise ValueError(f"{t.prefix()}: fun returned a carry holding {got} where "
+                                 f"{t.at(a + i)} holds a Ref; return the carry with the Refs "
+                                 "it was given at the same places (write their .value instead)")
+        elif isinstance(x, Ref):
+            raise ValueError(f"{t.prefix()}: fun returned a carry holding a Ref at "
+                             f"{t.at(a + i)}, where {label} holds a {type(x0).__name__}; Refs "
+                             f"may enter a carry only through {label}")
+        elif not _traceable(x0):
+            if not (x is x0 or x == x0):
+                raise ValueError(f"{t.prefix()}: the carry's {type(x0).__name__} at "
+                                 f"{t.at(a + i)} changed ({x0!r} -> {x!r}); leaves JAX cannot "
+                                 "trace must stay as they are")
+        else:
+            if not _traceable(x):
+                raise TypeError(f"{t.prefix()}: fun returned a {type(x).__name__} in the carry "
+                                f"at {t.at(a + i)}, which JAX cannot trace")
+            before, after = _aval(x0), _aval(x)
+            if before != after:
+                raise ValueError(f"{t.prefix()}: fun returned the carry's leaf at "
+                                 f"{t.at(a + i)} as {_fmt(after)}, but {label} has "
+                                 f"{_fmt(before)}; a carry must keep its shapes and dtypes")
+            traced.append(x)
+    return traced
+
+
+class _Carry:
+    """scan's, fori_loop's and while_loop's handling of the Refs of the carry
+    (part 0 of `t`) and, for scan, of xs (part 1)."""
+
+    def __init__(self, t, kind, label):
+        self.t, self.kind, self.label = t, kind, label
+        _lbl, _tree, _td, pat, a, b = t.parts[0]
+        self.nc = len({p for p in pat if p >= 0})  # carry Refs are numbered first
+        n_other_c = sum(1 for p in pat if p < 0)
+        st = t.is_static[:n_other_c]
+        self.c_traced = [x for x, s in zip(t.plain[:n_other_c], st, strict=True) if not s]
+        self.x_traced = t.traced[len(self.c_traced):]
+        self.n_other_c = n_other_c
+        self.written: set[int] = set()  # carry Refs written, over every trace
+
+    def init(self):
+        return (self.t.vals[:self.nc], self.c_traced)
+
+    def enter(self, carry, x=None):
+        """New Refs and trees inside the loop body (or cond_fun)."""
+        t = self.t
+        cvals, ctraced = carry
+        xvals, xtraced = x if x is not None else ([], self.x_traced)
+        vals = list(cvals) + list(xvals)
+        new = _lift(vals, t.colls, t.specs)
+        return vals, new, t.rebuild(new, t.others(list(ctraced) + list(xtraced)))
+
+    def leave(self, vals, new, trees, carry_out):
+        """Check what the body did to the carry; the next carry."""
+        t = self.t
+        traced = _check_carry_out(t, self.kind, trees[0], carry_out, new, self.label)
+        out = []
+        for k in range(self.nc):
+            v = new[k].value
+            if v is not vals[k]:
+                _check_kept(t, k, vals[k], v, "fun wrote", _CARRY_RULE)
+                self.written.add(k)
+            out.append(v)
+        return (out, traced)
+
+    def result(self, final):
+        """The caller's carry after the loop (before the write-back)."""
+        t = self.t
+        cvals, ctraced = final
+        it = iter(ctraced)
+        n = self.n_other_c
+        others = [next(it) if not s else x
+                  for x, s in zip(t.plain[:n], t.is_static[:n], strict=True)]
+        carry = t.rebuild(t.refs, others, parts=t.parts[:1])[0]
+        written = sorted(self.written)
+        return carry, written, [cvals[k] for k in written]
+
+
+# --------------------------------------------------------------------------
+# StateAxes and vmap
+# --------------------------------------------------------------------------
+
+
+class StateAxes:
+    """Per-collection axes for a vmap argument holding Refs.
+
+    ``StateAxes({"params": 0, ...: None})``: the Refs (and other leaves) of
+    the argument that the first filter accepts are mapped over axis 0, the
+    rest broadcast.  Keys are filters of tree_partition (evaluated by the
+    C core, first match wins), values an int axis or None; a leaf that no
+    filter accepts is an error (end with ``...: None`` to broadcast the
+    rest).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, axes, /):
+        items = tuple(axes.items()) if hasattr(axes, "items") else tuple(axes)
+        for pair in items:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise TypeError("StateAxes: expected a mapping {filter: axis} or pairs "
+                                f"(filter, axis), got {pair!r}")
+            f, ax = pair
+            if not (ax is None or isinstance(ax, int) and not isinstance(ax, bool)):
+                raise TypeError(f"StateAxes: the axis of filter {f!r} must be an int or None, "
+                                f"not {ax!r}")
+            _core.All(f)  # TypeError for what is not a filter
+        if not items:
+            raise ValueError("StateAxes: give at least one {filter: axis} entry")
+        self._items = items
+
+    @property
+    def filters(self):
+        return tuple(f for f, _ in self._items)
+
+    @property
+    def axes(self):
+        return tuple(a for _, a in self._items)
+
+    def items(self):
+        return self._items
+
+    def __iter__(self):
+        return iter(self.filters)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __eq__(self, other):
+        return type(other) is StateAxes and self._items == other._items
+
+    def __hash__(self):
+        return hash(self._items)
+
+    def __repr__(self):
+        body = ", ".join(f"{'...' if f is ... else repr(f)}: {a!r}" for f, a in self._items)
+        return f"StateAxes({{{body}}})"
+
+
+def _is_axis_leaf(x):
+    return x is None or isinstance(x, StateAxes)
+
+
+def _state_axes_leaves(t, sa, subtree, where):
+    """Per jax leaf of `subtree` (starting at flat leaf `base`): its axis."""
+    filters, axes = sa.filters, sa.axes
+    parts, _td = tree_partition(subtree, *filters)
+    out = []
+    for path in parts[0]:
+        hit = next((i for i, p in enumerate(parts) if p[path] is not _core.NOTHING), None)
+        if hit is None:  # a NOTHING leaf of the tree itself: no leaves
+            continue
+        leaf = parts[hit][path]
+        n = len(jax.tree_util.tree_leaves(leaf))  # a Ref: 1, a Value: its value's, an Index: 0
+        if hit == len(filters) and n:
+            what = (f"the {type(leaf).__name__} (collection {leaf.collection!r})"
+                    if isinstance(leaf, (Ref, _core.Deref)) else f"a {type(leaf).__name__}")
+            raise ValueError(f"{t.prefix()}: {where} at {path} holds {what}, which no filter "
+                             f"of {sa!r} accepts; add a filter for it (end with `...: None` to "
+                             "broadcast the rest)")
+        out.extend([axes[hit] if hit < len(filters) else None] * n)
+    return out
+
+
+def _vmap_axes(t, in_axes, args, kwargs):
+    """Per flat leaf of (args, kwargs): its axis."""
+    if isinstance(in_axes, list):
+        in_axes = tuple(in_axes)
+    if isinstance(in_axes, tuple):
+        if len(in_axes) != len(args):
+            raise ValueError(f"{t.prefix()}: in_axes has {len(in_axes)} entries but "
+                             f"{len(args)} positional arguments were given; give one entry per "
+                             "positional argument (or one int/None/StateAxes for all)")
+        specs = list(in_axes)
+    else:
+        specs = [in_axes] * len(args)
+    axes: list = []
+    for i, (spec, arg) in enumerate(zip(specs, args, strict=True)):
+        ax_leaves, ax_td = _tree_flatten(spec, is_leaf=_is_axis_leaf)
+        try:
+            subtrees = ax_td.flatten_up_to(arg)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{t.prefix()}: in_axes[{i}] is not a prefix of argument {i}'s "
+                             f"structure: {e}") from None
+        for ax, sub in zip(ax_leaves, subtrees, strict=True):
+            n = len(_tree_flatten(sub)[0])
+            if isinstance(ax, StateAxes):
+                axes.extend(_state_axes_leaves(t, ax, sub, f"argument {i}"))
+            elif ax is None or isinstance(ax, int) and not isinstance(ax, bool):
+                axes.extend([ax] * n)
+            else:
+                raise TypeError(f"{t.prefix()}: in_axes entries must be ints, None or "
+                                f"StateAxes, got {ax!r}")
+    n_kw = len(_tree_flatten(kwargs)[0])
+    axes.extend([0] * n_kw)  # jax.vmap's rule: keyword arguments are mapped over axis 0
+    return axes
+
+
+def _vmap_in(t, axes, axis_size):
+    """Each Ref's axis (one per Ref; a Ref at two places with two axes is an
+    error), each traced leaf's, and the mapped size check."""
+    ref_axis: dict[int, tuple] = {}
+    other_axes = []
+    sizes = []  # (size, where)
+    oi = 0
+    for i, (p, ax) in enumerate(zip(t.pattern, axes, strict=True)):
+        if p >= 0:
+            seen = ref_axis.get(p)
+            if seen is None:
+                ref_axis[p] = (ax, i)
+                if ax is not None:
+                    for leaf in _tree_flatten(t.vals[p])[0]:
+                        nd = np.ndim(leaf)
+                        if not -nd <= ax < nd:
+                            raise ValueError(
+                                f"{t.prefix()}: in_axes maps {t.describe(p)} over axis {ax}, "
+                                f"but its value has shape {tuple(np.shape(leaf))}")
+                        sizes.append((np.shape(leaf)[ax], f"the Ref of {t.at(i)}"))
+            elif seen[0] != ax:
+                raise ValueError(
+                    f"{t.prefix()}: one {type(t.refs[p]).__name__} is at {t.at(seen[1])} with "
+                    f"axis {seen[0]} and at {t.at(i)} with axis {ax}; a Ref shared between "
+                    "places must have one axis (give both places the same in_axes)")
+        else:
+            if not t.is_static[oi]:
+                other_axes.append(ax)
+                if ax is not None:
+                    leaf = t.plain[oi]
+                    nd = np.ndim(leaf)
+                    if not -nd <= ax < nd:
+                        raise ValueError(f"{t.prefix()}: in_axes maps {t.at(i)} over axis {ax}, "
+                                         f"but it has shape {tuple(np.shape(leaf))}")
+                    sizes.append((np.shape(leaf)[ax], t.at(i)))
+            oi += 1
+    want = {s for s, _ in sizes}
+    if axis_size is not None:
+        want.add(axis_size)
+    if len(want) > 1:
+        items = [f"{w} has size {s}" for s, w in sizes]
+        if axis_size is not None:
+            items.insert(0, f"axis_size is {axis_size}")
+        raise ValueError(f"{t.prefix()}: the mapped axes have different sizes: "
+                         + "; ".join(items[:4]) + ("; ..." if len(items) > 4 else ""))
+    if not want:
+        raise ValueError(f"{t.prefix()}: nothing is mapped (no in_axes entry maps a Ref or an "
+                         "array); pass axis_size to say how many instances to make")
+    return [ref_axis[k][0] for k in range(len(t.refs))], other_axes
+
+
+def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=None):
+    """jax.vmap for functions of trees of Refs.
+
+    `in_axes` is an int, None or StateAxes for every positional argument,
+    or a tuple with one entry per positional argument: an int/None for all
+    of it, a StateAxes giving an axis (or None) per collection/filter, or a
+    prefix tree of the argument with those at its leaves.  Keyword
+    arguments are mapped over axis 0 (jax.vmap's rule).  Inside, `fun`
+    sees new Refs holding one instance's value (mapped Refs) or the whole
+    value (None).  After the call every Ref `fun` wrote holds its new
+    value: stacked at its axis for a mapped Ref; writing a value that
+    depends on the mapped axis into a broadcast (None) Ref is a ValueError
+    naming it.  Refs made inside and returned come out as new Refs holding
+    the stacked values, so ``refx.vmap(lambda k: MLP(k))(keys)`` makes one
+    model whose Refs hold stacked values.  `out_axes` applies to the
+    outputs (to a new Ref's value at its place), `axis_name` and
+    `axis_size` are jax.vmap's.  `mutable`: a filter; only the Refs it
+    accepts may be written (see refx.mutable).
+    """
+    if not callable(fun):
+        raise TypeError(f"refx.vmap: fun must be callable, not {type(fun).__name__}")
+    run = _with_mutable(fun, mutable, "refx.vmap")
+    name = _name(fun)
+
+    @functools.wraps(fun)
+    def mapped(*args, **kwargs):
+        t = _Trees("vmap", name, [(args, kwargs)], [None])
+        axes = _vmap_axes(t, in_axes, args, kwargs)
+        ref_axes, other_axes = _vmap_in(t, axes, axis_size)
+        info: dict = {}
+
+        def inner(vals, traced):
+            new, ((a, kw),) = t.lift(vals, traced)
+            out = run(*a, **kw)
+            written = _written(new, vals)
+            for k in written:
+                if ref_axes[k] is None and _compat.is_batched(new[k].value):
+                    raise ValueError(
+                        f"{t.prefix()}: fun wrote {t.describe(k)}, which is broadcast (in_axes "
+                        "None), with a value that depends on the mapped axis; a broadcast Ref "
+                        "holds one value for all instances: map it (an int axis, or a "
+                        "StateAxes entry for its collection) or write an unmapped value")
+            info["written"] = written
+            spec, td, payload = _plan_out(out, new)
+            info["out"] = (spec, td)
+            return [r.value for r in new], payload
+
+        inner.__name__ = inner.__qualname__ = f"refx_vmap({name})"
+        vals_out, payload = jax.vmap(inner, in_axes=(ref_axes, other_axes),
+                                     out_axes=(ref_axes, out_axes), axis_name=axis_name,
+                                     axis_size=axis_size)(t.vals, t.traced)
+        out = _rebuild_out(*info["out"], payload, t.refs)
+        written = info["written"]
+        t.write(written, [vals_out[k] for k in written])
+        return out
+
+    return mapped
+
+
+# --------------------------------------------------------------------------
+# scan
+# --------------------------------------------------------------------------
+
+
+def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=None):
+    """jax.lax.scan for a carry and xs holding Refs: fun(carry, x) -> (carry, y).
+
+    Refs in the carry (at any depth: a whole model) may be read and written
+    in the body; each iteration sees the previous one's writes, and after
+    the call the caller's Refs hold the last values.  The body must return
+    the carry it was given (the same Refs at the same places) and keep each
+    Ref's shape and dtype (a ValueError names the Ref otherwise).  Refs in
+    `xs` are scanned over their leading axis: the body sees a Ref holding
+    the slice, and what it writes there is written back stacked.  A Ref may
+    not be in both.  Returns (carry, ys) with the caller's own Refs in the
+    carry; Refs made in the body and returned in y come out as new Refs
+    holding the stacked values.  `mutable`: a filter; only the Refs it
+    accepts may be written (see refx.mutable).
+    """
+    if not callable(fun):
+        raise TypeError(f"refx.scan: fun must be callable, not {type(fun).__name__}")
+    name = _name(fun)
+    run = _with_mutable(fun, mutable, "refx.scan")
+    t = _Trees("scan", name, [init, xs], ["init", "xs"])
+    nc = len({p for p in t.parts[0][3] if p >= 0})
+    for i, p in enumerate(t.parts[1][3]):
+        if 0 <= p < nc:
+            raise ValueError(f"{t.prefix()}: {t.describe(p)} is also in xs, at "
+                             f"{t.at(t.parts[1][4] + i)}; a Ref is either carried or scanned "
+                             "over, not both")
+    c = _Carry(t, "scan", "init")
+    has_xs = bool(t.parts[1][5] - t.parts[1][4])
+    info: dict = {}
+
+    def body(carry, x):
+        vals, new, trees = c.enter(carry, x)
+        carry_in, xt = trees
+        out = _pair("scan", name, run(carry_in, xt))
+        carry_out, y = out
+        nxt = c.leave(vals, new, trees, carry_out)
+        xw = [k for k in range(nc, len(new)) if new[k].value is not vals[k]]
+        info["xs_written"] = xw
+        spec, td, payload = _plan_out(y, new)
+        info["y"] = (spec, td)
+        return nxt, ([new[k].value for k in xw], payload)
+
+    body.__name__ = body.__qualname__ = f"refx_scan({name})"
+    xs_in = (t.vals[nc:], c.x_traced) if has_xs else None
+    final, (xw_vals, payload) = jax.lax.scan(body, c.init(), xs_in, length=length,
+                                             reverse=reverse, unroll=unroll)
+    carry, written, wvals = c.result(final)
+    ys = _rebuild_out(*info["y"], payload, t.refs)
+    xw = info["xs_written"]
+    t.write(written + xw, wvals + list(xw_vals))
+    return carry, ys
+
+
+# --------------------------------------------------------------------------
+# fori_loop / while_loop
+# --------------------------------------------------------------------------
+
+
+def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
+    """jax.lax.fori_loop with Refs in init_val: body_fun(i, val) -> val.
+
+    As refx.scan's carry: each iteration sees the previous one's writes,
+    the body returns the carry it was given (the same Refs at the same
+    places) with each Ref's shape and dtype kept, and after the call the
+    caller's Refs hold the last iteration's values.  Returns init_val's
+    structure with the caller's Refs.
+    """
+    if not callable(body_fun):
+        raise TypeError(f"refx.fori_loop: body_fun must be callable, not "
+                        f"{type(body_fun).__name__}")
+    name = _name(body_fun)
+    t = _Trees("fori_loop", name, [init_val], ["init_val"])
+    c = _Carry(t, "fori_loop", "init_val")
+
+    def body(i, carry):
+        vals, new, trees = c.enter(carry)
+        return c.leave(vals, new, trees, body_fun(i, trees[0]))
+
+    body.__name__ = body.__qualname__ = f"refx_fori_loop({name})"
+    kw = {} if unroll is None else {"unroll": unroll}
+    final = jax.lax.fori_loop(lower, upper, body, c.init(), **kw)
+    carry, written, wvals = c.result(final)
+    t.write(written, wvals)
+    return carry
+
+
+def while_loop(cond_fun, body_fun, init_val):
+    """jax.lax.while_loop with Refs in init_val.
+
+    cond_fun(val) -> bool may read the Refs (writing one is a ValueError:
+    JAX keeps nothing cond_fun computes but the bool); body_fun(val) -> val
+    as refx.fori_loop's body.  After the call the caller's Refs hold the
+    last iteration's values.
+    """
+    for what, f in (("cond_fun", cond_fun), ("body_fun", body_fun)):
+        if not callable(f):
+            raise TypeError(f"refx.while_loop: {what} must be callable, not {type(f).__name__}")
+    name = _name(body_fun)
+    t = _Trees("while_loop", name, [init_val], ["init_val"])
+    c = _Carry(t, "while_loop", "init_val")
+
+    def cond(carry):
+        vals, new, trees = c.enter(carry)
+        r = cond_fun(trees[0])
+        for k, ref in enumerate(new):
+            if ref.value is not vals[k]:
+                raise ValueError(f"{t.prefix()}: cond_fun ({_name(cond_fun)}) wrote "
+                                 f"{t.describe(k)}; cond_fun may read Refs, not write them "
+                                 "(write in body_fun)")
+        return r
+
+    def body(carry):
+        vals, new, trees = c.enter(carry)
+        return c.leave(vals, new, trees, body_fun(trees[0]))
+
+    cond.__name__ = cond.__qualname__ = f"refx_while_cond({_name(cond_fun)})"
+    body.__name__ = body.__qualname__ = f"refx_while_body({name})"
+    final = jax.lax.while_loop(cond, body, c.init())
+    carry, written, wvals = c.result(final)
+    t.write(written, wvals)
+    return carry
+
+
+# --------------------------------------------------------------------------
+# remat
+# --------------------------------------------------------------------------
+
+
+def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=()):
+    """jax.checkpoint (remat) for functions of trees of Refs.
+
+    Gradients through refx.remat(f) equal those through f; the forward
+    pass is recomputed in the backward pass instead of stored (`policy`
+    says what may be saved; see jax.checkpoint_policies).  Refs written
+    inside are written back after the call, all or nothing.  Arguments at
+    `static_argnums` are passed as they are (not traced).  Usable as
+    ``@refx.remat`` and ``@refx.remat(policy=...)``.
+    """
+    if fun is None:
+        return functools.partial(remat, policy=policy, prevent_cse=prevent_cse,
+                                 static_argnums=static_argnums)
+    if not callable(fun):
+        raise TypeError(f"refx.remat: fun must be callable, not {type(fun).__name__}")
+    snums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    for s in snums:
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise TypeError(f"refx.remat: static_argnums must hold ints, got {s!r}")
+    name = _name(fun)
+
+    @functools.wraps(fun)
+    def rematted(*args, **kwargs):
+        n = len(args)
+        static = {s % n if -n <= s < n else s for s in snums}
+        bad = [s for s in snums if not -n <= s < n]
+        if bad:
+            raise TypeError(f"refx.remat({name}): static_argnums {bad} but {n} positional "
+                            "arguments were given")
+        # static arguments are not looked into: None (no leaves) holds their place
+        dyn = tuple(None if i in static else a for i, a in enumerate(args))
+        t = _Trees("remat", name, [(dyn, kwargs)], [None])
+        info: dict = {}
+
+        def inner(vals, traced):
+            new, ((a, kw),) = t.lift(vals, traced)
+            full = [args[i] if i in static else x for i, x in enumerate(a)]
+            out = fun(*full, **kw)
+            written = _written(new, vals)
+            info["written"] = written
+            spec, td, payload = _plan_out(out, new)
+            info["out"] = (spec, td)
+            return [new[k].value for k in written], payload
+
+        inner.__name__ = inner.__qualname__ = f"refx_remat({name})"
+        wvals, payload = jax.checkpoint(inner, prevent_cse=prevent_cse,
+                                        policy=policy)(t.vals, t.traced)
+        out = _rebuild_out(*info["out"], payload, t.refs)
+        t.write(info["written"], wvals)
+        return out
+
+    return rematted
+
+
+# --------------------------------------------------------------------------
+# cond / switch
+# --------------------------------------------------------------------------
+
+
+def _branches(kind, labels, funs, operands):
+    """The branch functions for jax.lax.switch/cond, and the finish."""
+    names = [_name(f) for f in funs]
+    t = _Trees(kind, " / ".join(names), [operands], ["operands"])
+    seen: list = []  # per traced branch: (label, avals of every Ref, out plan)
+    written_any: set[int] = set()
+
+    def make(b):
+        fn, label = funs[b], f"{labels[b]} ({names[b]})"
+
+        def branch(vals, traced):
+            new, (ops,) = t.lift(vals, traced)
+            out = fn(*ops)
+            outs = [r.value for r in new]
+            written = _written(new, vals)
+            avals = [_aval(v) for v in outs]
+            spec, td, payload = _plan_out(out, new)
+            for other, oavals, oplan in seen:
+                for k, (a, o) in enumerate(zip(avals, oavals, strict=True)):
+                    if a != o:
+                        raise ValueError(
+                            f"{t.prefix()}: {label} leaves {t.describe(k)} as {_fmt(a)} but "
+                            f"{other} as {_fmt(o)}; a Ref must have the same shape and dtype "
+                            "after every branch (a branch that does not write it leaves it as "
+                            "it was)")
+                if oplan != (spec, td):
+                    raise ValueError(
+                        f"{t.prefix()}: {label} returns {_describe_plan(t, spec, td)} but "
+                        f"{other} {_describe_plan(t, *oplan)}; every branch must return the "
+                        "same Refs at the same places (new Refs of the same class and "
+                        "collection, or the same operand Refs)")
+            seen.append((label, avals, (spec, td)))
+            written_any.update(written)
+            return outs, payload
+
+        branch.__name__ = branch.__qualname__ = f"refx_{kind}_branch({names[b]})"
+        return branch
+
+    def finish(outs, payload):
+        spec, td = seen[-1][2]
+        out = _rebuild_out(spec, td, payload, t.refs)
+        written = sorted(written_any)
+        t.write(written, [outs[k] for k in written])
+        return out
+
+    return t, [make(b) for b in range(len(funs))], finish
+
+
+def _describe_plan(t, spec, td):
+    if spec is None:
+        return f"no Ref (structure {td})" if td is not None else "no Ref"
+    items = []
+    for i, s in enumerate(spec):
+        if type(s) is int:
+            items.append(f"leaf {i}: the Ref of {t.where(s)}")
+        elif isinstance(s, Ref):
+            items.append(f"leaf {i}: a Ref closed over")
+        elif isinstance(s, tuple):
+            items.append(f"leaf {i}: a new {getattr(s[1], '__name__', 'Ref')} (collection "
+                         f"{s[2]!r})")
+    return "outputs with " + (", ".join(items) if items else "no Ref") + f" (structure {td})"
+
+
+def cond(pred, true_fun, false_fun, *operands):
+    """jax.lax.cond for operands holding Refs.
+
+    Each branch sees new Refs holding the operands' values.  After the
+    call, a Ref written in either branch holds the taken branch's value
+    (the other branch leaves it as it was); Refs must keep the same shape
+    and dtype across branches, and both branches must return the same Refs
+    at the same places (a ValueError names the Ref otherwise).
+    """
+    for what, f in (("true_fun", true_fun), ("false_fun", false_fun)):
+        if not callable(f):
+            raise TypeError(f"refx.cond: {what} must be callable, not {type(f).__name__}")
+    t, (tb, fb), finish = _branches("cond", ["true_fun", "false_fun"], [true_fun, false_fun],
+                                    operands)
+    outs, payload = jax.lax.cond(pred, tb, fb, t.vals, t.traced)
+    return finish(outs, payload)
+
+
+def switch(index, branches, *operands):
+    """jax.lax.switch for operands holding Refs: branches[index](*operands)
+    (index clamped to the range, as jax.lax.switch does).  Writes and
+    checks as refx.cond's."""
+    branches = list(branches)
+    if not branches:
+        raise ValueError("refx.switch: branches must hold at least one function")
+    for i, f in enumerate(branches):
+        if not callable(f):
+            raise TypeError(f"refx.switch: branches[{i}] must be callable, not "
+                            f"{type(f).__name__}")
+    t, fns, finish = _branches("switch", [f"branches[{i}]" for i in range(len(branches))],
+                               branches, operands)
+    outs, payload = jax.lax.switch(index, fns, t.vals, t.traced)
+    return finish(outs, payload)
+
+
+__all__ = ["StateAxes", "cond", "fori_loop", "remat", "scan", "switch", "vmap", "while_loop"]
