@@ -42,6 +42,8 @@ from ._state import LoadResult, load_state_dict, restore, save, state_dict
 # transforms: jit/jit_partial (per-call path in C), grad, Dag, Static
 from ._core import JitFunction, Static
 from ._transforms import Dag, grad, jit, jit_partial, value_and_grad
+# sharding (issue 13): Refs' declared shardings (refx/_sharding.py)
+from ._sharding import shardings
 
 __version__ = "0.1.0"
 
@@ -91,4 +93,6 @@ __all__ = [
     "jit",
     "jit_partial",
     "value_and_grad",
+    # sharding
+    "shardings",
 ]

@@ -269,6 +269,10 @@ class Dag(Generic[_Tree]):
     @property
     def tree(self) -> _Tree: ...
 
+# ---- sharding (issue 13; refx/_sharding.py) ----
+
+def shardings(tree: _Any, /, mesh: _Any = None) -> _Any: ...
+
 __all__ = [
     "NOTHING",
     "All",
@@ -279,11 +283,14 @@ __all__ = [
     "Not",
     "Nothing",
     "Partition",
+    "PathContains",
+    "PathFilter",
     "Ref",
     "Value",
     "clone",
     "deref",
     "get_partition",
+    "keypath_to_path",
     "merge_partitions",
     "reref",
     "tree_partition",
@@ -303,4 +310,5 @@ __all__ = [
     "jit",
     "jit_partial",
     "value_and_grad",
+    "shardings",
 ]

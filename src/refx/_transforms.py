@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 import jax
 import numpy as np
 
-from . import _core
+from . import _core, _sharding
 from ._core import Deref, JitFunction, Ref, Static, deref, get_partition, reref
 
 _tree_flatten = jax.tree_util.tree_flatten
@@ -226,6 +226,10 @@ def _build_jit_entry(jf, desc):
     static_kw = {s[0]: s[2] for s in statics if isinstance(s[0], str)}
     nrefs = len(colls)
     cand = _donation_candidates(jf, treedef, has_kwargs, statics, pattern, kwnames)
+    # declared shardings: the mesh the Refs' arrays are on now, for a step
+    # traced outside any mesh context (see _sharding.constrain_values)
+    mesh = _sharding.mesh_of(_vals) if _sharding.any_declared(types) else None
+    where = f"refx.jit({name})"
 
     def flat_fn(*lists):
         if cand is None:
@@ -239,6 +243,7 @@ def _build_jit_entry(jf, desc):
             dit, kit = iter(dvals), iter(kept)
             for k in range(nrefs):
                 vals[k] = next(dit) if k in donated else next(kit)
+        vals = _sharding.constrain_values(vals, types, where, mesh)
         refs = _lift(vals, colls, types)
         it = iter(others)
         bargs = bound_td.unflatten(_fill(bound_pattern, refs, it)) if nb else ()
@@ -258,7 +263,9 @@ def _build_jit_entry(jf, desc):
         written = sorted(set(_written(refs, vals)) | donated)
         spec, out_td, payload = _out_plan(out, refs)
         plan = (tuple(written), spec, out_td)
-        return Static(plan), [refs[k].value for k in written], payload
+        wvals = _sharding.constrain_values([refs[k].value for k in written],
+                                           [types[k] for k in written], where, mesh)
+        return Static(plan), wvals, payload
 
     flat_fn.__name__ = flat_fn.__qualname__ = f"refx_jit({name})"
     options = dict(jf._options)
@@ -481,10 +488,13 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
             info["written"] = written
             spec, aux_td, aux_payload = _out_plan(aux, new)
             info["aux"] = (spec, aux_td)
-            return loss, ([new[k].value for k in written], aux_payload)
+            wvals = _sharding.constrain_values([new[k].value for k in written],
+                                               [types[k] for k in written], f"refx.{kind}")
+            return loss, (wvals, aux_payload)
 
         dvals = [vals[k] for k in diff]
         (loss, (wvals, aux_payload)), g = jax.value_and_grad(f, has_aux=True)(dvals)
+        g = _sharding.constrain_values(list(g), [types[k] for k in diff], f"refx.{kind}")
         written = info["written"]
         aux = _rebuild_out(*info["aux"], aux_payload, refs) if has_aux else None
         try:

@@ -15,6 +15,9 @@
  *                      if value holds a tracer that the Ref's trace may not
  *                      hold; only called for values not of `plain_types`
  *   plain_types        types whose instances never hold tracers
+ *   place              (optional) place(value, sharding, fname) -> value:
+ *                      puts the value of a Ref whose metadata declares a
+ *                      sharding on it (see ref_place in ref.c)
  *
  * How refx reaches trees through those hooks is tree.c's business.
  *
@@ -47,6 +50,8 @@ static const struct {
     {"check_value", offsetof(refx_state, check_value), 0},
     {"plain_types", offsetof(refx_state, plain_types), 0},
     {"pytree_registry", offsetof(refx_state, pytree_registry), 1},
+    /* declared shardings (issue 13): see ref_place in ref.c */
+    {"place", offsetof(refx_state, place), 1},
 };
 #define N_JAX_HOOKS (sizeof(jax_hooks) / sizeof(jax_hooks[0]))
 
@@ -57,7 +62,8 @@ PyDoc_STRVAR(
     "Link the C core to JAX.  Called once by refx._compat; not public.\n"
     "Keywords: flatten, flatten_with_path, treedef_type, sequence_key,\n"
     "dict_key, getattr_key, flattened_index_key, trace_state, check_value,\n"
-    "plain_types (a tuple of types), pytree_registry (a dict or None).");
+    "plain_types (a tuple of types), pytree_registry (a dict or None),\n"
+    "place (a callable or None).");
 
 static PyObject *
 install_jax(PyObject *module, PyObject *args, PyObject *kwargs)
@@ -203,7 +209,8 @@ static PyMethodDef module_functions[] = {
     X(Jit_Type) \
     X(jit_builder) \
     X(jit_array_type) \
-    X(jit_describe)
+    X(jit_describe) \
+    X(place)
 /* clang-format on */
 
 /* A field added to refx_state without its STATE_OBJECTS entry would escape

@@ -126,6 +126,11 @@ typedef struct {
     PyObject *jit_array_type; /* jax's Array type: the only donated values */
     PyObject *jit_describe;   /* _transforms: where a Ref sits, for errors */
 
+    /* declared shardings (issue 13): place(value, sharding, fname) puts a
+     * new Ref's value on the sharding its metadata declares (ref.c,
+     * ref_place); NULL when refx._compat installed none */
+    PyObject *place;
+
     /* Everything above is an object listed in STATE_OBJECTS (module.c,
      * which checks that the list covers them); plain data from here on. */
 
