@@ -191,6 +191,12 @@ OPS = {
     "copy/deepcopy of a Ref subclass": lambda: (copy.copy(SUB_REF), copy.deepcopy(SUB_REF)),
     "Ref.__init__ on a live Ref": lambda: expect(TypeError, R.__init__, 1.0, "other"),
     "Value index too large": lambda: expect(ValueError, refx.Value, 1, 2**70),
+    # issue 13: a declared sharding calls the place hook (refx/_sharding.py)
+    # from Ref()/replace: no mesh here, so it returns the value; a bad
+    # declaration is the hook's TypeError
+    "Ref() with sharding": lambda: refx.Ref(1.0, "c", sharding=("model", None)),
+    "Ref() bad sharding": lambda: expect(TypeError, refx.Ref, 1.0, sharding="model"),
+    "Ref.replace(sharding=...)": lambda: R.replace(sharding=("data",)),
     # the getter binds refx._inspect's renderer (treescope is not imported)
     "__treescope_repr__ getter": lambda: (
         R.__treescope_repr__, refx.NOTHING.__treescope_repr__, PARTS[0].__treescope_repr__,

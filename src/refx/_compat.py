@@ -167,13 +167,36 @@ def explicit_axes(mesh) -> frozenset:
                      if t == _AxisType.Explicit)
 
 
-def constrain(x, sharding, explicit):
+def _keep(sharding, names):
+    """`sharding` (a PartitionSpec or NamedSharding) naming only `names`."""
+    spec = sharding.spec if isinstance(sharding, jax.sharding.NamedSharding) else sharding
+    entries = []
+    for e in spec:
+        if isinstance(e, tuple):
+            e = tuple(n for n in e if n in names) or None
+        elif e is not None and e not in names:
+            e = None
+        entries.append(e)
+    kept = jax.sharding.PartitionSpec(*entries)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, kept)
+    return kept
+
+
+def constrain(x, sharding, mesh):
     """`x` (traced) constrained to `sharding` (a PartitionSpec of the context
-    mesh, or a NamedSharding).  `explicit`: the spec names Explicit axes,
-    which take reshard (with_sharding_constraint only asserts them)."""
-    if explicit and _reshard is not None:
-        return _reshard(x, sharding)
-    return jax.lax.with_sharding_constraint(x, sharding)
+    mesh, or a NamedSharding) on `mesh`.  Over Explicit axes that is
+    reshard (with_sharding_constraint only asserts them), over Auto axes
+    with_sharding_constraint; a mesh with both gets both, each naming its
+    own axes."""
+    explicit = explicit_axes(mesh)
+    if not explicit or _reshard is None:
+        return jax.lax.with_sharding_constraint(x, sharding)
+    auto = frozenset(mesh.axis_names) - explicit
+    x = _reshard(x, _keep(sharding, explicit) if auto else sharding)
+    if auto:
+        x = jax.lax.with_sharding_constraint(x, _keep(sharding, auto))
+    return x
 
 
 # imported here, not at the top: it uses the functions above (and imports

@@ -190,18 +190,19 @@ class _Placer:
         if not _is_array(x):
             return x  # Python scalars, None, strings: not placed
         if isinstance(sharding, NamedSharding):
-            mesh, target = sharding.mesh, sharding
+            mesh = sharding.mesh
         elif self.mesh is None:
             return x
         else:
             mesh = self.mesh
-            target = sharding if self.bare else NamedSharding(mesh, sharding)
         _check(sharding, x, mesh, fname, where)
-        axes = _axes(_spec_of(sharding))
+        if isinstance(sharding, NamedSharding) or self.bare:
+            target = sharding
+        else:
+            target = NamedSharding(mesh, sharding)
         try:
             if self.traced or isinstance(x, jax.core.Tracer):
-                explicit = bool(axes) and axes <= _compat.explicit_axes(mesh)
-                return _compat.constrain(x, target, explicit)
+                return _compat.constrain(x, target, mesh)
             return jax.device_put(x, target)
         except (ValueError, TypeError) as e:
             raise type(e)(
@@ -316,21 +317,23 @@ def _assign(x: Any, inherited: Any, mesh: Any, where: str, out: list[Any], *,
         if not isinstance(x, Value):
             return  # an Index: no leaves
         spec = declared(x)
+        if not isinstance(spec, NamedSharding) and mesh is None:
+            raise ValueError(
+                f"refx.shardings: no mesh for the Ref at {where or 'the root'}: pass "
+                f"mesh=..., or call it under jax.set_mesh(mesh) (or `with mesh:`)")
+        leaves = jax.tree_util.tree_flatten_with_path(x.value, is_leaf=_is_deref)[0]
+        if spec is not None:
+            for keypath, leaf in leaves:
+                if _is_array(leaf):
+                    inner = where + jax.tree_util.keystr(keypath)
+                    _check(spec, leaf, mesh, "refx.shardings",
+                           f"the value of the Ref at {inner or 'the root'}")
         if isinstance(spec, NamedSharding):
             sharding = spec
         else:
-            if mesh is None:
-                raise ValueError(
-                    f"refx.shardings: no mesh for the Ref at {where or 'the root'}: pass "
-                    f"mesh=..., or call it under jax.set_mesh(mesh) (or `with mesh:`)")
             sharding = NamedSharding(mesh, spec if spec is not None else PartitionSpec())
-        for keypath, leaf in jax.tree_util.tree_flatten_with_path(x.value, is_leaf=_is_deref)[0]:
-            inner = where + jax.tree_util.keystr(keypath)
-            if not isinstance(leaf, Deref):
-                if spec is not None and _is_array(leaf):
-                    _check(sharding, leaf, sharding.mesh, "refx.shardings",
-                           f"the value of the Ref at {inner or 'the root'}")
-            _assign(leaf, sharding, mesh, inner, out)
+        for keypath, leaf in leaves:
+            _assign(leaf, sharding, mesh, where + jax.tree_util.keystr(keypath), out)
         return
     out.append(None if top else inherited)
 

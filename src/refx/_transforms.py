@@ -324,8 +324,11 @@ def _make_jit(fun, bound, static_argnums, static_argnames, donate_argnums, donat
         raise TypeError(f"{kind}: fun must be callable, not {type(fun).__name__}")
     for k in _UNSUPPORTED:
         if options.get(k) is not None:
-            raise TypeError(f"{kind}: {k} is not supported yet (the Refs' own shardings "
-                            "will be used); use jax.jit on deref'ed trees for explicit shardings")
+            raise TypeError(f"{kind}: {k} is not supported: refx.jit keeps each Ref's value "
+                            "on the sharding the Ref declares (Ref(x, sharding=...)) and takes "
+                            "other arguments as they are placed (jax.device_put them); for "
+                            "explicit shardings use jax.jit on deref'ed trees with "
+                            "refx.shardings(tree)")
         options.pop(k, None)
     snums, snames = _argnums_and_names(fun, static_argnums, static_argnames, "static")
     dnums, dnames = _argnums_and_names(fun, donate_argnums, donate_argnames, "donate")
