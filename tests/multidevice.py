@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -24,51 +26,86 @@ def env_with_devices(n):
     return env
 
 
-def start(script, *args, devices):
-    """Start `script` (a file in tests/) in a new process group."""
-    return subprocess.Popen(
-        [sys.executable, str(HERE / script), *map(str, args)], cwd=HERE,
-        env=env_with_devices(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True)
+class Worker:
+    """A script of tests/ running in its own process group, its output
+    going to temporary files (a pipe nobody reads could fill and block it)."""
+
+    def __init__(self, script, *args, devices):
+        self.name = " ".join([script, *map(str, args)])
+        self._out = tempfile.TemporaryFile(mode="w+")
+        self._err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / script), *map(str, args)], cwd=HERE,
+            env=env_with_devices(devices), stdout=self._out, stderr=self._err, text=True,
+            start_new_session=True)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def kill(self):
+        """Kill it and everything it started (no-op once it has exited)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def output(self):
+        """(stdout, stderr) so far; all of it once the process has exited
+        (then the files are closed)."""
+        if self._out is None:
+            return self._texts
+        texts = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            texts.append(f.read())
+        self._texts = tuple(texts)
+        if self.proc.poll() is not None:
+            self._out.close()
+            self._err.close()
+            self._out = self._err = None
+        return self._texts
+
+    def report(self):
+        out, err = self.output()
+        return (f"=== {self.name} (exit {self.proc.returncode}) ===\n--- stdout ---\n"
+                f"{out[-5000:]}\n--- stderr ---\n{err[-10000:]}")
+
+    def result(self):
+        """The RESULT json it printed; AssertionError showing its output if
+        it failed or printed none."""
+        out, _ = self.output()
+        if self.proc.returncode == 0:
+            for line in reversed(out.splitlines()):
+                if line.startswith("RESULT "):
+                    return json.loads(line[len("RESULT "):])
+        raise AssertionError(f"{self.name}: no result\n{self.report()}")
 
 
-def kill(proc):
-    """Kill a process started by `start` and everything it started."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def wait_all(workers, timeout):
+    """Wait until every worker has exited, one has failed, or `timeout`
+    seconds have passed; then kill whatever still runs.  True if all of
+    them exited with 0 in time."""
+    deadline = time.monotonic() + timeout
     try:
-        return proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a process that will not die
-        return "", "(no output: the process did not exit after SIGKILL)"
-
-
-def result(name, proc, out, err):
-    """The RESULT json a worker printed, or an AssertionError showing its
-    output."""
-    for line in reversed(out.splitlines()):
-        if line.startswith("RESULT "):
-            if proc.returncode == 0:
-                return json.loads(line[len("RESULT "):])
-            break
-    raise AssertionError(
-        f"{name} exited with {proc.returncode} and no result\n--- stdout ---\n{out[-5000:]}"
-        f"\n--- stderr ---\n{err[-10000:]}")
+        while time.monotonic() < deadline:
+            codes = [w.poll() for w in workers]
+            if any(c not in (None, 0) for c in codes) or all(c == 0 for c in codes):
+                break
+            time.sleep(0.05)
+    finally:
+        for w in workers:
+            w.kill()
+    return all(w.proc.returncode == 0 for w in workers)
 
 
 def run(script, *args, devices=8, timeout=300):
     """Run `script` to completion; its RESULT."""
-    proc = start(script, *args, devices=devices)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        out, err = kill(proc)
-        raise AssertionError(
-            f"{script} {' '.join(map(str, args))}: no answer in {timeout} s (killed)\n"
-            f"--- stdout ---\n{out[-5000:]}\n--- stderr ---\n{err[-10000:]}") from None
-    return result(f"{script} {' '.join(map(str, args))}", proc, out, err)
+    w = Worker(script, *args, devices=devices)
+    if not wait_all([w], timeout) and w.proc.returncode in (None, -signal.SIGKILL):
+        raise AssertionError(f"{w.name}: no answer in {timeout} s (killed)\n{w.report()}")
+    return w.result()
 
 
 def free_port():
