@@ -31,11 +31,12 @@ class Worker:
     going to temporary files (a pipe nobody reads could fill and block it)."""
 
     def __init__(self, script, *args, devices):
-        self.name = " ".join([script, *map(str, args)])
+        """`script`: a path relative to tests/ (or absolute)."""
+        self.name = " ".join([str(script), *map(str, args)])
         self._out = tempfile.TemporaryFile(mode="w+")
         self._err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / script), *map(str, args)], cwd=HERE,
+            [sys.executable, str(HERE / script), *map(str, args)], cwd=(HERE / script).parent,
             env=env_with_devices(devices), stdout=self._out, stderr=self._err, text=True,
             start_new_session=True)
 
@@ -100,11 +101,16 @@ def wait_all(workers, timeout):
     return all(w.proc.returncode == 0 for w in workers)
 
 
-def run(script, *args, devices=8, timeout=300):
-    """Run `script` to completion; its RESULT."""
+def run(script, *args, devices=8, timeout=300, result=True):
+    """Run `script` to completion; its RESULT (or, with result=False, its
+    stdout, if it exited with 0)."""
     w = Worker(script, *args, devices=devices)
     if not wait_all([w], timeout) and w.proc.returncode in (None, -signal.SIGKILL):
         raise AssertionError(f"{w.name}: no answer in {timeout} s (killed)\n{w.report()}")
+    if not result:
+        if w.proc.returncode != 0:
+            raise AssertionError(f"{w.name} failed\n{w.report()}")
+        return w.output()[0]
     return w.result()
 
 

@@ -362,3 +362,15 @@ def test_8_devices_restore_onto_declared_shardings():
     assert res["no_mesh_spec"].endswith("(None, 'model')")
     assert res["no_mesh_mesh"] == {"data": 4, "model": 2}
     assert res["load_problems"] == []
+
+
+def test_example_train_sharded():
+    for module in ("sklearn", "optax", "tqdm", "matplotlib"):
+        pytest.importorskip(module)
+    out = multidevice.run("../examples/train_sharded.py", "--steps", 40, result=False)
+    assert "mesh {'data': 2, 'model': 4}" in out
+    assert "blocks/0/linear/w        (None, 'model')    (None, model)" in out
+    assert "blocks/1/linear/w        ('model', None)    (model, None)" in out
+    assert "every Ref is on its declared sharding after training" in out
+    acc = float(out.split("test accuracy: ")[1].split("%")[0])
+    assert acc >= 90.0, out
