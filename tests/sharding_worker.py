@@ -98,6 +98,13 @@ def scenario_constraint():
             finally:
                 if label == "unconstrained":
                     rs.constrain_values = saved
+    # the legacy `with mesh:` context (deprecated from JAX 0.7; the only one
+    # before 0.5): inside a trace its mesh is concrete, not abstract
+    with mesh:
+        w = refx.Ref(jnp.ones((8, 8)), "params", sharding=("data", "model"))
+        refx.jit(fresh)({"w": w})
+        out["with_mesh_ok"] = w.value.sharding.is_equivalent_to(
+            NamedSharding(mesh, P("data", "model")), 2)
     return out
 
 

@@ -320,7 +320,7 @@ def test_8_devices_explicit_axes():
 
 def test_8_devices_refx_jit_puts_written_values_back_on_their_sharding():
     res = scenario("constraint")
-    assert res["refx_ok"], res
+    assert res["refx_ok"] and res["with_mesh_ok"], res
     # the same step without refx's constraint leaves the fresh array replicated:
     # the check above can fail
     assert not res["unconstrained_ok"], res

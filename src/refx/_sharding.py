@@ -179,8 +179,11 @@ class _Placer:
     def __init__(self, fallback: Any = None) -> None:
         self.traced = _compat.in_trace()
         self.mesh = _compat.context_mesh() if self.traced else _compat.active_mesh()
-        # inside a trace, a spec is resolved against the context mesh by JAX
-        self.bare = self.traced and self.mesh is not None
+        # inside a trace, a bare spec is resolved by JAX against the abstract
+        # context mesh (jax.set_mesh); a concrete one (`with mesh:`, or the
+        # fallback) goes into a NamedSharding
+        self.bare = self.traced and self.mesh is not None and not isinstance(
+            self.mesh, jax.sharding.Mesh)
         if self.mesh is None:
             self.mesh = fallback
 
