@@ -44,6 +44,8 @@ from ._core import JitFunction, Static
 from ._transforms import Dag, grad, jit, jit_partial, value_and_grad
 # sharding (issue 13): Refs' declared shardings (refx/_sharding.py)
 from ._sharding import shardings
+# attributes backed by Refs (issue 13, refx/_fields.py)
+from ._fields import RefField
 
 __version__ = "0.1.0"
 
@@ -95,4 +97,6 @@ __all__ = [
     "value_and_grad",
     # sharding
     "shardings",
+    # attributes backed by Refs
+    "RefField",
 ]
