@@ -4,6 +4,7 @@
 #                again on the oldest and on the newest JAX tested
 #   make demo    venv + install + the demo (examples/train_digits.py)
 #   make examples  venv + install + the transform examples (scan, vmap, remat)
+#   make demo-sharded  the demo's MLP on 8 simulated devices (train_sharded.py)
 #   make bench   venv + install + peers (flax, equinox, optax) + benchmarks
 #
 # Pins: ci/tools.txt (ruff, clang-format, pytest-randomly, every venv),
@@ -29,7 +30,7 @@ REPLAY ?= make pytest
 # sanitize, tools/devbuild.sh); REFX_WERROR=0 on the command line turns it off.
 export REFX_WERROR ?= 1
 
-.PHONY: all venv install install-bench test pytest demo examples bench bench-smoke \
+.PHONY: all venv install install-bench test pytest demo demo-sharded examples bench bench-smoke \
         sanitize leakcheck lint typecheck test-jax-oldest test-jax-newest \
         test-pythons clean
 
@@ -102,6 +103,12 @@ examples: install
 	$(VPY) examples/char_gru.py
 	$(VPY) examples/ensemble.py
 	$(VPY) examples/remat_mlp.py
+
+# The digits MLP data- and model-parallel on 8 simulated CPU devices
+# (examples/train_sharded.py; issue 13).
+demo-sharded: install
+	$(PIP) install $(PIN) '.[demo]'
+	$(VPY) examples/train_sharded.py
 
 # mypy --strict on the examples, against the installed refx stubs.
 typecheck: install

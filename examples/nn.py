@@ -17,12 +17,17 @@ Nothing here knows about jit or grad.  Layers read and write ``ref.value``;
 sharing is ordinary Python sharing (`Linear.tied` reuses another layer's
 weight Ref); the training script passes models to `refx.jit` functions and
 takes gradients with `refx.value_and_grad`.
+
+Nor about devices: `Linear` and `BatchNorm` take an optional ``sharding``
+(mesh axis names per dimension of the weight, or of the feature vector),
+which their Refs declare; under an active mesh each Ref is created on it and
+refx.jit keeps it there (`train_sharded.py`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import jax
 import jax.numpy as jnp
@@ -84,15 +89,29 @@ def _flatten_with_keys(
     return children, _aux(m)
 
 
-class Linear(Module):
-    """y = x @ w + b; with ``transpose=True``, y = x @ w.T + b (for tying)."""
+Sharding = tuple[str | None, ...]  # mesh axis names (or None) per dimension
 
-    def __init__(self, din: int, dout: int, *, key: Array) -> None:
+
+def _declare(sharding: Sharding | None) -> dict[str, Sharding]:
+    """Ref metadata declaring `sharding`, or none at all."""
+    return {} if sharding is None else {"sharding": sharding}
+
+
+class Linear(Module):
+    """y = x @ w + b; with ``transpose=True``, y = x @ w.T + b (for tying).
+
+    ``sharding``: the weight's, e.g. ``(None, "model")`` (the bias gets the
+    output dimension's)."""
+
+    def __init__(self, din: int, dout: int, *, key: Array, sharding: Sharding | None = None):
         bound = 1.0 / math.sqrt(din)
         self.w: refx.Ref[Array] = refx.Ref(
-            jax.random.uniform(key, (din, dout), minval=-bound, maxval=bound), "params"
+            jax.random.uniform(key, (din, dout), minval=-bound, maxval=bound), "params",
+            **_declare(sharding),
         )
-        self.b: refx.Ref[Array] = refx.Ref(jnp.zeros(dout), "params")
+        self.b: refx.Ref[Array] = refx.Ref(
+            jnp.zeros(dout), "params", **_declare(sharding and sharding[1:])
+        )
         self.transpose = False
 
     @classmethod
@@ -101,7 +120,10 @@ class Linear(Module):
         weight Ref (used transposed) and a bias of its own."""
         layer = object.__new__(cls)
         layer.w = other.w  # shared: one Ref, two layers
-        layer.b = refx.Ref(jnp.zeros(other.w.value.shape[0]), "params")
+        sharding = cast("Sharding | None", other.w.metadata.get("sharding"))
+        layer.b = refx.Ref(
+            jnp.zeros(other.w.value.shape[0]), "params", **_declare(sharding and sharding[:1])
+        )
         layer.transpose = True
         return layer
 
@@ -113,11 +135,15 @@ class Linear(Module):
 class BatchNorm(Module):
     """Batch normalisation; running statistics in collection "batch_stats"."""
 
-    def __init__(self, n: int, *, momentum: float = 0.9, eps: float = 1e-5) -> None:
-        self.scale: refx.Ref[Array] = refx.Ref(jnp.ones(n), "params")
-        self.bias: refx.Ref[Array] = refx.Ref(jnp.zeros(n), "params")
-        self.mean: refx.Ref[Array] = refx.Ref(jnp.zeros(n), "batch_stats")
-        self.var: refx.Ref[Array] = refx.Ref(jnp.ones(n), "batch_stats")
+    def __init__(
+        self, n: int, *, momentum: float = 0.9, eps: float = 1e-5,
+        sharding: Sharding | None = None,
+    ) -> None:
+        meta = _declare(sharding)  # of the feature vectors, e.g. ("model",)
+        self.scale: refx.Ref[Array] = refx.Ref(jnp.ones(n), "params", **meta)
+        self.bias: refx.Ref[Array] = refx.Ref(jnp.zeros(n), "params", **meta)
+        self.mean: refx.Ref[Array] = refx.Ref(jnp.zeros(n), "batch_stats", **meta)
+        self.var: refx.Ref[Array] = refx.Ref(jnp.ones(n), "batch_stats", **meta)
         self.momentum = momentum
         self.eps = eps
 

@@ -33,7 +33,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import refx
-from nn import Array, BatchNorm, Dropout, Linear, Module, Optimizer
+from nn import Array, BatchNorm, Dropout, Linear, Module, Optimizer, Sharding
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -45,9 +45,12 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 class Block(Module):
-    def __init__(self, din: int, dout: int, *, dropout: float, rng: refx.Ref[Array], key: Array):
-        self.linear = Linear(din, dout, key=key)
-        self.norm = BatchNorm(dout)
+    def __init__(
+        self, din: int, dout: int, *, dropout: float, rng: refx.Ref[Array], key: Array,
+        sharding: Sharding | None = None,
+    ):
+        self.linear = Linear(din, dout, key=key, sharding=sharding)
+        self.norm = BatchNorm(dout, sharding=sharding and sharding[1:])
         self.drop = Dropout(dropout, rng=rng)
 
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -57,14 +60,22 @@ class Block(Module):
 
 class MLP(Module):
     """64 pixels -> 2 hidden blocks -> 10 logits, plus a tied decoder
-    (hidden -> 64 pixels) sharing the first layer's weight Ref."""
+    (hidden -> 64 pixels) sharing the first layer's weight Ref.
 
-    def __init__(self, din: int = 64, hidden: int = 128, classes: int = 10, *, seed: int = 0):
+    ``sharded=True`` declares model-parallel shardings over a mesh axis
+    "model" (train_sharded.py): the first block's outputs split over it,
+    the second block contracting them back, the head replicated."""
+
+    def __init__(
+        self, din: int = 64, hidden: int = 128, classes: int = 10, *, seed: int = 0,
+        sharded: bool = False,
+    ):
         keys = jax.random.split(jax.random.key(seed), 4)
         rng = refx.Ref(keys[3], "rng")  # one key Ref, shared by every Dropout
+        s0, s1 = ((None, "model"), ("model", None)) if sharded else (None, None)
         self.blocks = [
-            Block(din, hidden, dropout=0.1, rng=rng, key=keys[0]),
-            Block(hidden, hidden, dropout=0.1, rng=rng, key=keys[1]),
+            Block(din, hidden, dropout=0.1, rng=rng, key=keys[0], sharding=s0),
+            Block(hidden, hidden, dropout=0.1, rng=rng, key=keys[1], sharding=s1),
         ]
         self.head = Linear(hidden, classes, key=keys[2])
         self.decoder = Linear.tied(self.blocks[0].linear)

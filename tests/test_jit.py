@@ -580,7 +580,7 @@ def _model_from(cls, children):
 
 
 def test_options_and_errors():
-    with pytest.raises(TypeError, match="in_shardings is not supported yet"):
+    with pytest.raises(TypeError, match=r"in_shardings is not supported: refx.jit keeps each Ref's value on the sharding the Ref declares"):
         refx.jit(lambda x: x, in_shardings=1)
     with pytest.raises(TypeError, match="fun must be callable"):
         refx.jit(3)
@@ -756,3 +756,28 @@ def test_cache_key_compares_collections_by_equality_and_passes_their_errors():
         f(refx.Ref(jnp.ones(()), Coll("p", boom=True)))
     f(a)
     assert count.n == 1 and float(a.value) == 3.0
+
+
+def test_last_key_fast_path_tells_classes_and_metadata_apart():
+    # regression: the last-key shortcut compared each Ref's type only, so a
+    # call with Refs carrying metadata right after one with plain Refs (same
+    # structure) reused the plain entry: fun saw plain Refs, and declared
+    # shardings were ignored
+    class Param(refx.Ref):
+        pass
+
+    seen = []
+
+    @refx.jit
+    def f(t):
+        seen.append((type(t["a"]), dict(t["a"].metadata)))
+        return t["a"].value
+
+    calls = [refx.Ref(jnp.ones(2)), refx.Ref(jnp.ones(2), tag="x"), Param(jnp.ones(2)),
+             Param(jnp.ones(2)), refx.Ref(jnp.ones(2), tag="x"), refx.Ref(jnp.ones(2), tag="y"),
+             refx.Ref(jnp.ones(2))]
+    for r in calls:
+        f({"a": r})
+    assert seen == [(refx.Ref, {}), (refx.Ref, {"tag": "x"}), (Param, {}),
+                    (refx.Ref, {"tag": "y"})]
+    assert f._cache_size() == 4

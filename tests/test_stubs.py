@@ -22,10 +22,9 @@ def test_stubtest_finds_no_differences(tmp_path):
     # own (refx/__init__.pyi describes what _core exports).  Only the public
     # stub is compared.  Under JAX 0.4.36, jax.tree_util.GetAttrKey is
     # declared as a Python class but is jaxlib's C++ class at run time, so
-    # stubtest sees the private _compat._VALUE_KEY differ from its inferred
-    # type; later JAX releases agree with themselves, hence
-    # --ignore-unused-allowlist.  (refx._transforms._TREE_KEY, a GetAttrKey
-    # too, is the same case.)
+    # stubtest sees the private _compat._VALUE_KEY and _transforms._TREE_KEY
+    # differ from their inferred types; later JAX releases agree with
+    # themselves, hence --ignore-unused-allowlist.
     cfg = tmp_path / "mypy.ini"
     cfg.write_text("[mypy]\n[mypy-refx._compat]\nignore_errors = True\n"
                    "[mypy-refx._transforms]\nignore_errors = True\n"

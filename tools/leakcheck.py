@@ -198,6 +198,12 @@ OPS = {
         ValueError, refx.update_refs, INT_PART, {("s",): 2.5}),
     "update_refs, source Ref of another class": lambda: expect(
         ValueError, refx.update_refs, [R], [SUB_REF]),
+    # issue 13: a declared sharding calls the place hook (refx/_sharding.py)
+    # from Ref()/replace: no mesh here, so it returns the value; a bad
+    # declaration is the hook's TypeError
+    "Ref() with sharding": lambda: refx.Ref(1.0, "c", sharding=("model", None)),
+    "Ref() bad sharding": lambda: expect(TypeError, refx.Ref, 1.0, sharding="model"),
+    "Ref.replace(sharding=...)": lambda: R.replace(sharding=("data",)),
     # the getter binds refx._inspect's renderer (treescope is not imported)
     "__treescope_repr__ getter": lambda: (
         R.__treescope_repr__, refx.NOTHING.__treescope_repr__, PARTS[0].__treescope_repr__,

@@ -45,6 +45,10 @@ from ._transforms import Dag, grad, jit, jit_partial, value_and_grad
 # transforms: vmap, scan, remat, cond/switch, loops (refx/_control.py), mutable
 from ._control import StateAxes, cond, fori_loop, remat, scan, switch, vmap, while_loop
 from ._mutable import mutable
+# sharding (issue 13): Refs' declared shardings (refx/_sharding.py)
+from ._sharding import shardings
+# attributes backed by Refs (issue 13, refx/_fields.py)
+from ._fields import RefField
 
 __version__ = "0.1.0"
 
@@ -104,4 +108,8 @@ __all__ = [
     "switch",
     "vmap",
     "while_loop",
+    # sharding
+    "shardings",
+    # attributes backed by Refs
+    "RefField",
 ]

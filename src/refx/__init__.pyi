@@ -356,6 +356,29 @@ class mutable(ContextDecorator):
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc_info: object) -> Literal[False]: ...
 
+# ---- sharding (issue 13; refx/_sharding.py) ----
+
+def shardings(tree: _Any, /, mesh: _Any = None) -> _Any: ...
+
+# ---- attributes backed by Refs (issue 13; refx/_fields.py) ----
+
+class RefField(Generic[_T]):
+    """A class attribute whose value is held by a Ref (in vars(obj), same name)."""
+
+    collection: Hashable
+    default: _Any
+    metadata: dict[str, Hashable]
+    name: str | None
+    owner: type | None
+    def __init__(
+        self, collection: Hashable = None, *, default: _T = ..., **metadata: Hashable
+    ) -> None: ...
+    def __class_getitem__(cls, item: _Any, /) -> GenericAlias: ...
+    def __set_name__(self, owner: type, name: str) -> None: ...
+    def __get__(self, obj: object, objtype: type | None = None) -> _T: ...
+    def __set__(self, obj: object, value: _T | Ref[_T] | Deref) -> None: ...
+    def __delete__(self, obj: object) -> None: ...
+
 __all__ = [
     "NOTHING",
     "All",
@@ -402,4 +425,6 @@ __all__ = [
     "switch",
     "vmap",
     "while_loop",
+    "shardings",
+    "RefField",
 ]

@@ -106,6 +106,116 @@ def _plain_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+# --------------------------------------------------------------------------
+# sharding (issue 13): the active mesh, and how to constrain a traced value.
+# refx/_sharding.py holds the logic; these are the version-dependent calls.
+# --------------------------------------------------------------------------
+
+from jax._src import mesh as _mesh_lib  # noqa: E402
+
+# `with mesh:` (every version; deprecated from JAX 0.7): the legacy context
+_resources = _mesh_lib.thread_resources
+# jax.set_mesh / jax.sharding.use_mesh (0.5+): the concrete and abstract
+# context meshes.  Outside traces get_mesh/get_concrete_mesh give the
+# concrete one; inside a jit trace only the abstract one is known.
+_get_concrete = getattr(jax.sharding, "get_mesh", None) or getattr(
+    _mesh_lib, "get_concrete_mesh", None)
+_get_abstract = getattr(jax.sharding, "get_abstract_mesh", None) or getattr(
+    _mesh_lib, "get_abstract_mesh", None)
+# Explicit mesh axes (JAX 0.6+; jax.make_mesh's default from 0.10): an
+# array's sharding is part of its type, changed with reshard, and
+# with_sharding_constraint only asserts it.
+_AxisType = getattr(jax.sharding, "AxisType", None)
+_reshard = getattr(jax.sharding, "reshard", None)
+_EvalTrace = _jcore.EvalTrace
+
+
+def _nonempty(mesh):
+    """`mesh` if it is a mesh with axes (versions stand for "no mesh" by
+    None, (), an empty Mesh or AbstractMesh), else None."""
+    if mesh is None or getattr(mesh, "empty", False) or not getattr(mesh, "axis_names", ()):
+        return None
+    return mesh
+
+
+def in_trace() -> bool:
+    """True inside a JAX transform's trace (jit, grad, vmap, ...)."""
+    return not isinstance(_jcore.trace_ctx.trace, _EvalTrace)
+
+
+def active_mesh():
+    """The concrete mesh made active by jax.set_mesh / jax.sharding.use_mesh
+    or `with mesh:`, or None.  Outside traces only."""
+    if _get_concrete is not None:
+        try:
+            mesh = _nonempty(_get_concrete())
+        except ValueError:  # JAX 0.10+ inside jit: no concrete mesh there
+            mesh = None
+        if mesh is not None:
+            return mesh
+    return _nonempty(_resources.env.physical_mesh)
+
+
+def context_mesh():
+    """The mesh a traced value is constrained under: the abstract context
+    mesh (jax.set_mesh), else the `with mesh:` one, else None."""
+    if _get_abstract is not None:
+        mesh = _nonempty(_get_abstract())
+        if mesh is not None:
+            return mesh
+    return _nonempty(_resources.env.physical_mesh)
+
+
+def explicit_axes(mesh) -> frozenset:
+    """The names of `mesh`'s Explicit axes (none before JAX 0.6)."""
+    if _AxisType is None or mesh is None:
+        return frozenset()
+    types = getattr(mesh, "axis_types", None)
+    if isinstance(types, dict):  # JAX 0.6: {AxisType: name or names}
+        names = types.get(_AxisType.Explicit, ())
+        return frozenset((names,) if isinstance(names, str) else names)
+    if types is None:
+        return frozenset()
+    return frozenset(n for n, t in zip(mesh.axis_names, types, strict=True)
+                     if t == _AxisType.Explicit)
+
+
+def _keep(sharding, names):
+    """`sharding` (a PartitionSpec or NamedSharding) naming only `names`."""
+    spec = sharding.spec if isinstance(sharding, jax.sharding.NamedSharding) else sharding
+    entries = []
+    for e in spec:
+        if isinstance(e, tuple):
+            e = tuple(n for n in e if n in names) or None
+        elif e is not None and e not in names:
+            e = None
+        entries.append(e)
+    kept = jax.sharding.PartitionSpec(*entries)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, kept)
+    return kept
+
+
+def constrain(x, sharding, mesh):
+    """`x` (traced) constrained to `sharding` (a PartitionSpec of the context
+    mesh, or a NamedSharding) on `mesh`.  Over Explicit axes that is
+    reshard (with_sharding_constraint only asserts them), over Auto axes
+    with_sharding_constraint; a mesh with both gets both, each naming its
+    own axes."""
+    explicit = explicit_axes(mesh)
+    if not explicit or _reshard is None:
+        return jax.lax.with_sharding_constraint(x, sharding)
+    auto = frozenset(mesh.axis_names) - explicit
+    x = _reshard(x, _keep(sharding, explicit) if auto else sharding)
+    if auto:
+        x = jax.lax.with_sharding_constraint(x, _keep(sharding, auto))
+    return x
+
+
+# imported here, not at the top: it uses the functions above (and imports
+# this module back, which is fine: it only reads them at call time)
+from . import _sharding  # noqa: E402
+
 _core._install_jax(
     flatten=_flatten,
     flatten_with_path=_flatten_with_path,
@@ -123,6 +233,9 @@ _core._install_jax(
     # what update_refs by path accepts for a Ref holding an array (tracers
     # are jax.Arrays too); a ShapeDtypeStruct is not one
     array_types=(np.ndarray, np.generic, jax.Array),
+    # declared shardings (issue 13): places a new Ref's value on the
+    # sharding its metadata declares, under an active mesh
+    place=_sharding.place,
 )
 
 _VALUE_KEY = jax.tree_util.GetAttrKey("value")

@@ -30,11 +30,13 @@ Python scalar takes a scalar or 0-d array of its kind and stays a Python
 scalar, a numpy scalar stays one.  Names are compared when strict.  One
 ValueError lists every problem.
 
-Placement.  A numpy leaf loaded where the Ref holds a ``jax.Array`` is put
-on that array's sharding (``_target_sharding``: the one place to plug in a
-sharding declared on the Ref once Refs carry metadata); restore reads each
-array straight onto it.  A jax.Array given to load_state_dict is kept as
-given.
+Placement (``_target_sharding``).  A leaf whose Ref declares a sharding
+(``Ref(x, sharding=...)``, or a Value inside the Ref's value that does: an
+optax state's moments) goes on it, on the active mesh or else on the mesh
+of the array the Ref holds now (refx/_sharding.py).  Otherwise a numpy
+leaf loaded where the Ref holds a ``jax.Array`` is put on that array's
+sharding.  restore reads each array straight onto its sharding.  A
+jax.Array given to load_state_dict is kept as given.
 
 orbax.  save writes the state dict as orbax's PyTree checkpoint (a flat
 dict of names), with the leaves orbax cannot store turned into a form it
@@ -54,6 +56,7 @@ import jax
 import numpy as np
 
 # the C core has no stub of its own (refx/__init__.pyi describes it)
+from . import _sharding
 from ._core import (  # type: ignore[import-not-found]
     All,
     Deref,
@@ -136,6 +139,7 @@ class _Entry(NamedTuple):
     names: tuple[str, ...]  # one name per leaf of its value
     leaves: tuple[Any, ...]  # the leaves it holds now
     repeats: list[tuple[str, ...]]  # its later paths, if shared
+    specs: tuple[Any, ...] = ()  # each leaf's declared sharding or None (_sharding.leaf_specs)
 
 
 class _Layout(NamedTuple):
@@ -229,7 +233,8 @@ def _layout(fname: str, tree: Any, filter: Any, *, writable: bool) -> _Layout:
             names.append(name)
         ref = leaf if isinstance(leaf, Ref) else node
         entry = _Entry(
-            path, ref, treedef, tuple(names), tuple(x for _, x in leaves_with_paths), []
+            path, ref, treedef, tuple(names), tuple(x for _, x in leaves_with_paths), [],
+            _sharding.leaf_specs(node),
         )
         entries.append(entry)
         by_index[node.index] = entry
@@ -329,18 +334,27 @@ def _check(
     return missing, unexpected
 
 
-def _target_sharding(entry: _Entry, current: Any) -> Any:
-    """The sharding a leaf loaded into `entry`'s Ref should have, or None.
+def _target_sharding(entry: _Entry, index: int, current: Any) -> Any:
+    """The sharding leaf `index` loaded into `entry`'s Ref should have, or None.
 
-    Today: the sharding of the jax.Array the Ref holds now.  Once Refs carry
-    a declared sharding (Ref metadata), it goes first here.
+    The sharding the Ref declares (or a Value inside its value does, for an
+    optax state's moments) on the active mesh, else on the mesh of the
+    array it holds now (_sharding.restore_sharding); without a declaration
+    or a mesh, the sharding of the jax.Array the Ref holds now.
     """
-    if isinstance(current, jax.Array) and not isinstance(current, jax.core.Tracer):
+    if isinstance(current, jax.core.Tracer):
+        return None
+    declared = entry.specs[index] if entry.specs else None
+    if declared is not None and _is_array(current):
+        sharding = _sharding.restore_sharding(declared, current)
+        if sharding is not None:
+            return sharding
+    if isinstance(current, jax.Array):
         return current.sharding
     return None
 
 
-def _convert(entry: _Entry, current: Any, new: Any) -> Any:
+def _convert(entry: _Entry, index: int, current: Any, new: Any) -> Any:
     """`new` in the form of `current`: a Python or numpy scalar stays one, a
     numpy array for a jax.Array goes onto its sharding."""
     if _is_py_scalar(current):
@@ -349,7 +363,7 @@ def _convert(entry: _Entry, current: Any, new: Any) -> Any:
         return new
     if isinstance(current, np.generic) and isinstance(new, np.ndarray):
         return new[()]
-    sharding = _target_sharding(entry, current)
+    sharding = _target_sharding(entry, index, current)
     if sharding is not None and not isinstance(new, jax.Array):
         return jax.device_put(new, sharding)
     return new
@@ -363,8 +377,8 @@ def _write(layout: _Layout, state: Mapping[str, Any]) -> None:
         if not any(n in state for n in entry.names):
             continue
         leaves = [
-            _convert(entry, cur, state[n]) if n in state else cur
-            for n, cur in zip(entry.names, entry.leaves, strict=True)
+            _convert(entry, i, cur, state[n]) if n in state else cur
+            for i, (n, cur) in enumerate(zip(entry.names, entry.leaves, strict=True))
         ]
         target[entry.path] = entry.ref
         source[entry.path] = jax.tree_util.tree_unflatten(entry.treedef, leaves)
@@ -539,7 +553,7 @@ def _stored_layout(ocp: Any, ckptr: Any, path: str) -> dict[str, tuple[tuple[int
     return stored
 
 
-def _restore_target(entry: _Entry, current: Any) -> Any:
+def _restore_target(entry: _Entry, index: int, current: Any) -> Any:
     """What orbax should restore a leaf as (in storage form): an abstract
     array with the sharding the Ref wants, or (numpy arrays, Python scalars)
     the leaf itself, which orbax reads for its type, shape and dtype."""
@@ -550,7 +564,7 @@ def _restore_target(entry: _Entry, current: Any) -> Any:
         )
     stored = _to_storage(current)
     # a key's data is sharded like the key (plus a trailing axis)
-    sharding = _target_sharding(entry, stored)
+    sharding = _target_sharding(entry, index, stored)
     if sharding is not None:
         return jax.ShapeDtypeStruct(stored.shape, stored.dtype, sharding=sharding)
     return stored
@@ -589,7 +603,7 @@ def restore(
             if w is not None:
                 entry = layout.entries[w[0]]
                 current[name] = entry.leaves[w[1]]
-                target[name] = _restore_target(entry, current[name])
+                target[name] = _restore_target(entry, w[1], current[name])
         if not target:
             return LoadResult(missing, unexpected)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)

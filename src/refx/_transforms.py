@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 import jax
 import numpy as np
 
-from . import _core
+from . import _core, _sharding
 from ._core import NOTHING, Deref, JitFunction, Ref, Static, deref, get_partition, reref
 from ._mutable import _with_mutable
 
@@ -227,6 +227,10 @@ def _build_jit_entry(jf, desc):
     static_kw = {s[0]: s[2] for s in statics if isinstance(s[0], str)}
     nrefs = len(colls)
     cand = _donation_candidates(jf, treedef, has_kwargs, statics, pattern, kwnames)
+    # declared shardings: the mesh the Refs' arrays are on now, for a step
+    # traced outside any mesh context (see _sharding.constrain_values)
+    mesh = _sharding.mesh_of(_vals) if _sharding.any_declared(types) else None
+    where = f"refx.jit({name})"
 
     def flat_fn(*lists):
         if cand is None:
@@ -240,6 +244,7 @@ def _build_jit_entry(jf, desc):
             dit, kit = iter(dvals), iter(kept)
             for k in range(nrefs):
                 vals[k] = next(dit) if k in donated else next(kit)
+        vals = _sharding.constrain_values(vals, types, where, mesh)
         refs = _lift(vals, colls, types)
         it = iter(others)
         bargs = bound_td.unflatten(_fill(bound_pattern, refs, it)) if nb else ()
@@ -259,7 +264,9 @@ def _build_jit_entry(jf, desc):
         written = sorted(set(_written(refs, vals)) | donated)
         spec, out_td, payload = _out_plan(out, refs)
         plan = (tuple(written), spec, out_td)
-        return Static(plan), [refs[k].value for k in written], payload
+        wvals = _sharding.constrain_values([refs[k].value for k in written],
+                                           [types[k] for k in written], where, mesh)
+        return Static(plan), wvals, payload
 
     flat_fn.__name__ = flat_fn.__qualname__ = f"refx_jit({name})"
     options = dict(jf._options)
@@ -318,8 +325,11 @@ def _make_jit(fun, bound, static_argnums, static_argnames, donate_argnums, donat
         raise TypeError(f"{kind}: fun must be callable, not {type(fun).__name__}")
     for k in _UNSUPPORTED:
         if options.get(k) is not None:
-            raise TypeError(f"{kind}: {k} is not supported yet (the Refs' own shardings "
-                            "will be used); use jax.jit on deref'ed trees for explicit shardings")
+            raise TypeError(f"{kind}: {k} is not supported: refx.jit keeps each Ref's value "
+                            "on the sharding the Ref declares (Ref(x, sharding=...)) and takes "
+                            "other arguments as they are placed (jax.device_put them); for "
+                            "explicit shardings use jax.jit on deref'ed trees with "
+                            "refx.shardings(tree)")
         options.pop(k, None)
     snums, snames = _argnums_and_names(fun, static_argnums, static_argnames, "static")
     dnums, dnames = _argnums_and_names(fun, donate_argnums, donate_argnames, "donate")
@@ -504,10 +514,13 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
             info["written"] = written
             spec, aux_td, aux_payload = _out_plan(aux, new)
             info["aux"] = (spec, aux_td)
-            return loss, ([new[k].value for k in written], aux_payload)
+            wvals = _sharding.constrain_values([new[k].value for k in written],
+                                               [types[k] for k in written], f"refx.{kind}")
+            return loss, (wvals, aux_payload)
 
         dvals = [vals[k] for k in diff]
         (loss, (wvals, aux_payload)), g = jax.value_and_grad(f, has_aux=True)(dvals)
+        g = _sharding.constrain_values(list(g), [types[k] for k in diff], f"refx.{kind}")
         written = info["written"]
         aux = _rebuild_out(*info["aux"], aux_payload, refs) if has_aux else None
         try:

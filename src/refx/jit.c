@@ -1039,10 +1039,24 @@ key_equals_call(call_ctx *c, PyObject *key)
     }
     for (Py_ssize_t k = 0; k < ncall; k++) {
         RefObject *ref = c->refs[c->nbound + k];
-        PyTypeObject *tp = Py_TYPE(ref);
-        if (types == Py_None ? tp != c->st->Ref_Type
-                             : (PyObject *)tp != PyTuple_GET_ITEM(types, k)) {
-            return 0;
+        if (types == Py_None) {
+            /* an all-plain key: a subclass or metadata is another key */
+            if (Py_TYPE(ref) != c->st->Ref_Type || ref->metadata != NULL) {
+                return 0;
+            }
+        }
+        else {
+            /* compared as the dict would: the Ref's spec (see make_key) */
+            PyObject *spec = ref_spec(c->st, ref);
+            if (spec == NULL) {
+                return -1;
+            }
+            PyObject *want = PyTuple_GET_ITEM(types, k);
+            r = spec == want ? 1 : PyObject_RichCompareBool(spec, want, Py_EQ);
+            Py_DECREF(spec);
+            if (r <= 0) {
+                return r;
+            }
         }
         PyObject *a = PyTuple_GET_ITEM(colls, k), *b = ref->collection;
         if (a != b) {

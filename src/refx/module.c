@@ -15,6 +15,9 @@
  *                      if value holds a tracer that the Ref's trace may not
  *                      hold; only called for values not of `plain_types`
  *   plain_types        types whose instances never hold tracers
+ *   place              (optional) place(value, sharding, fname) -> value:
+ *                      puts the value of a Ref whose metadata declares a
+ *                      sharding on it (see ref_place in ref.c)
  *
  * How refx reaches trees through those hooks is tree.c's business.
  *
@@ -48,6 +51,8 @@ static const struct {
     {"plain_types", offsetof(refx_state, plain_types), 0},
     {"pytree_registry", offsetof(refx_state, pytree_registry), 1},
     {"array_types", offsetof(refx_state, array_types), 1},
+    /* declared shardings (issue 13): see ref_place in ref.c */
+    {"place", offsetof(refx_state, place), 1},
 };
 #define N_JAX_HOOKS (sizeof(jax_hooks) / sizeof(jax_hooks[0]))
 
@@ -59,7 +64,7 @@ PyDoc_STRVAR(
     "Keywords: flatten, flatten_with_path, treedef_type, sequence_key,\n"
     "dict_key, getattr_key, flattened_index_key, trace_state, check_value,\n"
     "plain_types (a tuple of types), pytree_registry (a dict or None),\n"
-    "array_types (a tuple of types or None).");
+    "array_types (a tuple of types or None), place (a callable or None).");
 
 static PyObject *
 install_jax(PyObject *module, PyObject *args, PyObject *kwargs)
@@ -219,7 +224,8 @@ static PyMethodDef module_functions[] = {
     X(jit_builder) \
     X(jit_array_type) \
     X(jit_describe) \
-    X(mutable_var)
+    X(mutable_var) \
+    X(place)
 /* clang-format on */
 
 /* A field added to refx_state without its STATE_OBJECTS entry would escape

@@ -50,6 +50,11 @@
  * (copyreg.__newobj__, (cls,), state) and __setstate__, so a subclass with
  * another __init__ signature, its __dict__, and a Ref inside its own value
  * all come back (deepcopy memoises the new Ref before copying its state).
+ * A Ref whose metadata declares a sharding (`sharding=...`, not None) has
+ * its value placed on it when __init__, __setstate__ or replace makes it
+ * (ref_place: one hook call into refx/_sharding.py); reref, clone and the
+ * transforms rebuild Refs without it (refx.jit constrains shardings
+ * itself, at trace time).
  *
  * A Ref is a pytree leaf: it is not registered with JAX.  Equality and
  * hash are identity.  Ref supports cyclic GC, weak references and
@@ -667,6 +672,49 @@ ref_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     return self;
 }
 
+/* ------------------------------------------------------------------ */
+/* declared shardings (issue 13)                                        */
+/* ------------------------------------------------------------------ */
+
+/* The value a new Ref with `metadata` should hold for `value` (a new
+ * reference, or NULL with an error).  When the metadata has a "sharding"
+ * entry that is not None and refx._compat installed the `place` hook, the
+ * hook decides: place(value, sharding, fname) puts the value on that
+ * sharding under the active mesh (device_put outside a trace, a sharding
+ * constraint on a tracer) and returns it unchanged without one; see
+ * refx/_sharding.py.  Any other Ref gets `value` itself, at the cost of
+ * one NULL test (no metadata) or a scan of its few metadata names.  Called
+ * by __init__/__setstate__ (ref_initialize) and replace, after the value
+ * passed the write check: the placed value derives from it in the current
+ * trace, so it passes too. */
+static PyObject *
+ref_place(refx_state *st, PyObject *value, PyObject *metadata,
+          const char *fname)
+{
+    if (metadata == NULL || st->place == NULL) {
+        return Py_NewRef(value);
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(metadata); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(metadata, i);
+        PyObject *sharding = PyTuple_GET_ITEM(pair, 1);
+        if (sharding == Py_None ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(pair, 0),
+                                             "sharding") != 0) {
+            continue;
+        }
+        PyObject *name = PyUnicode_FromString(fname);
+        if (name == NULL) {
+            return NULL;
+        }
+        PyObject *args[3] = {value, sharding, name};
+        PyObject *res = refx_call_jax(st->place, args, 3);
+        Py_DECREF(name);
+        return res;
+    }
+    return Py_NewRef(value);
+}
+
 /* The one way value, collection and metadata are first set: by __init__
  * or __setstate__ on a Ref fresh from __new__.  The value is checked as
  * any write is (the trace, tracers in the value).  Steals `metadata`. */
@@ -698,10 +746,15 @@ ref_initialize(RefObject *self, const char *fname, PyObject *value,
     if (r < 0) {
         goto error;
     }
+    PyObject *placed = ref_place(st, value, metadata, fname);
+    if (placed == NULL) {
+        goto error;
+    }
     Py_XSETREF(self->collection, Py_NewRef(collection));
     Py_XSETREF(self->metadata, metadata);
     Py_CLEAR(self->kind);
-    ref_store(st, self, value);
+    ref_store(st, self, placed);
+    Py_DECREF(placed);
     self->initialized = 1;
     return 0;
 error:
@@ -988,6 +1041,10 @@ ref_replace(RefObject *self, PyObject *args, PyObject *kwds)
     trace = refx_current_trace(st);
     if (kind == NULL || trace == NULL ||
         refx_check_value(st, value, trace) < 0) {
+        goto error;
+    }
+    Py_SETREF(value, ref_place(st, value, metadata, "Ref.replace"));
+    if (value == NULL) {
         goto error;
     }
     res = refx_ref_create_kind(st, kind, value, collection, trace);

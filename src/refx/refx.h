@@ -131,6 +131,10 @@ typedef struct {
      * `with refx.mutable(f)` blocks this context is in (a tuple, innermost
      * last); unset outside every block */
     PyObject *mutable_var;
+    /* declared shardings (issue 13): place(value, sharding, fname) puts a
+     * new Ref's value on the sharding its metadata declares (ref.c,
+     * ref_place); NULL when refx._compat installed none */
+    PyObject *place;
 
     /* Everything above is an object listed in STATE_OBJECTS (module.c,
      * which checks that the list covers them); plain data from here on. */
