@@ -133,6 +133,51 @@ def bench(fns: dict[str, Callable[[], object]], rounds: int | None = None,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def paired_ratios(base: Callable[[], object], fns: dict[str, Callable[[], object]],
+                  rounds: int | None = None, budget: float | None = None) -> dict[str, float]:
+    """Median over rounds of (CPU time of fn / CPU time of base), GC off.
+
+    The method of the issue that set the floor goals: each round times a
+    batch of `base` and, right after it, a batch of each fn (rotated order),
+    in process CPU time with the garbage collector disabled (collected
+    before each batch), and takes their ratio; the result is the median of
+    those per-round ratios.  A pair measured back to back sees the same
+    machine, so a shared machine's drift cancels in each ratio.
+    """
+    rounds = rounds or (3 if SMOKE else 15)
+    budget = budget or (0.002 if SMOKE else 0.05)
+    allfns = {"base": base, **fns}
+    numbers = {}
+    for name, fn in allfns.items():
+        fn()
+        t0 = time.process_time()
+        fn()
+        numbers[name] = max(1, int(budget / max(time.process_time() - t0, 1e-6)))
+    names = list(fns)
+    ratios: dict[str, list[float]] = {name: [] for name in fns}
+    was_enabled = gc.isenabled()
+    try:
+        for r in range(rounds):
+            per_call = {}
+            for name in ["base"] + names[r % len(names):] + names[:r % len(names)]:
+                fn, n = allfns[name], numbers[name]
+                gc.collect()
+                gc.disable()
+                t0 = time.process_time()
+                for _ in range(n):
+                    fn()
+                per_call[name] = (time.process_time() - t0) / n
+                gc.enable()
+            for name in names:
+                ratios[name].append(per_call[name] / per_call["base"])
+    finally:
+        if was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
+    return {name: statistics.median(v) for name, v in ratios.items()}
+
+
 # -------------------------------------------------------------------- output
 
 

@@ -97,6 +97,10 @@ def goals(r: dict) -> str:
         lambda v: v <= 1.5, _x(s["ratio"]["reref"] for s in floor))
     row("reref <= 1.5x floor of the Ref tree it builds", [s["ratio"]["reref_vs_ref_floor"] for s in floor],
         lambda v: v <= 1.5, _x(s["ratio"]["reref_vs_ref_floor"] for s in floor))
+    for op in ("deref", "reref"):
+        row(f"{op} <= 1.5x floor of the Ref tree (GC off, CPU time, median of per-round ratios)",
+            [s["paired_gc_off_cpu"][op] for s in floor], lambda v: v <= 1.5,
+            _x(s["paired_gc_off_cpu"][op] for s in floor))
     nnx = r["nnx"]["sizes"]
     for op in nnx[0]["refx_speedup"]:
         row(f"refx >= 20x faster than NNX: {op}", [s["refx_speedup"][op] for s in nnx], lambda v: v >= 20,
