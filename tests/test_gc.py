@@ -242,3 +242,41 @@ def test_cycle_through_an_updated_ref_holding_an_empty_list():
         return r
 
     assert collected(make)
+
+
+@pytest.mark.parametrize("fn", ["deref", "reref", "clone"])
+@pytest.mark.parametrize("fails", [False, True])
+def test_collector_paused_only_for_the_call(fn, fails):
+    # deref/reref/clone pause the collector for the whole call (deref.c,
+    # "The collector"); it must be on again afterwards, errors included, and
+    # must stay off for a program that turned it off.
+    import jax
+
+    class Node:
+        def __init__(self, x):
+            self.x = x
+
+    seen = []
+
+    def flatten(n):
+        seen.append(gc.isenabled())
+        if fails:
+            raise RuntimeError("boom")
+        return (n.x,), None
+
+    jax.tree_util.register_pytree_node(Node, flatten, lambda _, c: Node(*c))
+    r = refx.Ref(jnp.ones(2), "p")
+    tree = [Node(r)] if fn != "reref" else [Node(refx.deref([r])[0])]
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            if fails:
+                with pytest.raises(RuntimeError, match="boom"):
+                    getattr(refx, fn)(tree)
+            else:
+                out = getattr(refx, fn)(tree)
+                assert type(out[0]) is Node
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+    assert seen and not any(seen)  # custom flatten ran with the collector paused

@@ -543,6 +543,9 @@ check_shape(update_plan *p, Py_ssize_t j, PyObject *old, PyObject *new)
     refx_state *st = p->st;
     PyObject *oshape = NULL, *odtype = NULL, *nshape = NULL, *ndtype = NULL;
     int res = -1;
+    if (new == old) {
+        return 0; /* the value it holds: nothing changes */
+    }
     oshape = PyObject_GetAttr(old, st->str_shape);
     odtype = oshape != NULL ? PyObject_GetAttr(old, st->str_dtype) : NULL;
     if (odtype == NULL) {
@@ -569,7 +572,10 @@ check_shape(update_plan *p, Py_ssize_t j, PyObject *old, PyObject *new)
         res = fits == 1 ? 0 : -1;
         goto error;
     }
-    int is_array = st->array_types == NULL
+    /* An object of the old array's own type is an array of that kind;
+     * only another type needs the isinstance test, which for jax.Array
+     * (an ABC) runs Python code. */
+    int is_array = st->array_types == NULL || Py_IS_TYPE(new, Py_TYPE(old))
                        ? 1
                        : PyObject_IsInstance(new, st->array_types);
     if (is_array < 0) {
