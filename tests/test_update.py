@@ -349,3 +349,32 @@ def test_by_path_checks_shape_and_dtype():
     assert jnp.array_equal(w.value, jnp.ones((3, 2))) and jnp.array_equal(b.value, jnp.zeros(2))
     refx.update_refs(p, {("w",): np.full((3, 2), 2.0, np.float32), ("b",): jnp.ones(2)})
     assert jnp.array_equal(w.value, jnp.full((3, 2), 2.0)) and jnp.array_equal(b.value, jnp.ones(2))
+
+
+@pytest.mark.parametrize("held, new", [
+    (np.array(1.0, np.float32), np.float64(2.0)),    # np.float64 subclasses float
+    (np.array(1.0 + 0j, np.complex64), np.complex128(2.0)),  # and complex128 complex
+    (np.float32(1.0), np.float64(2.0)),
+])
+def test_by_path_numpy_scalar_is_judged_by_its_dtype(held, new):
+    r = refx.Ref(held, "c")
+    part = refx.get_partition({"s": r}, "c")
+    with pytest.raises(ValueError, match="dtype"):
+        refx.update_refs(part, {("s",): new})
+    assert r.value is held
+
+
+def test_by_path_same_type_non_array_is_still_not_an_array():
+    held = jax.ShapeDtypeStruct((2,), np.float32)
+    r = refx.Ref(held, "c")
+    part = refx.get_partition({"s": r}, "c")
+    with pytest.raises(ValueError, match="not an array"):
+        refx.update_refs(part, {("s",): jax.ShapeDtypeStruct((2,), np.float32)})
+    assert r.value is held
+
+
+def test_by_path_writing_the_held_array_is_a_no_op():
+    a = np.ones(3, np.float32)
+    r = refx.Ref(a, "c")
+    refx.update_refs(refx.get_partition({"s": r}, "c"), {("s",): a})
+    assert r.value is a

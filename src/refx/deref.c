@@ -19,19 +19,20 @@
  *   last.  (CPython 3.12+ only collects at the next bytecode boundary, so
  *   there the pause costs nothing and changes nothing.)
  *
- *   The collector.  deref, reref and clone keep it paused for the whole
- *   call (flatten to unflatten), not only for the loop.  The Values and
- *   Refs they make are tracked by the collector when their values could
- *   lead back to them (a jax.Array can: see ref.c's essay on GC), and a
- *   collection started by the call's own allocations would find them
- *   alive, reachable only from the result being built, and promote them
- *   to older generations; at 3,000 Refs that promoted enough objects to
- *   start a full collection of the whole heap every ~75 calls, which made
- *   deref 2.2x slower with the collector on (measured with gc.callbacks).
- *   Paused, a call adds its objects to the youngest generation at once: a
- *   result dropped before the next collection costs the collector nothing,
- *   one kept is collected like any new object.  Custom pytree nodes'
- *   flatten and unflatten functions run with the collector paused too.
+ *   Tracked later.  The Values and Refs these calls make are tracked by
+ *   the collector when what they hold could lead back to them (a
+ *   jax.Array can: see ref.c's essay on GC).  Tracked from birth, they
+ *   were found alive by the collections the call's own allocations start
+ *   (in the unflatten, say), reachable only from the result being built,
+ *   and promoted to older generations: at 3,000 Refs enough of them to
+ *   set off a full collection of the whole heap every ~75 calls, which
+ *   made deref 2.2x slower with the collector on (measured with
+ *   gc.callbacks).  So each is made untracked (slot->track, or reref's
+ *   track[] says it must be tracked) and tracked when the call ends, on
+ *   every exit once it may have reached Python code (the unflatten runs
+ *   custom nodes' functions, which could keep it).  Until then the
+ *   collector does not see it, which is safe: it only makes what it
+ *   references look referenced from outside.
  *
  *   Identity.  "Is this Ref new?" is answered by marks in the Ref itself:
  *   each deref/clone call takes a fresh epoch number and stamps every Ref
@@ -74,6 +75,7 @@ typedef struct {
     PyObject *obj;  /* owned: the shared Index (deref), the new Ref (clone) */
     PyObject *kind; /* owned: the Ref's kind (NULL: a plain Ref) */
     Py_ssize_t first; /* leaf position of its first occurrence */
+    int track; /* its Value (deref) or new Ref (clone) awaits tracking */
 } numbered;
 
 typedef struct {
@@ -103,6 +105,43 @@ numbering_fini(numbering *nb)
     nb->count = nb->cap = 0;
 }
 
+/* Untrack `o` if it is tracked; 1 if so (it must be tracked again by
+ * track_again when the call ends: see "Tracked later"). */
+static inline int
+defer_tracking(PyObject *o)
+{
+    if (!PyObject_GC_IsTracked(o)) {
+        return 0;
+    }
+    PyObject_GC_UnTrack(o);
+    return 1;
+}
+
+/* Track `o` again, unless something did already (a write to a Ref
+ * tracks it; PyObject_GC_Track on a tracked object is a fatal error). */
+static inline void
+track_again(PyObject *o)
+{
+    if (!PyObject_GC_IsTracked(o)) {
+        PyObject_GC_Track(o);
+    }
+}
+
+/* Track again what the numbered slots made (items: deref's leaves, whose
+ * Value for slot k sits at its first position; NULL: clone's new Refs,
+ * in slot->obj). */
+static void
+numbering_track(numbering *nb, PyObject *const *items)
+{
+    for (Py_ssize_t k = 0; k < nb->count; k++) {
+        numbered *slot = &nb->slots[k];
+        if (slot->track) {
+            track_again(items != NULL ? items[slot->first] : slot->obj);
+            slot->track = 0;
+        }
+    }
+}
+
 /* The number of `ref` in this call; *is_new says whether it was just
  * given one.  -1 with MemoryError set. */
 static inline Py_ssize_t
@@ -127,6 +166,7 @@ number_ref(numbering *nb, RefObject *ref, Py_ssize_t pos, int *is_new)
     nb->slots[k].obj = NULL;
     nb->slots[k].kind = NULL;
     nb->slots[k].first = pos;
+    nb->slots[k].track = 0;
     ref->mark_epoch = nb->epoch;
     ref->mark_index = k;
     *is_new = 1;
@@ -221,12 +261,13 @@ check_kinds(refx_state *st, PyObject *tree, numbering *nb)
 
 /* Replace the Refs of `leaves` (a list only we hold) in place, with the
  * collector paused (see "One moment").  Rewriting in place saves a second
- * list of n items. */
+ * list of n items.  The caller owns `nb` (zeroed), so that it can track
+ * the Values when the call ends, and finalizes it. */
 static int
-deref_leaves(refx_state *st, PyObject *tree, PyObject *leaves)
+deref_leaves(refx_state *st, PyObject *tree, PyObject *leaves, numbering *nbp)
 {
-    numbering nb;
-    numbering_init(st, &nb);
+    numbering_init(st, nbp);
+    numbering nb = *nbp; /* a local copy for the loop; stored back below */
     Py_ssize_t n = PyList_GET_SIZE(leaves);
     PyObject **items = &PyList_GET_ITEM(leaves, 0);
     int res = -1, gc_was_on = PyGC_Disable();
@@ -250,6 +291,7 @@ deref_leaves(refx_state *st, PyObject *tree, PyObject *leaves)
             }
             new = refx_value_create_kind(st, ref->value, k, ref->collection,
                                          slot->kind);
+            slot->track = new != NULL && defer_tracking(new);
         }
         else {
             if (slot->obj == NULL) {
@@ -276,7 +318,7 @@ done:
     if (gc_was_on) {
         PyGC_Enable();
     }
-    numbering_fini(&nb);
+    *nbp = nb; /* the caller tracks the Values and finalizes */
     return res;
 }
 
@@ -285,21 +327,22 @@ refx_deref(PyObject *module, PyObject *tree)
 {
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *res = NULL;
+    numbering nb = {0};
     if (refx_require_trees(st, "deref") < 0) {
         return NULL;
     }
-    int gc_was_on = PyGC_Disable(); /* see "The collector" */
     leaves = flatten_ref_tree(st, "deref", tree, &treedef);
-    if (leaves == NULL || deref_leaves(st, tree, leaves) < 0) {
+    if (leaves == NULL || deref_leaves(st, tree, leaves, &nb) < 0) {
         goto error;
     }
     res = refx_unflatten(st, treedef, leaves);
 error:
+    if (leaves != NULL) {
+        numbering_track(&nb, &PyList_GET_ITEM(leaves, 0));
+    }
+    numbering_fini(&nb);
     Py_XDECREF(leaves);
     Py_XDECREF(treedef);
-    if (gc_was_on) {
-        PyGC_Enable();
-    }
     return res;
 }
 
@@ -346,12 +389,12 @@ refx_reref(PyObject *module, PyObject *tree)
     PyObject *trace = NULL;
     PyObject **refs = NULL;  /* borrowed: owned by `out` */
     PyObject **kinds = NULL; /* borrowed: owned by the Values in `leaves` */
+    char *track = NULL;      /* refs[j] awaits tracking (see above) */
     Py_ssize_t nrefs = 0, cap = 0;
     PyObject *pred = st->pred_deref;
     if (refx_require_trees(st, "reref") < 0) {
-        return NULL;
+        goto error;
     }
-    int gc_was_on = PyGC_Disable(); /* see "The collector" */
     leaves = refx_flatten(st, tree, pred, &treedef);
     if (leaves == NULL) {
         goto error;
@@ -390,11 +433,16 @@ refx_reref(PyObject *module, PyObject *tree)
                     nr != NULL
                         ? PyMem_Realloc(kinds, (size_t)ncap * sizeof(*nk))
                         : NULL;
-                if (nk == NULL) {
+                if (nk != NULL) {
+                    kinds = nk;
+                }
+                char *nt =
+                    nk != NULL ? PyMem_Realloc(track, (size_t)ncap) : NULL;
+                if (nt == NULL) {
                     PyErr_NoMemory();
                     goto error;
                 }
-                kinds = nk;
+                track = nt;
                 cap = ncap;
             }
             new = new_ref_for(st, "reref", ((ValueObject *)leaf)->value,
@@ -402,6 +450,7 @@ refx_reref(PyObject *module, PyObject *tree)
             if (new == NULL) {
                 goto error;
             }
+            track[nrefs] = (char)defer_tracking(new);
             kinds[nrefs] = d->kind;
             refs[nrefs++] = new;
         }
@@ -471,15 +520,18 @@ refx_reref(PyObject *module, PyObject *tree)
     }
     res = refx_unflatten(st, treedef, out);
 error:
+    for (Py_ssize_t j = 0; j < nrefs; j++) {
+        if (track[j]) {
+            track_again(refs[j]); /* `out` still holds them */
+        }
+    }
     PyMem_Free(refs);
     PyMem_Free(kinds);
+    PyMem_Free(track);
     Py_XDECREF(trace);
     Py_XDECREF(out);
     Py_XDECREF(leaves);
     Py_XDECREF(treedef);
-    if (gc_was_on) {
-        PyGC_Enable();
-    }
     return res;
 }
 
@@ -496,12 +548,14 @@ PyDoc_STRVAR(
 
 /* The Refs of `leaves` (a list only we hold) replaced in place by new
  * Refs, as deref_leaves does; then every new Ref's value is checked (this
- * runs Python code, so it comes after the loop). */
+ * runs Python code, so it comes after the loop).  The caller owns `nb`,
+ * as for deref_leaves. */
 static int
-clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace)
+clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace,
+             numbering *nbp)
 {
-    numbering nb;
-    numbering_init(st, &nb);
+    numbering_init(st, nbp);
+    numbering nb = *nbp; /* a local copy for the loop; stored back below */
     Py_ssize_t n = PyList_GET_SIZE(leaves);
     PyObject **items = &PyList_GET_ITEM(leaves, 0);
     int res = -1, gc_was_on = PyGC_Disable();
@@ -528,6 +582,7 @@ clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace)
             if (slot->obj == NULL) {
                 goto done;
             }
+            slot->track = defer_tracking(slot->obj);
         }
         items[i] = Py_NewRef(slot->obj);
         Py_DECREF(leaf); /* the old Ref stays alive: the slot owns it */
@@ -559,7 +614,7 @@ done:
     if (gc_was_on) {
         PyGC_Enable();
     }
-    numbering_fini(&nb);
+    *nbp = nb; /* the caller tracks the new Refs and finalizes */
     return res;
 }
 
@@ -568,26 +623,25 @@ refx_clone(PyObject *module, PyObject *tree)
 {
     refx_state *st = refx_get_state(module);
     PyObject *leaves = NULL, *treedef = NULL, *trace = NULL, *res = NULL;
+    numbering nb = {0};
     if (refx_require_trees(st, "clone") < 0) {
         return NULL;
     }
-    int gc_was_on = PyGC_Disable(); /* see "The collector" */
     leaves = flatten_ref_tree(st, "clone", tree, &treedef);
     if (leaves == NULL) {
         goto error;
     }
     trace = refx_current_trace(st);
-    if (trace == NULL || clone_leaves(st, tree, leaves, trace) < 0) {
+    if (trace == NULL || clone_leaves(st, tree, leaves, trace, &nb) < 0) {
         goto error;
     }
     res = refx_unflatten(st, treedef, leaves);
 error:
+    numbering_track(&nb, NULL);
+    numbering_fini(&nb);
     Py_XDECREF(trace);
     Py_XDECREF(leaves);
     Py_XDECREF(treedef);
-    if (gc_was_on) {
-        PyGC_Enable();
-    }
     return res;
 }
 

@@ -505,8 +505,6 @@ plan_snapshot(update_plan *p)
     return 0;
 }
 
-/* By path, where the Ref holds an array: the new value must have its
- * shape and dtype (a checkpoint of the wrong model must not load). */
 /* 1 if a Python scalar may stand for a 0-d array of dtype `dtype`: same
  * kind of number (a bool for bool, an int for an integer dtype, ...), so
  * nothing is cast; 0 if not; -1 with an error. */
@@ -556,8 +554,10 @@ check_shape(update_plan *p, Py_ssize_t j, PyObject *old, PyObject *new)
         res = 0;
         goto error;
     }
-    int scalar =
-        PyFloat_Check(new) || PyLong_Check(new) || PyComplex_Check(new);
+    /* exact types: numpy's float64 and complex128 subclass Python's, and
+     * must be judged as the arrays they are (by dtype) */
+    int scalar = PyFloat_CheckExact(new) || PyLong_CheckExact(new) ||
+                 PyBool_Check(new) || PyComplex_CheckExact(new);
     if (scalar) {
         int fits = PyTuple_Check(oshape) && PyTuple_GET_SIZE(oshape) == 0
                        ? scalar_fits(new, odtype)
@@ -572,10 +572,11 @@ check_shape(update_plan *p, Py_ssize_t j, PyObject *old, PyObject *new)
         res = fits == 1 ? 0 : -1;
         goto error;
     }
-    /* An object of the old array's own type is an array of that kind;
-     * only another type needs the isinstance test, which for jax.Array
-     * (an ABC) runs Python code. */
-    int is_array = st->array_types == NULL || Py_IS_TYPE(new, Py_TYPE(old))
+    /* A new value of the type of the array held (a numpy or jax array,
+     * the common case) is an array; any other type needs the isinstance
+     * test, which for jax.Array (an ABC) runs Python code. */
+    int is_array = st->array_types == NULL || (Py_IS_TYPE(new, Py_TYPE(old)) &&
+                                               refx_is_plain_value(st, old))
                        ? 1
                        : PyObject_IsInstance(new, st->array_types);
     if (is_array < 0) {
