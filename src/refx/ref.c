@@ -232,6 +232,36 @@ ref_needs_tracking(PyObject *value, PyObject *collection)
 
 static int check_not_a_typo(PyObject *name, const char *fname);
 
+/* The (name, value) pairs of `items` (a list, consumed) as a tuple of
+ * (name, value, type(value)) entries sorted by name, or NULL with an
+ * error.  With the type, 1, 1.0 and True are three values, as they are
+ * three static arguments to jax.jit.  Names are unique, so only they are
+ * compared (str: no Python code runs). */
+static PyObject *
+entries_from_items(PyObject *items)
+{
+    if (PyList_Sort(items) < 0) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *pair = PyList_GET_ITEM(items, i);
+        PyObject *v = PyTuple_GET_ITEM(pair, 1);
+        PyObject *entry =
+            PyTuple_Pack(3, PyTuple_GET_ITEM(pair, 0), v, Py_TYPE(v));
+        if (entry == NULL) {
+            goto error;
+        }
+        PyList_SET_ITEM(items, i, entry);
+        Py_DECREF(pair);
+    }
+    PyObject *res = PyList_AsTuple(items);
+    Py_DECREF(items);
+    return res;
+error:
+    Py_DECREF(items);
+    return NULL;
+}
+
 /* Metadata from keyword arguments (a dict, or NULL): a tuple of
  * (name, value, type(value)) entries sorted by name, or NULL (no error)
  * when there is none.  Values must be hashable: metadata rides in a deref'ed tree's aux
@@ -271,25 +301,7 @@ metadata_from_dict(PyObject *kwargs, const char *fname)
             goto error;
         }
     }
-    if (PyList_Sort(items) < 0) { /* names are unique: only they compare */
-        goto error;
-    }
-    /* (name, value, type(value)): with the type, 1, 1.0 and True are three
-     * metadata values, as they are three static arguments to jax.jit */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-        PyObject *pair = PyList_GET_ITEM(items, i);
-        PyObject *v = PyTuple_GET_ITEM(pair, 1);
-        PyObject *entry =
-            PyTuple_Pack(3, PyTuple_GET_ITEM(pair, 0), v, Py_TYPE(v));
-        if (entry == NULL) {
-            goto error;
-        }
-        PyList_SET_ITEM(items, i, entry);
-        Py_DECREF(pair);
-    }
-    PyObject *res = PyList_AsTuple(items);
-    Py_DECREF(items);
-    return res;
+    return entries_from_items(items);
 error:
     Py_DECREF(items);
     return NULL;
@@ -431,26 +443,7 @@ refx_ref_kind(refx_state *st, RefObject *ref, int *err)
     if (d != NULL) {
         PyObject *items = PyDict_Items(d);
         Py_DECREF(d);
-        if (items == NULL || PyList_Sort(items) < 0) {
-            Py_XDECREF(items);
-            *err = 1;
-            return NULL;
-        }
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-            PyObject *pair = PyList_GET_ITEM(items, i);
-            PyObject *v = PyTuple_GET_ITEM(pair, 1);
-            PyObject *entry =
-                PyTuple_Pack(3, PyTuple_GET_ITEM(pair, 0), v, Py_TYPE(v));
-            if (entry == NULL) {
-                Py_DECREF(items);
-                *err = 1;
-                return NULL;
-            }
-            PyList_SET_ITEM(items, i, entry);
-            Py_DECREF(pair);
-        }
-        attrs = PyList_AsTuple(items);
-        Py_DECREF(items);
+        attrs = items != NULL ? entries_from_items(items) : NULL;
         if (attrs == NULL) {
             *err = 1;
             return NULL;
