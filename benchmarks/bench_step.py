@@ -45,7 +45,8 @@ import gc
 import statistics
 import time
 
-from common import SIZE_HEADER, SMOKE, check, fmt_time, print_table, save, size_str, tree_stats
+from common import (SIZE_HEADER, SMOKE, batch_sizes, rotated, check, fmt_time, print_table, save, size_str,
+                    tree_stats)
 
 WIDTH, BATCH, MOMENTUM, EPS, LR = 32, 64, 0.99, 1e-5, 1e-3
 DEPTHS = [5] if SMOKE else [5, 100]
@@ -333,17 +334,12 @@ def bench(fns, rounds, budget):
     The machine is shared: when other jobs load it, wall-time medians of
     millisecond calls swing by 2x while CPU time stays put, so both are kept
     and the goals are judged on both."""
-    numbers = {}
-    for name, fn in fns.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        numbers[name] = max(1, int(budget / max(time.perf_counter() - t0, 1e-7)))
+    numbers = batch_sizes(fns, budget, time.perf_counter, 1e-7)
     names = list(fns)
     wall: dict = {n: [] for n in fns}
     cpu: dict = {n: [] for n in fns}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             fn, n = fns[name], numbers[name]
             gc.collect()
             t0, c0 = time.perf_counter(), time.process_time()

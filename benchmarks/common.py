@@ -101,35 +101,59 @@ def floor(tree) -> Callable[[], object]:
     return f
 
 
+def batch_sizes(fns: dict[str, Callable[[], object]], budget: float, clock: Callable[[], float],
+                 min_dt: float) -> dict[str, int]:
+    """Each fn runs twice untimed (jit compiles, path caches); the second
+    run, timed on `clock`, sizes its batch: as many calls as fit in
+    `budget` seconds, at least one."""
+    numbers = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = clock()
+        fn()
+        numbers[name] = max(1, int(budget / max(clock() - t0, min_dt)))
+    return numbers
+
+
+def rotated(names: list[str], r: int) -> list[str]:
+    """Round r's order: drift and warm caches favour no competitor."""
+    return names[r % len(names):] + names[:r % len(names)]
+
+
+def time_batch(fn: Callable[[], object], n: int, clock: Callable[[], float], gc_off: bool = False) -> float:
+    """Seconds per call of n calls of fn on `clock`, after a gc.collect()
+    (no competitor pays for collecting another's garbage), with the
+    collector off during the batch if gc_off."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    if gc_off:
+        gc.disable()
+    try:
+        t0 = clock()
+        for _ in range(n):
+            fn()
+        return (clock() - t0) / n
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def bench(fns: dict[str, Callable[[], object]], rounds: int | None = None,
           budget: float | None = None) -> dict[str, float]:
     """Median seconds per call of each fn over `rounds` interleaved rounds.
 
-    Each fn runs twice untimed first (jit compiles, path caches); the second
-    run sizes its batch: as many calls as fit in `budget` seconds, at least
-    one.  Rounds run the competitors in a rotated order, so drift and
-    warm caches favour none; each batch starts after a gc.collect(), so no
-    competitor pays for collecting another's garbage (at 100k Refs one
+    Batches are sized by batch_sizes; rounds run the competitors in a
+    rotated order; each batch starts after a gc.collect() (at 100k Refs one
     full collection costs more than some of the calls timed).
     """
     rounds = rounds or (3 if SMOKE else 15)
     budget = budget or (0.002 if SMOKE else 0.05)
-    numbers = {}
-    for name, fn in fns.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        numbers[name] = max(1, int(budget / max(time.perf_counter() - t0, 1e-7)))
+    numbers = batch_sizes(fns, budget, time.perf_counter, 1e-7)
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn, n = fns[name], numbers[name]
-            gc.collect()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / n)
+        for name in rotated(names, r):
+            samples[name].append(time_batch(fns[name], numbers[name], time.perf_counter))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -147,34 +171,14 @@ def paired_ratios(base: Callable[[], object], fns: dict[str, Callable[[], object
     rounds = rounds or (3 if SMOKE else 15)
     budget = budget or (0.002 if SMOKE else 0.05)
     allfns = {"base": base, **fns}
-    numbers = {}
-    for name, fn in allfns.items():
-        fn()
-        t0 = time.process_time()
-        fn()
-        numbers[name] = max(1, int(budget / max(time.process_time() - t0, 1e-6)))
+    numbers = batch_sizes(allfns, budget, time.process_time, 1e-6)
     names = list(fns)
     ratios: dict[str, list[float]] = {name: [] for name in fns}
-    was_enabled = gc.isenabled()
-    try:
-        for r in range(rounds):
-            per_call = {}
-            for name in ["base"] + names[r % len(names):] + names[:r % len(names)]:
-                fn, n = allfns[name], numbers[name]
-                gc.collect()
-                gc.disable()
-                t0 = time.process_time()
-                for _ in range(n):
-                    fn()
-                per_call[name] = (time.process_time() - t0) / n
-                gc.enable()
-            for name in names:
-                ratios[name].append(per_call[name] / per_call["base"])
-    finally:
-        if was_enabled:
-            gc.enable()
-        else:
-            gc.disable()
+    for r in range(rounds):
+        per_call = {name: time_batch(allfns[name], numbers[name], time.process_time, gc_off=True)
+                    for name in ["base"] + rotated(names, r)}
+        for name in names:
+            ratios[name].append(per_call[name] / per_call["base"])
     return {name: statistics.median(v) for name, v in ratios.items()}
 
 
