@@ -17,25 +17,25 @@ pytest.importorskip("mypy")
 
 
 def test_stubtest_finds_no_differences(tmp_path):
-    # refx/_compat.py and refx/_transforms.py are plain Python without a
+    # refx's private modules are plain Python without a
     # stub; they import the C module refx._core, which has no stub of its
     # own (refx/__init__.pyi describes what _core exports).  Only the public
     # stub is compared.  Under JAX 0.4.36, jax.tree_util.GetAttrKey is
     # declared as a Python class but is jaxlib's C++ class at run time, so
-    # stubtest sees the private _compat._VALUE_KEY and _transforms._TREE_KEY
+    # stubtest sees the private _wiring._VALUE_KEY and _wiring._DAG_TREE_KEY
     # differ from their inferred types; later JAX releases agree with
     # themselves, hence --ignore-unused-allowlist.
     cfg = tmp_path / "mypy.ini"
-    cfg.write_text("[mypy]\n[mypy-refx._compat]\nignore_errors = True\n"
-                   "[mypy-refx._transforms]\nignore_errors = True\n"
-                   "[mypy-refx._control]\nignore_errors = True\n"
-                   "[mypy-refx._mutable]\nignore_errors = True\n")
+    cfg.write_text("[mypy]\n"
+                   + "".join(f"[mypy-refx.{m}]\nignore_errors = True\n"
+                             for m in ("_compat", "_wiring", "_lift", "_jit", "_grad",
+                                       "_control", "_mutable")))
     allow = tmp_path / "allowlist.txt"
     # private modules without stubs: JAX 0.4.36 declares its key classes
     # (GetAttrKey...) as Python classes but they are jaxlib's C++ ones at run
-    # time, so any module-level instance of them differs (_compat._VALUE_KEY,
-    # _transforms._TREE_KEY); the public stub is what is checked
-    allow.write_text("refx\\._(compat|transforms)\\._[A-Z_]+_KEY\n")
+    # time, so any module-level instance of them differs (_wiring._VALUE_KEY,
+    # _wiring._DAG_TREE_KEY); the public stub is what is checked
+    allow.write_text("refx\\._(compat|wiring)\\._[A-Z_]+_KEY\n")
     r = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "refx", "--mypy-config-file", str(cfg),
          "--allowlist", str(allow), "--ignore-unused-allowlist"],

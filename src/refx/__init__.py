@@ -12,7 +12,7 @@ from collections.abc import Callable as _Callable
 from types import EllipsisType as _EllipsisType
 from typing import Any as _Any
 
-from . import _compat  # noqa: F401  (links the C core to JAX)
+from . import _wiring  # noqa: F401  (links the C core to JAX: hooks, pytree nodes)
 from ._core import (
     NOTHING,
     All,
@@ -41,7 +41,8 @@ from ._inspect import CollectionSummary, Summary, summary
 from ._state import LoadResult, load_state_dict, restore, save, state_dict
 # transforms: jit/jit_partial (per-call path in C), grad, Dag, Static
 from ._core import JitFunction, Static
-from ._transforms import Dag, grad, jit, jit_partial, value_and_grad
+from ._grad import grad, value_and_grad
+from ._jit import Dag, jit, jit_partial
 # transforms: vmap, scan, remat, cond/switch, loops (refx/_control.py), mutable
 from ._control import StateAxes, cond, fori_loop, remat, scan, switch, vmap, while_loop
 from ._mutable import mutable

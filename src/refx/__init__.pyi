@@ -272,6 +272,8 @@ class Dag(Generic[_Tree]):
     def __init__(self, tree: _Tree) -> None: ...
     @property
     def tree(self) -> _Tree: ...
+    @property
+    def value(self) -> _Tree: ...
 
 # ---- vmap, scan, remat, cond/switch, loops (refx/_control.py); mutable (refx/_mutable.py) ----
 
@@ -322,6 +324,7 @@ def remat(
     policy: Callable[..., bool] | None = None,
     prevent_cse: bool = True,
     static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
 ) -> Callable[_P, _R]: ...
 @overload
 def remat(
@@ -331,6 +334,7 @@ def remat(
     policy: Callable[..., bool] | None = None,
     prevent_cse: bool = True,
     static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
 ) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]: ...
 def cond(
     pred: _Any, true_fun: Callable[..., _R], false_fun: Callable[..., _R], *operands: _Any

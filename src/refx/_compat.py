@@ -1,10 +1,8 @@
 """The one place that knows JAX's versions.
 
 The C core (refx._core) never imports jax.  This module picks the JAX
-calls that fit the installed version, hands them to the core, and
-registers Value, Index, NOTHING and Partition as pytree nodes with the
-core's C flatten/unflatten functions.  Nothing else in refx touches JAX
-internals.
+calls that fit the installed version; refx/_wiring.py hands them to the
+core.  Nothing else in refx touches JAX internals.
 
 Supported: JAX with "stackless" tracing (0.4.36 and later), where the
 current trace is ``jax._src.core.trace_ctx.trace`` and every trace keeps a
@@ -20,7 +18,6 @@ import numpy as np
 from jax._src import core as _jcore
 from jax._src import tree_util as _tu
 
-from . import _core
 
 _registry = _tu.default_registry
 _flatten = _registry.flatten
@@ -210,53 +207,3 @@ def constrain(x, sharding, mesh):
     if auto:
         x = jax.lax.with_sharding_constraint(x, _keep(sharding, auto))
     return x
-
-
-# imported here, not at the top: it uses the functions above (and imports
-# this module back, which is fine: it only reads them at call time)
-from . import _sharding  # noqa: E402
-
-_core._install_jax(
-    flatten=_flatten,
-    flatten_with_path=_flatten_with_path,
-    treedef_type=_tu.PyTreeDef,
-    sequence_key=jax.tree_util.SequenceKey,
-    dict_key=jax.tree_util.DictKey,
-    getattr_key=jax.tree_util.GetAttrKey,
-    flattened_index_key=jax.tree_util.FlattenedIndexKey,
-    trace_state=_trace_state,
-    check_value=check_value,
-    plain_types=_plain_types(),
-    # every type registered with jax.tree_util, by any of its functions; the
-    # core looks for Ref subclasses in it (they must stay leaves)
-    pytree_registry=getattr(_tu, "_registry", None),
-    # what update_refs by path accepts for a Ref holding an array (tracers
-    # are jax.Arrays too); a ShapeDtypeStruct is not one
-    array_types=(np.ndarray, np.generic, jax.Array),
-    # declared shardings (issue 13): places a new Ref's value on the
-    # sharding its metadata declares, under an active mesh
-    place=_sharding.place,
-)
-
-_VALUE_KEY = jax.tree_util.GetAttrKey("value")
-
-jax.tree_util.register_pytree_with_keys(
-    _core.Value,
-    # keys only for key paths (JAX error messages read "...[0].value");
-    # plain flattening uses the C function, whose aux data this reuses
-    lambda v: (((_VALUE_KEY, v.value),), _core._value_flatten(v)[1]),
-    _core._value_unflatten,
-    _core._value_flatten,
-)
-jax.tree_util.register_pytree_node(
-    _core.Index, _core._index_flatten, _core._index_unflatten
-)
-jax.tree_util.register_pytree_node(
-    type(_core.NOTHING), _core._nothing_flatten, _core._nothing_unflatten
-)
-jax.tree_util.register_pytree_with_keys(
-    _core.Partition,
-    _core._partition_flatten_with_keys,
-    _core._partition_unflatten,
-    _core._partition_flatten,
-)

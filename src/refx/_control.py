@@ -57,217 +57,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _compat, _core
+from . import _compat, _core, _lift, _sharding
 from ._core import Ref, tree_partition
+from ._lift import Trees, name_of, payload_tree, plan_out, rebuild_out, traceable
 from ._mutable import _with_mutable
-from ._transforms import _key_str, _lift, _name, _number_refs, _traceable
 
 _tree_flatten = jax.tree_util.tree_flatten
-_SEED = "Cannot mutate Ref from a different trace level"
+_name = name_of
+_traceable = traceable
 
 
-# --------------------------------------------------------------------------
-# the lift: trees of Refs in, new Refs of the inner trace, writes out
-# --------------------------------------------------------------------------
+def _run_inner(t, inner, fun, *args, **kwargs):
+    """fun(*args, **kwargs) inside the transform, then the checks that
+    must pass before anything leaves it: the trees kept their structure."""
+    out = fun(*args, **kwargs)
+    inner.check_structure(t.prefix(), _lift.place_name)
+    return out
 
 
-class _Const:
-    """A leaf JAX cannot trace, kept out of a transform's outputs."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def __eq__(self, other):
-        return type(other) is _Const and (self.value is other.value or self.value == other.value)
-
-    def __hash__(self):  # pragma: no cover - never hashed
-        return 0
+def _written(t, inner, exclude=()):
+    return inner.written(t.prefix(), t.where, exclude)
 
 
-class _Trees:
-    """Some trees (the arguments, or init and xs) flattened with one
-    numbering of their Refs.
-
-    refs    distinct Refs in leaf order; vals their values (read at one
-            moment), colls/specs what rebuilds them in a trace
-    parts   per tree: (label, tree, treedef, pattern, start, stop) where
-            pattern[i] is leaf i's Ref number or -1, and start:stop its
-            range in the flat leaf list
-    traced  the other leaves JAX can trace, in order (the transform's
-            inputs); static ones (a str, a function) are closed over
-    """
-
-    def __init__(self, kind, name, trees, labels):
-        self.kind, self.name = kind, name
-        self.parts = []
-        leaves = []
-        for label, tree in zip(labels, trees, strict=True):
-            ls, td = _tree_flatten(tree)
-            self.parts.append([label, tree, td, None, len(leaves), len(leaves) + len(ls)])
-            leaves.extend(ls)
-        self.refs, pattern = _number_refs(leaves)
-        for part in self.parts:
-            part[3] = pattern[part[4]:part[5]]
-        self.pattern = pattern
-        others = [x for x, p in zip(leaves, pattern, strict=True) if p < 0]
-        self.is_static = [not _traceable(x) for x in others]
-        self.plain = others  # every leaf that is not a Ref
-        self.traced = [x for x, s in zip(others, self.is_static, strict=True) if not s]
-        self.vals = [v.value for v in _core.deref(self.refs)]  # one moment
-        self.colls = tuple(r.collection for r in self.refs)
-        self.specs = tuple(_core._ref_spec(r) for r in self.refs)
-        for k, v in enumerate(self.vals):
-            for leaf in _tree_flatten(v)[0]:
-                if not _traceable(leaf):
-                    raise TypeError(f"{self.prefix()}: the Ref of {self.where(k)} holds a "
-                                    f"{type(leaf).__name__}, which JAX cannot trace; keep "
-                                    "arrays (or pytrees of them) in Refs")
-
-    def prefix(self):
-        return f"refx.{self.kind}({self.name})"
-
-    # -- where things are, for messages
-
-    def leaf_path(self, i):
-        """(label, path) of flat leaf i."""
-        for label, tree, _td, _pat, a, b in self.parts:
-            if a <= i < b:
-                keys = jax.tree_util.tree_flatten_with_path(tree)[0][i - a][0]
-                return label, tuple(_key_str(key) for key in keys)
-        raise AssertionError(i)  # pragma: no cover
-
-    def at(self, i):
-        label, path = self.leaf_path(i)
-        if label is None:  # the (args, kwargs) of a call
-            if path[0] == "1":
-                return f"keyword argument {path[1]!r}" + (f" at {path[2:]}" if path[2:] else "")
-            label, path = f"argument {path[1]}", path[2:]
-        elif label == "operands":
-            label, path = f"operand {path[0]}", path[1:]
-        return label + (f" at {path}" if path else "")
-
-    def where(self, k):
-        """Where Ref k first sits, e.g. "argument 0 at ('enc', 'w')"."""
-        return self.at(self.pattern.index(k))
-
-    def describe(self, k):
-        r = self.refs[k]
-        return f"the {type(r).__name__} of {self.where(k)} (collection {r.collection!r})"
-
-    # -- inside the transform
-
-    def others(self, traced):
-        """All non-Ref leaves, the traced ones from `traced`."""
-        it = iter(traced)
-        return [next(it) if not s else x
-                for x, s in zip(self.plain, self.is_static, strict=True)]
-
-    def rebuild(self, new, others, parts=None):
-        """The trees, with Refs `new` and the other leaves `others`."""
-        out, it = [], iter(others)
-        for _label, _tree, td, pat, _a, _b in self.parts if parts is None else parts:
-            out.append(td.unflatten([new[p] if p >= 0 else next(it) for p in pat]))
-        return out
-
-    def lift(self, vals, traced):
-        new = _lift(list(vals), self.colls, self.specs)
-        return new, self.rebuild(new, self.others(traced))
-
-    # -- after it
-
-    def write(self, written, values, what="wrote"):
-        """Write values[j] into Ref written[j], all or nothing."""
-        if not written:
-            return
-        try:
-            _core._write_refs([self.refs[k] for k in written], list(values))
-        except ValueError as e:
-            if len(e.args) != 2 or not isinstance(e.args[1], int):
-                raise
-            k = written[e.args[1]]
-            head = e.args[0]
-            if head.startswith("refx.mutable:"):
-                raise ValueError(f"{head} ({self.prefix()} {what} the Ref of {self.where(k)}); "
-                                 "nothing was written") from None
-            if head.startswith(_SEED):
-                head = _SEED  # where the Ref is says more than its own account
-            raise ValueError(f"{head}: {self.prefix()} {what} the Ref of {self.where(k)}, which "
-                             "belongs to another JAX trace than the call's; nothing was written "
-                             "(pass the Refs a function writes to it as arguments)") from None
-
-
-def _written(new, vals):
-    return [k for k, r in enumerate(new) if r.value is not vals[k]]
-
-
-def _plan_out(out, refs):
-    """(spec, treedef, payload) of an output tree that may hold Refs.
-
-    spec None: payload is `out` itself (no Ref, every leaf traceable).
-    Otherwise spec has one item per leaf of `out`: None (a plain leaf, in
-    payload), k (Ref number k of the call), a Ref (closed over: itself),
-    _Const (a leaf JAX cannot trace), or (j, ref spec, collection) (the
-    j-th Ref made inside; its first occurrence holds its value in payload).
-    payload is `out` with each Ref and _Const replaced by its payload item
-    (a value or None), so it keeps out's structure down to those leaves
-    and out_axes-style prefixes of `out` apply to it.
-    """
-    leaves, td = _tree_flatten(out)
-    if not any(isinstance(x, Ref) or not _traceable(x) for x in leaves):
-        return None, None, out
-    index = {id(r): k for k, r in enumerate(refs)}
-    new: dict[int, int] = {}
-    spec, items = [], []
-    for x in leaves:
-        if isinstance(x, Ref):
-            k = index.get(id(x))
-            if k is not None:
-                spec.append(k)
-                items.append(None)
-            elif _core._ref_is_current(x):
-                j = new.get(id(x))
-                if j is None:
-                    j = new[id(x)] = len(new)
-                    items.append(x.value)
-                else:
-                    items.append(None)
-                spec.append((j, _core._ref_spec(x), x.collection))
-            else:
-                spec.append(x)  # closed over: the very object
-                items.append(None)
-        elif _traceable(x):
-            spec.append(None)
-            items.append(x)
-        else:
-            spec.append(_Const(x))
-            items.append(None)
-    return tuple(spec), td, td.unflatten(items)
-
-
-def _rebuild_out(spec, td, payload, refs):
-    """Outside the transform: the outputs described by _plan_out."""
-    if spec is None:
-        return payload
-    subs = td.flatten_up_to(payload)
-    made: dict[int, Ref] = {}
-    leaves = []
-    for s, sub in zip(spec, subs, strict=True):
-        if s is None:
-            leaves.append(sub)
-        elif type(s) is int:
-            leaves.append(refs[s])
-        elif isinstance(s, Ref):
-            leaves.append(s)
-        elif type(s) is _Const:
-            leaves.append(s.value)
-        else:
-            j, tp, coll = s
-            if j not in made:
-                made[j] = _lift([sub], (coll,), (tp,))[0]
-            leaves.append(made[j])
-    return td.unflatten(leaves)
+def _plan(out, refs):
+    """plan_out, with the payload in out's structure."""
+    spec, td, items = plan_out(out, refs)
+    return spec, td, payload_tree(spec, td, items)
 
 
 def _aval(v):
@@ -372,22 +187,21 @@ class _Carry:
         t = self.t
         cvals, ctraced = carry
         xvals, xtraced = x if x is not None else ([], self.x_traced)
-        vals = list(cvals) + list(xvals)
-        new = _lift(vals, t.colls, t.specs)
-        return vals, new, t.rebuild(new, t.others(list(ctraced) + list(xtraced)))
+        return t.lift(list(cvals) + list(xvals), list(ctraced) + list(xtraced))
 
-    def leave(self, vals, new, trees, carry_out):
+    def leave(self, inner, carry_out):
         """Check what the body did to the carry; the next carry."""
         t = self.t
-        traced = _check_carry_out(t, self.kind, trees[0], carry_out, new, self.label)
-        out = []
-        for k in range(self.nc):
-            v = new[k].value
-            if v is not vals[k]:
-                _check_kept(t, k, vals[k], v, "fun wrote", _CARRY_RULE)
+        inner.check_structure(t.prefix())
+        new = inner.refs
+        traced = _check_carry_out(t, self.kind, inner.trees[0], carry_out, new, self.label)
+        written = _written(t, inner)
+        for k in written:
+            if k < self.nc:
+                _check_kept(t, k, inner.given[k], new[k].value, "fun wrote", _CARRY_RULE)
                 self.written.add(k)
-            out.append(v)
-        return (out, traced)
+        inner.written_ks = written
+        return ([new[k].value for k in range(self.nc)], traced)
 
     def result(self, final):
         """The caller's carry after the loop (before the write-back)."""
@@ -397,7 +211,7 @@ class _Carry:
         n = self.n_other_c
         others = [next(it) if not s else x
                   for x, s in zip(t.plain[:n], t.is_static[:n], strict=True)]
-        carry = t.rebuild(t.refs, others, parts=t.parts[:1])[0]
+        carry = _lift.build(t.parts[:1], t.refs, others)[0][0]
         written = sorted(self.written)
         return carry, written, [cvals[k] for k in written]
 
@@ -573,6 +387,23 @@ def _vmap_in(t, axes, axis_size):
     return [ref_axis[k][0] for k in range(len(t.refs))], other_axes
 
 
+def _stacked(out_axes):
+    """new_spec for rebuild_out: a Ref made inside vmap declares the
+    sharding of one member; its stacked value gets an unsharded entry at
+    the stacked axis (out_axes: an int for every output, else the
+    leading axis, refx.vmap's usual case)."""
+    axis = out_axes if isinstance(out_axes, int) and not isinstance(out_axes, bool) else 0
+
+    def new_spec(spec, value):
+        if not isinstance(spec, tuple):
+            return spec
+        leaves = _tree_flatten(value)[0]
+        ndim = np.ndim(leaves[0]) if leaves else 1
+        return _sharding.stacked_spec(spec, axis, ndim)
+
+    return new_spec
+
+
 def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=None):
     """jax.vmap for functions of trees of Refs.
 
@@ -599,15 +430,16 @@ def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=
 
     @functools.wraps(fun)
     def mapped(*args, **kwargs):
-        t = _Trees("vmap", name, [(args, kwargs)], [None])
+        t = Trees("vmap", name, [(args, kwargs)], [None])
         axes = _vmap_axes(t, in_axes, args, kwargs)
         ref_axes, other_axes = _vmap_in(t, axes, axis_size)
         info: dict = {}
 
-        def inner(vals, traced):
-            new, ((a, kw),) = t.lift(vals, traced)
-            out = run(*a, **kw)
-            written = _written(new, vals)
+        def body(vals, traced):
+            inner = t.lift(vals, traced)
+            new, ((a, kw),) = inner.refs, inner.trees
+            out = _run_inner(t, inner, run, *a, **kw)
+            written = _written(t, inner)
             for k in written:
                 if ref_axes[k] is None and _compat.is_batched(new[k].value):
                     raise ValueError(
@@ -616,15 +448,15 @@ def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=
                         "holds one value for all instances: map it (an int axis, or a "
                         "StateAxes entry for its collection) or write an unmapped value")
             info["written"] = written
-            spec, td, payload = _plan_out(out, new)
+            spec, td, payload = _plan(out, new)
             info["out"] = (spec, td)
             return [r.value for r in new], payload
 
-        inner.__name__ = inner.__qualname__ = f"refx_vmap({name})"
-        vals_out, payload = jax.vmap(inner, in_axes=(ref_axes, other_axes),
+        body.__name__ = body.__qualname__ = f"refx_vmap({name})"
+        vals_out, payload = jax.vmap(body, in_axes=(ref_axes, other_axes),
                                      out_axes=(ref_axes, out_axes), axis_name=axis_name,
                                      axis_size=axis_size)(t.vals, t.traced)
-        out = _rebuild_out(*info["out"], payload, t.refs)
+        out = rebuild_out(*info["out"], payload, t.refs, _stacked(out_axes))
         written = info["written"]
         t.write(written, [vals_out[k] for k in written])
         return out
@@ -656,7 +488,7 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
         raise TypeError(f"refx.scan: fun must be callable, not {type(fun).__name__}")
     name = _name(fun)
     run = _with_mutable(fun, mutable, "refx.scan")
-    t = _Trees("scan", name, [init, xs], ["init", "xs"])
+    t = Trees("scan", name, [init, xs], ["init", "xs"])
     nc = len({p for p in t.parts[0][3] if p >= 0})
     for i, p in enumerate(t.parts[1][3]):
         if 0 <= p < nc:
@@ -668,14 +500,15 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
     info: dict = {}
 
     def body(carry, x):
-        vals, new, trees = c.enter(carry, x)
-        carry_in, xt = trees
+        inner = c.enter(carry, x)
+        new = inner.refs
+        carry_in, xt = inner.trees
         out = _pair("scan", name, run(carry_in, xt))
         carry_out, y = out
-        nxt = c.leave(vals, new, trees, carry_out)
-        xw = [k for k in range(nc, len(new)) if new[k].value is not vals[k]]
+        nxt = c.leave(inner, carry_out)
+        xw = [k for k in inner.written_ks if k >= nc]
         info["xs_written"] = xw
-        spec, td, payload = _plan_out(y, new)
+        spec, td, payload = _plan(y, new)
         info["y"] = (spec, td)
         return nxt, ([new[k].value for k in xw], payload)
 
@@ -684,7 +517,7 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
     final, (xw_vals, payload) = jax.lax.scan(body, c.init(), xs_in, length=length,
                                              reverse=reverse, unroll=unroll)
     carry, written, wvals = c.result(final)
-    ys = _rebuild_out(*info["y"], payload, t.refs)
+    ys = rebuild_out(*info["y"], payload, t.refs)
     xw = info["xs_written"]
     t.write(written + xw, wvals + list(xw_vals))
     return carry, ys
@@ -708,12 +541,12 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
         raise TypeError(f"refx.fori_loop: body_fun must be callable, not "
                         f"{type(body_fun).__name__}")
     name = _name(body_fun)
-    t = _Trees("fori_loop", name, [init_val], ["init_val"])
+    t = Trees("fori_loop", name, [init_val], ["init_val"])
     c = _Carry(t, "fori_loop", "init_val")
 
     def body(i, carry):
-        vals, new, trees = c.enter(carry)
-        return c.leave(vals, new, trees, body_fun(i, trees[0]))
+        inner = c.enter(carry)
+        return c.leave(inner, body_fun(i, inner.trees[0]))
 
     body.__name__ = body.__qualname__ = f"refx_fori_loop({name})"
     kw = {} if unroll is None else {"unroll": unroll}
@@ -735,22 +568,22 @@ def while_loop(cond_fun, body_fun, init_val):
         if not callable(f):
             raise TypeError(f"refx.while_loop: {what} must be callable, not {type(f).__name__}")
     name = _name(body_fun)
-    t = _Trees("while_loop", name, [init_val], ["init_val"])
+    t = Trees("while_loop", name, [init_val], ["init_val"])
     c = _Carry(t, "while_loop", "init_val")
 
     def cond(carry):
-        vals, new, trees = c.enter(carry)
-        r = cond_fun(trees[0])
-        for k, ref in enumerate(new):
-            if ref.value is not vals[k]:
-                raise ValueError(f"{t.prefix()}: cond_fun ({_name(cond_fun)}) wrote "
-                                 f"{t.describe(k)}; cond_fun may read Refs, not write them "
-                                 "(write in body_fun)")
+        inner = c.enter(carry)
+        r = cond_fun(inner.trees[0])
+        inner.check_structure(t.prefix())
+        for k in inner.written(t.prefix(), t.where):
+            raise ValueError(f"{t.prefix()}: cond_fun ({_name(cond_fun)}) wrote "
+                             f"{t.describe(k)}; cond_fun may read Refs, not write them "
+                             "(write in body_fun)")
         return r
 
     def body(carry):
-        vals, new, trees = c.enter(carry)
-        return c.leave(vals, new, trees, body_fun(trees[0]))
+        inner = c.enter(carry)
+        return c.leave(inner, body_fun(inner.trees[0]))
 
     cond.__name__ = cond.__qualname__ = f"refx_while_cond({_name(cond_fun)})"
     body.__name__ = body.__qualname__ = f"refx_while_body({name})"
@@ -765,25 +598,30 @@ def while_loop(cond_fun, body_fun, init_val):
 # --------------------------------------------------------------------------
 
 
-def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=()):
+def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), static_argnames=()):
     """jax.checkpoint (remat) for functions of trees of Refs.
 
     Gradients through refx.remat(f) equal those through f; the forward
     pass is recomputed in the backward pass instead of stored (`policy`
     says what may be saved; see jax.checkpoint_policies).  Refs written
     inside are written back after the call, all or nothing.  Arguments at
-    `static_argnums` are passed as they are (not traced).  Usable as
+    `static_argnums` and keyword arguments named in `static_argnames` are
+    passed as they are (not traced): a method's ``train=`` flag, say.  Usable as
     ``@refx.remat`` and ``@refx.remat(policy=...)``.
     """
     if fun is None:
         return functools.partial(remat, policy=policy, prevent_cse=prevent_cse,
-                                 static_argnums=static_argnums)
+                                 static_argnums=static_argnums, static_argnames=static_argnames)
     if not callable(fun):
         raise TypeError(f"refx.remat: fun must be callable, not {type(fun).__name__}")
     snums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
     for s in snums:
         if not isinstance(s, int) or isinstance(s, bool):
             raise TypeError(f"refx.remat: static_argnums must hold ints, got {s!r}")
+    snames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+    for s in snames:
+        if not isinstance(s, str):
+            raise TypeError(f"refx.remat: static_argnames must hold strs, got {s!r}")
     name = _name(fun)
 
     @functools.wraps(fun)
@@ -796,23 +634,26 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=()):
                             "arguments were given")
         # static arguments are not looked into: None (no leaves) holds their place
         dyn = tuple(None if i in static else a for i, a in enumerate(args))
-        t = _Trees("remat", name, [(dyn, kwargs)], [None])
+        skw = {k: v for k, v in kwargs.items() if k in snames}
+        kwargs = {k: v for k, v in kwargs.items() if k not in snames}
+        t = Trees("remat", name, [(dyn, kwargs)], [None])
         info: dict = {}
 
         def inner(vals, traced):
-            new, ((a, kw),) = t.lift(vals, traced)
+            inner = t.lift(vals, traced)
+            new, ((a, kw),) = inner.refs, inner.trees
             full = [args[i] if i in static else x for i, x in enumerate(a)]
-            out = fun(*full, **kw)
-            written = _written(new, vals)
+            out = _run_inner(t, inner, fun, *full, **kw, **skw)
+            written = _written(t, inner)
             info["written"] = written
-            spec, td, payload = _plan_out(out, new)
+            spec, td, payload = _plan(out, new)
             info["out"] = (spec, td)
             return [new[k].value for k in written], payload
 
         inner.__name__ = inner.__qualname__ = f"refx_remat({name})"
         wvals, payload = jax.checkpoint(inner, prevent_cse=prevent_cse,
                                         policy=policy)(t.vals, t.traced)
-        out = _rebuild_out(*info["out"], payload, t.refs)
+        out = rebuild_out(*info["out"], payload, t.refs)
         t.write(info["written"], wvals)
         return out
 
@@ -827,7 +668,7 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=()):
 def _branches(kind, labels, funs, operands):
     """The branch functions for jax.lax.switch/cond, and the finish."""
     names = [_name(f) for f in funs]
-    t = _Trees(kind, " / ".join(names), [operands], ["operands"])
+    t = Trees(kind, " / ".join(names), [operands], ["operands"])
     seen: list = []  # per traced branch: (label, avals of every Ref, out plan)
     written_any: set[int] = set()
 
@@ -835,12 +676,13 @@ def _branches(kind, labels, funs, operands):
         fn, label = funs[b], f"{labels[b]} ({names[b]})"
 
         def branch(vals, traced):
-            new, (ops,) = t.lift(vals, traced)
-            out = fn(*ops)
+            inner = t.lift(vals, traced)
+            new, (ops,) = inner.refs, inner.trees
+            out = _run_inner(t, inner, fn, *ops)
             outs = [r.value for r in new]
-            written = _written(new, vals)
+            written = _written(t, inner)
             avals = [_aval(v) for v in outs]
-            spec, td, payload = _plan_out(out, new)
+            spec, td, payload = _plan(out, new)
             for other, oavals, oplan in seen:
                 for k, (a, o) in enumerate(zip(avals, oavals, strict=True)):
                     if a != o:
@@ -864,7 +706,7 @@ def _branches(kind, labels, funs, operands):
 
     def finish(outs, payload):
         spec, td = seen[-1][2]
-        out = _rebuild_out(spec, td, payload, t.refs)
+        out = rebuild_out(spec, td, payload, t.refs)
         written = sorted(written_any)
         t.write(written, [outs[k] for k in written])
         return out

@@ -257,6 +257,25 @@ def constrain_values(values: list[Any], specs: list[Any], fname: str,
     return out if changed else values
 
 
+def stacked_spec(spec: Any, axis: int, ndim: int) -> Any:
+    """The spec of a Ref made inside refx.vmap, for its stacked value (of
+    `ndim` dimensions, stacked at `axis`): its declared sharding with an
+    unsharded entry for the new axis, so each member keeps the layout it
+    declared (Flax NNX's rule for vmap'ed variables)."""
+    sharding = declared(spec)
+    if sharding is None:
+        return spec
+    axis = axis % ndim if ndim else 0
+    entries = list(_spec_of(sharding))
+    entries += [None] * max(0, ndim - 1 - len(entries))
+    entries.insert(axis, None)
+    new: Any = PartitionSpec(*entries)
+    if isinstance(sharding, NamedSharding):
+        new = NamedSharding(sharding.mesh, new)
+    pairs = tuple((n, new, type(new)) if n == SHARDING else (n, v, t) for n, v, t in spec[1])
+    return (spec[0], pairs, spec[2])
+
+
 def any_declared(specs: Any) -> bool:
     """Does any Ref spec (class or kind) declare a sharding?"""
     return any(isinstance(s, tuple) and _from_pairs(s[1]) is not None for s in specs)

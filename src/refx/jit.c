@@ -653,7 +653,7 @@ static PyObject *
 make_key(call_ctx *c)
 {
     refx_state *st = c->st;
-    Py_ssize_t ncall = c->nrefs - c->nbound;
+    Py_ssize_t nrefs = c->nrefs;
     PyObject *pattern = Py_None, *colls = Py_None, *types = Py_None;
     PyObject *key = NULL;
     Py_INCREF(Py_None);
@@ -666,23 +666,25 @@ make_key(call_ctx *c)
         if (pattern == NULL) {
             goto done;
         }
-        Py_SETREF(colls, PyTuple_New(ncall));
+    }
+    if (nrefs > 0) { /* every Ref, the bound ones of jit_partial too */
+        Py_SETREF(colls, PyTuple_New(nrefs));
         if (colls == NULL) {
             goto done;
         }
         int all_plain = 1;
-        for (Py_ssize_t k = 0; k < ncall; k++) {
-            RefObject *r = c->refs[c->nbound + k];
+        for (Py_ssize_t k = 0; k < nrefs; k++) {
+            RefObject *r = c->refs[k];
             PyTuple_SET_ITEM(colls, k, Py_NewRef(r->collection));
             all_plain &= Py_TYPE(r) == st->Ref_Type && r->metadata == NULL;
         }
         if (!all_plain) { /* classes, metadata and attributes: their specs */
-            Py_SETREF(types, PyTuple_New(ncall));
+            Py_SETREF(types, PyTuple_New(nrefs));
             if (types == NULL) {
                 goto done;
             }
-            for (Py_ssize_t k = 0; k < ncall; k++) {
-                PyObject *spec = ref_spec(st, c->refs[c->nbound + k]);
+            for (Py_ssize_t k = 0; k < nrefs; k++) {
+                PyObject *spec = ref_spec(st, c->refs[k]);
                 if (spec == NULL) {
                     goto done;
                 }
@@ -859,6 +861,52 @@ donatable(refx_state *st, PyObject *v)
            (PyObject *)Py_TYPE(v) == st->jit_array_type;
 }
 
+/* May a Ref's value `v`, held `held` times (by its Ref and the snapshot),
+ * be donated?  A jax Array, or an exact dict or list, a tuple (a
+ * namedtuple: an optax state) or a deref'ed Value of such values, with no
+ * other holder anywhere: a clone's Ref sharing the array, or a variable of
+ * the program, would keep a deleted array.  A container's items must be
+ * held by it alone.  Anything else (a numpy array, a Python scalar, a
+ * custom node C cannot look into) is not donated: donation is an
+ * optimisation, and skipping it is always right. */
+static int
+value_donatable(refx_state *st, PyObject *v, Py_ssize_t held, int depth)
+{
+    if (Py_REFCNT(v) != held) {
+        return 0;
+    }
+    if (donatable(st, v)) {
+        return 1;
+    }
+    if (depth > 16) {
+        return 0;
+    }
+    if (PyDict_CheckExact(v)) {
+        Py_ssize_t pos = 0;
+        PyObject *key, *item;
+        while (PyDict_Next(v, &pos, &key, &item)) {
+            if (!value_donatable(st, item, 1, depth + 1)) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    if (PyList_CheckExact(v) || PyTuple_Check(v)) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+        PyObject **items = PySequence_Fast_ITEMS(v);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (!value_donatable(st, items[i], 1, depth + 1)) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    if (Value_Check(st, v)) {
+        return value_donatable(st, ((ValueObject *)v)->value, 1, depth + 1);
+    }
+    return 0;
+}
+
 /* Build the arguments of the jitted call (candidates given by the entry). */
 static int
 build_call(call_ctx *c, PyObject *cand)
@@ -940,21 +988,21 @@ build_call(call_ctx *c, PyObject *cand)
         if (e == NULL) {
             goto error;
         }
-        m[j] = (char)(donatable(st, c->vals[k]) && e->value == 1 && !isd[k]);
+        m[j] = (char)(e->value == 1 && !isd[k] &&
+                      value_donatable(st, c->vals[k], 2, 0));
         if (m[j]) {
             isd[k] = 1;
         }
     }
-    /* a donated Ref is written whatever fun does: check its trace now,
-     * while its buffer still exists */
+    /* a donated Ref is written whatever fun does: the whole write check
+     * (trace level, refx.mutable) now, while its buffer still exists */
     trace = refx_current_trace(st);
     if (trace == NULL) {
         goto error;
     }
     for (Py_ssize_t k = 0; k < c->nrefs; k++) {
-        if (isd[k] && c->refs[k]->trace != trace) {
-            PyErr_SetString(PyExc_ValueError,
-                            "Cannot mutate Ref from a different trace level");
+        if (isd[k] &&
+            refx_check_write(st, c->refs[k], c->vals[k], trace) < 0) {
             fail_write(c, k, "would donate (and so write)");
             goto error;
         }
@@ -1023,22 +1071,28 @@ key_equals_call(call_ctx *c, PyObject *key)
     }
     PyObject *pat = PyTuple_GET_ITEM(key, 3);
     if (c->nothers == c->nleaves) { /* no Ref leaf: see make_key */
-        return pat == Py_None;
+        if (pat != Py_None) {
+            return 0;
+        }
     }
-    if (pat == Py_None ||
-        PyBytes_GET_SIZE(pat) != c->nleaves * (Py_ssize_t)sizeof(int32_t) ||
-        memcmp(PyBytes_AS_STRING(pat), c->pattern,
-               (size_t)PyBytes_GET_SIZE(pat)) != 0) {
+    else if (pat == Py_None ||
+             PyBytes_GET_SIZE(pat) !=
+                 c->nleaves * (Py_ssize_t)sizeof(int32_t) ||
+             memcmp(PyBytes_AS_STRING(pat), c->pattern,
+                    (size_t)PyBytes_GET_SIZE(pat)) != 0) {
         return 0;
     }
     PyObject *colls = PyTuple_GET_ITEM(key, 4);
     PyObject *types = PyTuple_GET_ITEM(key, 5);
-    Py_ssize_t ncall = c->nrefs - c->nbound;
-    if (PyTuple_GET_SIZE(colls) != ncall) {
+    Py_ssize_t nrefs = c->nrefs;
+    if (colls == Py_None) {
+        return nrefs == 0;
+    }
+    if (PyTuple_GET_SIZE(colls) != nrefs) {
         return 0;
     }
-    for (Py_ssize_t k = 0; k < ncall; k++) {
-        RefObject *ref = c->refs[c->nbound + k];
+    for (Py_ssize_t k = 0; k < nrefs; k++) {
+        RefObject *ref = c->refs[k];
         if (types == Py_None) {
             /* an all-plain key: a subclass or metadata is another key */
             if (Py_TYPE(ref) != c->st->Ref_Type || ref->metadata != NULL) {
@@ -1070,6 +1124,51 @@ key_equals_call(call_ctx *c, PyObject *key)
         }
     }
     return 1;
+}
+
+/* The key could not be hashed (a TypeError is set): if a Ref's spec is
+ * what fails (an attribute or metadata value such as a list), say which
+ * Ref; its spec is part of the key.  Otherwise leave the error as it is. */
+static void
+explain_unhashable(call_ctx *c)
+{
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+        PyObject *spec = ref_spec(c->st, c->refs[k]);
+        if (spec == NULL) {
+            goto drop; /* a new error, which says why */
+        }
+        Py_hash_t h = PyObject_Hash(spec);
+        Py_DECREF(spec);
+        if (h != -1) {
+            continue;
+        }
+        PyObject *ht, *hv, *htb;
+        PyErr_Fetch(&ht, &hv, &htb);
+        PyErr_NormalizeException(&ht, &hv, &htb);
+        PyObject *path = ref_path(c, k);
+        if (path != NULL) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s(%U): the %s of %U has an attribute or metadata "
+                         "value that cannot be hashed (%S); a Ref's "
+                         "attributes and metadata are part of the cache "
+                         "key: make them hashable (a tuple, not a list)",
+                         jit_kind(c->jf), c->jf->name,
+                         _PyType_Name(Py_TYPE(c->refs[k])), path, hv);
+            Py_DECREF(path);
+        }
+        Py_XDECREF(ht);
+        Py_XDECREF(hv);
+        Py_XDECREF(htb);
+        goto drop;
+    }
+    PyErr_Restore(et, ev, etb);
+    return;
+drop:
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(etb);
 }
 
 /* split, flatten, snapshot, key, lookup (or build), call arguments */
@@ -1125,6 +1224,9 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
     c->entry = Py_XNewRef(PyDict_GetItemWithError(jf->cache, key));
     if (c->entry == NULL) {
         if (PyErr_Occurred()) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                explain_unhashable(c);
+            }
             goto error;
         }
         PyObject *desc = make_desc(c);
