@@ -92,6 +92,14 @@ def is_batched(value) -> bool:
     return False
 
 
+def weak(x):
+    """`x` (a jax.Array) as a weakly typed array of its dtype (a Python
+    scalar's type in JAX's promotion rules)."""
+    from jax._src.lax import lax as _lax  # stable in every supported JAX
+
+    return _lax._convert_element_type(x, x.dtype, weak_type=True)
+
+
 def _plain_types() -> tuple[type, ...]:
     types: list[type] = [np.ndarray]
     try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
+import inspect
 
 from . import _core
 
@@ -66,16 +66,39 @@ class mutable(contextlib.ContextDecorator):  # noqa: N801 - a function-like name
     def __init__(self, filter, /):  # noqa: A002 - the name of the concept
         _check_filter(filter)
         self.filter = filter
-        self._local = threading.local()
 
     def __enter__(self):
-        tokens = self._local.__dict__.setdefault("tokens", [])
-        tokens.append(_var.set(_var.get(()) + (self.filter,)))
+        # no token kept on the object: one block object may be entered by
+        # several threads or asyncio tasks at once (each has its own
+        # context), so __exit__ undoes its own entry in the current context
+        _var.set(_var.get(()) + (self.filter,))
         return self
 
     def __exit__(self, *exc_info):
-        _var.reset(self._local.tokens.pop())
+        blocks = _var.get(())
+        if not blocks or blocks[-1] is not self.filter:  # pragma: no cover - misuse
+            raise RuntimeError(f"{self!r}: exited out of order (blocks must nest)")
+        _var.set(blocks[:-1])
         return False
+
+    def __call__(self, fun):
+        """As a decorator: the block is entered around each call, and
+        around the whole run of a coroutine (an async def)."""
+        if inspect.iscoroutinefunction(fun):
+
+            @functools.wraps(fun)
+            async def run_async(*args, **kwargs):
+                with self:
+                    return await fun(*args, **kwargs)
+
+            return run_async
+
+        @functools.wraps(fun)
+        def run(*args, **kwargs):
+            with self:
+                return fun(*args, **kwargs)
+
+        return run
 
     def __repr__(self):
         return f"refx.mutable({self.filter!r})"

@@ -56,7 +56,7 @@ import jax
 import numpy as np
 
 # the C core has no stub of its own (refx/__init__.pyi describes it)
-from . import _sharding
+from . import _compat, _sharding
 from ._core import (  # type: ignore[import-not-found]
     All,
     Deref,
@@ -365,7 +365,12 @@ def _convert(entry: _Entry, index: int, current: Any, new: Any) -> Any:
         return new[()]
     sharding = _target_sharding(entry, index, current)
     if sharding is not None and not isinstance(new, jax.Array):
-        return jax.device_put(new, sharding)
+        new = jax.device_put(new, sharding)
+    if getattr(current, "weak_type", False) and isinstance(new, jax.Array) and not new.weak_type:
+        # a weakly typed scalar (Ref(jnp.array(0.5))) stays one: numpy and
+        # orbax have no weak types, and a strong float32 would promote a
+        # bf16 parameter it multiplies
+        new = _compat.weak(new)
     return new
 
 
