@@ -59,7 +59,7 @@ import numpy as np
 
 from . import _compat, _core, _lift, _sharding
 from ._core import Ref, tree_partition
-from ._lift import Trees, name_of, payload_tree, plan_out, rebuild_out, traceable
+from ._lift import Trees, name_of, payload_tree, plan_out, rebuild_out, traceable, with_closures
 from ._mutable import _with_mutable
 
 _tree_flatten = jax.tree_util.tree_flatten
@@ -68,9 +68,11 @@ _traceable = traceable
 
 
 def _run_inner(t, inner, fun, *args, **kwargs):
-    """fun(*args, **kwargs) inside the transform, then the checks that
-    must pass before anything leaves it: the trees kept their structure."""
-    out = fun(*args, **kwargs)
+    """fun(*args, **kwargs) inside the transform, with closed-over Refs
+    captured, then the checks that must pass before anything leaves it:
+    the trees kept their structure."""
+    with t.capturing(inner):
+        out = fun(*args, **kwargs)
     inner.check_structure(t.prefix(), _lift.place_name)
     return out
 
@@ -166,12 +168,23 @@ def _check_carry_out(t, kind, carry_in, carry_out, new, label):
 
 class _Carry:
     """scan's, fori_loop's and while_loop's handling of the Refs of the carry
-    (part 0 of `t`) and, for scan, of xs (part 1)."""
+    (part 0 of `t`), for scan of xs (part 1), and of the Refs fun closes
+    over (the last part, "closure"), which ride in the carry: each
+    iteration sees the previous one's writes.
+
+    carry_ks  the numbers of the Refs in the loop's carry: init's Refs
+              (numbered first), then closed-over Refs not passed
+    x_ks      the numbers of xs's Refs (scan)
+    """
 
     def __init__(self, t, kind, label):
         self.t, self.kind, self.label = t, kind, label
         _lbl, _tree, _td, pat, a, b = t.parts[0]
         self.nc = len({p for p in pat if p >= 0})  # carry Refs are numbered first
+        n_main = 1 + max((p for part in t.parts if part[0] != "closure" for p in part[3]),
+                         default=-1)
+        self.carry_ks = list(range(self.nc)) + list(range(n_main, len(t.refs)))
+        self.x_ks = list(range(self.nc, n_main))
         n_other_c = sum(1 for p in pat if p < 0)
         st = t.is_static[:n_other_c]
         self.c_traced = [x for x, s in zip(t.plain[:n_other_c], st, strict=True) if not s]
@@ -180,14 +193,19 @@ class _Carry:
         self.written: set[int] = set()  # carry Refs written, over every trace
 
     def init(self):
-        return (self.t.vals[:self.nc], self.c_traced)
+        return ([self.t.vals[k] for k in self.carry_ks], self.c_traced)
 
     def enter(self, carry, x=None):
         """New Refs and trees inside the loop body (or cond_fun)."""
         t = self.t
         cvals, ctraced = carry
         xvals, xtraced = x if x is not None else ([], self.x_traced)
-        return t.lift(list(cvals) + list(xvals), list(ctraced) + list(xtraced))
+        vals = [None] * len(t.refs)
+        for k, v in zip(self.carry_ks, cvals, strict=True):
+            vals[k] = v
+        for k, v in zip(self.x_ks, xvals, strict=True):
+            vals[k] = v
+        return t.lift(vals, list(ctraced) + list(xtraced))
 
     def leave(self, inner, carry_out):
         """Check what the body did to the carry; the next carry."""
@@ -196,12 +214,13 @@ class _Carry:
         new = inner.refs
         traced = _check_carry_out(t, self.kind, inner.trees[0], carry_out, new, self.label)
         written = _written(t, inner)
+        carried = set(self.carry_ks)
         for k in written:
-            if k < self.nc:
-                _check_kept(t, k, inner.given[k], new[k].value, "fun wrote", _CARRY_RULE)
+            if k in carried:
+                _check_kept(t, k, inner.before(k), new[k].value, "fun wrote", _CARRY_RULE)
                 self.written.add(k)
         inner.written_ks = written
-        return ([new[k].value for k in range(self.nc)], traced)
+        return ([new[k].value for k in self.carry_ks], traced)
 
     def result(self, final):
         """The caller's carry after the loop (before the write-back)."""
@@ -213,7 +232,8 @@ class _Carry:
                   for x, s in zip(t.plain[:n], t.is_static[:n], strict=True)]
         carry = _lift.build(t.parts[:1], t.refs, others)[0][0]
         written = sorted(self.written)
-        return carry, written, [cvals[k] for k in written]
+        at = {k: j for j, k in enumerate(self.carry_ks)}
+        return carry, written, [cvals[at[k]] for k in written]
 
 
 # --------------------------------------------------------------------------
@@ -430,14 +450,17 @@ def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=
 
     @functools.wraps(fun)
     def mapped(*args, **kwargs):
-        t = Trees("vmap", name, [(args, kwargs)], [None])
-        axes = _vmap_axes(t, in_axes, args, kwargs)
+        return with_closures(lambda closure: once(closure, args, kwargs))
+
+    def once(closure, args, kwargs):
+        t = Trees("vmap", name, [(args, kwargs)], [None], closure)
+        axes = _vmap_axes(t, in_axes, args, kwargs) + [None] * len(closure)
         ref_axes, other_axes = _vmap_in(t, axes, axis_size)
         info: dict = {}
 
         def body(vals, traced):
             inner = t.lift(vals, traced)
-            new, ((a, kw),) = inner.refs, inner.trees
+            new, (a, kw) = inner.refs, inner.trees[0]
             out = _run_inner(t, inner, run, *a, **kw)
             written = _written(t, inner)
             for k in written:
@@ -488,39 +511,45 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
         raise TypeError(f"refx.scan: fun must be callable, not {type(fun).__name__}")
     name = _name(fun)
     run = _with_mutable(fun, mutable, "refx.scan")
-    t = Trees("scan", name, [init, xs], ["init", "xs"])
-    nc = len({p for p in t.parts[0][3] if p >= 0})
-    for i, p in enumerate(t.parts[1][3]):
-        if 0 <= p < nc:
-            raise ValueError(f"{t.prefix()}: {t.describe(p)} is also in xs, at "
-                             f"{t.at(t.parts[1][4] + i)}; a Ref is either carried or scanned "
-                             "over, not both")
-    c = _Carry(t, "scan", "init")
-    has_xs = bool(t.parts[1][5] - t.parts[1][4])
-    info: dict = {}
 
-    def body(carry, x):
-        inner = c.enter(carry, x)
-        new = inner.refs
-        carry_in, xt = inner.trees
-        out = _pair("scan", name, run(carry_in, xt))
-        carry_out, y = out
-        nxt = c.leave(inner, carry_out)
-        xw = [k for k in inner.written_ks if k >= nc]
-        info["xs_written"] = xw
-        spec, td, payload = _plan(y, new)
-        info["y"] = (spec, td)
-        return nxt, ([new[k].value for k in xw], payload)
+    def once(closure):
+        t = Trees("scan", name, [init, xs], ["init", "xs"], closure)
+        nc = len({p for p in t.parts[0][3] if p >= 0})
+        for i, p in enumerate(t.parts[1][3]):
+            if 0 <= p < nc:
+                raise ValueError(f"{t.prefix()}: {t.describe(p)} is also in xs, at "
+                                 f"{t.at(t.parts[1][4] + i)}; a Ref is either carried or "
+                                 "scanned over, not both")
+        c = _Carry(t, "scan", "init")
+        xset = set(c.x_ks)
+        has_xs = bool(t.parts[1][5] - t.parts[1][4])
+        info: dict = {}
 
-    body.__name__ = body.__qualname__ = f"refx_scan({name})"
-    xs_in = (t.vals[nc:], c.x_traced) if has_xs else None
-    final, (xw_vals, payload) = jax.lax.scan(body, c.init(), xs_in, length=length,
-                                             reverse=reverse, unroll=unroll)
-    carry, written, wvals = c.result(final)
-    ys = rebuild_out(*info["y"], payload, t.refs)
-    xw = info["xs_written"]
-    t.write(written + xw, wvals + list(xw_vals))
-    return carry, ys
+        def body(carry, x):
+            inner = c.enter(carry, x)
+            new = inner.refs
+            carry_in, xt = inner.trees[:2]
+            with t.capturing(inner):
+                out = run(carry_in, xt)
+            carry_out, y = _pair("scan", name, out)
+            nxt = c.leave(inner, carry_out)
+            xw = [k for k in inner.written_ks if k in xset]
+            info["xs_written"] = xw
+            spec, td, payload = _plan(y, new)
+            info["y"] = (spec, td)
+            return nxt, ([new[k].value for k in xw], payload)
+
+        body.__name__ = body.__qualname__ = f"refx_scan({name})"
+        xs_in = ([t.vals[k] for k in c.x_ks], c.x_traced) if has_xs else None
+        final, (xw_vals, payload) = jax.lax.scan(body, c.init(), xs_in, length=length,
+                                                 reverse=reverse, unroll=unroll)
+        carry, written, wvals = c.result(final)
+        ys = rebuild_out(*info["y"], payload, t.refs)
+        xw = info["xs_written"]
+        t.write(written + xw, wvals + list(xw_vals))
+        return carry, ys
+
+    return with_closures(once)
 
 
 # --------------------------------------------------------------------------
@@ -541,19 +570,25 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
         raise TypeError(f"refx.fori_loop: body_fun must be callable, not "
                         f"{type(body_fun).__name__}")
     name = _name(body_fun)
-    t = Trees("fori_loop", name, [init_val], ["init_val"])
-    c = _Carry(t, "fori_loop", "init_val")
 
-    def body(i, carry):
-        inner = c.enter(carry)
-        return c.leave(inner, body_fun(i, inner.trees[0]))
+    def once(closure):
+        t = Trees("fori_loop", name, [init_val], ["init_val"], closure)
+        c = _Carry(t, "fori_loop", "init_val")
 
-    body.__name__ = body.__qualname__ = f"refx_fori_loop({name})"
-    kw = {} if unroll is None else {"unroll": unroll}
-    final = jax.lax.fori_loop(lower, upper, body, c.init(), **kw)
-    carry, written, wvals = c.result(final)
-    t.write(written, wvals)
-    return carry
+        def body(i, carry):
+            inner = c.enter(carry)
+            with t.capturing(inner):
+                out = body_fun(i, inner.trees[0])
+            return c.leave(inner, out)
+
+        body.__name__ = body.__qualname__ = f"refx_fori_loop({name})"
+        kw = {} if unroll is None else {"unroll": unroll}
+        final = jax.lax.fori_loop(lower, upper, body, c.init(), **kw)
+        carry, written, wvals = c.result(final)
+        t.write(written, wvals)
+        return carry
+
+    return with_closures(once)
 
 
 def while_loop(cond_fun, body_fun, init_val):
@@ -568,29 +603,36 @@ def while_loop(cond_fun, body_fun, init_val):
         if not callable(f):
             raise TypeError(f"refx.while_loop: {what} must be callable, not {type(f).__name__}")
     name = _name(body_fun)
-    t = Trees("while_loop", name, [init_val], ["init_val"])
-    c = _Carry(t, "while_loop", "init_val")
 
-    def cond(carry):
-        inner = c.enter(carry)
-        r = cond_fun(inner.trees[0])
-        inner.check_structure(t.prefix())
-        for k in inner.written(t.prefix(), t.where):
-            raise ValueError(f"{t.prefix()}: cond_fun ({_name(cond_fun)}) wrote "
-                             f"{t.describe(k)}; cond_fun may read Refs, not write them "
-                             "(write in body_fun)")
-        return r
+    def once(closure):
+        t = Trees("while_loop", name, [init_val], ["init_val"], closure)
+        c = _Carry(t, "while_loop", "init_val")
 
-    def body(carry):
-        inner = c.enter(carry)
-        return c.leave(inner, body_fun(inner.trees[0]))
+        def cond(carry):
+            inner = c.enter(carry)
+            with t.capturing(inner):
+                r = cond_fun(inner.trees[0])
+            inner.check_structure(t.prefix())
+            for k in inner.written(t.prefix(), t.where):
+                raise ValueError(f"{t.prefix()}: cond_fun ({_name(cond_fun)}) wrote "
+                                 f"{t.describe(k)}; cond_fun may read Refs, not write them "
+                                 "(write in body_fun)")
+            return r
 
-    cond.__name__ = cond.__qualname__ = f"refx_while_cond({_name(cond_fun)})"
-    body.__name__ = body.__qualname__ = f"refx_while_body({name})"
-    final = jax.lax.while_loop(cond, body, c.init())
-    carry, written, wvals = c.result(final)
-    t.write(written, wvals)
-    return carry
+        def body(carry):
+            inner = c.enter(carry)
+            with t.capturing(inner):
+                out = body_fun(inner.trees[0])
+            return c.leave(inner, out)
+
+        cond.__name__ = cond.__qualname__ = f"refx_while_cond({_name(cond_fun)})"
+        body.__name__ = body.__qualname__ = f"refx_while_body({name})"
+        final = jax.lax.while_loop(cond, body, c.init())
+        carry, written, wvals = c.result(final)
+        t.write(written, wvals)
+        return carry
+
+    return with_closures(once)
 
 
 # --------------------------------------------------------------------------
@@ -636,12 +678,15 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
         dyn = tuple(None if i in static else a for i, a in enumerate(args))
         skw = {k: v for k, v in kwargs.items() if k in snames}
         kwargs = {k: v for k, v in kwargs.items() if k not in snames}
-        t = Trees("remat", name, [(dyn, kwargs)], [None])
+        return with_closures(lambda closure: once(closure, args, dyn, kwargs, skw, static))
+
+    def once(closure, args, dyn, kwargs, skw, static):
+        t = Trees("remat", name, [(dyn, kwargs)], [None], closure)
         info: dict = {}
 
-        def inner(vals, traced):
+        def body(vals, traced):
             inner = t.lift(vals, traced)
-            new, ((a, kw),) = inner.refs, inner.trees
+            new, (a, kw) = inner.refs, inner.trees[0]
             full = [args[i] if i in static else x for i, x in enumerate(a)]
             out = _run_inner(t, inner, fun, *full, **kw, **skw)
             written = _written(t, inner)
@@ -650,8 +695,8 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
             info["out"] = (spec, td)
             return [new[k].value for k in written], payload
 
-        inner.__name__ = inner.__qualname__ = f"refx_remat({name})"
-        wvals, payload = jax.checkpoint(inner, prevent_cse=prevent_cse,
+        body.__name__ = body.__qualname__ = f"refx_remat({name})"
+        wvals, payload = jax.checkpoint(body, prevent_cse=prevent_cse,
                                         policy=policy)(t.vals, t.traced)
         out = rebuild_out(*info["out"], payload, t.refs)
         t.write(info["written"], wvals)
@@ -665,10 +710,10 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
 # --------------------------------------------------------------------------
 
 
-def _branches(kind, labels, funs, operands):
+def _branches(kind, labels, funs, operands, closure):
     """The branch functions for jax.lax.switch/cond, and the finish."""
     names = [_name(f) for f in funs]
-    t = Trees(kind, " / ".join(names), [operands], ["operands"])
+    t = Trees(kind, " / ".join(names), [operands], ["operands"], closure)
     seen: list = []  # per traced branch: (label, avals of every Ref, out plan)
     written_any: set[int] = set()
 
@@ -677,7 +722,7 @@ def _branches(kind, labels, funs, operands):
 
         def branch(vals, traced):
             inner = t.lift(vals, traced)
-            new, (ops,) = inner.refs, inner.trees
+            new, ops = inner.refs, inner.trees[0]
             out = _run_inner(t, inner, fn, *ops)
             outs = [r.value for r in new]
             written = _written(t, inner)
@@ -741,10 +786,14 @@ def cond(pred, true_fun, false_fun, *operands):
     for what, f in (("true_fun", true_fun), ("false_fun", false_fun)):
         if not callable(f):
             raise TypeError(f"refx.cond: {what} must be callable, not {type(f).__name__}")
-    t, (tb, fb), finish = _branches("cond", ["true_fun", "false_fun"], [true_fun, false_fun],
-                                    operands)
-    outs, payload = jax.lax.cond(pred, tb, fb, t.vals, t.traced)
-    return finish(outs, payload)
+
+    def once(closure):
+        t, (tb, fb), finish = _branches("cond", ["true_fun", "false_fun"],
+                                        [true_fun, false_fun], operands, closure)
+        outs, payload = jax.lax.cond(pred, tb, fb, t.vals, t.traced)
+        return finish(outs, payload)
+
+    return with_closures(once)
 
 
 def switch(index, branches, *operands):
@@ -758,10 +807,14 @@ def switch(index, branches, *operands):
         if not callable(f):
             raise TypeError(f"refx.switch: branches[{i}] must be callable, not "
                             f"{type(f).__name__}")
-    t, fns, finish = _branches("switch", [f"branches[{i}]" for i in range(len(branches))],
-                               branches, operands)
-    outs, payload = jax.lax.switch(index, fns, t.vals, t.traced)
-    return finish(outs, payload)
+
+    def once(closure):
+        t, fns, finish = _branches("switch", [f"branches[{i}]" for i in range(len(branches))],
+                                   branches, operands, closure)
+        outs, payload = jax.lax.switch(index, fns, t.vals, t.traced)
+        return finish(outs, payload)
+
+    return with_closures(once)
 
 
 __all__ = ["StateAxes", "cond", "fori_loop", "remat", "scan", "switch", "vmap", "while_loop"]

@@ -29,7 +29,16 @@ import jax.numpy as jnp
 
 from . import _sharding
 from ._core import NOTHING, All, PathFilter, Ref, deref, get_partition
-from ._lift import Trees, name_of, number_refs, payload_tree, plan_out, rebuild_out
+from ._lift import (
+    Trees,
+    name_of,
+    number_refs,
+    payload_tree,
+    plan_out,
+    rebuild_out,
+    stand_in,
+    with_closures,
+)
 
 _tree_flatten = jax.tree_util.tree_flatten
 
@@ -69,15 +78,20 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
         if not -len(args) <= argnums < len(args):
             raise TypeError(f"refx.{kind}({name}): argnums={argnums} but {len(args)} "
                             "positional arguments were given")
+        return with_closures(lambda closure: once(closure, args, kwargs))
+
+    def once(closure, args, kwargs):
         arg = args[argnums]
-        t = Trees(kind, name, [(args, kwargs)], [None])
+        t = Trees(kind, name, [(args, kwargs)], [None], closure)
         prefix = t.prefix()
         index = {id(r): k for k, r in enumerate(t.refs)}
-        # the differentiated Refs, in deref(arg)'s numbering
-        local, _ = number_refs(_tree_flatten(arg)[0])
+        # the differentiated Refs, in deref(arg)'s numbering (their stand-ins
+        # when a capturing trace closes over them: t.refs holds those)
+        local, _ = number_refs([stand_in(x) if isinstance(x, Ref) else x
+                                for x in _tree_flatten(arg)[0]])
         chosen = get_partition(arg, only_refs)
         every = get_partition(arg, Ref)
-        accepted = {id(r) for r in chosen.values() if isinstance(r, Ref)}
+        accepted = {id(stand_in(r)) for r in chosen.values() if isinstance(r, Ref)}
         if not accepted:
             what = _present(every) if local else "no Ref at all"
             raise ValueError(
@@ -108,8 +122,9 @@ def _value_and_grad_impl(fun, argnums, wrt, has_aux, kind):
             for k, v in zip(diff, dvals, strict=True):
                 cur[k] = v
             inner = t.lift(cur, t.traced)
-            ((a, kw),) = inner.trees
-            out = fun(*a, **kw)
+            (a, kw) = inner.trees[0]
+            with t.capturing(inner):
+                out = fun(*a, **kw)
             inner.check_structure(prefix)
             if has_aux:
                 if not (isinstance(out, (tuple, list)) and len(out) == 2):

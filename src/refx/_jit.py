@@ -30,9 +30,9 @@ from typing import Generic, TypeVar
 
 import jax
 
-from . import _sharding
+from . import _core, _sharding
 from ._core import JitFunction, Static, deref, reref
-from ._lift import Const, Inner, key_str, name_of, plan_out, traceable
+from ._lift import Const, Inner, Rediscover, capturing, key_str, name_of, plan_out, traceable
 from ._mutable import _with_mutable
 
 _name = name_of
@@ -133,7 +133,7 @@ def _place_namer(jf, has_kwargs, statics):
 def _check_leaves(jf, desc, kind):
     """A leaf jax cannot trace (a str, an object) is a TypeError naming where
     it sits; jax's own error would name a position in refx's flat lists."""
-    treedef, has_kwargs, statics, pattern, colls, types, kwnames, vals, others = desc
+    treedef, has_kwargs, statics, pattern, colls, types, kwnames, vals, others = desc[:9]
     name = _name(jf._fun)
     where = _ref_place(jf, desc)
     nbo = len(jf._bound_desc[1]) - sum(p >= 0 for p in jf._bound_desc[1]) if jf._bound else 0
@@ -236,11 +236,41 @@ class _PerMesh:
         return self.jitted._cache_size()
 
 
-def _build_jit_entry(jf, desc):
-    """Make the (jitted, donation candidates) entry for one cache key."""
-    treedef, has_kwargs, statics, pattern, colls, types, kwnames, vals0, others0 = desc
+def _closure(desc, closure, prefix):
+    """The closed-over Refs of an entry: (closure, positions, specs, the
+    ones not passed) with closure deduplicated; positions[j] is the
+    argument Ref number of closure[j], or -1 when it is not passed."""
+    refs = desc[9]
+    uniq: list = []
+    for r in closure or ():
+        if not any(r is u for u in uniq):
+            uniq.append(r)
+    index = {id(r): k for k, r in enumerate(refs)}
+    pos = tuple(index.get(id(r), -1) for r in uniq)
+    specs = tuple(_core._ref_spec(r) for r in uniq)
+    extra = [r for r, p in zip(uniq, pos, strict=True) if p < 0]
+    for r in extra:
+        for leaf in jax.tree_util.tree_leaves(r.value):
+            if not _traceable(leaf):
+                raise TypeError(f"{prefix}: a {type(r).__name__} closed over by fun (collection "
+                                f"{r.collection!r}) holds a {type(leaf).__name__}, which JAX "
+                                "cannot trace; keep arrays in Refs")
+    return tuple(uniq), pos, specs, extra
+
+
+def _build_jit_entry(jf, desc, closure=None):
+    """Make the entry for one cache key: (jitted, donation candidates,
+    closed-over Refs, their positions, their specs) (see jit.c)."""
+    treedef, has_kwargs, statics, pattern, colls, types, kwnames, vals0, others0 = desc[:9]
     kind = "refx.jit_partial" if jf._bound is not None else "refx.jit"
     _check_leaves(jf, desc, kind)
+    closure, cpos, cspecs, extra = _closure(desc, closure, f"{kind}({_name(jf._fun)})")
+    n_args = len(colls)
+    colls = tuple(colls) + tuple(r.collection for r in extra)
+    types = tuple(types) + tuple(_core._ref_spec(r) for r in extra)
+    vals0 = list(vals0) + [r.value for r in extra]
+    it = iter(range(n_args, n_args + len(extra)))
+    cnum = [p if p >= 0 else next(it) for p in cpos]  # closure[j]'s Ref number
     fun = jf._fun
     name = _name(fun)
     prefix = f"{kind}({name})"
@@ -256,7 +286,11 @@ def _build_jit_entry(jf, desc):
     static_pos = {s[0]: s[2] for s in statics if isinstance(s[0], int)}
     static_kw = {s[0]: s[2] for s in statics if isinstance(s[0], str)}
     nrefs = len(colls)
-    where_ref = _ref_place(jf, desc)
+    where_args = _ref_place(jf, desc)
+
+    def where_ref(k):
+        return where_args(k) if k < n_args else "a Ref closed over by fun"
+
     names = _place_namer(jf, has_kwargs, statics)
     declared = _sharding.any_declared(types)
     where = f"refx.jit({name})"
@@ -277,7 +311,9 @@ def _build_jit_entry(jf, desc):
                 full.append(static_pos[g])
             else:
                 full.append(next(args_it))
-        out = fun(*full, **{**kwargs, **static_kw})
+        subs = {r: inner.refs[k] for r, k in zip(closure, cnum, strict=True)}
+        with capturing(subs):
+            out = fun(*full, **{**kwargs, **static_kw})
         inner.check_structure(prefix, names)
         written = sorted(set(inner.written(prefix, where_ref)) | donated)
         spec, out_td, items = plan_out(out, inner.refs)
@@ -299,8 +335,11 @@ def _build_jit_entry(jf, desc):
     if cand is not None:
         # donate exactly what fun writes: trace it once to find out
         mesh0 = _sharding.mesh_of(vals0) if declared else None
-        probe = jax.eval_shape(lambda v, o: trace(list(v), o, frozenset(), mesh0)[0],
-                               list(vals0), list(others0))
+        try:
+            probe = jax.eval_shape(lambda v, o: trace(list(v), o, frozenset(), mesh0)[0],
+                                   list(vals0), list(others0))
+        except Rediscover as e:  # fun closes over Refs: build for them
+            return _build_jit_entry(jf, desc, (*closure, *e.refs))
         written = set(probe.value[0])
         cand = tuple(k for k in cand if k in written) or None
 
@@ -331,7 +370,10 @@ def _build_jit_entry(jf, desc):
 
     named.__name__ = named.__qualname__ = f"refx_jit({name})"
     jitted = jax.jit(named, static_argnums=static, donate_argnums=donate, **options)
-    return (_PerMesh(jitted, cand is not None) if declared else jitted), cand
+    jitted = _PerMesh(jitted, cand is not None) if declared else jitted
+    if not closure:
+        return (jitted, cand, None, None, None)
+    return (jitted, cand, closure, cpos, cspecs)
 # --------------------------------------------------------------------------
 # refx.jit / refx.jit_partial
 # --------------------------------------------------------------------------

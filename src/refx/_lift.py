@@ -44,10 +44,12 @@ the last step of a call.
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 
-from . import _core
+from . import _compat, _core
 from ._core import Ref
 
 _tree_flatten = jax.tree_util.tree_flatten
@@ -153,6 +155,125 @@ def write_back(refs, values, place, prefix, what="wrote"):
 
 
 # --------------------------------------------------------------------------
+# closed-over Refs
+# --------------------------------------------------------------------------
+#
+# While a transform traces `fun`, a Capture frame is on this thread's stack
+# and the C core asks `capture_hook` about every read and write of a Ref
+# that is not of the current trace (ref.c, "Closed-over Refs").  A Ref of
+# the trace, or of a trace inside it, is nothing special.  A Ref of a trace
+# enclosing the transform's is closed over: the first trace records it
+# (`found`; a write cannot be done in that trace, so it stops the trace at
+# once) and the transform is traced again with it as a hidden input, whose
+# stand-in (`subs`) the reads and writes then reach: its traced value, and
+# a write written back after the call like an argument's.  The Refs the
+# transform takes as arguments have stand-ins too, so a Ref passed and
+# closed over is one Ref.
+
+_local = threading.local()
+
+
+class Rediscover(BaseException):  # noqa: N818 - a signal, not an error
+    """The trace found closed-over Refs it has no stand-in for: trace again
+    with them as hidden inputs.  A BaseException, so that user code's
+    ``except Exception`` cannot swallow it."""
+
+    def __init__(self, refs):
+        super().__init__(refs)
+        self.refs = refs
+
+
+class Capture:
+    __slots__ = ("trace", "subs", "found")
+
+    def __init__(self, subs):
+        probe = make_refs([None], (None,), (Ref,))[0]
+        self.trace = _core._ref_trace(probe)  # the transform's trace
+        self.subs = subs  # outer Ref -> its stand-in in this trace
+        self.found = {}  # closed-over Refs without a stand-in, in order
+
+
+def _stack():
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def capture_hook(ref, writing):
+    """The C core's hook (installed by _wiring): the stand-in of `ref` in
+    the innermost capturing trace of this thread, or None."""
+    stack = getattr(_local, "stack", None)
+    if not stack:
+        return None
+    f = stack[-1]
+    inner = f.subs.get(ref)
+    if inner is not None:
+        return inner
+    rt = _core._ref_trace(ref)
+    if rt is f.trace or rt is None:
+        return None
+    outer, trace = rt(), f.trace()
+    if outer is None or trace is None or not _compat._encloses(outer, trace):
+        return None  # a Ref of a trace inside this one, or a finished one
+    f.found.setdefault(ref)
+    if writing:
+        raise Rediscover(list(f.found))
+    return None
+
+
+def stand_in(ref):
+    """`ref` itself, or its stand-in when a capturing trace closes over it
+    (for transforms nested inside another: they take the stand-in)."""
+    if not getattr(_local, "stack", None):
+        return ref
+    inner = capture_hook(ref, False)
+    return ref if inner is None else inner
+
+
+class capturing:  # noqa: N801 - used as a context manager
+    """``with capturing(subs) as f:`` run `fun` with closed-over Refs
+    captured; on leaving without an error, Rediscover if `f.found`."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, subs):
+        self.frame = Capture(subs)
+
+    def __enter__(self):
+        _stack().append(self.frame)
+        _core._capture_depth(1)
+        return self.frame
+
+    def __exit__(self, et, ev, tb):
+        _stack().pop()
+        _core._capture_depth(-1)
+        if et is None and self.frame.found:
+            raise Rediscover(list(self.frame.found))
+        if et is not None and et is not Rediscover and self.frame.found:
+            # the first trace may fail because a closed-over Ref's write was
+            # not seen: trace again with it before reporting anything
+            raise Rediscover(list(self.frame.found)) from ev
+        return False
+
+
+def with_closures(run):
+    """Call run(closure) with the closed-over Refs found so far, until a
+    trace finds no new one."""
+    closure: list = []
+    for _ in range(64):
+        try:
+            return run(tuple(closure))
+        except Rediscover as e:
+            new = [r for r in e.refs if not any(r is c for c in closure)]
+            if not new:
+                raise RuntimeError("refx: a trace asked for closed-over Refs it was "
+                                   "given") from None  # pragma: no cover - a refx bug
+            closure.extend(new)
+    raise RuntimeError("refx: closed-over Refs kept appearing")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------
 # the trees of one call
 # --------------------------------------------------------------------------
 
@@ -170,14 +291,22 @@ class Trees:
             inputs); static ones (a str, a function) are closed over
     """
 
-    def __init__(self, kind, name, trees, labels):
+    def __init__(self, kind, name, trees, labels, closure=()):
         self.kind, self.name = kind, name
         self.parts = []
         leaves = []
+        if closure:  # hidden inputs: the Refs fun closes over
+            trees, labels = [*trees, list(closure)], [*labels, "closure"]
         for label, tree in zip(labels, trees, strict=True):
             ls, td = _tree_flatten(tree)
             self.parts.append([label, tree, td, None, len(leaves), len(leaves) + len(ls)])
             leaves.extend(ls)
+        self.originals = ()  # the Refs the stand-ins stand for
+        if getattr(_local, "stack", None):  # inside a capturing trace
+            subst = [stand_in(x) if isinstance(x, Ref) else x for x in leaves]
+            if any(a is not b for a, b in zip(subst, leaves, strict=True)):
+                self.originals = tuple(zip(leaves, subst, strict=True))
+                leaves = subst
         self.refs, pattern = number_refs(leaves)
         for part in self.parts:
             part[3] = pattern[part[4]:part[5]]
@@ -235,6 +364,15 @@ class Trees:
         inner.rebuild(self.parts if parts is None else parts, self.others(traced))
         return inner
 
+    def capturing(self, inner):
+        """The capture frame to run `fun` in: every Ref of the call (the
+        arguments' and the closed-over ones) stands for its new Ref."""
+        subs = dict(zip(self.refs, inner.refs, strict=True))
+        for orig, sub in self.originals:  # closed over by name, passed as a stand-in
+            if isinstance(orig, Ref):
+                subs[orig] = subs[sub]
+        return capturing(subs)
+
     # -- after it
 
     def write(self, written, values, what="wrote"):
@@ -264,6 +402,8 @@ def place_name(label, path):
         label, path = f"argument {path[1]}", path[2:]
     elif label == "operands":
         label, path = f"operand {path[0]}", path[1:]
+    elif label == "closure":
+        return "a Ref closed over by fun"
     return label + (f" at {path}" if path else "")
 
 
@@ -295,6 +435,14 @@ class Inner:
             self.trees.append(tree)
             self._built.append((part[0], part[2], leaves))
         return self.trees
+
+    def before(self, k):
+        """Ref k's value as it was given (its container rebuilt: `fun` may
+        have changed the one it was given in place)."""
+        if self.leaves[k] is None:
+            return self.given[k]
+        td, leaves = self.leaves[k]
+        return td.unflatten(leaves)
 
     def changed(self, k):
         """Was Ref k rebound or changed in place?"""

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax._src import tree_util as _tu
 
-from . import _core, _jit, _sharding
+from . import _core, _jit, _lift, _sharding
 from ._compat import _flatten, _flatten_with_path, _plain_types, _trace_state, check_value
 
 
@@ -79,3 +79,4 @@ def _array_type():
 
 _core._install_jit(builder=_jit._build_jit_entry, describe=_jit._describe_jit_leaf,
                    array_type=_array_type())
+_core._install_capture(_lift.capture_hook, _lift.Rediscover)

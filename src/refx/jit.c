@@ -347,11 +347,14 @@ typedef struct {
     PyObject *dyn_args, *dyn_kwargs, *statics, *kwnames_dyn;
     PyObject *tree, *leaves, *treedef;
     Py_ssize_t nleaves, nbound, nrefs, nothers;
-    int32_t *pattern;  /* per call leaf: Ref number or -1 */
-    RefObject **refs;  /* distinct Refs, bound ones first */
-    PyObject **vals;   /* owned snapshot of their values (NULL once moved) */
-    PyObject **others; /* borrowed non-Ref leaves of the call */
-    PyObject *entry;   /* (jitted, candidates) */
+    Py_ssize_t nargrefs; /* nrefs before the closed-over Refs are added */
+    Py_ssize_t cap;      /* room in refs and vals */
+    uint64_t epoch;      /* the snapshot's stamp on the Refs' marks */
+    int32_t *pattern;    /* per call leaf: Ref number or -1 */
+    RefObject **refs;    /* distinct Refs, bound ones first */
+    PyObject **vals;     /* owned snapshot of their values (NULL once moved) */
+    PyObject **others;   /* borrowed non-Ref leaves of the call */
+    PyObject *entry;     /* (jitted, candidates, closure, positions, specs) */
     PyObject *call_args[4];
     size_t ncall;
 } call_ctx;
@@ -548,6 +551,7 @@ snapshot(call_ctx *c)
     c->pattern = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
     c->refs = PyMem_Malloc((size_t)(cap > 0 ? cap : 1) * sizeof(RefObject *));
     c->vals = PyMem_Calloc((size_t)(cap > 0 ? cap : 1), sizeof(PyObject *));
+    c->cap = cap > 0 ? cap : 1;
     c->others = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(PyObject *));
     if (c->pattern == NULL || c->refs == NULL || c->vals == NULL ||
         c->others == NULL) {
@@ -590,7 +594,8 @@ snapshot(call_ctx *c)
         nrefs++;
     }
     /* --- end of the snapshot --- */
-    c->nrefs = nrefs;
+    c->nrefs = c->nargrefs = nrefs;
+    c->epoch = epoch;
     c->nothers = nothers;
     return 0;
 }
@@ -710,13 +715,16 @@ make_desc(call_ctx *c)
 {
     PyObject *pattern = NULL, *colls = NULL, *types = NULL, *vals = NULL;
     PyObject *others = NULL, *names = NULL, *desc = NULL;
+    PyObject *refs = NULL;
+    Py_ssize_t nrefs = c->nargrefs;
     pattern = PyTuple_New(c->nleaves);
-    colls = PyTuple_New(c->nrefs);
-    types = PyTuple_New(c->nrefs);
-    vals = PyList_New(c->nrefs);
+    colls = PyTuple_New(nrefs);
+    types = PyTuple_New(nrefs);
+    vals = PyList_New(nrefs);
+    refs = PyTuple_New(nrefs);
     others = PyList_New(c->nothers);
     if (pattern == NULL || colls == NULL || types == NULL || vals == NULL ||
-        others == NULL) {
+        refs == NULL || others == NULL) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < c->nleaves; i++) {
@@ -726,7 +734,7 @@ make_desc(call_ctx *c)
         }
         PyTuple_SET_ITEM(pattern, i, p);
     }
-    for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+    for (Py_ssize_t k = 0; k < nrefs; k++) {
         PyTuple_SET_ITEM(colls, k, Py_NewRef(c->refs[k]->collection));
         PyObject *spec = ref_spec(c->st, c->refs[k]);
         if (spec == NULL) {
@@ -734,6 +742,7 @@ make_desc(call_ctx *c)
         }
         PyTuple_SET_ITEM(types, k, spec);
         PyList_SET_ITEM(vals, k, Py_NewRef(c->vals[k]));
+        PyTuple_SET_ITEM(refs, k, Py_NewRef((PyObject *)c->refs[k]));
     }
     for (Py_ssize_t i = 0; i < c->nothers; i++) {
         PyList_SET_ITEM(others, i, Py_NewRef(c->others[i]));
@@ -750,11 +759,12 @@ make_desc(call_ctx *c)
             goto done;
         }
     }
-    desc =
-        PyTuple_Pack(9, c->treedef, c->dyn_kwargs != NULL ? Py_True : Py_False,
-                     c->statics != NULL ? c->statics : Py_None, pattern, colls,
-                     types, names, vals, others);
+    desc = PyTuple_Pack(10, c->treedef,
+                        c->dyn_kwargs != NULL ? Py_True : Py_False,
+                        c->statics != NULL ? c->statics : Py_None, pattern,
+                        colls, types, names, vals, others, refs);
 done:
+    Py_XDECREF(refs);
     Py_XDECREF(pattern);
     Py_XDECREF(colls);
     Py_XDECREF(types);
@@ -772,6 +782,9 @@ ref_path(call_ctx *c, Py_ssize_t k)
     refx_state *st = c->st;
     PyObject *res = NULL, *tree = c->tree, *bound = Py_False;
     Py_ssize_t leaf = -1;
+    if (k >= c->nargrefs) {
+        return PyUnicode_FromString("a Ref closed over by fun");
+    }
     if (k < c->nbound) {
         PyObject *pat = PyTuple_GET_ITEM(c->jf->bound_desc, 1);
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pat) && leaf < 0; i++) {
@@ -907,12 +920,158 @@ value_donatable(refx_state *st, PyObject *v, Py_ssize_t held, int depth)
     return 0;
 }
 
+/* The closed-over Refs the entry reads that are not among the arguments
+ * (position -1): numbered after them, their values read now. */
+static int
+append_closure(call_ctx *c)
+{
+    for (Py_ssize_t k = c->nargrefs; k < c->nrefs; k++) {
+        Py_CLEAR(c->vals[k]);
+    }
+    c->nrefs = c->nargrefs;
+    PyObject *closure = PyTuple_GET_ITEM(c->entry, 2);
+    PyObject *pos = PyTuple_GET_ITEM(c->entry, 3);
+    if (closure == Py_None) {
+        return 0;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(closure);
+    if (c->nargrefs + n > c->cap) {
+        Py_ssize_t cap = c->nargrefs + n;
+        RefObject **refs =
+            PyMem_Realloc(c->refs, (size_t)cap * sizeof(RefObject *));
+        if (refs == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->refs = refs;
+        PyObject **vals =
+            PyMem_Realloc(c->vals, (size_t)cap * sizeof(PyObject *));
+        if (vals == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->vals = vals;
+        for (Py_ssize_t k = c->cap; k < cap; k++) {
+            c->vals[k] = NULL;
+        }
+        c->cap = cap;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (PyLong_AsSsize_t(PyTuple_GET_ITEM(pos, j)) >= 0) {
+            continue; /* an argument's Ref, numbered already */
+        }
+        RefObject *r = (RefObject *)PyTuple_GET_ITEM(closure, j);
+        c->refs[c->nrefs] = r; /* the entry keeps it alive */
+        c->vals[c->nrefs] = Py_NewRef(r->value);
+        c->nrefs++;
+    }
+    return 0;
+}
+
+/* Where closed-over Ref `r` is among this call's Refs, or -1 */
+static Py_ssize_t
+closure_position(call_ctx *c, RefObject *r)
+{
+    if (c->st->epoch == c->epoch) { /* the snapshot's marks still stand */
+        return r->mark_epoch == c->epoch && r->mark_index < c->nargrefs
+                   ? (Py_ssize_t)r->mark_index
+                   : -1;
+    }
+    for (Py_ssize_t k = 0; k < c->nargrefs; k++) {
+        if (c->refs[k] == r) {
+            return k;
+        }
+    }
+    return -1;
+}
+
+/* Does the entry's closure still describe this call?  Each closed-over Ref
+ * must be where it was (passed as the same argument Ref, or not passed) and
+ * of the same spec (class, metadata, attributes): otherwise the trace's
+ * sharing or kinds are wrong for this call.  1 yes, 0 no, -1 error. */
+static int
+closure_fits(call_ctx *c)
+{
+    PyObject *closure = PyTuple_GET_ITEM(c->entry, 2);
+    if (closure == Py_None) {
+        return 1;
+    }
+    PyObject *pos = PyTuple_GET_ITEM(c->entry, 3);
+    PyObject *specs = PyTuple_GET_ITEM(c->entry, 4);
+    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(closure); j++) {
+        RefObject *r = (RefObject *)PyTuple_GET_ITEM(closure, j);
+        if (closure_position(c, r) !=
+            PyLong_AsSsize_t(PyTuple_GET_ITEM(pos, j))) {
+            return 0;
+        }
+        PyObject *want = PyTuple_GET_ITEM(specs, j);
+        if (Py_TYPE(r) == c->st->Ref_Type && r->metadata == NULL &&
+            want == (PyObject *)c->st->Ref_Type) {
+            continue;
+        }
+        PyObject *spec = ref_spec(c->st, r);
+        if (spec == NULL) {
+            return -1;
+        }
+        int eq =
+            spec == want ? 1 : PyObject_RichCompareBool(spec, want, Py_EQ);
+        Py_DECREF(spec);
+        if (eq <= 0) {
+            return eq;
+        }
+    }
+    return 1;
+}
+
+/* Build this call's entry again, for `closure` (a tuple of closed-over
+ * Refs): the builder traces with them as hidden inputs.  Replaces the
+ * cached entry of this call's key (jf->last holds it). */
+static int
+refresh_entry(call_ctx *c, PyObject *closure)
+{
+    JitObject *jf = c->jf;
+    PyObject *desc = make_desc(c);
+    if (desc == NULL) {
+        return -1;
+    }
+    PyObject *bargs[3] = {(PyObject *)jf, desc, closure};
+    PyObject *entry = PyObject_Vectorcall(c->st->jit_builder, bargs, 3, NULL);
+    Py_DECREF(desc);
+    if (entry == NULL) {
+        return -1;
+    }
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 5) {
+        Py_DECREF(entry);
+        REFX_BUG("the jit builder did not return a 5-tuple entry");
+        return -1;
+    }
+    PyObject *key = Py_NewRef(PyTuple_GET_ITEM(jf->last, 0));
+    PyObject *last = PyTuple_Pack(2, key, entry);
+    int r = last == NULL ? -1 : PyDict_SetItem(jf->cache, key, entry);
+    Py_DECREF(key);
+    if (r < 0) {
+        Py_XDECREF(last);
+        Py_DECREF(entry);
+        return -1;
+    }
+    Py_XSETREF(jf->last, last);
+    Py_XSETREF(c->entry, entry);
+    return 0;
+}
+
 /* Build the arguments of the jitted call (candidates given by the entry). */
 static int
 build_call(call_ctx *c, PyObject *cand)
 {
     refx_state *st = c->st;
     JitObject *jf = c->jf;
+    for (size_t i = 0; i < c->ncall; i++) { /* a retry's: built again */
+        Py_CLEAR(c->call_args[i]);
+    }
+    c->ncall = 0;
+    if (append_closure(c) < 0) {
+        return -1;
+    }
     Py_ssize_t nbo =
         jf->bound_others != NULL ? PyTuple_GET_SIZE(jf->bound_others) : 0;
     PyObject *others = PyList_New(nbo + c->nothers);
@@ -933,8 +1092,8 @@ build_call(call_ctx *c, PyObject *cand)
             return -1;
         }
         for (Py_ssize_t k = 0; k < c->nrefs; k++) {
-            PyList_SET_ITEM(vals, k, c->vals[k]); /* moved */
-            c->vals[k] = NULL;
+            /* a copy: a retry (closed-over Refs found) builds them again */
+            PyList_SET_ITEM(vals, k, Py_NewRef(c->vals[k]));
         }
         c->call_args[0] = vals;
         c->call_args[1] = others;
@@ -1215,7 +1374,7 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
         }
     }
     if (c->entry != NULL) {
-        return build_call(c, PyTuple_GET_ITEM(c->entry, 1));
+        goto found;
     }
     key = make_key(c);
     if (key == NULL) {
@@ -1239,8 +1398,8 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
         if (c->entry == NULL) {
             goto error;
         }
-        if (!PyTuple_CheckExact(c->entry) || PyTuple_GET_SIZE(c->entry) != 2) {
-            REFX_BUG("the jit builder did not return (jitted, candidates)");
+        if (!PyTuple_CheckExact(c->entry) || PyTuple_GET_SIZE(c->entry) != 5) {
+            REFX_BUG("the jit builder did not return a 5-tuple entry");
             goto error;
         }
         if (PyDict_SetItem(jf->cache, key, c->entry) < 0) {
@@ -1253,10 +1412,22 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
     }
     Py_XSETREF(jf->last, last);
     Py_CLEAR(key);
-    if (build_call(c, PyTuple_GET_ITEM(c->entry, 1)) < 0) {
-        return -1;
+found:
+    {
+        int fits = closure_fits(c);
+        if (fits < 0) {
+            return -1;
+        }
+        if (!fits) {
+            PyObject *closure = Py_NewRef(PyTuple_GET_ITEM(c->entry, 2));
+            int r = refresh_entry(c, closure);
+            Py_DECREF(closure);
+            if (r < 0) {
+                return -1;
+            }
+        }
+        return build_call(c, PyTuple_GET_ITEM(c->entry, 1));
     }
-    return 0;
 error:
     Py_XDECREF(key);
     return -1;
@@ -1423,6 +1594,60 @@ error:
     return NULL;
 }
 
+/* Call the entry's jitted function (or its method `method`).  A trace that
+ * finds Refs `fun` closes over stops with _lift.Rediscover: the entry is
+ * built again with them as hidden inputs and the call made again. */
+static PyObject *
+call_entry(call_ctx *c, const char *method)
+{
+    refx_state *st = c->st;
+    for (int tries = 0;; tries++) {
+        PyObject *fn = PyTuple_GET_ITEM(c->entry, 0), *res;
+        if (method != NULL) {
+            PyObject *m = PyObject_GetAttrString(fn, method);
+            res = m == NULL
+                      ? NULL
+                      : PyObject_Vectorcall(m, c->call_args, c->ncall, NULL);
+            Py_XDECREF(m);
+        }
+        else {
+            res = refx_call_jax(fn, c->call_args, c->ncall);
+        }
+        if (res != NULL || st->capture_rediscover == NULL || tries >= 64 ||
+            !PyErr_ExceptionMatches(st->capture_rediscover)) {
+            return res;
+        }
+        PyObject *et, *ev, *etb;
+        PyErr_Fetch(&et, &ev, &etb);
+        PyErr_NormalizeException(&et, &ev, &etb);
+        PyObject *found =
+            ev != NULL ? PyObject_GetAttrString(ev, "refs") : NULL;
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(etb);
+        if (found == NULL) {
+            return NULL;
+        }
+        PyObject *old = PyTuple_GET_ITEM(c->entry, 2);
+        PyObject *add = PySequence_Tuple(found);
+        Py_DECREF(found);
+        PyObject *closure = NULL;
+        if (add != NULL) {
+            closure =
+                old == Py_None ? Py_NewRef(add) : PySequence_Concat(old, add);
+            Py_DECREF(add);
+        }
+        if (closure == NULL) {
+            return NULL;
+        }
+        int r = refresh_entry(c, closure);
+        Py_DECREF(closure);
+        if (r < 0 || build_call(c, PyTuple_GET_ITEM(c->entry, 1)) < 0) {
+            return NULL;
+        }
+    }
+}
+
 static PyObject *
 jit_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
                PyObject *kwnames)
@@ -1436,7 +1661,7 @@ jit_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
     if (c.st == NULL || jit_prepare(&c, args, nargsf, kwnames) < 0) {
         goto done;
     }
-    res = refx_call_jax(PyTuple_GET_ITEM(c.entry, 0), c.call_args, c.ncall);
+    res = call_entry(&c, NULL);
     if (res == NULL) {
         goto done;
     }
@@ -1457,16 +1682,12 @@ jit_lower(PyObject *self, PyObject *const *args, size_t nargsf,
     memset(&c, 0, sizeof(c));
     c.st = refx_state_from_type(Py_TYPE(self));
     c.jf = (JitObject *)self;
-    PyObject *res = NULL, *lower = NULL;
+    PyObject *res = NULL;
     if (c.st == NULL || jit_prepare(&c, args, nargsf, kwnames) < 0) {
         goto done;
     }
-    lower = PyObject_GetAttrString(PyTuple_GET_ITEM(c.entry, 0), "lower");
-    if (lower != NULL) {
-        res = PyObject_Vectorcall(lower, c.call_args, c.ncall, NULL);
-    }
+    res = call_entry(&c, "lower");
 done:
-    Py_XDECREF(lower);
     ctx_fini(&c);
     return res;
 }
@@ -1978,6 +2199,55 @@ done:
     return res;
 }
 
+/* _install_capture(hook): the closed-over Refs hook (see ref.c) */
+static PyObject *
+install_capture(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    refx_state *st = refx_get_state(module);
+    if (nargs != 2 || !PyCallable_Check(args[0]) || !PyType_Check(args[1]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1],
+                          (PyTypeObject *)PyExc_BaseException)) {
+        PyErr_SetString(
+            PyExc_TypeError,
+            "_install_capture(hook, rediscover: an exception type)");
+        return NULL;
+    }
+    Py_XSETREF(st->capture_hook, Py_NewRef(args[0]));
+    Py_XSETREF(st->capture_rediscover, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
+/* _capture_depth(delta): add delta (+1 entering, -1 leaving a trace that
+ * captures closed-over Refs); the new depth */
+static PyObject *
+capture_depth(PyObject *module, PyObject *delta)
+{
+    (void)module;
+    Py_ssize_t d = PyLong_AsSsize_t(delta);
+    if (d == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (refx_capture_depth + d < 0) {
+        REFX_BUG("_capture_depth below zero");
+        return NULL;
+    }
+    refx_capture_depth += d;
+    return PyLong_FromSsize_t(refx_capture_depth);
+}
+
+/* _ref_trace(ref): the weak reference to the trace a Ref belongs to */
+static PyObject *
+ref_trace(PyObject *module, PyObject *ref)
+{
+    refx_state *st = refx_get_state(module);
+    if (!Ref_Check(st, ref)) {
+        PyErr_SetString(PyExc_TypeError, "_ref_trace expects a Ref");
+        return NULL;
+    }
+    PyObject *t = ((RefObject *)ref)->trace;
+    return Py_NewRef(t != NULL ? t : Py_None);
+}
+
 static PyObject *
 install_jit(PyObject *module, PyObject *args, PyObject *kwargs)
 {
@@ -2001,6 +2271,16 @@ PyMethodDef refx_jit_functions[] = {
      METH_FASTCALL,
      "_static_unflatten($module, aux, children, /)\n--\n\n"
      "pytree unflatten of Static."},
+    {"_install_capture", (PyCFunction)(void (*)(void))install_capture,
+     METH_FASTCALL,
+     "_install_capture($module, hook, rediscover, /)\n--\n\n"
+     "Install the closed-over Refs hook (refx/_wiring.py)."},
+    {"_capture_depth", (PyCFunction)capture_depth, METH_O,
+     "_capture_depth($module, delta, /)\n--\n\n"
+     "Change the depth of traces capturing closed-over Refs."},
+    {"_ref_trace", (PyCFunction)ref_trace, METH_O,
+     "_ref_trace($module, ref, /)\n--\n\n"
+     "The weak reference to the trace `ref` belongs to."},
     {"_make_refs", (PyCFunction)(void (*)(void))make_refs, METH_FASTCALL,
      "_make_refs($module, values, collections, types, /)\n--\n\n"
      "New Refs of the current trace (no __init__ call)."},

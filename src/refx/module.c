@@ -225,7 +225,9 @@ static PyMethodDef module_functions[] = {
     X(jit_array_type) \
     X(jit_describe) \
     X(mutable_var) \
-    X(place)
+    X(place) \
+    X(capture_hook) \
+    X(capture_rediscover)
 /* clang-format on */
 
 /* A field added to refx_state without its STATE_OBJECTS entry would escape

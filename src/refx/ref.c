@@ -864,10 +864,54 @@ ref_dealloc(RefObject *self)
     Py_TRASHCAN_END;
 }
 
+/* Closed-over Refs.  While a refx transform traces `fun`, a Ref that `fun`
+ * reads or writes without receiving it (closed over) stands for a Ref of
+ * the trace: refx/_lift.py's hook records it (the transform is then traced
+ * again with it as a hidden input) or returns its stand-in, whose value is
+ * the traced one.  Outside such traces (refx_capture_depth == 0) nothing
+ * here runs. */
+Py_ssize_t refx_capture_depth = 0;
+
+/* The stand-in of `self` (new reference), Py_None, or NULL with an error */
+static PyObject *
+ref_captured(RefObject *self, PyObject *writing)
+{
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    if (st == NULL) {
+        return NULL;
+    }
+    if (st->capture_hook == NULL) {
+        return Py_NewRef(Py_None);
+    }
+    PyObject *args[2] = {(PyObject *)self, writing};
+    PyObject *res = PyObject_Vectorcall(st->capture_hook, args, 2, NULL);
+    if (res != NULL && res != Py_None && !Ref_Check(st, res)) {
+        Py_DECREF(res);
+        REFX_BUG("the capture hook returned neither None nor a Ref");
+        return NULL;
+    }
+    return res;
+}
+
+static int ref_set_value(RefObject *self, PyObject *value, void *closure);
+
 static PyObject *
 ref_get_value(RefObject *self, void *closure)
 {
     (void)closure;
+    if (refx_capture_depth > 0) {
+        PyObject *inner = ref_captured(self, Py_False);
+        if (inner == NULL) {
+            return NULL;
+        }
+        if (inner != Py_None) {
+            PyObject *v = ((RefObject *)inner)->value;
+            v = Py_NewRef(v != NULL ? v : Py_None);
+            Py_DECREF(inner);
+            return v;
+        }
+        Py_DECREF(inner);
+    }
     return Py_NewRef(self->value != NULL ? self->value : Py_None);
 }
 
@@ -878,6 +922,18 @@ ref_set_value(RefObject *self, PyObject *value, void *closure)
     if (value == NULL) {
         PyErr_SetString(PyExc_AttributeError, "cannot delete Ref.value");
         return -1;
+    }
+    if (refx_capture_depth > 0) {
+        PyObject *inner = ref_captured(self, Py_True);
+        if (inner == NULL) {
+            return -1;
+        }
+        if (inner != Py_None) {
+            int r = ref_set_value((RefObject *)inner, value, NULL);
+            Py_DECREF(inner);
+            return r;
+        }
+        Py_DECREF(inner);
     }
     refx_state *st = refx_state_from_type(Py_TYPE(self));
     if (st == NULL) {

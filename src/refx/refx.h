@@ -135,6 +135,12 @@ typedef struct {
      * new Ref's value on the sharding its metadata declares (ref.c,
      * ref_place); NULL when refx._compat installed none */
     PyObject *place;
+    /* closed-over Refs (ref.c, refx/_lift.py): capture(ref, writing)
+     * says what a read or write of a Ref that is not of the current trace
+     * means while a refx transform traces (None: nothing special; a Ref:
+     * its stand-in inside the trace) */
+    PyObject *capture_hook;
+    PyObject *capture_rediscover; /* _lift.Rediscover: trace again (jit.c) */
 
     /* Everything above is an object listed in STATE_OBJECTS (module.c,
      * which checks that the list covers them); plain data from here on. */
@@ -153,6 +159,9 @@ typedef struct {
 } refx_state;
 
 extern PyModuleDef refx_module;
+/* > 0 while some refx transform traces with closed-over Refs captured
+ * (ref.c): the .value getter and setter consult capture_hook only then */
+extern Py_ssize_t refx_capture_depth;
 
 static inline refx_state *
 refx_get_state(PyObject *module)
