@@ -800,55 +800,50 @@ ref_path(call_ctx *c, Py_ssize_t k)
     return res;
 }
 
-/* ValueError for a write of Ref k that its trace forbids.  Keeps the
- * original message (the trace-level one, or a tracer check's) first. */
+/* ValueError for a write of Ref k that refx_check_write refused (`why`:
+ * which check), worded by the reason: a refx.mutable refusal keeps its
+ * message and adds where the Ref is; a trace-level one keeps only its first
+ * clause (the seed's words), since where the Ref is says more than the
+ * Ref's own account; a tracer check's message is kept whole.  An error that
+ * is not a ValueError passes through unchanged. */
 static void
-fail_write(call_ctx *c, Py_ssize_t k, const char *what)
+fail_refused(call_ctx *c, Py_ssize_t k, const char *what, refx_refusal why)
 {
-    PyObject *et, *ev, *etb;
-    PyErr_Fetch(&et, &ev, &etb);
-    PyErr_NormalizeException(&et, &ev, &etb);
-    if (et == NULL || !PyErr_GivenExceptionMatches(et, PyExc_ValueError)) {
-        PyErr_Restore(et, ev, etb);
+    if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
         return;
     }
-    /* the trace-level error: its first clause (the seed's words), then
-     * where the Ref is, which says more than the Ref's own account */
-    PyObject *msg = PyObject_Str(ev), *head = NULL;
-    if (msg != NULL) {
-        PyObject *seed = PyUnicode_FromString(
-            "Cannot mutate Ref from a different trace level");
-        int is_trace = seed != NULL &&
-                       PyUnicode_Tailmatch(msg, seed, 0, PY_SSIZE_T_MAX, -1);
-        head = is_trace ? Py_NewRef(seed) : Py_NewRef(msg);
-        Py_XDECREF(seed);
-    }
-    PyObject *path = head != NULL ? ref_path(c, k) : NULL;
-    PyObject *mprefix =
-        path != NULL ? PyUnicode_FromString("refx.mutable:") : NULL;
-    int is_mutable =
-        mprefix != NULL &&
-        PyUnicode_Tailmatch(msg, mprefix, 0, PY_SSIZE_T_MAX, -1) == 1;
-    Py_XDECREF(mprefix);
-    if (is_mutable) { /* refx.mutable's error: a refused write, no trace */
+    PyObject *exc = refx_take_exception();
+    PyObject *msg = exc != NULL ? PyObject_Str(exc) : NULL;
+    Py_XDECREF(exc);
+    PyObject *path = msg != NULL ? ref_path(c, k) : NULL;
+    if (path != NULL && why == REFX_REFUSED_MUTABLE) {
         PyErr_Format(PyExc_ValueError,
                      "%U (%s(%U) %s the Ref of %U); nothing was written", msg,
                      jit_kind(c->jf), c->jf->name, what, path);
-        Py_DECREF(path);
     }
     else if (path != NULL) {
-        PyErr_Format(PyExc_ValueError,
-                     "%U: %s(%U) %s the Ref of %U, which belongs to another "
-                     "JAX trace than the call's; nothing was written (pass "
-                     "the Refs a function writes to it as arguments)",
-                     head, jit_kind(c->jf), c->jf->name, what, path);
-        Py_DECREF(path);
+        PyObject *head = why == REFX_REFUSED_TRACE
+                             ? PyUnicode_FromString(REFX_TRACE_SEED)
+                             : Py_NewRef(msg);
+        if (head != NULL) {
+            PyErr_Format(PyExc_ValueError,
+                         "%U: %s(%U) %s the Ref of %U, which belongs to "
+                         "another JAX trace than the call's; nothing was "
+                         "written (pass the Refs a function writes to it as "
+                         "arguments)",
+                         head, jit_kind(c->jf), c->jf->name, what, path);
+            Py_DECREF(head);
+        }
     }
+    Py_XDECREF(path);
     Py_XDECREF(msg);
-    Py_XDECREF(head);
-    Py_XDECREF(et);
-    Py_XDECREF(ev);
-    Py_XDECREF(etb);
+}
+
+/* build_call's: a donated Ref k of another trace (the ValueError raised). */
+static void
+fail_write(call_ctx *c, Py_ssize_t k, const char *what)
+{
+    fail_refused(c, k, what, REFX_REFUSED_TRACE);
 }
 
 /* jax Arrays only: a numpy array or a pytree value is never donated */
@@ -1287,8 +1282,9 @@ jit_finish(call_ctx *c, PyObject *res)
         }
         targets[w] = c->refs[k];
         PyObject *v = PyList_GET_ITEM(wvals, w);
-        if (refx_check_write(st, targets[w], v, trace) < 0) {
-            fail_write(c, k, "wrote");
+        refx_refusal why;
+        if (refx_check_write(st, targets[w], v, trace, &why) < 0) {
+            fail_refused(c, k, "wrote", why);
             goto error;
         }
     }
@@ -1801,9 +1797,42 @@ ref_is_current(PyObject *module, PyObject *ref)
     return Py_NewRef(r ? Py_True : Py_False);
 }
 
-/* _write_refs(refs, values): check every write (trace level, tracers),
- * then store them all with no Python code running.  Raises ValueError
- * with the index of the first Ref that may not be written as args[1]. */
+/* Raise _WriteRefused((message, k)) with .position k and .reason for the
+ * ValueError refx_check_write raised for write k; another error passes
+ * through unchanged. */
+static void
+raise_refused(refx_state *st, Py_ssize_t k, refx_refusal why)
+{
+    if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
+        return;
+    }
+    PyObject *exc = refx_take_exception();
+    PyObject *msg = exc != NULL ? PyObject_Str(exc) : NULL;
+    Py_XDECREF(exc);
+    if (msg == NULL) {
+        return;
+    }
+    PyObject *reason = why == REFX_REFUSED_TRACE     ? st->str_trace
+                       : why == REFX_REFUSED_MUTABLE ? st->str_mutable
+                                                     : st->str_value;
+    PyObject *pos = PyLong_FromSsize_t(k);
+    PyObject *e = pos != NULL ? PyObject_CallFunctionObjArgs(st->WriteRefused,
+                                                             msg, pos, NULL)
+                              : NULL;
+    if (e != NULL && PyObject_SetAttr(e, st->str_position, pos) == 0 &&
+        PyObject_SetAttr(e, st->str_reason, reason) == 0) {
+        PyErr_SetObject(st->WriteRefused, e);
+    }
+    Py_XDECREF(e);
+    Py_XDECREF(pos);
+    Py_DECREF(msg);
+}
+
+/* _write_refs(refs, values): check every write (trace level, refx.mutable,
+ * tracers), then store them all with no Python code running.  A refused
+ * write raises _WriteRefused (a ValueError) with args (message, k), k the
+ * index of the first Ref that may not be written, and the attributes
+ * `position` (k) and `reason` ("trace", "mutable" or "value"). */
 static PyObject *
 write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1838,24 +1867,10 @@ write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     for (Py_ssize_t k = 0; k < n; k++) {
+        refx_refusal why;
         if (refx_check_write(st, (RefObject *)PyList_GET_ITEM(refs, k),
-                             PyList_GET_ITEM(vals, k), trace) < 0) {
-            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
-                PyObject *et, *ev, *etb;
-                PyErr_Fetch(&et, &ev, &etb);
-                PyErr_NormalizeException(&et, &ev, &etb);
-                PyObject *msg = PyObject_Str(ev);
-                if (msg != NULL) {
-                    PyObject *e = Py_BuildValue("(Nn)", msg, k);
-                    if (e != NULL) {
-                        PyErr_SetObject(PyExc_ValueError, e);
-                        Py_DECREF(e);
-                    }
-                }
-                Py_XDECREF(et);
-                Py_XDECREF(ev);
-                Py_XDECREF(etb);
-            }
+                             PyList_GET_ITEM(vals, k), trace, &why) < 0) {
+            raise_refused(st, k, why);
             goto done;
         }
     }
@@ -1911,7 +1926,8 @@ PyMethodDef refx_jit_functions[] = {
      "Whether ref was made in the current JAX trace."},
     {"_write_refs", (PyCFunction)(void (*)(void))write_refs, METH_FASTCALL,
      "_write_refs($module, refs, values, /)\n--\n\n"
-     "Check every write, then write all (all or nothing)."},
+     "Check every write, then write all (all or nothing); a refused write\n"
+     "raises _WriteRefused((message, position)) with .position, .reason."},
     {"_install_jit", (PyCFunction)(void (*)(void))install_jit,
      METH_VARARGS | METH_KEYWORDS,
      "_install_jit($module, /, *, builder, describe, array_type)\n--\n\n"

@@ -32,6 +32,12 @@
  * (__init__, reref, a transform lifting Refs into its trace) is not a
  * write.
  *
+ * A refusal is data.  refx_check_write says which of its three checks
+ * refused (refx_refusal: the trace, refx.mutable, the value), so the code
+ * that rewords a refusal with the Ref's place (jit.c's fail_refused) and
+ * _write_refs' _core._WriteRefused (position, reason) never read the
+ * message's text.
+ *
  * GC.  A Ref starts untracked when neither its value nor its collection
  * could ever lead back to it (may_close_cycle: scalars, str, numpy arrays,
  * tuples the collector already untracked), and a write of anything else
@@ -177,16 +183,20 @@ check_mutable(refx_state *st, RefObject *ref)
 }
 
 /* 0 if `ref` may be set to `value` while `current_trace` (a weakref) is
- * current; -1 with ValueError otherwise. */
+ * current; -1 with ValueError (or the error a check raised) otherwise, and
+ * *why (unless NULL) names the check: the callers that reword a refusal
+ * (jit.c) choose their words by it, never by the message's text. */
 int
 refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
-                 PyObject *current_trace)
+                 PyObject *current_trace, refx_refusal *why)
 {
+    refx_refusal r = REFX_WRITE_OK;
     if (ref->trace != current_trace) {
         /* the seed's words, then which Ref and what to do */
         PyErr_Format(
             PyExc_ValueError,
-            "Cannot mutate Ref from a different trace level: this %s "
+            REFX_TRACE_SEED
+            ": this %s "
             "(collection %R) was created %s, and may only be written there. "
             "Pass the tree holding it to the transform as an argument "
             "(refx.jit, refx.grad and the other refx transforms do this), or "
@@ -197,12 +207,18 @@ refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                 ? "in a JAX trace that has finished"
                 : "in another JAX trace (outside the current transform, or "
                   "inside a transform that has finished)");
-        return -1;
+        r = REFX_REFUSED_TRACE;
     }
-    if (ref->initialized && check_mutable(st, ref) < 0) {
-        return -1;
+    else if (ref->initialized && check_mutable(st, ref) < 0) {
+        r = REFX_REFUSED_MUTABLE;
     }
-    return refx_check_value(st, value, ref->trace);
+    else if (refx_check_value(st, value, ref->trace) < 0) {
+        r = REFX_REFUSED_VALUE;
+    }
+    if (why != NULL) {
+        *why = r;
+    }
+    return r == REFX_WRITE_OK ? 0 : -1;
 }
 
 /* Could `o` ever lead back to the object holding it?  Not if it takes no
@@ -734,7 +750,7 @@ ref_initialize(RefObject *self, const char *fname, PyObject *value,
     if (trace == NULL) {
         goto error;
     }
-    int r = refx_check_write(st, self, value, trace);
+    int r = refx_check_write(st, self, value, trace, NULL);
     Py_DECREF(trace);
     if (r < 0) {
         goto error;
@@ -887,7 +903,7 @@ ref_set_value(RefObject *self, PyObject *value, void *closure)
     if (trace == NULL) {
         return -1;
     }
-    int r = refx_check_write(st, self, value, trace);
+    int r = refx_check_write(st, self, value, trace, NULL);
     Py_DECREF(trace);
     if (r < 0) {
         return -1;

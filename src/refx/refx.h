@@ -119,6 +119,15 @@ typedef struct {
     PyObject *str_flatten_up_to;
     PyObject *str_shape;
     PyObject *str_dtype;
+    PyObject *str_position; /* _WriteRefused's attributes and reasons */
+    PyObject *str_reason;
+    PyObject *str_trace;
+    PyObject *str_mutable;
+
+    /* _core._WriteRefused(ValueError): a write refx_check_write refused,
+     * raised by _write_refs with args (message, position) and the
+     * attributes `position` and `reason` (see jit.c, write_refs) */
+    PyObject *WriteRefused;
 
     /* refx.jit (jit.c) */
     PyTypeObject *Static_Type;
@@ -318,8 +327,21 @@ int refx_check_kind(refx_state *st, PyObject *kind, const char *fname);
 PyObject *refx_ref_create_kind(refx_state *st, PyObject *kind, PyObject *value,
                                PyObject *collection, PyObject *trace);
 PyObject *refx_short_repr(PyObject *value);
+/* The first clause of the trace-level refusal: callers that say where the
+ * Ref is keep it and drop the Ref's own account. */
+#define REFX_TRACE_SEED "Cannot mutate Ref from a different trace level"
+/* Which check of refx_check_write refused a write; `reason` of
+ * _core._WriteRefused is its name ("trace", "mutable", "value"). */
+typedef enum {
+    REFX_WRITE_OK = 0,
+    REFX_REFUSED_TRACE,   /* the Ref belongs to another JAX trace */
+    REFX_REFUSED_MUTABLE, /* refused by refx.mutable (or its filter raised) */
+    REFX_REFUSED_VALUE,   /* refx_check_value refused the value */
+} refx_refusal;
+/* 0 if the write may happen; -1 with ValueError (or the error a check
+ * raised) otherwise, and *why (unless NULL) says which check it was. */
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
-                     PyObject *current_trace);
+                     PyObject *current_trace, refx_refusal *why);
 int refx_check_value(refx_state *st, PyObject *value, PyObject *trace);
 /* value is of a type that never holds tracers (scalars, str, arrays) */
 int refx_is_plain_value(refx_state *st, PyObject *value);

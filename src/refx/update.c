@@ -629,7 +629,7 @@ plan_add(update_plan *p, Py_ssize_t j, RefObject *ref, PyObject *value)
     if (p->by_path && check_shape(p, j, ref->value, value) < 0) {
         goto error;
     }
-    if (refx_check_write(p->st, ref, value, p->trace) < 0) {
+    if (refx_check_write(p->st, ref, value, p->trace, NULL) < 0) {
         if (PyErr_ExceptionMatches(PyExc_ValueError)) {
             PyObject *exc = refx_take_exception();
             fail_at(p, j, "%S", exc);
