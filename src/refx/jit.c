@@ -1161,7 +1161,7 @@ jit_finish(call_ctx *c, PyObject *res)
 {
     refx_state *st = c->st;
     PyObject *out = NULL, *trace = NULL, *leaves = NULL;
-    PyObject **olds = NULL, **news = NULL;
+    PyObject **news = NULL;
     RefObject **targets = NULL;
     Py_ssize_t nw = 0;
     if (!PyTuple_CheckExact(res) || PyTuple_GET_SIZE(res) != 3 ||
@@ -1263,11 +1263,10 @@ jit_finish(call_ctx *c, PyObject *res)
         }
     }
 
-    /* write phase 1: check every write */
+    /* write: all or nothing (refx_write_all) */
     if (nw > 0) {
         targets = PyMem_Malloc((size_t)nw * sizeof(RefObject *));
-        olds = PyMem_Calloc((size_t)nw, sizeof(PyObject *));
-        if (targets == NULL || olds == NULL) {
+        if (targets == NULL) {
             PyErr_NoMemory();
             goto error;
         }
@@ -1281,22 +1280,18 @@ jit_finish(call_ctx *c, PyObject *res)
             goto error;
         }
         targets[w] = c->refs[k];
-        PyObject *v = PyList_GET_ITEM(wvals, w);
-        refx_refusal why;
-        if (refx_check_write(st, targets[w], v, trace, &why) < 0) {
-            fail_refused(c, k, "wrote", why);
-            goto error;
+    }
+    Py_ssize_t failed;
+    refx_refusal why;
+    if (refx_write_all(st, targets, PySequence_Fast_ITEMS(wvals), nw, trace,
+                       &failed, &why) < 0) {
+        if (failed >= 0) {
+            fail_refused(c,
+                         PyLong_AsSsize_t(PyTuple_GET_ITEM(written, failed)),
+                         "wrote", why);
         }
+        goto error;
     }
-    /* write phase 2: store; no Python code runs until the olds go */
-    for (Py_ssize_t w = 0; w < nw; w++) {
-        olds[w] = Py_NewRef(targets[w]->value);
-        refx_ref_store(st, targets[w], PyList_GET_ITEM(wvals, w));
-    }
-    for (Py_ssize_t w = 0; w < nw; w++) {
-        Py_DECREF(olds[w]);
-    }
-    PyMem_Free(olds);
     PyMem_Free(targets);
     PyMem_Free(news);
     Py_XDECREF(leaves);
@@ -1308,7 +1303,6 @@ error:
             Py_CLEAR(news[j]);
         }
     }
-    PyMem_Free(olds);
     PyMem_Free(targets);
     PyMem_Free(news);
     Py_XDECREF(leaves);
@@ -1847,7 +1841,7 @@ write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* own both lists' items: a check may run Python code */
     PyObject *refs = PyList_GetSlice(args[0], 0, PY_SSIZE_T_MAX);
     PyObject *vals = PyList_GetSlice(args[1], 0, PY_SSIZE_T_MAX);
-    PyObject *trace = NULL, **olds = NULL, *res = NULL;
+    PyObject *trace = NULL, *res = NULL;
     if (refs == NULL || vals == NULL) {
         goto done;
     }
@@ -1859,32 +1853,21 @@ write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     trace = refx_current_trace(st);
-    olds = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
-    if (trace == NULL || olds == NULL) {
-        if (olds == NULL) {
-            PyErr_NoMemory();
+    if (trace == NULL) {
+        goto done;
+    }
+    Py_ssize_t failed;
+    refx_refusal why;
+    if (refx_write_all(st, (RefObject *const *)PySequence_Fast_ITEMS(refs),
+                       PySequence_Fast_ITEMS(vals), n, trace, &failed,
+                       &why) < 0) {
+        if (failed >= 0) {
+            raise_refused(st, failed, why);
         }
         goto done;
     }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        refx_refusal why;
-        if (refx_check_write(st, (RefObject *)PyList_GET_ITEM(refs, k),
-                             PyList_GET_ITEM(vals, k), trace, &why) < 0) {
-            raise_refused(st, k, why);
-            goto done;
-        }
-    }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        RefObject *r = (RefObject *)PyList_GET_ITEM(refs, k);
-        olds[k] = Py_NewRef(r->value);
-        refx_ref_store(st, r, PyList_GET_ITEM(vals, k));
-    }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        Py_CLEAR(olds[k]);
-    }
     res = Py_NewRef(Py_None);
 done:
-    PyMem_Free(olds);
     Py_XDECREF(trace);
     Py_XDECREF(refs);
     Py_XDECREF(vals);

@@ -221,6 +221,56 @@ refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
     return r == REFX_WRITE_OK ? 0 : -1;
 }
 
+/* Write values[k] into refs[k] for every k < n, all or nothing: every
+ * write is checked first (refx_check_write, in order); then all are stored
+ * with no Python code running, and the old values are released only after
+ * the last store (releasing one may run a __del__ that lets another thread
+ * in, which would see, or write over, a half-done write).  0 on success;
+ * -1 with an error and no Ref written, *failed the index of the write a
+ * check refused or raised for (-1 for no write's: out of memory) and *why
+ * (unless NULL) its reason.  The caller keeps refs and values alive across
+ * the call, since the checks may run Python code.  A Ref given twice ends
+ * with its last value.  update_refs' apply, refx.jit's write-back and the
+ * transforms' (_write_refs) all write through here. */
+int
+refx_write_all(refx_state *st, RefObject *const *refs, PyObject *const *values,
+               Py_ssize_t n, PyObject *trace, Py_ssize_t *failed,
+               refx_refusal *why)
+{
+    PyObject *small[16], **olds = small;
+    *failed = -1;
+    if (why != NULL) {
+        *why = REFX_WRITE_OK;
+    }
+    if (n > (Py_ssize_t)(sizeof(small) / sizeof(small[0]))) {
+        olds = PyMem_Malloc((size_t)n * sizeof(PyObject *));
+        if (olds == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (refx_check_write(st, refs[k], values[k], trace, why) < 0) {
+            *failed = k;
+            if (olds != small) {
+                PyMem_Free(olds);
+            }
+            return -1;
+        }
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        olds[k] = Py_NewRef(refs[k]->value);
+        refx_ref_store(st, refs[k], values[k]);
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_DECREF(olds[k]);
+    }
+    if (olds != small) {
+        PyMem_Free(olds);
+    }
+    return 0;
+}
+
 /* Could `o` ever lead back to the object holding it?  Not if it takes no
  * part in the GC (scalars, str, numpy arrays), nor if it is an exact tuple
  * the collector already untracked (its items can never change).  Anything

@@ -342,6 +342,12 @@ typedef enum {
  * raised) otherwise, and *why (unless NULL) says which check it was. */
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                      PyObject *current_trace, refx_refusal *why);
+/* Check every write, then store every value, old values released after the
+ * last store: all or nothing (see ref.c).  -1: nothing written, *failed the
+ * refused write's index (-1: none's), *why (unless NULL) its reason. */
+int refx_write_all(refx_state *st, RefObject *const *refs,
+                   PyObject *const *values, Py_ssize_t n, PyObject *trace,
+                   Py_ssize_t *failed, refx_refusal *why);
 int refx_check_value(refx_state *st, PyObject *value, PyObject *trace);
 /* value is of a type that never holds tracers (scalars, str, arrays) */
 int refx_is_plain_value(refx_state *st, PyObject *value);
