@@ -61,12 +61,14 @@
  *              as its value, later ones the same new Ref; `type` is its
  *              spec: its class, or its kind when it has metadata or is a
  *              subclass, see ref_spec).
- *   outputs    built before anything is written (building may fail).
- *   write      all or nothing, as update_refs' phases: every written Ref is
- *              checked first (the trace-level check: a Ref of another trace
- *              that `fun` wrote is a ValueError naming its path), then all
- *              are stored with no Python code running, old values released
- *              after the last store.
+ *   outputs    built before anything is written, since building may fail
+ *              (jit_outputs).
+ *   write      all or nothing, through refx_write_all as update_refs
+ *              (jit_write_back): every written Ref is checked first (the
+ *              trace-level check: a Ref of another trace that `fun` wrote
+ *              is a ValueError naming its path), then all are stored with
+ *              no Python code running, old values released after the last
+ *              store.
  *
  * Donation.  donate_argnums/argnames donate the buffers of the Refs of
  * those arguments.  A donated buffer is deleted by the call, so a donated
@@ -88,7 +90,7 @@
  * key, and of refx.jit's; with the type, for the reason given above.
  *
  * Functions in this file: Static, the JitFunction type (split, snapshot,
- * key, call, finish), _make_refs/_ref_is_current/_write_refs (helpers for
+ * key, call, finish: jit_outputs then jit_write_back), _make_refs/_ref_is_current/_write_refs (helpers for
  * the trace-time code), _install_jit, refx_init_jit.
  */
 #include "refx.h"
@@ -1155,15 +1157,137 @@ error:
     return -1;
 }
 
-/* Parse the result, build the outputs, write back.  New reference. */
+/* The call's output tree from the plan's spec and out_treedef and the
+ * jitted call's `payload` (see "result" in the essay): Refs of the call
+ * and closed-over Refs as they are, new Refs made from their specs in
+ * `trace`.  Writes nothing.  New reference. */
+static PyObject *
+jit_outputs(call_ctx *c, PyObject *plan, PyObject *payload, PyObject *trace)
+{
+    refx_state *st = c->st;
+    PyObject *spec = PyTuple_GET_ITEM(plan, 1);
+    if (spec == Py_None) {
+        return Py_NewRef(payload);
+    }
+    PyObject *out_td = PyTuple_GET_ITEM(plan, 2);
+    if (!PyTuple_CheckExact(spec) || !PyList_CheckExact(payload)) {
+        REFX_BUG("malformed jit output plan");
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(spec), next = 0;
+    PyObject *leaves = PyList_New(n);
+    PyObject **news =
+        PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
+    if (leaves == NULL || news == NULL) {
+        if (news == NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = PyTuple_GET_ITEM(spec, i), *leaf;
+        if (s == Py_None) {
+            if (next >= PyList_GET_SIZE(payload)) {
+                REFX_BUG("jit output plan longer than the outputs");
+                goto done;
+            }
+            leaf = Py_NewRef(PyList_GET_ITEM(payload, next++));
+        }
+        else if (PyLong_CheckExact(s)) {
+            Py_ssize_t k = PyLong_AsSsize_t(s);
+            if (k < 0 || k >= c->nrefs) {
+                REFX_BUG("jit output names no argument Ref");
+                goto done;
+            }
+            leaf = Py_NewRef((PyObject *)c->refs[k]);
+        }
+        else if (Ref_Check(st, s)) {
+            leaf = Py_NewRef(s);
+        }
+        else {
+            Py_ssize_t j;
+            if (!PyTuple_CheckExact(s) || PyTuple_GET_SIZE(s) != 3 ||
+                (j = PyLong_AsSsize_t(PyTuple_GET_ITEM(s, 0))) < 0 || j >= n ||
+                check_spec(st, PyTuple_GET_ITEM(s, 1)) < 0) {
+                if (!PyErr_Occurred()) {
+                    REFX_BUG("malformed new-Ref item in a jit plan");
+                }
+                goto done;
+            }
+            if (news[j] == NULL) {
+                if (next >= PyList_GET_SIZE(payload)) {
+                    REFX_BUG("jit output plan longer than the outputs");
+                    goto done;
+                }
+                news[j] = ref_from_spec(st, PyTuple_GET_ITEM(s, 1),
+                                        PyList_GET_ITEM(payload, next++),
+                                        PyTuple_GET_ITEM(s, 2), trace);
+                if (news[j] == NULL) {
+                    goto done;
+                }
+            }
+            leaf = Py_NewRef(news[j]);
+        }
+        PyList_SET_ITEM(leaves, i, leaf);
+    }
+    out = refx_unflatten(st, out_td, leaves);
+done:
+    if (news != NULL) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            Py_XDECREF(news[j]);
+        }
+        PyMem_Free(news);
+    }
+    Py_XDECREF(leaves);
+    return out;
+}
+
+/* Write wvals[w] into the call's Ref number written[w], all or nothing
+ * (refx_write_all); a refused write is a ValueError naming the Ref's
+ * place (fail_refused). */
+static int
+jit_write_back(call_ctx *c, PyObject *written, PyObject *wvals,
+               PyObject *trace)
+{
+    Py_ssize_t nw = PyTuple_GET_SIZE(written), failed;
+    if (nw == 0) {
+        return 0;
+    }
+    RefObject **targets = PyMem_Malloc((size_t)nw * sizeof(RefObject *));
+    if (targets == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, w));
+        if (k < 0 || k >= c->nrefs) {
+            if (!PyErr_Occurred()) {
+                REFX_BUG("jit plan writes no argument Ref");
+            }
+            PyMem_Free(targets);
+            return -1;
+        }
+        targets[w] = c->refs[k];
+    }
+    refx_refusal why;
+    int r = refx_write_all(c->st, targets, PySequence_Fast_ITEMS(wvals), nw,
+                           trace, &failed, &why);
+    PyMem_Free(targets);
+    if (r < 0 && failed >= 0) {
+        fail_refused(c, PyLong_AsSsize_t(PyTuple_GET_ITEM(written, failed)),
+                     "wrote", why);
+    }
+    return r;
+}
+
+/* Parse the jitted call's result (Static(plan), written values, payload),
+ * build the outputs, then write back: the outputs first, since building
+ * them may fail and must not after anything is written.  New reference. */
 static PyObject *
 jit_finish(call_ctx *c, PyObject *res)
 {
     refx_state *st = c->st;
-    PyObject *out = NULL, *trace = NULL, *leaves = NULL;
-    PyObject **news = NULL;
-    RefObject **targets = NULL;
-    Py_ssize_t nw = 0;
     if (!PyTuple_CheckExact(res) || PyTuple_GET_SIZE(res) != 3 ||
         Py_TYPE(PyTuple_GET_ITEM(res, 0)) != st->Static_Type ||
         !PyList_CheckExact(PyTuple_GET_ITEM(res, 1))) {
@@ -1172,7 +1296,6 @@ jit_finish(call_ctx *c, PyObject *res)
     }
     PyObject *plan = ((StaticObject *)PyTuple_GET_ITEM(res, 0))->value;
     PyObject *wvals = PyTuple_GET_ITEM(res, 1);
-    PyObject *payload = PyTuple_GET_ITEM(res, 2);
     if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 3 ||
         !PyTuple_CheckExact(PyTuple_GET_ITEM(plan, 0)) ||
         PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 0)) !=
@@ -1180,135 +1303,17 @@ jit_finish(call_ctx *c, PyObject *res)
         REFX_BUG("malformed jit plan");
         return NULL;
     }
-    PyObject *written = PyTuple_GET_ITEM(plan, 0);
-    PyObject *spec = PyTuple_GET_ITEM(plan, 1);
-    nw = PyTuple_GET_SIZE(written);
-    trace = refx_current_trace(st);
+    PyObject *trace = refx_current_trace(st);
     if (trace == NULL) {
         return NULL;
     }
-
-    /* outputs first: building them may fail, and must not after writing */
-    if (spec == Py_None) {
-        out = Py_NewRef(payload);
+    PyObject *out = jit_outputs(c, plan, PyTuple_GET_ITEM(res, 2), trace);
+    if (out != NULL &&
+        jit_write_back(c, PyTuple_GET_ITEM(plan, 0), wvals, trace) < 0) {
+        Py_CLEAR(out);
     }
-    else {
-        PyObject *out_td = PyTuple_GET_ITEM(plan, 2);
-        if (!PyTuple_CheckExact(spec) || !PyList_CheckExact(payload)) {
-            REFX_BUG("malformed jit output plan");
-            goto error;
-        }
-        Py_ssize_t n = PyTuple_GET_SIZE(spec), next = 0, nnew = 0;
-        leaves = PyList_New(n);
-        news = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
-        if (leaves == NULL || news == NULL) {
-            if (news == NULL) {
-                PyErr_NoMemory();
-            }
-            goto error;
-        }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *s = PyTuple_GET_ITEM(spec, i), *leaf;
-            if (s == Py_None) {
-                if (next >= PyList_GET_SIZE(payload)) {
-                    REFX_BUG("jit output plan longer than the outputs");
-                    goto error;
-                }
-                leaf = Py_NewRef(PyList_GET_ITEM(payload, next++));
-            }
-            else if (PyLong_CheckExact(s)) {
-                Py_ssize_t k = PyLong_AsSsize_t(s);
-                if (k < 0 || k >= c->nrefs) {
-                    REFX_BUG("jit output names no argument Ref");
-                    goto error;
-                }
-                leaf = Py_NewRef((PyObject *)c->refs[k]);
-            }
-            else if (Ref_Check(st, s)) {
-                leaf = Py_NewRef(s);
-            }
-            else {
-                Py_ssize_t j;
-                if (!PyTuple_CheckExact(s) || PyTuple_GET_SIZE(s) != 3 ||
-                    (j = PyLong_AsSsize_t(PyTuple_GET_ITEM(s, 0))) < 0 ||
-                    j >= n || check_spec(st, PyTuple_GET_ITEM(s, 1)) < 0) {
-                    if (!PyErr_Occurred()) {
-                        REFX_BUG("malformed new-Ref item in a jit plan");
-                    }
-                    goto error;
-                }
-                if (news[j] == NULL) {
-                    if (next >= PyList_GET_SIZE(payload)) {
-                        REFX_BUG("jit output plan longer than the outputs");
-                        goto error;
-                    }
-                    news[j] = ref_from_spec(st, PyTuple_GET_ITEM(s, 1),
-                                            PyList_GET_ITEM(payload, next++),
-                                            PyTuple_GET_ITEM(s, 2), trace);
-                    if (news[j] == NULL) {
-                        goto error;
-                    }
-                    nnew = j + 1 > nnew ? j + 1 : nnew;
-                }
-                leaf = Py_NewRef(news[j]);
-            }
-            PyList_SET_ITEM(leaves, i, leaf);
-        }
-        for (Py_ssize_t j = 0; j < n; j++) {
-            Py_CLEAR(news[j]);
-        }
-        out = refx_unflatten(st, out_td, leaves);
-        if (out == NULL) {
-            goto error;
-        }
-    }
-
-    /* write: all or nothing (refx_write_all) */
-    if (nw > 0) {
-        targets = PyMem_Malloc((size_t)nw * sizeof(RefObject *));
-        if (targets == NULL) {
-            PyErr_NoMemory();
-            goto error;
-        }
-    }
-    for (Py_ssize_t w = 0; w < nw; w++) {
-        Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, w));
-        if (k < 0 || k >= c->nrefs) {
-            if (!PyErr_Occurred()) {
-                REFX_BUG("jit plan writes no argument Ref");
-            }
-            goto error;
-        }
-        targets[w] = c->refs[k];
-    }
-    Py_ssize_t failed;
-    refx_refusal why;
-    if (refx_write_all(st, targets, PySequence_Fast_ITEMS(wvals), nw, trace,
-                       &failed, &why) < 0) {
-        if (failed >= 0) {
-            fail_refused(c,
-                         PyLong_AsSsize_t(PyTuple_GET_ITEM(written, failed)),
-                         "wrote", why);
-        }
-        goto error;
-    }
-    PyMem_Free(targets);
-    PyMem_Free(news);
-    Py_XDECREF(leaves);
     Py_DECREF(trace);
     return out;
-error:
-    if (news != NULL && leaves != NULL) {
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(leaves); j++) {
-            Py_CLEAR(news[j]);
-        }
-    }
-    PyMem_Free(targets);
-    PyMem_Free(news);
-    Py_XDECREF(leaves);
-    Py_XDECREF(out);
-    Py_XDECREF(trace);
-    return NULL;
 }
 
 static PyObject *
