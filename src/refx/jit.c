@@ -61,12 +61,14 @@
  *              as its value, later ones the same new Ref; `type` is its
  *              spec: its class, or its kind when it has metadata or is a
  *              subclass, see ref_spec).
- *   outputs    built before anything is written (building may fail).
- *   write      all or nothing, as update_refs' phases: every written Ref is
- *              checked first (the trace-level check: a Ref of another trace
- *              that `fun` wrote is a ValueError naming its path), then all
- *              are stored with no Python code running, old values released
- *              after the last store.
+ *   outputs    built before anything is written, since building may fail
+ *              (jit_outputs).
+ *   write      all or nothing, through refx_write_all as update_refs
+ *              (jit_write_back): every written Ref is checked first (the
+ *              trace-level check: a Ref of another trace that `fun` wrote
+ *              is a ValueError naming its path), then all are stored with
+ *              no Python code running, old values released after the last
+ *              store.
  *
  * Donation.  donate_argnums/argnames donate the buffers of the Refs of
  * those arguments.  A donated buffer is deleted by the call, so a donated
@@ -88,7 +90,7 @@
  * key, and of refx.jit's; with the type, for the reason given above.
  *
  * Functions in this file: Static, the JitFunction type (split, snapshot,
- * key, call, finish), _make_refs/_ref_is_current/_write_refs (helpers for
+ * key, call, finish: jit_outputs then jit_write_back), _make_refs/_ref_is_current/_write_refs (helpers for
  * the trace-time code), _install_jit, refx_init_jit.
  */
 #include "refx.h"
@@ -602,7 +604,7 @@ snapshot(call_ctx *c)
 
 /* A Ref's spec: what rebuilds it inside a trace and keys the cache.  Its
  * type for a plain Ref (Ref, no metadata), else its kind (class, metadata,
- * attributes; see ref.c).  New reference, or NULL with an error. */
+ * attributes; see kinds.c).  New reference, or NULL with an error. */
 static PyObject *
 ref_spec(refx_state *st, RefObject *r)
 {
@@ -815,55 +817,50 @@ ref_path(call_ctx *c, Py_ssize_t k)
     return res;
 }
 
-/* ValueError for a write of Ref k that its trace forbids.  Keeps the
- * original message (the trace-level one, or a tracer check's) first. */
+/* ValueError for a write of Ref k that refx_check_write refused (`why`:
+ * which check), worded by the reason: a refx.mutable refusal keeps its
+ * message and adds where the Ref is; a trace-level one keeps only its first
+ * clause (the seed's words), since where the Ref is says more than the
+ * Ref's own account; a tracer check's message is kept whole.  An error that
+ * is not a ValueError passes through unchanged. */
 static void
-fail_write(call_ctx *c, Py_ssize_t k, const char *what)
+fail_refused(call_ctx *c, Py_ssize_t k, const char *what, refx_refusal why)
 {
-    PyObject *et, *ev, *etb;
-    PyErr_Fetch(&et, &ev, &etb);
-    PyErr_NormalizeException(&et, &ev, &etb);
-    if (et == NULL || !PyErr_GivenExceptionMatches(et, PyExc_ValueError)) {
-        PyErr_Restore(et, ev, etb);
+    if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
         return;
     }
-    /* the trace-level error: its first clause (the seed's words), then
-     * where the Ref is, which says more than the Ref's own account */
-    PyObject *msg = PyObject_Str(ev), *head = NULL;
-    if (msg != NULL) {
-        PyObject *seed = PyUnicode_FromString(
-            "Cannot mutate Ref from a different trace level");
-        int is_trace = seed != NULL &&
-                       PyUnicode_Tailmatch(msg, seed, 0, PY_SSIZE_T_MAX, -1);
-        head = is_trace ? Py_NewRef(seed) : Py_NewRef(msg);
-        Py_XDECREF(seed);
-    }
-    PyObject *path = head != NULL ? ref_path(c, k) : NULL;
-    PyObject *mprefix =
-        path != NULL ? PyUnicode_FromString("refx.mutable:") : NULL;
-    int is_mutable =
-        mprefix != NULL &&
-        PyUnicode_Tailmatch(msg, mprefix, 0, PY_SSIZE_T_MAX, -1) == 1;
-    Py_XDECREF(mprefix);
-    if (is_mutable) { /* refx.mutable's error: a refused write, no trace */
+    PyObject *exc = refx_take_exception();
+    PyObject *msg = exc != NULL ? PyObject_Str(exc) : NULL;
+    Py_XDECREF(exc);
+    PyObject *path = msg != NULL ? ref_path(c, k) : NULL;
+    if (path != NULL && why == REFX_REFUSED_MUTABLE) {
         PyErr_Format(PyExc_ValueError,
                      "%U (%s(%U) %s the Ref of %U); nothing was written", msg,
                      jit_kind(c->jf), c->jf->name, what, path);
-        Py_DECREF(path);
     }
     else if (path != NULL) {
-        PyErr_Format(PyExc_ValueError,
-                     "%U: %s(%U) %s the Ref of %U, which belongs to another "
-                     "JAX trace than the call's; nothing was written (pass "
-                     "the Refs a function writes to it as arguments)",
-                     head, jit_kind(c->jf), c->jf->name, what, path);
-        Py_DECREF(path);
+        PyObject *head = why == REFX_REFUSED_TRACE
+                             ? PyUnicode_FromString(REFX_TRACE_SEED)
+                             : Py_NewRef(msg);
+        if (head != NULL) {
+            PyErr_Format(PyExc_ValueError,
+                         "%U: %s(%U) %s the Ref of %U, which belongs to "
+                         "another JAX trace than the call's; nothing was "
+                         "written (pass the Refs a function writes to it as "
+                         "arguments)",
+                         head, jit_kind(c->jf), c->jf->name, what, path);
+            Py_DECREF(head);
+        }
     }
+    Py_XDECREF(path);
     Py_XDECREF(msg);
-    Py_XDECREF(head);
-    Py_XDECREF(et);
-    Py_XDECREF(ev);
-    Py_XDECREF(etb);
+}
+
+/* build_call's: a donated Ref k of another trace (the ValueError raised). */
+static void
+fail_write(call_ctx *c, Py_ssize_t k, const char *what)
+{
+    fail_refused(c, k, what, REFX_REFUSED_TRACE);
 }
 
 /* jax Arrays only: a numpy array or a pytree value is never donated */
@@ -1433,15 +1430,137 @@ error:
     return -1;
 }
 
-/* Parse the result, build the outputs, write back.  New reference. */
+/* The call's output tree from the plan's spec and out_treedef and the
+ * jitted call's `payload` (see "result" in the essay): Refs of the call
+ * and closed-over Refs as they are, new Refs made from their specs in
+ * `trace`.  Writes nothing.  New reference. */
+static PyObject *
+jit_outputs(call_ctx *c, PyObject *plan, PyObject *payload, PyObject *trace)
+{
+    refx_state *st = c->st;
+    PyObject *spec = PyTuple_GET_ITEM(plan, 1);
+    if (spec == Py_None) {
+        return Py_NewRef(payload);
+    }
+    PyObject *out_td = PyTuple_GET_ITEM(plan, 2);
+    if (!PyTuple_CheckExact(spec) || !PyList_CheckExact(payload)) {
+        REFX_BUG("malformed jit output plan");
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(spec), next = 0;
+    PyObject *leaves = PyList_New(n);
+    PyObject **news =
+        PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
+    if (leaves == NULL || news == NULL) {
+        if (news == NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = PyTuple_GET_ITEM(spec, i), *leaf;
+        if (s == Py_None) {
+            if (next >= PyList_GET_SIZE(payload)) {
+                REFX_BUG("jit output plan longer than the outputs");
+                goto done;
+            }
+            leaf = Py_NewRef(PyList_GET_ITEM(payload, next++));
+        }
+        else if (PyLong_CheckExact(s)) {
+            Py_ssize_t k = PyLong_AsSsize_t(s);
+            if (k < 0 || k >= c->nrefs) {
+                REFX_BUG("jit output names no argument Ref");
+                goto done;
+            }
+            leaf = Py_NewRef((PyObject *)c->refs[k]);
+        }
+        else if (Ref_Check(st, s)) {
+            leaf = Py_NewRef(s);
+        }
+        else {
+            Py_ssize_t j;
+            if (!PyTuple_CheckExact(s) || PyTuple_GET_SIZE(s) != 3 ||
+                (j = PyLong_AsSsize_t(PyTuple_GET_ITEM(s, 0))) < 0 || j >= n ||
+                check_spec(st, PyTuple_GET_ITEM(s, 1)) < 0) {
+                if (!PyErr_Occurred()) {
+                    REFX_BUG("malformed new-Ref item in a jit plan");
+                }
+                goto done;
+            }
+            if (news[j] == NULL) {
+                if (next >= PyList_GET_SIZE(payload)) {
+                    REFX_BUG("jit output plan longer than the outputs");
+                    goto done;
+                }
+                news[j] = ref_from_spec(st, PyTuple_GET_ITEM(s, 1),
+                                        PyList_GET_ITEM(payload, next++),
+                                        PyTuple_GET_ITEM(s, 2), trace);
+                if (news[j] == NULL) {
+                    goto done;
+                }
+            }
+            leaf = Py_NewRef(news[j]);
+        }
+        PyList_SET_ITEM(leaves, i, leaf);
+    }
+    out = refx_unflatten(st, out_td, leaves);
+done:
+    if (news != NULL) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            Py_XDECREF(news[j]);
+        }
+        PyMem_Free(news);
+    }
+    Py_XDECREF(leaves);
+    return out;
+}
+
+/* Write wvals[w] into the call's Ref number written[w], all or nothing
+ * (refx_write_all); a refused write is a ValueError naming the Ref's
+ * place (fail_refused). */
+static int
+jit_write_back(call_ctx *c, PyObject *written, PyObject *wvals,
+               PyObject *trace)
+{
+    Py_ssize_t nw = PyTuple_GET_SIZE(written), failed;
+    if (nw == 0) {
+        return 0;
+    }
+    RefObject **targets = PyMem_Malloc((size_t)nw * sizeof(RefObject *));
+    if (targets == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, w));
+        if (k < 0 || k >= c->nrefs) {
+            if (!PyErr_Occurred()) {
+                REFX_BUG("jit plan writes no argument Ref");
+            }
+            PyMem_Free(targets);
+            return -1;
+        }
+        targets[w] = c->refs[k];
+    }
+    refx_refusal why;
+    int r = refx_write_all(c->st, targets, PySequence_Fast_ITEMS(wvals), nw,
+                           trace, &failed, &why);
+    PyMem_Free(targets);
+    if (r < 0 && failed >= 0) {
+        fail_refused(c, PyLong_AsSsize_t(PyTuple_GET_ITEM(written, failed)),
+                     "wrote", why);
+    }
+    return r;
+}
+
+/* Parse the jitted call's result (Static(plan), written values, payload),
+ * build the outputs, then write back: the outputs first, since building
+ * them may fail and must not after anything is written.  New reference. */
 static PyObject *
 jit_finish(call_ctx *c, PyObject *res)
 {
     refx_state *st = c->st;
-    PyObject *out = NULL, *trace = NULL, *leaves = NULL;
-    PyObject **olds = NULL, **news = NULL;
-    RefObject **targets = NULL;
-    Py_ssize_t nw = 0;
     if (!PyTuple_CheckExact(res) || PyTuple_GET_SIZE(res) != 3 ||
         Py_TYPE(PyTuple_GET_ITEM(res, 0)) != st->Static_Type ||
         !PyList_CheckExact(PyTuple_GET_ITEM(res, 1))) {
@@ -1450,7 +1569,6 @@ jit_finish(call_ctx *c, PyObject *res)
     }
     PyObject *plan = ((StaticObject *)PyTuple_GET_ITEM(res, 0))->value;
     PyObject *wvals = PyTuple_GET_ITEM(res, 1);
-    PyObject *payload = PyTuple_GET_ITEM(res, 2);
     if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 3 ||
         !PyTuple_CheckExact(PyTuple_GET_ITEM(plan, 0)) ||
         PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 0)) !=
@@ -1458,140 +1576,17 @@ jit_finish(call_ctx *c, PyObject *res)
         REFX_BUG("malformed jit plan");
         return NULL;
     }
-    PyObject *written = PyTuple_GET_ITEM(plan, 0);
-    PyObject *spec = PyTuple_GET_ITEM(plan, 1);
-    nw = PyTuple_GET_SIZE(written);
-    trace = refx_current_trace(st);
+    PyObject *trace = refx_current_trace(st);
     if (trace == NULL) {
         return NULL;
     }
-
-    /* outputs first: building them may fail, and must not after writing */
-    if (spec == Py_None) {
-        out = Py_NewRef(payload);
+    PyObject *out = jit_outputs(c, plan, PyTuple_GET_ITEM(res, 2), trace);
+    if (out != NULL &&
+        jit_write_back(c, PyTuple_GET_ITEM(plan, 0), wvals, trace) < 0) {
+        Py_CLEAR(out);
     }
-    else {
-        PyObject *out_td = PyTuple_GET_ITEM(plan, 2);
-        if (!PyTuple_CheckExact(spec) || !PyList_CheckExact(payload)) {
-            REFX_BUG("malformed jit output plan");
-            goto error;
-        }
-        Py_ssize_t n = PyTuple_GET_SIZE(spec), next = 0, nnew = 0;
-        leaves = PyList_New(n);
-        news = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
-        if (leaves == NULL || news == NULL) {
-            if (news == NULL) {
-                PyErr_NoMemory();
-            }
-            goto error;
-        }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *s = PyTuple_GET_ITEM(spec, i), *leaf;
-            if (s == Py_None) {
-                if (next >= PyList_GET_SIZE(payload)) {
-                    REFX_BUG("jit output plan longer than the outputs");
-                    goto error;
-                }
-                leaf = Py_NewRef(PyList_GET_ITEM(payload, next++));
-            }
-            else if (PyLong_CheckExact(s)) {
-                Py_ssize_t k = PyLong_AsSsize_t(s);
-                if (k < 0 || k >= c->nrefs) {
-                    REFX_BUG("jit output names no argument Ref");
-                    goto error;
-                }
-                leaf = Py_NewRef((PyObject *)c->refs[k]);
-            }
-            else if (Ref_Check(st, s)) {
-                leaf = Py_NewRef(s);
-            }
-            else {
-                Py_ssize_t j;
-                if (!PyTuple_CheckExact(s) || PyTuple_GET_SIZE(s) != 3 ||
-                    (j = PyLong_AsSsize_t(PyTuple_GET_ITEM(s, 0))) < 0 ||
-                    j >= n || check_spec(st, PyTuple_GET_ITEM(s, 1)) < 0) {
-                    if (!PyErr_Occurred()) {
-                        REFX_BUG("malformed new-Ref item in a jit plan");
-                    }
-                    goto error;
-                }
-                if (news[j] == NULL) {
-                    if (next >= PyList_GET_SIZE(payload)) {
-                        REFX_BUG("jit output plan longer than the outputs");
-                        goto error;
-                    }
-                    news[j] = ref_from_spec(st, PyTuple_GET_ITEM(s, 1),
-                                            PyList_GET_ITEM(payload, next++),
-                                            PyTuple_GET_ITEM(s, 2), trace);
-                    if (news[j] == NULL) {
-                        goto error;
-                    }
-                    nnew = j + 1 > nnew ? j + 1 : nnew;
-                }
-                leaf = Py_NewRef(news[j]);
-            }
-            PyList_SET_ITEM(leaves, i, leaf);
-        }
-        for (Py_ssize_t j = 0; j < n; j++) {
-            Py_CLEAR(news[j]);
-        }
-        out = refx_unflatten(st, out_td, leaves);
-        if (out == NULL) {
-            goto error;
-        }
-    }
-
-    /* write phase 1: check every write */
-    if (nw > 0) {
-        targets = PyMem_Malloc((size_t)nw * sizeof(RefObject *));
-        olds = PyMem_Calloc((size_t)nw, sizeof(PyObject *));
-        if (targets == NULL || olds == NULL) {
-            PyErr_NoMemory();
-            goto error;
-        }
-    }
-    for (Py_ssize_t w = 0; w < nw; w++) {
-        Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, w));
-        if (k < 0 || k >= c->nrefs) {
-            if (!PyErr_Occurred()) {
-                REFX_BUG("jit plan writes no argument Ref");
-            }
-            goto error;
-        }
-        targets[w] = c->refs[k];
-        PyObject *v = PyList_GET_ITEM(wvals, w);
-        if (refx_check_write(st, targets[w], v, trace) < 0) {
-            fail_write(c, k, "wrote");
-            goto error;
-        }
-    }
-    /* write phase 2: store; no Python code runs until the olds go */
-    for (Py_ssize_t w = 0; w < nw; w++) {
-        olds[w] = Py_NewRef(targets[w]->value);
-        refx_ref_store(st, targets[w], PyList_GET_ITEM(wvals, w));
-    }
-    for (Py_ssize_t w = 0; w < nw; w++) {
-        Py_DECREF(olds[w]);
-    }
-    PyMem_Free(olds);
-    PyMem_Free(targets);
-    PyMem_Free(news);
-    Py_XDECREF(leaves);
     Py_DECREF(trace);
     return out;
-error:
-    if (news != NULL && leaves != NULL) {
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(leaves); j++) {
-            Py_CLEAR(news[j]);
-        }
-    }
-    PyMem_Free(olds);
-    PyMem_Free(targets);
-    PyMem_Free(news);
-    Py_XDECREF(leaves);
-    Py_XDECREF(out);
-    Py_XDECREF(trace);
-    return NULL;
 }
 
 /* Call the entry's jitted function (or its method `method`).  A trace that
@@ -2124,9 +2119,42 @@ ref_is_current(PyObject *module, PyObject *ref)
     return Py_NewRef(r ? Py_True : Py_False);
 }
 
-/* _write_refs(refs, values): check every write (trace level, tracers),
- * then store them all with no Python code running.  Raises ValueError
- * with the index of the first Ref that may not be written as args[1]. */
+/* Raise _WriteRefused((message, k)) with .position k and .reason for the
+ * ValueError refx_check_write raised for write k; another error passes
+ * through unchanged. */
+static void
+raise_refused(refx_state *st, Py_ssize_t k, refx_refusal why)
+{
+    if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
+        return;
+    }
+    PyObject *exc = refx_take_exception();
+    PyObject *msg = exc != NULL ? PyObject_Str(exc) : NULL;
+    Py_XDECREF(exc);
+    if (msg == NULL) {
+        return;
+    }
+    PyObject *reason = why == REFX_REFUSED_TRACE     ? st->str_trace
+                       : why == REFX_REFUSED_MUTABLE ? st->str_mutable
+                                                     : st->str_value;
+    PyObject *pos = PyLong_FromSsize_t(k);
+    PyObject *e = pos != NULL ? PyObject_CallFunctionObjArgs(st->WriteRefused,
+                                                             msg, pos, NULL)
+                              : NULL;
+    if (e != NULL && PyObject_SetAttr(e, st->str_position, pos) == 0 &&
+        PyObject_SetAttr(e, st->str_reason, reason) == 0) {
+        PyErr_SetObject(st->WriteRefused, e);
+    }
+    Py_XDECREF(e);
+    Py_XDECREF(pos);
+    Py_DECREF(msg);
+}
+
+/* _write_refs(refs, values): check every write (trace level, refx.mutable,
+ * tracers), then store them all with no Python code running.  A refused
+ * write raises _WriteRefused (a ValueError) with args (message, k), k the
+ * index of the first Ref that may not be written, and the attributes
+ * `position` (k) and `reason` ("trace", "mutable" or "value"). */
 static PyObject *
 write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2141,7 +2169,7 @@ write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* own both lists' items: a check may run Python code */
     PyObject *refs = PyList_GetSlice(args[0], 0, PY_SSIZE_T_MAX);
     PyObject *vals = PyList_GetSlice(args[1], 0, PY_SSIZE_T_MAX);
-    PyObject *trace = NULL, **olds = NULL, *res = NULL;
+    PyObject *trace = NULL, *res = NULL;
     if (refs == NULL || vals == NULL) {
         goto done;
     }
@@ -2153,46 +2181,21 @@ write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     trace = refx_current_trace(st);
-    olds = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(PyObject *));
-    if (trace == NULL || olds == NULL) {
-        if (olds == NULL) {
-            PyErr_NoMemory();
+    if (trace == NULL) {
+        goto done;
+    }
+    Py_ssize_t failed;
+    refx_refusal why;
+    if (refx_write_all(st, (RefObject *const *)PySequence_Fast_ITEMS(refs),
+                       PySequence_Fast_ITEMS(vals), n, trace, &failed,
+                       &why) < 0) {
+        if (failed >= 0) {
+            raise_refused(st, failed, why);
         }
         goto done;
     }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        if (refx_check_write(st, (RefObject *)PyList_GET_ITEM(refs, k),
-                             PyList_GET_ITEM(vals, k), trace) < 0) {
-            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
-                PyObject *et, *ev, *etb;
-                PyErr_Fetch(&et, &ev, &etb);
-                PyErr_NormalizeException(&et, &ev, &etb);
-                PyObject *msg = PyObject_Str(ev);
-                if (msg != NULL) {
-                    PyObject *e = Py_BuildValue("(Nn)", msg, k);
-                    if (e != NULL) {
-                        PyErr_SetObject(PyExc_ValueError, e);
-                        Py_DECREF(e);
-                    }
-                }
-                Py_XDECREF(et);
-                Py_XDECREF(ev);
-                Py_XDECREF(etb);
-            }
-            goto done;
-        }
-    }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        RefObject *r = (RefObject *)PyList_GET_ITEM(refs, k);
-        olds[k] = Py_NewRef(r->value);
-        refx_ref_store(st, r, PyList_GET_ITEM(vals, k));
-    }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        Py_CLEAR(olds[k]);
-    }
     res = Py_NewRef(Py_None);
 done:
-    PyMem_Free(olds);
     Py_XDECREF(trace);
     Py_XDECREF(refs);
     Py_XDECREF(vals);
@@ -2293,7 +2296,8 @@ PyMethodDef refx_jit_functions[] = {
      "Whether ref was made in the current JAX trace."},
     {"_write_refs", (PyCFunction)(void (*)(void))write_refs, METH_FASTCALL,
      "_write_refs($module, refs, values, /)\n--\n\n"
-     "Check every write, then write all (all or nothing)."},
+     "Check every write, then write all (all or nothing); a refused write\n"
+     "raises _WriteRefused((message, position)) with .position, .reason."},
     {"_install_jit", (PyCFunction)(void (*)(void))install_jit,
      METH_VARARGS | METH_KEYWORDS,
      "_install_jit($module, /, *, builder, describe, array_type)\n--\n\n"

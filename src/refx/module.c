@@ -219,6 +219,11 @@ static PyMethodDef module_functions[] = {
     X(str_flatten_up_to) \
     X(str_shape) \
     X(str_dtype) \
+    X(str_position) \
+    X(str_reason) \
+    X(str_trace) \
+    X(str_mutable) \
+    X(WriteRefused) \
     X(Static_Type) \
     X(Jit_Type) \
     X(jit_builder) \
@@ -302,7 +307,18 @@ module_exec(PyObject *module)
     INTERN(str_flatten_up_to, "flatten_up_to")
     INTERN(str_shape, "shape")
     INTERN(str_dtype, "dtype")
+    INTERN(str_position, "position")
+    INTERN(str_reason, "reason")
+    INTERN(str_trace, "trace")
+    INTERN(str_mutable, "mutable")
 #undef INTERN
+    /* private: the transforms' write-back catches it (jit.c, write_refs) */
+    st->WriteRefused =
+        PyErr_NewException("refx._core._WriteRefused", PyExc_ValueError, NULL);
+    if (st->WriteRefused == NULL ||
+        PyModule_AddObjectRef(module, "_WriteRefused", st->WriteRefused) < 0) {
+        return -1;
+    }
     if ((st->path_cache = PyDict_New()) == NULL) {
         return -1;
     }

@@ -10,7 +10,11 @@
  *                with the recursion-budget repair, key paths and error
  *                paths, the C leaf predicates.
  *   ref.c        the Ref type, the Deref/Value/Index types, NOTHING,
- *                and the trace-level check that guards every write.
+ *                and the write check (trace level, refx.mutable, tracers)
+ *                with the one routine that writes Refs, refx_write_all.
+ *   kinds.c      what a Ref is besides its value and collection: its class,
+ *                metadata and a subclass's attributes (its "kind"), the
+ *                typo hint for metadata names, Value/Index aux data.
  *   deref.c      deref, reref and clone: turning shared Refs into a pure
  *                pytree and back.
  *   filter.c     filters: the shorthands and Not/All/Any.
@@ -119,6 +123,15 @@ typedef struct {
     PyObject *str_flatten_up_to;
     PyObject *str_shape;
     PyObject *str_dtype;
+    PyObject *str_position; /* _WriteRefused's attributes and reasons */
+    PyObject *str_reason;
+    PyObject *str_trace;
+    PyObject *str_mutable;
+
+    /* _core._WriteRefused(ValueError): a write refx_check_write refused,
+     * raised by _write_refs with args (message, position) and the
+     * attributes `position` and `reason` (see jit.c, write_refs) */
+    PyObject *WriteRefused;
 
     /* refx.jit (jit.c) */
     PyTypeObject *Static_Type;
@@ -239,7 +252,7 @@ typedef struct {
     uint64_t mark_epoch;
     Py_ssize_t mark_index;
     PyObject *metadata; /* owned: NULL, or (name, value) pairs by name */
-    PyObject *kind;     /* owned cache: NULL, or its kind (see ref.c) */
+    PyObject *kind;     /* owned cache: NULL, or its kind (see kinds.c) */
     /* 0 from __new__ until __init__ or __setstate__ sets value and
      * collection; then 1, and collection and metadata are read-only. */
     char initialized;
@@ -320,15 +333,30 @@ PyObject *refx_make_pred(refx_state *st, PyObject *user_is_leaf);
 int refx_init_ref_types(PyObject *module, refx_state *st);
 PyObject *refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
                           PyObject *collection, PyObject *trace);
-/* A Ref's kind: NULL for a plain Ref without metadata, else
- * (type, metadata pairs, attribute pairs); *err = 1 on error. */
-PyObject *refx_ref_kind(refx_state *st, RefObject *ref, int *err);
-int refx_check_kind(refx_state *st, PyObject *kind, const char *fname);
 PyObject *refx_ref_create_kind(refx_state *st, PyObject *kind, PyObject *value,
                                PyObject *collection, PyObject *trace);
 PyObject *refx_short_repr(PyObject *value);
+/* The first clause of the trace-level refusal: callers that say where the
+ * Ref is keep it and drop the Ref's own account. */
+#define REFX_TRACE_SEED "Cannot mutate Ref from a different trace level"
+/* Which check of refx_check_write refused a write; `reason` of
+ * _core._WriteRefused is its name ("trace", "mutable", "value"). */
+typedef enum {
+    REFX_WRITE_OK = 0,
+    REFX_REFUSED_TRACE,   /* the Ref belongs to another JAX trace */
+    REFX_REFUSED_MUTABLE, /* refused by refx.mutable (or its filter raised) */
+    REFX_REFUSED_VALUE,   /* refx_check_value refused the value */
+} refx_refusal;
+/* 0 if the write may happen; -1 with ValueError (or the error a check
+ * raised) otherwise, and *why (unless NULL) says which check it was. */
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
-                     PyObject *current_trace);
+                     PyObject *current_trace, refx_refusal *why);
+/* Check every write, then store every value, old values released after the
+ * last store: all or nothing (see ref.c).  -1: nothing written, *failed the
+ * refused write's index (-1: none's), *why (unless NULL) its reason. */
+int refx_write_all(refx_state *st, RefObject *const *refs,
+                   PyObject *const *values, Py_ssize_t n, PyObject *trace,
+                   Py_ssize_t *failed, refx_refusal *why);
 int refx_check_value(refx_state *st, PyObject *value, PyObject *trace);
 /* value is of a type that never holds tracers (scalars, str, arrays) */
 int refx_is_plain_value(refx_state *st, PyObject *value);
@@ -347,6 +375,8 @@ PyObject *refx_index_create_kind(refx_state *st, Py_ssize_t index,
 /* the type of Ref a Value/Index stands for (borrowed) */
 PyTypeObject *refx_deref_ref_type(refx_state *st, DerefObject *d);
 PyObject *refx_collection_of(refx_state *st, PyObject *leaf);
+/* an index argument: an int, 0 <= i < 2**63 */
+int refx_parse_index(PyObject *o, const char *fname, Py_ssize_t *out);
 extern PyMethodDef refx_ref_functions[];
 /* treescope: the __treescope_repr__ attribute of Ref, Deref, NOTHING and
  * Partition (the rendering is in refx/_inspect.py) */
@@ -354,6 +384,25 @@ PyObject *refx_treescope_repr_get(PyObject *self, void *closure);
 #define REFX_TREESCOPE_GETSET                                                 \
     {"__treescope_repr__", refx_treescope_repr_get, NULL,                     \
      "treescope's rendering hook (refx/_inspect.py).", NULL}
+
+/* kinds.c */
+/* A Ref's kind: NULL for a plain Ref without metadata, else
+ * (type, metadata pairs, attribute pairs); *err = 1 on error. */
+PyObject *refx_ref_kind(refx_state *st, RefObject *ref, int *err);
+int refx_check_kind(refx_state *st, PyObject *kind, const char *fname);
+/* metadata entries from keyword arguments (NULL, no error: none) */
+PyObject *refx_metadata_from_dict(PyObject *kwargs, const char *fname);
+PyObject *refx_pairs_to_dict(PyObject *pairs);
+PyObject *refx_pairs_to_mapping(PyObject *pairs);
+PyObject *refx_pairs_repr(PyObject *pairs);
+/* a Python subclass's non-empty instance __dict__, or NULL (no error) */
+PyObject *refx_ref_instance_dict(refx_state *st, PyObject *self);
+/* the kind of Value(...)/Index(...)'s ref_type= and metadata= (NULL: plain) */
+PyObject *refx_kind_from_args(refx_state *st, PyObject *ref_type,
+                              PyObject *metadata, const char *fname);
+PyObject *refx_kind_repr(refx_state *st, PyObject *kind);
+int refx_parse_aux(refx_state *st, PyObject *aux, const char *fname,
+                   Py_ssize_t *index, PyObject **collection, PyObject **kind);
 
 /* deref.c */
 extern PyMethodDef refx_deref_functions[];

@@ -47,12 +47,16 @@
  * collects the aligned positions, takes the value of every source Ref at
  * one moment (plan_snapshot: a pass that runs no Python code, so another
  * thread's update cannot land half-way through what this one reads), then
- * checks every position (plan_position, one function per kind of source),
- * including the trace-level write check of each distinct target Ref, and
- * lists (Ref, new value) pairs.  plan_apply stores them; it cannot fail and
- * runs no Python code: the old values are released after the last store.
- * So a call that raises has changed no Ref, and no other thread (nor a
- * __del__) sees an update half-applied.  Checks may run Python code
+ * checks every position (plan_position, one function per kind of source)
+ * and lists (Ref, new value) pairs, one per distinct target Ref.
+ * plan_apply hands them to refx_write_all (ref.c), the one write routine
+ * of update_refs and the transforms' write-backs: it runs the write check
+ * of every pair (trace level, refx.mutable, tracers) before storing any,
+ * stores them all with no Python code running, and releases the old values
+ * after the last store.  A refused write is raised at its position's path,
+ * after the alignment checks of every position.  So a call that raises has
+ * changed no Ref, and no other thread (nor a __del__) sees an update
+ * half-applied.  Checks may run Python code
  * (collection __eq__, the tracer check), which is why the identity tables
  * borrow only objects the aligned leaf lists keep alive.
  *
@@ -64,11 +68,6 @@
  */
 #include "refx.h"
 #include "ptrmap.h"
-
-typedef struct {
-    RefObject *ref;  /* borrowed: the target leaf list keeps it alive */
-    PyObject *value; /* owned */
-} plan_item;
 
 enum { MODE_NONE, MODE_REF, MODE_DEREF };
 
@@ -86,7 +85,10 @@ typedef struct {
     PyObject *value_owner; /* {Value index: target Ref} */
     int mode;
     Py_ssize_t nmissing;
-    plan_item *items;
+    /* the planned writes, as refx_write_all takes them: */
+    RefObject **wrefs;  /* borrowed: the target leaf list keeps them alive */
+    PyObject **wvalues; /* owned */
+    Py_ssize_t *wpos;   /* the position each was planned at, for errors */
     Py_ssize_t nitems;
 } update_plan;
 
@@ -620,30 +622,21 @@ error:
     return res;
 }
 
-/* Plan to write `value` into `ref` (position j): shape (by path) and
- * trace checks first. */
+/* Plan to write `value` into `ref` (position j): shape (by path) first;
+ * the write check is refx_write_all's, in plan_apply. */
 static int
 plan_add(update_plan *p, Py_ssize_t j, RefObject *ref, PyObject *value)
 {
     Py_INCREF(value); /* the checks may run Python code */
     if (p->by_path && check_shape(p, j, ref->value, value) < 0) {
-        goto error;
+        Py_DECREF(value);
+        return -1;
     }
-    if (refx_check_write(p->st, ref, value, p->trace) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_ValueError)) {
-            PyObject *exc = refx_take_exception();
-            fail_at(p, j, "%S", exc);
-            Py_XDECREF(exc);
-        }
-        goto error;
-    }
-    p->items[p->nitems].ref = ref;
-    p->items[p->nitems].value = value;
+    p->wrefs[p->nitems] = ref;
+    p->wvalues[p->nitems] = value;
+    p->wpos[p->nitems] = j;
     p->nitems++;
     return 0;
-error:
-    Py_DECREF(value);
-    return -1;
 }
 
 /* A source Ref or Value/Index stands for a Ref of `type` and `collection`:
@@ -893,19 +886,23 @@ plan_check_missing(update_plan *p)
     return 0;
 }
 
-/* Store every planned value; cannot fail and runs no Python code.  The
- * old values are released only after every store (by plan_fini):
- * releasing one may run a __del__ that lets another thread in, which then
- * saw (or wrote over) a half-applied update. */
-static void
+/* Write every planned value, all or nothing (refx_write_all: every write
+ * checked, then all stored, old values released after the last store); a
+ * refused write is a ValueError at its position's path. */
+static int
 plan_apply(update_plan *p)
 {
-    for (Py_ssize_t k = 0; k < p->nitems; k++) {
-        plan_item *it = &p->items[k];
-        PyObject *old = Py_NewRef(it->ref->value);
-        refx_ref_store(p->st, it->ref, it->value);
-        Py_SETREF(it->value, old); /* the Ref holds the new value */
+    Py_ssize_t failed;
+    if (refx_write_all(p->st, p->wrefs, p->wvalues, p->nitems, p->trace,
+                       &failed, NULL) == 0) {
+        return 0;
     }
+    if (failed >= 0 && PyErr_ExceptionMatches(PyExc_ValueError)) {
+        PyObject *exc = refx_take_exception();
+        fail_at(p, p->wpos[failed], "%S", exc);
+        Py_XDECREF(exc);
+    }
+    return -1;
 }
 
 static void
@@ -915,9 +912,11 @@ plan_fini(update_plan *p)
     refx_ptrmap_fini(&p->targets);
     refx_ptrmap_fini(&p->sources);
     for (Py_ssize_t k = 0; k < p->nitems; k++) {
-        Py_XDECREF(p->items[k].value);
+        Py_XDECREF(p->wvalues[k]);
     }
-    PyMem_Free(p->items);
+    PyMem_Free(p->wrefs);
+    PyMem_Free(p->wvalues);
+    PyMem_Free(p->wpos);
     if (p->snap != NULL) {
         for (Py_ssize_t j = 0; j < PyList_GET_SIZE(p->sl); j++) {
             Py_XDECREF(p->snap[j]);
@@ -982,9 +981,13 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = PyList_GET_SIZE(p.tl);
     p.trace = refx_current_trace(st);
     p.value_owner = PyDict_New();
-    p.items = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(plan_item));
-    if (p.trace == NULL || p.value_owner == NULL || p.items == NULL) {
-        if (p.items == NULL) {
+    size_t nalloc = (size_t)(n > 0 ? n : 1);
+    p.wrefs = PyMem_Malloc(nalloc * sizeof(RefObject *));
+    p.wvalues = PyMem_Malloc(nalloc * sizeof(PyObject *));
+    p.wpos = PyMem_Malloc(nalloc * sizeof(Py_ssize_t));
+    if (p.trace == NULL || p.value_owner == NULL || p.wrefs == NULL ||
+        p.wvalues == NULL || p.wpos == NULL) {
+        if (p.wrefs == NULL || p.wvalues == NULL || p.wpos == NULL) {
             PyErr_NoMemory();
         }
         goto error;
@@ -997,7 +1000,9 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (plan_check_missing(&p) < 0) {
         goto error;
     }
-    plan_apply(&p);
+    if (plan_apply(&p) < 0) {
+        goto error;
+    }
     res = Py_NewRef(Py_None);
 error:
     plan_fini(&p);
