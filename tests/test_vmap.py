@@ -237,14 +237,17 @@ def test_batched_write_into_a_broadcast_ref_is_an_error_and_writes_nothing():
     assert all(m[k].value is v for k, v in before.items())
 
 
-def test_closed_over_refs_are_readable_not_writable():
+def test_closed_over_refs_are_broadcast_read_live_and_written_unbatched():
     m = make_ensemble()
     scale = refx.Ref(jnp.array(3.0), "hyper")
     out = refx.vmap(lambda w: w.value * scale.value)(m["w"])
     np.testing.assert_allclose(out, 3.0 * m["w"].value)
-    with pytest.raises(ValueError, match="Cannot mutate Ref from a different trace level"):
+    # a closed-over Ref is broadcast: one value for all instances
+    with pytest.raises(ValueError, match="closed over by fun .*broadcast"):
         refx.vmap(lambda w: setattr(scale, "value", w.value.sum()))(m["w"])
     assert float(scale.value) == 3.0
+    refx.vmap(lambda w: setattr(scale, "value", scale.value + 1))(m["w"])
+    assert float(scale.value) == 4.0
 
 
 # ------------------------------------------------------------------ errors

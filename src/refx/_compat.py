@@ -94,10 +94,13 @@ def is_batched(value) -> bool:
 
 def weak(x):
     """`x` (a jax.Array) as a weakly typed array of its dtype (a Python
-    scalar's type in JAX's promotion rules)."""
-    from jax._src.lax import lax as _lax  # stable in every supported JAX
+    scalar's type in JAX's promotion rules): the same buffers under a weak
+    aval, so no computation runs (one would be refused under a context mesh
+    that does not hold x's devices)."""
+    from jax._src.array import ArrayImpl
 
-    return _lax._convert_element_type(x, x.dtype, weak_type=True)
+    aval = _jcore.ShapedArray(x.shape, x.dtype, weak_type=True)
+    return ArrayImpl(aval, x.sharding, x._arrays, committed=x._committed)
 
 
 def _plain_types() -> tuple[type, ...]:

@@ -312,7 +312,7 @@ def _build_jit_entry(jf, desc, closure=None):
             else:
                 full.append(next(args_it))
         subs = {r: inner.refs[k] for r, k in zip(closure, cnum, strict=True)}
-        with capturing(subs):
+        with capturing(subs, (inner.refs, where_ref, prefix)):
             out = fun(*full, **{**kwargs, **static_kw})
         inner.check_structure(prefix, names)
         written = sorted(set(inner.written(prefix, where_ref)) | donated)

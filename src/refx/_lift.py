@@ -128,21 +128,6 @@ def refusal(e, prefix, what, where):
     return ValueError(f"{msg} ({prefix} {what} the Ref of {where}); nothing was written")
 
 
-# TEMPORARY until the C core's _WriteRefused lands (branch cmove)
-_Refused = getattr(_core, "_WriteRefused", ValueError)
-
-
-def _position(e):
-    if hasattr(e, "position"):
-        return e.position
-    if len(e.args) == 2 and isinstance(e.args[1], int):
-        msg = e.args[0]
-        e.reason = ("mutable" if msg.startswith("refx.mutable:") else "trace"
-                    if msg.startswith("Cannot mutate Ref") else "value")
-        return e.args[1]
-    raise e
-
-
 def write_back(refs, values, place, prefix, what="wrote"):
     """Write values[j] into refs[j], all or nothing; `place(j)` says where
     Ref j sits, for the message of a refused write."""
@@ -150,8 +135,8 @@ def write_back(refs, values, place, prefix, what="wrote"):
         return
     try:
         _core._write_refs(list(refs), list(values))
-    except _Refused as e:
-        raise refusal(e, prefix, what, place(_position(e))) from None
+    except _core._WriteRefused as e:
+        raise refusal(e, prefix, what, place(e.position)) from None
 
 
 # --------------------------------------------------------------------------
@@ -233,12 +218,16 @@ def stand_in(ref):
 
 class capturing:  # noqa: N801 - used as a context manager
     """``with capturing(subs) as f:`` run `fun` with closed-over Refs
-    captured; on leaving without an error, Rediscover if `f.found`."""
+    captured; on leaving without an error, Rediscover if `f.found`.
 
-    __slots__ = ("frame",)
+    `named` (refs, where, prefix): a refx.mutable refusal of a write to
+    refs[k] while `fun` traces is re-raised naming where(k)."""
 
-    def __init__(self, subs):
+    __slots__ = ("frame", "named")
+
+    def __init__(self, subs, named=None):
         self.frame = Capture(subs)
+        self.named = named
 
     def __enter__(self):
         _stack().append(self.frame)
@@ -254,6 +243,12 @@ class capturing:  # noqa: N801 - used as a context manager
             # the first trace may fail because a closed-over Ref's write was
             # not seen: trace again with it before reporting anything
             raise Rediscover(list(self.frame.found)) from ev
+        ref = getattr(ev, "ref", None) if isinstance(ev, _core._WriteRefused) else None
+        if ref is not None and self.named is not None:
+            refs, where, prefix = self.named
+            for k, r in enumerate(refs):
+                if r is ref:
+                    raise refusal(ev, prefix, "wrote", where(k)) from None
         return False
 
 
@@ -371,7 +366,7 @@ class Trees:
         for orig, sub in self.originals:  # closed over by name, passed as a stand-in
             if isinstance(orig, Ref):
                 subs[orig] = subs[sub]
-        return capturing(subs)
+        return capturing(subs, (inner.refs, self.where, self.prefix()))
 
     # -- after it
 

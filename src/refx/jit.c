@@ -856,13 +856,6 @@ fail_refused(call_ctx *c, Py_ssize_t k, const char *what, refx_refusal why)
     Py_XDECREF(msg);
 }
 
-/* build_call's: a donated Ref k of another trace (the ValueError raised). */
-static void
-fail_write(call_ctx *c, Py_ssize_t k, const char *what)
-{
-    fail_refused(c, k, what, REFX_REFUSED_TRACE);
-}
-
 /* jax Arrays only: a numpy array or a pytree value is never donated */
 static inline int
 donatable(refx_state *st, PyObject *v)
@@ -873,7 +866,8 @@ donatable(refx_state *st, PyObject *v)
 
 /* May a Ref's value `v`, held `held` times (by its Ref and the snapshot),
  * be donated?  A jax Array, or an exact dict or list, a tuple (a
- * namedtuple: an optax state) or a deref'ed Value of such values, with no
+ * namedtuple: an optax state), a Partition or a deref'ed Value of such
+ * values (Index and NOTHING hold none), with no
  * other holder anywhere: a clone's Ref sharing the array, or a variable of
  * the program, would keep a deleted array.  A container's items must be
  * held by it alone.  Anything else (a numpy array, a Python scalar, a
@@ -882,6 +876,9 @@ donatable(refx_state *st, PyObject *v)
 static int
 value_donatable(refx_state *st, PyObject *v, Py_ssize_t held, int depth)
 {
+    if (Py_IS_TYPE(v, st->Nothing_Type) || Py_IS_TYPE(v, st->Index_Type)) {
+        return 1; /* no arrays */
+    }
     if (Py_REFCNT(v) != held) {
         return 0;
     }
@@ -891,7 +888,7 @@ value_donatable(refx_state *st, PyObject *v, Py_ssize_t held, int depth)
     if (depth > 16) {
         return 0;
     }
-    if (PyDict_CheckExact(v)) {
+    if (PyDict_CheckExact(v) || Py_IS_TYPE(v, st->Partition_Type)) {
         Py_ssize_t pos = 0;
         PyObject *key, *item;
         while (PyDict_Next(v, &pos, &key, &item)) {
@@ -911,8 +908,10 @@ value_donatable(refx_state *st, PyObject *v, Py_ssize_t held, int depth)
         }
         return 1;
     }
-    if (Value_Check(st, v)) {
-        return value_donatable(st, ((ValueObject *)v)->value, 1, depth + 1);
+    if (Value_Check(st, v)) { /* its flatten cache may hold the value too */
+        ValueObject *val = (ValueObject *)v;
+        return value_donatable(st, val->value, val->base.flat != NULL ? 2 : 1,
+                               depth + 1);
     }
     return 0;
 }
@@ -1157,9 +1156,10 @@ build_call(call_ctx *c, PyObject *cand)
         goto error;
     }
     for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+        refx_refusal why = REFX_WRITE_OK;
         if (isd[k] &&
-            refx_check_write(st, c->refs[k], c->vals[k], trace) < 0) {
-            fail_write(c, k, "would donate (and so write)");
+            refx_check_write(st, c->refs[k], c->vals[k], trace, &why) < 0) {
+            fail_refused(c, k, "would donate (and so write)", why);
             goto error;
         }
     }
@@ -1303,17 +1303,41 @@ explain_unhashable(call_ctx *c)
         PyObject *ht, *hv, *htb;
         PyErr_Fetch(&ht, &hv, &htb);
         PyErr_NormalizeException(&ht, &hv, &htb);
-        PyObject *path = ref_path(c, k);
+        /* which entry: the spec is (class, metadata, attributes) */
+        PyObject *name = NULL;
+        PyObject *kind = ref_spec(c->st, c->refs[k]);
+        for (int part = 1; kind != NULL && PyTuple_Check(kind) &&
+                           PyTuple_GET_SIZE(kind) == 3 && part < 3 && !name;
+             part++) {
+            PyObject *entries = PyTuple_GET_ITEM(kind, part);
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entries); i++) {
+                PyObject *e = PyTuple_GET_ITEM(entries, i);
+                if (PyObject_Hash(PyTuple_GET_ITEM(e, 1)) == -1) {
+                    PyErr_Clear();
+                    name = PyUnicode_FromFormat(
+                        "%s %R", part == 1 ? "metadata" : "attribute",
+                        PyTuple_GET_ITEM(e, 0));
+                    break;
+                }
+            }
+        }
+        Py_XDECREF(kind);
+        PyErr_Clear();
+        if (name == NULL) {
+            name = PyUnicode_FromString("an attribute or metadata value");
+        }
+        PyObject *path = name != NULL ? ref_path(c, k) : NULL;
         if (path != NULL) {
             PyErr_Format(PyExc_TypeError,
-                         "%s(%U): the %s of %U has an attribute or metadata "
-                         "value that cannot be hashed (%S); a Ref's "
-                         "attributes and metadata are part of the cache "
-                         "key: make them hashable (a tuple, not a list)",
+                         "%s(%U): the %s of %U has %U that cannot be hashed "
+                         "(%S); a Ref's attributes and metadata are part of "
+                         "the cache key: make them hashable (a tuple, not a "
+                         "list)",
                          jit_kind(c->jf), c->jf->name,
-                         _PyType_Name(Py_TYPE(c->refs[k])), path, hv);
+                         _PyType_Name(Py_TYPE(c->refs[k])), path, name, hv);
             Py_DECREF(path);
         }
+        Py_XDECREF(name);
         Py_XDECREF(ht);
         Py_XDECREF(hv);
         Py_XDECREF(htb);
@@ -2120,10 +2144,12 @@ ref_is_current(PyObject *module, PyObject *ref)
 }
 
 /* Raise _WriteRefused((message, k)) with .position k and .reason for the
- * ValueError refx_check_write raised for write k; another error passes
- * through unchanged. */
-static void
-raise_refused(refx_state *st, Py_ssize_t k, refx_refusal why)
+ * ValueError refx_check_write raised for write k (and .ref, the Ref
+ * refused, when `ref` is not NULL); another error passes through
+ * unchanged. */
+void
+refx_raise_refused(refx_state *st, Py_ssize_t k, refx_refusal why,
+                   PyObject *ref)
 {
     if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
         return;
@@ -2142,7 +2168,8 @@ raise_refused(refx_state *st, Py_ssize_t k, refx_refusal why)
                                                              msg, pos, NULL)
                               : NULL;
     if (e != NULL && PyObject_SetAttr(e, st->str_position, pos) == 0 &&
-        PyObject_SetAttr(e, st->str_reason, reason) == 0) {
+        PyObject_SetAttr(e, st->str_reason, reason) == 0 &&
+        (ref == NULL || PyObject_SetAttrString(e, "ref", ref) == 0)) {
         PyErr_SetObject(st->WriteRefused, e);
     }
     Py_XDECREF(e);
@@ -2190,7 +2217,7 @@ write_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                        PySequence_Fast_ITEMS(vals), n, trace, &failed,
                        &why) < 0) {
         if (failed >= 0) {
-            raise_refused(st, failed, why);
+            refx_raise_refused(st, failed, why, NULL);
         }
         goto done;
     }

@@ -716,9 +716,15 @@ ref_set_value(RefObject *self, PyObject *value, void *closure)
     if (trace == NULL) {
         return -1;
     }
-    int r = refx_check_write(st, self, value, trace, NULL);
+    refx_refusal why = REFX_WRITE_OK;
+    int r = refx_check_write(st, self, value, trace, &why);
     Py_DECREF(trace);
     if (r < 0) {
+        if (refx_capture_depth > 0 && why == REFX_REFUSED_MUTABLE) {
+            /* inside a refx transform: the Ref rides on the error, so the
+             * transform can say where the Ref sits (refx/_lift.py) */
+            refx_raise_refused(st, -1, why, (PyObject *)self);
+        }
         return -1;
     }
     ref_store(st, self, value);

@@ -351,6 +351,10 @@ typedef enum {
  * raised) otherwise, and *why (unless NULL) says which check it was. */
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                      PyObject *current_trace, refx_refusal *why);
+/* Turn the ValueError refx_check_write raised for write k into
+ * _WriteRefused with .position, .reason (and .ref when `ref` is given). */
+void refx_raise_refused(refx_state *st, Py_ssize_t k, refx_refusal why,
+                        PyObject *ref);
 /* Check every write, then store every value, old values released after the
  * last store: all or nothing (see ref.c).  -1: nothing written, *failed the
  * refused write's index (-1: none's), *why (unless NULL) its reason. */

@@ -1,0 +1,213 @@
+"""Closed-over Refs are live in every refx transform (issue 19): a Ref that
+fun reads without receiving it is read at every call, a Ref it writes is
+written back like an argument's, and a Ref both passed and closed over is
+one Ref.  The attacks: a cached entry reused for another model whose Ref
+the closure does not hold, a Ref whose kind changes after the first trace,
+a write refused after the call, threads reading Refs while another traces."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import refx
+
+
+def model():
+    return {"w": refx.Ref(jnp.ones(3), "params"), "n": refx.Ref(jnp.zeros(()), "state")}
+
+
+def test_jit_reads_a_closed_over_ref_at_every_call():
+    m = model()
+    f = refx.jit(lambda x: (m["w"].value * x).sum())
+    assert float(f(1.0)) == 3.0
+    m["w"].value = jnp.full(3, 2.0)
+    assert float(f(1.0)) == 6.0  # not the first trace's constant
+    m["w"].value = m["w"].value * 5
+    assert float(f(1.0)) == 30.0
+    assert len(f._cache) == 1
+
+
+def test_jit_writes_a_closed_over_ref_back():
+    m = model()
+    count = refx.Ref(jnp.int32(0), "steps")
+
+    @refx.jit
+    def step(x):
+        count.value = count.value + 1
+        m["w"].value = m["w"].value + x
+        return m["w"].value.sum()
+
+    for i in range(3):
+        assert float(step(1.0)) == 3.0 * (i + 2)
+    assert int(count.value) == 3
+    np.testing.assert_array_equal(m["w"].value, [4.0] * 3)
+    assert not isinstance(count.value, jax.core.Tracer)
+
+
+def test_a_ref_passed_and_closed_over_is_one_ref():
+    m = model()
+
+    @refx.jit
+    def step(arg, x):
+        arg["w"].value = arg["w"].value + x  # through the argument
+        return m["w"].value.sum()  # read through the closure: sees the write
+
+    assert float(step(m, 1.0)) == 6.0
+    np.testing.assert_array_equal(m["w"].value, [2.0] * 3)
+
+
+def test_a_cached_entry_is_not_reused_for_a_model_the_closure_does_not_hold():
+    # attack: the first call's trace knows the closed-over Ref is argument 0;
+    # a call with another model of the same structure must not reuse that
+    a, b = model(), model()
+    b["w"].value = jnp.full(3, 10.0)
+
+    @refx.jit
+    def f(arg):
+        return arg["w"].value.sum() + a["w"].value.sum()
+
+    assert float(f(a)) == 6.0
+    assert float(f(b)) == 33.0  # b's 30 + a's 3, not b + b
+    assert float(f(a)) == 6.0
+
+
+def test_a_closed_over_ref_whose_attributes_change_retraces():
+    class Scaled(refx.Ref):
+        pass
+
+    r = Scaled(jnp.ones(2), "p")
+    r.scale = 2.0
+    f = refx.jit(lambda x: r.value * r.scale + x)
+    np.testing.assert_array_equal(f(0.0), [2.0, 2.0])
+    r.scale = 10.0
+    np.testing.assert_array_equal(f(0.0), [10.0, 10.0])
+
+
+def test_a_write_the_caller_may_not_do_is_refused_and_nothing_written():
+    m = model()
+    before = m["n"].value
+
+    @refx.jit
+    def step(x):
+        m["n"].value = m["n"].value + x
+        return x
+
+    with refx.mutable("params"), pytest.raises(ValueError, match="refx.mutable"):
+        step(1.0)  # refused while it traces
+    assert m["n"].value is before
+    step(0.0)  # traced and cached outside the block
+    before = m["n"].value
+    with refx.mutable("params"), pytest.raises(ValueError, match="refx.mutable") as e:
+        step(1.0)  # a cached call: its write-back is refused
+    assert "a Ref closed over by fun" in str(e.value)
+    assert m["n"].value is before
+
+    @jax.jit
+    def outer(x):  # m's Refs belong to the eval trace, not outer's
+        step(x)
+        return x
+
+    with pytest.raises(ValueError, match="Cannot mutate Ref from a different trace level"):
+        outer(1.0)
+    assert m["n"].value is before
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "scan", "cond", "switch", "remat",
+                                       "fori_loop", "while_loop", "jit_partial"])
+def test_every_transform_reads_and_writes_closed_over_refs(transform):
+    m = model()
+    count = refx.Ref(jnp.float32(0), "c")
+
+    def touch():
+        count.value = count.value + 1
+        return m["w"].value.sum()
+
+    if transform == "grad":
+        g = refx.grad(lambda a: (a["w"].value * touch()).sum())({"w": refx.Ref(jnp.ones(3),
+                                                                             "params")})
+        np.testing.assert_array_equal(g[("w",)].value, [3.0] * 3)
+        want = 1
+    elif transform == "vmap":
+        out = refx.vmap(lambda x: x * m["w"].value.sum())(jnp.arange(3.0))
+        np.testing.assert_array_equal(out, [0.0, 3.0, 6.0])
+        refx.vmap(lambda x: touch(), in_axes=0)(jnp.arange(3.0))
+        want = 1
+    elif transform == "scan":
+        refx.scan(lambda c, x: (c, touch()), None, jnp.arange(4.0))
+        want = 4
+    elif transform == "cond":
+        refx.cond(True, lambda: touch(), lambda: m["w"].value.sum())
+        want = 1
+    elif transform == "switch":
+        refx.switch(1, [lambda: m["w"].value.sum(), lambda: touch()])
+        want = 1
+    elif transform == "remat":
+        refx.remat(lambda x: touch() * x)(jnp.float32(2.0))
+        want = 1
+    elif transform == "fori_loop":
+        refx.fori_loop(0, 5, lambda i, c: (touch(), c)[1], None)
+        want = 5
+    elif transform == "while_loop":
+        refx.while_loop(lambda c: count.value < 3, lambda c: (touch(), c)[1], None)
+        want = 3
+    else:
+        f = refx.jit_partial(lambda a, x: (touch(), a["w"].value.sum() + x)[1], m)
+        f(0.0)
+        f(0.0)
+        want = 2
+    assert float(count.value) == want
+
+
+def test_nested_transforms_inside_jit_see_the_stand_ins():
+    g = refx.Ref(jnp.float32(0), "g")
+    m = model()
+
+    @refx.jit
+    def loop(xs):
+        def body(c, x):
+            g.value = g.value + x
+            return c, None
+
+        refx.scan(body, None, xs)
+        grads = refx.grad(lambda mm: (mm["w"].value * g.value).sum())(m)
+        return grads[("w",)].value
+
+    np.testing.assert_array_equal(loop(jnp.arange(4.0)), [6.0] * 3)
+    assert float(g.value) == 6.0
+    np.testing.assert_array_equal(loop(jnp.arange(4.0)), [12.0] * 3)
+    assert float(g.value) == 12.0
+
+
+def test_a_thread_reading_refs_while_another_traces_gets_its_own_values():
+    # attack: the capture hook is global in C; a thread that is not tracing
+    # must read its Refs' values, never another thread's stand-ins
+    m = model()
+    other = refx.Ref(jnp.full(3, 7.0), "p")
+    started, stop = threading.Event(), threading.Event()
+    seen = []
+
+    def reader():
+        started.set()
+        while not stop.is_set():
+            seen.append(other.value)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    started.wait()
+    try:
+        for i in range(5):
+            f = refx.jit(lambda x, i=i: (other.value * x).sum() + m["w"].value.sum() + i)
+            assert float(f(1.0)) == 21.0 + 3.0 + i
+    finally:
+        stop.set()
+        t.join()
+    assert all(v is other.value for v in seen)
+
+
+def test_a_closed_over_ref_holding_a_str_is_named():
+    r = refx.Ref("hello", "p")
+    with pytest.raises(TypeError, match="closed over by fun"):
+        refx.jit(lambda x: (r.value, x)[1])(1.0)
