@@ -43,7 +43,7 @@ all: test
 # A venv with the build tools refx needs (--no-build-isolation below).
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip 'setuptools>=70.1' wheel
+	$(PIP) install --upgrade pip 'setuptools>=77' wheel
 
 venv: $(VPY)
 
