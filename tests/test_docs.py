@@ -15,6 +15,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import textwrap
 
 import pytest
 
@@ -39,7 +40,10 @@ def page_id(path):
 
 
 def blocks(path, lang="python"):
-    return re.findall(rf"^```{lang}\n(.*?)^```", path.read_text(), re.S | re.M)
+    """The code of each ```lang block, dedented (a block may be indented
+    under a list item or a content tab)."""
+    found = re.findall(rf"^( *)```{lang}\n(.*?)^\1```", path.read_text(), re.S | re.M)
+    return [textwrap.dedent(code) if indent else code for indent, code in found]
 
 
 def available(module):
