@@ -85,6 +85,19 @@ def test_blocks_not_run_are_listed():
         "```py blocks are not run: list each in NOT_RUN with the reason, or fence it ```python")
 
 
+def test_readme_links_resolve():
+    """README.md links into docs/ (mkdocs --strict checks the links of the
+    pages themselves): every relative link must name a file that exists."""
+    readme = ROOT / "README.md"
+    if not (readme.exists() and DOCS.is_dir()):
+        pytest.skip("README.md or docs/ not found")
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme.read_text())
+    local = [link for link in links if "://" not in link]
+    assert local, "README.md links into docs/"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
 def test_the_docs_have_code():
     if not DOCS.is_dir():
         pytest.skip("docs/ not found")
