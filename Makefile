@@ -104,7 +104,7 @@ test-jax-newest:
 	$(call need_python,$@,$(PYTHON_NEWEST),3.13,PYTHON_NEWEST)
 	$(MAKE) --no-print-directory pytest PYTHON=$(PYTHON_NEWEST) VENV=.venv-jax-newest CONSTRAINTS=ci/jax-newest.txt REPLAY='make $@'
 
-# Train the digits MLP: the README's example, end to end.
+# Train the digits MLP: the quick start's model done for real, end to end.
 demo: install
 	$(PIP) install $(PIN) '.[demo]'
 	$(VPY) examples/train_digits.py
