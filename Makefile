@@ -1,5 +1,5 @@
 # refx: every target sets itself up from nothing (a fresh clone).
-#   make test    a contributor's check, < 8 min on a fresh clone (2 cores):
+#   make test    a contributor's check (budget: 8 min on a fresh clone, 2 cores):
 #                lint, the suite in a random order, mypy on the examples,
 #                the docs built with --strict (every docs/README code block
 #                runs in the suite)
