@@ -51,7 +51,7 @@ from ._sharding import shardings
 # attributes backed by Refs (issue 13, refx/_fields.py)
 from ._fields import RefField
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: What tree_partition, get_partition, Not, All and Any accept as a filter
 #: (see README, "Partitioning"); for annotations in code built on refx.

@@ -797,7 +797,7 @@ def cond(pred, true_fun, false_fun, *operands):
 
 
 def switch(index, branches, *operands):
-    """jax.lax.switch for operands holding Refs: branches[index](*operands)
+    """jax.lax.switch for operands holding Refs: `branches[index](*operands)`
     (index clamped to the range, as jax.lax.switch does).  Writes and
     checks as refx.cond's."""
     branches = list(branches)
