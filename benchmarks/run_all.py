@@ -22,7 +22,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCRIPTS = ["bench_floor.py", "bench_nnx.py", "bench_equinox.py", "bench_pure_python.py", "bench_step.py",
-           "bench_lines.py"]
+           "bench_lines.py", "bench_eager.py"]
 
 
 def plot() -> None:

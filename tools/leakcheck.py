@@ -315,6 +315,42 @@ OPS.update({
 })
 
 
+# ---- closed-over Refs (ref.c's capture, jit.c's closure entries), donation ----
+CLOSED = refx.Ref(jnp.ones(2), PARAMS)
+CLOSED_N = refx.Ref(jnp.array(0), "count")
+
+
+def _jclose(x):
+    CLOSED_N.value = CLOSED_N.value + 1  # closed over, written
+    return CLOSED.value * x  # closed over, read
+
+
+JCLOSE = refx.jit(_jclose)
+PYTREE = {"s": refx.Ref({"a": jnp.ones(2), "b": [jnp.zeros(2)]}, "opt")}
+JDONATE_W = refx.jit(lambda m: setattr(m["s"], "value", jax.tree_util.tree_map(
+    lambda v: v + 1, m["s"].value)), donate_argnums=0)
+
+
+class Tagged(refx.Ref):
+    pass
+
+
+TAGGED = Tagged(jnp.ones(2), PARAMS)
+TAGGED.tags = [1, 2]  # unhashable: part of the cache key
+JTAGGED = refx.jit(lambda r: r.value * 2)
+GRAD_CLOSED = refx.grad(lambda m: (m["w"].value * CLOSED.value).sum()
+                        + (CLOSED_N.value * 0).sum())
+for _f, _a in ((JCLOSE, (JX,)), (JDONATE_W, (PYTREE,))):
+    _f(*_a)
+
+OPS.update({
+    "refx.jit call with closed-over Refs": lambda: JCLOSE(JX),
+    "refx.jit donating a written pytree": lambda: JDONATE_W(PYTREE),
+    "refx.jit unhashable Ref attribute": lambda: expect(TypeError, JTAGGED, TAGGED),
+    "refx.grad tracing closed-over Refs": lambda: GRAD_CLOSED({"w": GRAD_R}),
+})
+
+
 # ---- refx.mutable (the write check in ref.c, and jit.c's refused write-back) ----
 MUT_COLL = "-".join(["stats", "leakcheck"])  # built at run time: not an interned str
 MUT_STATS = refx.mutable(MUT_COLL)
@@ -333,12 +369,23 @@ def _mutable_jit_refused():
         expect(ValueError, JSTEP, MUT_JTREE, JX)
 
 
+MUT_DONATED = {"d": refx.Ref(jnp.ones(2), PARAMS)}
+JDONATE_MUT = refx.jit(lambda m: setattr(m["d"], "value", m["d"].value + 1), donate_argnums=0)
+JDONATE_MUT(MUT_DONATED)  # compiled outside the block: the refusal is before the call
+
+
+def _mutable_donate_refused():
+    with MUT_STATS:
+        expect(ValueError, JDONATE_MUT, MUT_DONATED)
+
+
 OPS.update({
     "Ref.value set in refx.mutable, accepted": lambda: _mutable_set(MUT_R, 2.0),
     "Ref.value set in refx.mutable, refused": lambda: expect(ValueError, _mutable_set, R, 2.0),
     "update_refs in refx.mutable, refused": lambda: expect(
         ValueError, _mutable_set_all, [MUT_R, R], [1.0, 2.0]),
     "refx.jit write-back refused by refx.mutable": _mutable_jit_refused,
+    "refx.jit donation refused by refx.mutable": _mutable_donate_refused,
 })
 
 
@@ -373,6 +420,9 @@ PROBES = {
     "jit static-kwarg entry": next(iter(JEVAL._cache.values())),
     "jit_partial entry": next(iter(JPART._cache.values())),
     "jit donating entry": next(iter(JDONATE._cache.values())),
+    "jit closure entry": next(iter(JCLOSE._cache.values())),
+    "closed-over Ref": CLOSED,
+    "closed-over value": CLOSED.value,
     "jit_partial bound Refs": JPART._bound_refs,
     "jit_partial": JPART,
     "Static": STATIC,

@@ -1,7 +1,7 @@
 """Trace-time logic of refx's other transforms: vmap (with StateAxes),
 scan, remat, cond, switch, fori_loop and while_loop.
 
-Each is the lift of refx.jit/refx.grad (see _transforms.py) around one JAX
+Each is the lift (refx/_lift.py, shared with refx.jit and refx.grad) around one JAX
 transform: the Refs of the arguments are numbered (sharing kept) and their
 values read at one moment; the JAX transform runs a function that makes
 new Refs of its trace holding those values (same class, collection and
@@ -38,7 +38,14 @@ loop-invariant carry) and which cost a buffer eagerly.
 What `fun` wrote and how its outputs are built is recorded by the traced
 function itself in a dict of the call (`info`): each call makes its own
 closures, so JAX's trace caches (keyed by function identity) never hand
-one call's trace to another.
+one call's trace to another.  Eager calls (outside any trace) run through
+a cached refx.jit of the same call instead ("eager calls" below), so they
+trace and compile once per function and structure.
+
+Closed-over Refs (read or written by `fun` without being passed) are found
+by the first trace and the call is traced again with them as a last part
+of the trees, "closure" (refx/_lift.py, with_closures): in scan and the
+loops they ride in the carry, in vmap they are broadcast.
 
 Outputs: a Ref of the arguments comes back as the caller's own object, a
 Ref closed over as itself, a Ref made inside as a new Ref holding the
@@ -51,13 +58,15 @@ them), as with refx.jit.
 
 from __future__ import annotations
 
+import collections
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _compat, _core, _lift, _sharding
+from . import _compat, _core, _jit, _lift, _sharding
 from ._core import Ref, tree_partition
 from ._lift import Trees, name_of, payload_tree, plan_out, rebuild_out, traceable, with_closures
 from ._mutable import _with_mutable
@@ -234,6 +243,50 @@ class _Carry:
         written = sorted(self.written)
         at = {k: j for j, k in enumerate(self.carry_ks)}
         return carry, written, [cvals[at[k]] for k in written]
+
+
+# --------------------------------------------------------------------------
+# eager calls: run through a cached refx.jit
+# --------------------------------------------------------------------------
+#
+# Called outside any trace, each transform would trace and compile on every
+# call (its closures are new each time, so JAX's caches never hit).  It runs
+# instead through a refx.jit of the same call, kept per (transform, function,
+# static options) in a small LRU: the second call with the same structures,
+# Ref kinds and avals neither traces nor compiles.  Closed-over Refs are live
+# in refx.jit, so a cached trace never holds a stale Ref value.  Calls whose
+# trees hold leaves refx.jit cannot take (a str, a function) run as before.
+
+_EAGER: collections.OrderedDict = collections.OrderedDict()
+_EAGER_MAX = 64
+_eager_lock = threading.Lock()
+
+
+def _eager(key, trees, make):
+    """The cached refx.jit function to run an eager call through, or None
+    to run it as it is (inside a trace, or leaves refx.jit cannot take)."""
+    if _compat.in_trace():
+        return None
+    for leaf in jax.tree_util.tree_leaves(trees):
+        if not (isinstance(leaf, Ref) or traceable(leaf)):
+            return None
+    try:
+        hash(key)
+    except TypeError:  # an unhashable option (a list as a filter)
+        return None
+    with _eager_lock:
+        jf = _EAGER.pop(key, None)
+        if jf is None:
+            jf = make()
+        _EAGER[key] = jf
+        while len(_EAGER) > _EAGER_MAX:
+            _EAGER.popitem(last=False)
+    return jf
+
+
+def _named(name, fun):
+    fun.__name__ = fun.__qualname__ = name
+    return fun
 
 
 # --------------------------------------------------------------------------
@@ -450,6 +503,10 @@ def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=
 
     @functools.wraps(fun)
     def mapped(*args, **kwargs):
+        jf = _eager(("vmap", mapped), (args, kwargs),
+                    lambda: _jit.jit(_named(f"refx.vmap({name})", mapped)))
+        if jf is not None:
+            return jf(*args, **kwargs)
         return with_closures(lambda closure: once(closure, args, kwargs))
 
     def once(closure, args, kwargs):
@@ -510,6 +567,11 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
     if not callable(fun):
         raise TypeError(f"refx.scan: fun must be callable, not {type(fun).__name__}")
     name = _name(fun)
+    jf = _eager(("scan", fun, length, reverse, unroll, mutable), (init, xs),
+                lambda: _jit.jit(_named(f"refx.scan({name})", lambda init, xs: scan(
+                    fun, init, xs, length, reverse=reverse, unroll=unroll, mutable=mutable))))
+    if jf is not None:
+        return jf(init, xs)
     run = _with_mutable(fun, mutable, "refx.scan")
 
     def once(closure):
@@ -570,6 +632,12 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
         raise TypeError(f"refx.fori_loop: body_fun must be callable, not "
                         f"{type(body_fun).__name__}")
     name = _name(body_fun)
+    if type(lower) is int and type(upper) is int:  # bounds stay static (a scan)
+        jf = _eager(("fori_loop", body_fun, lower, upper, unroll), init_val,
+                    lambda: _jit.jit(_named(f"refx.fori_loop({name})", lambda v: fori_loop(
+                        lower, upper, body_fun, v, unroll=unroll))))
+        if jf is not None:
+            return jf(init_val)
 
     def once(closure):
         t = Trees("fori_loop", name, [init_val], ["init_val"], closure)
@@ -603,6 +671,11 @@ def while_loop(cond_fun, body_fun, init_val):
         if not callable(f):
             raise TypeError(f"refx.while_loop: {what} must be callable, not {type(f).__name__}")
     name = _name(body_fun)
+    jf = _eager(("while_loop", cond_fun, body_fun), init_val,
+                lambda: _jit.jit(_named(f"refx.while_loop({name})", lambda v: while_loop(
+                    cond_fun, body_fun, v))))
+    if jf is not None:
+        return jf(init_val)
 
     def once(closure):
         t = Trees("while_loop", name, [init_val], ["init_val"], closure)
@@ -668,6 +741,11 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
 
     @functools.wraps(fun)
     def rematted(*args, **kwargs):
+        jf = _eager(("remat", rematted), (args, kwargs), lambda: _jit.jit(
+            _named(f"refx.remat({name})", rematted), static_argnums=snums,
+            static_argnames=snames))
+        if jf is not None and not _static_leaves(args, kwargs, snums, snames):
+            return jf(*args, **kwargs)
         n = len(args)
         static = {s % n if -n <= s < n else s for s in snums}
         bad = [s for s in snums if not -n <= s < n]
@@ -759,6 +837,25 @@ def _branches(kind, labels, funs, operands, closure):
     return t, [make(b) for b in range(len(funs))], finish
 
 
+def _static_leaves(args, kwargs, snums, snames):
+    """Does a static argument of remat hold what refx.jit would refuse as
+    static (an unhashable value)?"""
+    n = len(args)
+    for i in snums:
+        if -n <= i < n:
+            try:
+                hash(args[i])
+            except TypeError:
+                return True
+    for k in snames:
+        if k in kwargs:
+            try:
+                hash(kwargs[k])
+            except TypeError:
+                return True
+    return False
+
+
 def _describe_plan(t, spec, td):
     if spec is None:
         return f"no Ref (structure {td})" if td is not None else "no Ref"
@@ -786,6 +883,11 @@ def cond(pred, true_fun, false_fun, *operands):
     for what, f in (("true_fun", true_fun), ("false_fun", false_fun)):
         if not callable(f):
             raise TypeError(f"refx.cond: {what} must be callable, not {type(f).__name__}")
+    jf = _eager(("cond", true_fun, false_fun), (pred, operands), lambda: _jit.jit(_named(
+        f"refx.cond({_name(true_fun)} / {_name(false_fun)})",
+        lambda p, *ops: cond(p, true_fun, false_fun, *ops))))
+    if jf is not None:
+        return jf(pred, *operands)
 
     def once(closure):
         t, (tb, fb), finish = _branches("cond", ["true_fun", "false_fun"],
@@ -807,6 +909,11 @@ def switch(index, branches, *operands):
         if not callable(f):
             raise TypeError(f"refx.switch: branches[{i}] must be callable, not "
                             f"{type(f).__name__}")
+    jf = _eager(("switch", tuple(branches)), (index, operands), lambda: _jit.jit(_named(
+        f"refx.switch({' / '.join(_name(f) for f in branches)})",
+        lambda i, *ops: switch(i, branches, *ops))))
+    if jf is not None:
+        return jf(index, *operands)
 
     def once(closure):
         t, fns, finish = _branches("switch", [f"branches[{i}]" for i in range(len(branches))],

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Generic, TypeVar
 
 import jax
+import numpy as np
 
 from . import _core, _sharding
-from ._core import JitFunction, Static, deref, reref
+from ._core import JitFunction, Ref, Static, deref, reref
 from ._lift import Const, Inner, Rediscover, capturing, key_str, name_of, plan_out, traceable
 from ._mutable import _with_mutable
 
@@ -258,12 +260,91 @@ def _closure(desc, closure, prefix):
     return tuple(uniq), pos, specs, extra
 
 
+# --------------------------------------------------------------------------
+# why refx.jit retraced (with jax.config.jax_explain_cache_misses on)
+# --------------------------------------------------------------------------
+
+_log = logging.getLogger("refx")
+
+
+def _explaining():
+    return bool(getattr(jax.config, "jax_explain_cache_misses", False))
+
+
+def _explain_miss(jf, desc, kind):
+    """Log what makes this call a new cache entry: the difference from the
+    entry built last (argument structure, static argument, sharing
+    pattern, a Ref's collection or class/metadata/attributes)."""
+    if not jf._cache:
+        _log.warning("%s: first call, tracing", kind)
+        return
+    key = list(jf._cache)[-1]
+    treedef, has_kwargs, statics, pattern, colls, types = desc[:6]
+    old_td, old_kw, old_statics, old_pat, old_colls, old_types = key
+    where = _ref_place(jf, desc)
+    if old_td != treedef or old_kw != has_kwargs:
+        why = f"the argument structure changed: {old_td} -> {treedef}"
+    elif old_statics != (statics or None):
+        old = {s[0]: s[2] for s in old_statics or ()}
+        new = {s[0]: s[2] for s in statics or ()}
+        names = [n for n in {**old, **new} if old.get(n, _log) != new.get(n, _log)
+                 or type(old.get(n)) is not type(new.get(n))]
+        why = "static argument " + ", ".join(
+            f"{n!r}: {old.get(n)!r} -> {new.get(n)!r}" for n in names)
+    elif old_pat is not None and bytes(np.asarray(pattern, np.int32)) != old_pat:
+        why = "the sharing pattern changed (which leaves are one Ref)"
+    else:
+        why = "a Ref's kind changed"
+        old_colls = old_colls or ()
+        for k, c in enumerate(colls):
+            if k < len(old_colls) and old_colls[k] != c:
+                why = f"the collection of the Ref of {where(k)}: {old_colls[k]!r} -> {c!r}"
+                break
+            o = old_types[k] if old_types is not None and k < len(old_types) else Ref
+            if o != types[k]:
+                why = (f"the class, metadata or attributes of the Ref of {where(k)}: "
+                       f"{o!r} -> {types[k]!r}")
+                break
+    _log.warning("%s: cache miss, tracing again: %s", kind, why)
+
+
+def _aval_str(x):
+    a = getattr(x, "aval", None)  # a tracer's
+    if a is None:
+        return type(x).__name__
+    weak = ", weak" if getattr(a, "weak_type", False) else ""
+    return f"{a.str_short()}{weak}"
+
+
+def _explain_retrace(prefix, seen, vals, others, where, other_where):
+    """jax.jit traces an entry again for new shapes, dtypes or weak types:
+    say which Ref or argument changed (the previous trace's avals are in
+    `seen`)."""
+    now = ([[_aval_str(x) for x in jax.tree_util.tree_leaves(v)] for v in vals],
+           [_aval_str(x) for x in others])
+    before = seen.get("avals")
+    seen["avals"] = now
+    if before is None:
+        return
+    for k, (a, b) in enumerate(zip(before[0], now[0], strict=False)):
+        if a != b:
+            _log.warning("%s: retracing: the Ref of %s changed from %s to %s", prefix,
+                         where(k), ", ".join(a), ", ".join(b))
+            return
+    for i, (a, b) in enumerate(zip(before[1], now[1], strict=False)):
+        if a != b:
+            _log.warning("%s: retracing: %s changed from %s to %s", prefix, other_where(i), a, b)
+            return
+
+
 def _build_jit_entry(jf, desc, closure=None):
     """Make the entry for one cache key: (jitted, donation candidates,
     closed-over Refs, their positions, their specs) (see jit.c)."""
     treedef, has_kwargs, statics, pattern, colls, types, kwnames, vals0, others0 = desc[:9]
     kind = "refx.jit_partial" if jf._bound is not None else "refx.jit"
     _check_leaves(jf, desc, kind)
+    if _explaining() and closure is None:
+        _explain_miss(jf, desc, f"{kind}({_name(jf._fun)})")
     closure, cpos, cspecs, extra = _closure(desc, closure, f"{kind}({_name(jf._fun)})")
     n_args = len(colls)
     colls = tuple(colls) + tuple(r.collection for r in extra)
@@ -295,7 +376,18 @@ def _build_jit_entry(jf, desc, closure=None):
     declared = _sharding.any_declared(types)
     where = f"refx.jit({name})"
 
+    seen: dict = {}
+    call_others = [i for i, p in enumerate(pattern) if p < 0]
+    nbo = len(others0) - len(call_others)
+
+    def other_where(i):
+        if i < nbo:
+            return f"bound leaf {i}"
+        return _where(jf, treedef, has_kwargs, statics, call_others[i - nbo])
+
     def trace(vals, others, donated, mesh):
+        if _explaining():
+            _explain_retrace(prefix, seen, vals, others, where_ref, other_where)
         if declared:
             vals = _sharding.constrain_values(vals, types, where, mesh)
         inner = Inner(vals, colls, types)

@@ -6,7 +6,7 @@
  * function on one flat list of arrays, and writes back what `fun` wrote.
  * Everything that runs once per compilation (building that jax.jit
  * function, tracing `fun`, finding out what it wrote) is Python, in
- * refx/_transforms.py; everything that runs on every call is here.
+ * refx/_jit.py over refx/_lift.py; everything that runs on every call is here.
  *
  * One call, in order:
  *
@@ -38,12 +38,23 @@
  *              The last (key, entry) is kept: a call whose parts equal that
  *              key (the same item-by-item == as the dict's) takes its entry
  *              without building or hashing a key of its own.
- *              An entry is (jitted, candidates): the jax.jit function, and
- *              the numbers of the Refs that may be donated (or None).
+ *              An entry is (jitted, candidates, closure, positions,
+ *              specs): the jax.jit function, the numbers of the Refs that
+ *              may be donated (or None), and the Refs `fun` closes over
+ *              (or None; see "Closed-over Refs" below).
+ *   closure    the entry's closed-over Refs must sit where its trace saw
+ *              them (positions: an argument Ref number, or -1 when not
+ *              passed) with the same specs, or the entry is built again
+ *              (closure_fits, refresh_entry); those not passed are numbered
+ *              after the arguments' Refs and their values read now
+ *              (append_closure).
  *   call       jitted(values, others): the distinct Refs' values in
  *              numbering order, then the other leaves.  With donation,
  *              jitted(mask, donated, kept, others), `mask` a static bytes
  *              argument saying which candidates are donated this call.
+ *              A trace that finds new closed-over Refs stops with
+ *              _lift.Rediscover: the entry is built again with them and
+ *              the call made again (call_entry).
  *   result     (Static(plan), written values, out).  The plan is made by
  *              the trace that compiled this executable and rides in the aux
  *              data of a Static (a node with no children), so each call
@@ -70,20 +81,32 @@
  *              no Python code running, old values released after the last
  *              store.
  *
- * Donation.  donate_argnums/argnames donate the buffers of the Refs of
- * those arguments.  A donated buffer is deleted by the call, so a donated
- * Ref must be given a new value: the trace returns every donated Ref as
- * written (a Ref it did not write gets its input back, which XLA aliases).
- * A Ref is donated only if its value is a jax Array that appears once among
- * all inputs (not the same array in two Refs, or in a Ref and a plain
- * argument): otherwise the other holder would keep a deleted array.  The
- * trace check of donated Refs is done before the call, since after it
- * their old buffers are gone.
+ * Donation.  donate_argnums/argnames donate the arrays of the Refs of those
+ * arguments that `fun` writes: the candidates are the written ones (the
+ * builder traces `fun` once to learn them).  A donated buffer is deleted by
+ * the call, so a donated Ref must be given a new value: the trace returns
+ * every donated Ref as written (after a retrace for new shapes that no
+ * longer writes it, its input comes back, which XLA aliases).  A Ref is
+ * donated only if nothing else holds its value (value_donatable: the
+ * reference counts of the value and, for a dict/list/tuple/Partition/Value,
+ * of every array in it) and the value appears once among all inputs: a
+ * clone's Ref sharing the array, or a variable, keeps it undonated, so no
+ * Ref and no variable ever holds a deleted array.  The whole write check
+ * (trace level, refx.mutable) of donated Refs is done before the call,
+ * since after it their old buffers are gone.
+ *
+ * Closed-over Refs.  A Ref `fun` reads or writes without receiving it is
+ * found while the entry's function traces (ref.c's capture hook, refx/
+ * _lift.py) and becomes a hidden input: the entry lists it, each call
+ * reads its current value after the arguments', and a write comes back in
+ * the plan like an argument Ref's (its number is past the arguments').
  *
  * jit_partial binds trees of Refs once: their distinct Refs (bound_refs),
  * their other leaves and their structure.  Each call reads the bound Refs'
  * current values in the snapshot pass and flattens only the remaining
- * arguments; the bound part is constant, so it is not in the key.
+ * arguments; the bound structure is constant, so it is not in the key, but
+ * the bound Refs' collections and specs are (an attribute set on a bound
+ * Ref after binding retraces).
  *
  * Static(value) is a pytree node with no children whose aux data is
  * (type(value), value): part of every treedef and so of every jit cache
@@ -1364,7 +1387,7 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
     }
     if (st->jit_builder == NULL) {
         PyErr_SetString(PyExc_RuntimeError,
-                        "refx.jit: refx._transforms is not loaded");
+                        "refx.jit: refx._jit is not loaded");
         return -1;
     }
     if (split_args(c, args, PyVectorcall_NARGS(nargsf), kwnames) < 0) {
@@ -2077,7 +2100,7 @@ static PyType_Spec jit_spec = {
 };
 
 /* ------------------------------------------------------------------ */
-/* helpers for the trace-time code (refx/_transforms.py)                */
+/* helpers for the trace-time code (refx/_lift.py, refx/_jit.py)        */
 /* ------------------------------------------------------------------ */
 
 /* _make_refs(values, collections, specs): new Refs of the current trace,

@@ -23,7 +23,7 @@
  *   update.c     update_refs: validate everything, then write everything.
  *   jit.c        the per-call path of refx.jit / refx.jit_partial (the
  *                JitFunction type) and Static; their trace-time side is
- *                refx/_transforms.py.
+ *                refx/_jit.py (over the lift, refx/_lift.py).
  *   ptrmap.h     a pointer-keyed hash map for per-call identity tables.
  *
  * Naming: functions named refx_* are declared here and shared between
@@ -136,9 +136,9 @@ typedef struct {
     /* refx.jit (jit.c) */
     PyTypeObject *Static_Type;
     PyTypeObject *Jit_Type;
-    PyObject *jit_builder;    /* _transforms.build_jit_entry (NULL before) */
+    PyObject *jit_builder;    /* _jit._build_jit_entry (NULL before) */
     PyObject *jit_array_type; /* jax's Array type: the only donated values */
-    PyObject *jit_describe;   /* _transforms: where a Ref sits, for errors */
+    PyObject *jit_describe;   /* _jit: where a Ref sits, for errors */
 
     /* refx.mutable (ref.c): a ContextVar holding the filters of the
      * `with refx.mutable(f)` blocks this context is in (a tuple, innermost
