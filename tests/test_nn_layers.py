@@ -315,9 +315,9 @@ def test_lstm_cell_and_gru_cell():
         ca, ya = a(carry, x)
         cb, yb = b(carry, x)
         np.testing.assert_allclose(ya, yb, **TOL)
-        for u, v in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):
+        for u, v in zip(jax.tree.leaves(ca), jax.tree.leaves(cb), strict=True):
             np.testing.assert_allclose(u, v, **TOL)
-        grads_equal(a, b, lambda m: m(carry, x)[1])
+        grads_equal(a, b, lambda m, carry=carry, x=x: m(carry, x)[1])
 
 
 @pytest.mark.parametrize("kw", [{}, {"reverse": True}, {"reverse": True, "keep_order": True},
@@ -330,7 +330,7 @@ def test_rnn_over_refx_scan_matches_nnx(kw):
     b = nn.RNN(cell_b, **kw)
     x = x_of(6, 2, 3) if kw.get("time_major") else x_of(2, 6, 3)
     ya, yb = a(x), b(x)
-    for u, v in zip(jax.tree.leaves(ya), jax.tree.leaves(yb)):
+    for u, v in zip(jax.tree.leaves(ya), jax.tree.leaves(yb), strict=True):
         np.testing.assert_allclose(u, v, **TOL)
     if not kw:
         grads_equal(a, b, lambda m: m(x))

@@ -91,7 +91,8 @@ def _normalize_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
 
 
 class Linear(Module):
-    """``y = x @ kernel + bias``; kernel ``(in_features, out_features)``, bias ``(out_features,)``."""
+    """``y = x @ kernel + bias``; kernel ``(in_features, out_features)``, bias
+    ``(out_features,)``."""
 
     def __init__(
         self,
@@ -109,8 +110,8 @@ class Linear(Module):
         kernel_metadata: Mapping[str, Any] = _NO_METADATA,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ) -> None:
-        self.kernel = param(kernel_init, rngs.params(), (in_features, out_features), param_dtype,
-                            kernel_metadata)
+        self.kernel = param(kernel_init, rngs.params(), (in_features, out_features),
+                            param_dtype, kernel_metadata)
         self.bias = (param(bias_init, rngs.params(), (out_features,), param_dtype, bias_metadata)
                      if use_bias else None)
         self.in_features = in_features

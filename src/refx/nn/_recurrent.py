@@ -21,6 +21,9 @@ from .. import scan
 from ._linear import _NO_METADATA, Initializer, Linear, default_kernel_init, initializers
 from ._module import Module
 
+_orthogonal = initializers.orthogonal()
+_lecun_normal = initializers.lecun_normal()
+
 Array = jax.Array
 
 
@@ -114,7 +117,7 @@ class GRUCell(Module):
         gate_fn: Callable[..., Any] = jax.nn.sigmoid,
         activation_fn: Callable[..., Any] = jnp.tanh,
         kernel_init: Initializer = default_kernel_init,
-        recurrent_kernel_init: Initializer = initializers.orthogonal(),
+        recurrent_kernel_init: Initializer = _orthogonal,
         bias_init: Initializer = initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -174,8 +177,8 @@ class SimpleCell(Module):
         carry_init: Initializer | None = None,
         residual: bool = False,
         activation_fn: Callable[..., Any] = jnp.tanh,
-        kernel_init: Initializer = initializers.lecun_normal(),
-        recurrent_kernel_init: Initializer = initializers.orthogonal(),
+        kernel_init: Initializer = _lecun_normal,
+        recurrent_kernel_init: Initializer = _orthogonal,
         bias_init: Initializer = initializers.zeros,
         rngs: Any,
     ) -> None:

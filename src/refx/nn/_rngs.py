@@ -80,7 +80,8 @@ class Rngs(Module):
         if default is not None:
             streams = {"default": default, **streams}
         if not streams:
-            raise ValueError("Rngs: give a seed or a key (Rngs(0)) or named streams (Rngs(params=0))")
+            raise ValueError(
+                "Rngs: give a seed or a key (Rngs(0)) or named streams (Rngs(params=0))")
         for name, seed in streams.items():
             if isinstance(seed, RngStream):
                 vars(self)[name] = seed
