@@ -172,6 +172,42 @@ def _iter(self: Any) -> Any:
     return iter(self.value)
 
 
+def _unary(op: Any, name: str) -> Any:
+    def unary(self: Any) -> Any:
+        return op(self.value)
+
+    unary.__name__ = f"__{name}__"
+    return unary
+
+
+def _attribute(attr: str) -> property:
+    def get(self: Any) -> Any:
+        return getattr(self.value, attr)
+
+    return property(get, doc=f"``ref.value.{attr}``")
+
+
+def _method(meth: str) -> Any:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.value, meth)(*args, **kwargs)
+
+    method.__name__ = meth
+    method.__doc__ = f"``ref.value.{meth}(...)``"
+    return method
+
+
+def _float(self: Any) -> float:
+    return float(self.value)
+
+
+def _int(self: Any) -> int:
+    return int(self.value)
+
+
+def _complex(self: Any) -> complex:
+    return complex(self.value)
+
+
 def _install() -> None:
     for name, op in _BINARY.items():
         forward, reflected = _binary(op, name)
@@ -181,12 +217,7 @@ def _install() -> None:
         forward, _ = _binary(op, name)
         setattr(Ref, f"__{name}__", forward)
     for name, op in _UNARY.items():
-
-        def unary(self: Any, _op: Any = op) -> Any:
-            return _op(self.value)
-
-        unary.__name__ = f"__{name}__"
-        setattr(Ref, f"__{name}__", unary)
+        setattr(Ref, f"__{name}__", _unary(op, name))
     Ref.__getitem__ = _getitem
     Ref.__setitem__ = _setitem
     Ref.__iter__ = _iter
@@ -195,20 +226,13 @@ def _install() -> None:
     # numpy defers `ndarray + ref` to Ref.__radd__ instead of converting the
     # Ref with __array__ (which would fail on a traced value)
     Ref.__array_priority__ = 100
-    Ref.__float__ = lambda self: float(self.value)
-    Ref.__int__ = lambda self: int(self.value)
-    Ref.__complex__ = lambda self: complex(self.value)
+    Ref.__float__ = _float
+    Ref.__int__ = _int
+    Ref.__complex__ = _complex
     for attr in ("shape", "dtype", "ndim", "size", "T"):
-        setattr(Ref, attr, property(lambda self, _a=attr: getattr(self.value, _a),
-                                    doc=f"``ref.value.{attr}``"))
+        setattr(Ref, attr, _attribute(attr))
     for meth in ("astype", "reshape", "sum", "mean"):
-
-        def method(self: Any, *args: Any, _m: str = meth, **kwargs: Any) -> Any:
-            return getattr(self.value, _m)(*args, **kwargs)
-
-        method.__name__ = meth
-        method.__doc__ = f"``ref.value.{meth}(...)``"
-        setattr(Ref, meth, method)
+        setattr(Ref, meth, _method(meth))
 
 
 _install()

@@ -12,8 +12,6 @@ Ref types: ``Param`` ("params"), ``BatchStat`` ("batch_stats"), ``Cache``
 ("opt_state"), ``Intermediate``; all subclass ``Variable`` (a ``refx.Ref``).
 """
 
-import jax as _jax
-
 from ._attention import (
     MultiHeadAttention,
     combine_masks,
@@ -54,16 +52,32 @@ from ._rngs import Rngs, RngStream
 from . import initializers  # jax.nn.initializers + zeros_init/ones_init
 
 # -- activations, as NNX re-exports them (jax.nn's; tanh is jnp.tanh) --
-_ACTIVATIONS = (
-    "celu", "elu", "gelu", "glu", "hard_sigmoid", "hard_silu", "hard_swish", "hard_tanh",
-    "leaky_relu", "log_sigmoid", "log_softmax", "logsumexp", "one_hot", "relu", "relu6",
-    "selu", "sigmoid", "silu", "soft_sign", "softmax", "softplus", "standardize", "swish",
-    "squareplus", "mish",
+from jax.nn import (  # noqa: E402
+    celu,
+    elu,
+    gelu,
+    glu,
+    hard_sigmoid,
+    hard_silu,
+    hard_swish,
+    hard_tanh,
+    leaky_relu,
+    log_sigmoid,
+    log_softmax,
+    logsumexp,
+    one_hot,
+    relu,
+    relu6,
+    selu,
+    sigmoid,
+    silu,
+    soft_sign,
+    softmax,
+    softplus,
+    standardize,
+    swish,
 )
-for _name in _ACTIVATIONS:
-    if hasattr(_jax.nn, _name):
-        globals()[_name] = getattr(_jax.nn, _name)
-tanh = _jax.numpy.tanh
+from jax.numpy import tanh  # noqa: E402
 
 __all__ = [
     "BatchNorm", "BatchStat", "Cache", "Conv", "ConvTranspose", "Dropout", "Einsum", "Embed",
@@ -73,5 +87,8 @@ __all__ = [
     "Sequential", "SimpleCell", "Variable", "Wrapped", "combine_masks", "dot_product_attention",
     "dot_product_attention_weights", "from_equinox", "initializers", "make_attention_mask",
     "make_causal_mask", "promote_dtype", "tanh", "with_partitioning", "wrap",
-    *[n for n in _ACTIVATIONS if hasattr(_jax.nn, n)],
+    # activations
+    "celu", "elu", "gelu", "glu", "hard_sigmoid", "hard_silu", "hard_swish", "hard_tanh",
+    "leaky_relu", "log_sigmoid", "log_softmax", "logsumexp", "one_hot", "relu", "relu6",
+    "selu", "sigmoid", "silu", "soft_sign", "softmax", "softplus", "standardize", "swish",
 ]
