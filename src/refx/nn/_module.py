@@ -114,11 +114,22 @@ def _static(v: Any) -> Any:
     return v
 
 
+# Set by unflatten: the names that were children.  JAX unflattens trees with
+# placeholder leaves (jax.vmap's out_axes, tree_map to None...) and flattens
+# them again; a placeholder is not state by _is_state's rule, so without the
+# mark those attributes would turn static and the structure would change.
+_MARK = "__refx_children__"
+
+
 def _flatten(m: Module) -> tuple[list[Any], tuple[tuple[str, Any], ...]]:
     children = []
     aux = []
-    for k, v in vars(m).items():
-        if _is_state(v):
+    d = vars(m)
+    forced = d.get(_MARK, ())
+    for k, v in d.items():
+        if k == _MARK:
+            continue
+        if k in forced or _is_state(v):
             children.append(v)
             aux.append((k, _CHILD))
         else:
@@ -129,8 +140,12 @@ def _flatten(m: Module) -> tuple[list[Any], tuple[tuple[str, Any], ...]]:
 def _flatten_with_keys(m: Module) -> tuple[list[tuple[GetAttrKey, Any]], Any]:
     children = []
     aux = []
-    for k, v in vars(m).items():
-        if _is_state(v):
+    d = vars(m)
+    forced = d.get(_MARK, ())
+    for k, v in d.items():
+        if k == _MARK:
+            continue
+        if k in forced or _is_state(v):
             children.append((GetAttrKey(k), v))
             aux.append((k, _CHILD))
         else:
@@ -143,13 +158,16 @@ def _make_unflatten(cls: type) -> Any:
         module = object.__new__(cls)
         d = module.__dict__
         it = iter(children)
+        names = []
         for name, static in aux:
             if static is _CHILD:
                 d[name] = next(it)
+                names.append(name)
             elif type(static) is _Frozen:
                 d[name] = static.value
             else:
                 d[name] = static
+        d[_MARK] = frozenset(names)
         return module
 
     return unflatten
@@ -165,7 +183,8 @@ def _walk(v: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]
     if isinstance(v, Module):
         yield path, v
         for k, x in vars(v).items():
-            yield from _walk(x, (*path, k))
+            if k != _MARK:
+                yield from _walk(x, (*path, k))
     elif isinstance(v, list | tuple):
         for i, x in enumerate(v):
             yield from _walk(x, (*path, str(i)))
