@@ -73,11 +73,13 @@ class GPT(nn.Module):
 
 def loss_fn(model: GPT, x: Array, y: Array) -> Array:
     logits = model(x, jnp.arange(x.shape[1]))
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss: Array = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss
 
 
 @refx.jit
 def train_step(model: GPT, opt: nn.Optimizer, x: Array, y: Array) -> Array:
+    loss: Array
     loss, grads = refx.value_and_grad(loss_fn, wrt=nn.Param)(model, x, y)
     opt.update(model, grads)
     return loss
@@ -124,7 +126,8 @@ def check_cache(model: GPT, prompt: Array) -> float:
     model.init_cache(prompt.shape[0])
     cached = jnp.stack([decode_step(model, prompt[:, t], jnp.asarray(t))
                         for t in range(prompt.shape[1])], axis=1)
-    assert int(model.blocks[0].attn.cache_index.value) == prompt.shape[1]
+    index = model.blocks[0].attn.cache_index
+    assert index is not None and int(index.value) == prompt.shape[1]
     return float(jnp.max(jnp.abs(cached - full)))
 
 
@@ -133,7 +136,7 @@ def generate(model: GPT, prompt: Array, n: int, *, seed: int = 0,
     """Sample n tokens after `prompt` with the cache (one decode step each)."""
     model.eval()
     model.init_cache(prompt.shape[0])
-    logits = None
+    logits = jnp.zeros(())
     for t in range(prompt.shape[1]):
         logits = decode_step(model, prompt[:, t], jnp.asarray(t))
     key = jax.random.key(seed)
