@@ -208,6 +208,16 @@ def _complex(self: Any) -> complex:
     return complex(self.value)
 
 
+#: The attributes this module sets on Ref (Python by design; the rest of Ref is C).
+NAMES = frozenset(
+    [f"__{n}__" for n in _BINARY] + [f"__r{n}__" for n in _BINARY]
+    + [f"__{n}__" for n in (*_COMPARE, *_UNARY)]
+    + ["__getitem__", "__setitem__", "__iter__", "__jax_array__", "__array__",
+       "__array_priority__", "__float__", "__int__", "__complex__",
+       "shape", "dtype", "ndim", "size", "T", "astype", "reshape", "sum", "mean"]
+)
+
+
 def _install() -> None:
     for name, op in _BINARY.items():
         forward, reflected = _binary(op, name)
@@ -216,8 +226,8 @@ def _install() -> None:
     for name, op in _COMPARE.items():
         forward, _ = _binary(op, name)
         setattr(Ref, f"__{name}__", forward)
-    for name, op in _UNARY.items():
-        setattr(Ref, f"__{name}__", _unary(op, name))
+    for name, unary_op in _UNARY.items():
+        setattr(Ref, f"__{name}__", _unary(unary_op, name))
     Ref.__getitem__ = _getitem
     Ref.__setitem__ = _setitem
     Ref.__iter__ = _iter

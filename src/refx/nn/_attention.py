@@ -32,10 +32,8 @@ from ._module import Module
 from ._norm import LayerNorm, _stream
 from ._refs import Cache
 
-Array = jax.Array
 
-
-def _validate_qkv_shapes(query: Array, key: Array, value: Array | None = None) -> None:
+def _validate_qkv_shapes(query: jax.Array, key: jax.Array, value: jax.Array | None = None) -> None:
     arrays = (query, key, value) if value is not None else (query, key)
     names = "q, k, v" if value is not None else "q, k"
     if not all(a.ndim == arrays[0].ndim for a in arrays[1:]):
@@ -46,7 +44,7 @@ def _validate_qkv_shapes(query: Array, key: Array, value: Array | None = None) -
                          f"{', '.join(str(a.shape) for a in arrays)}.")
 
 
-def combine_masks(*masks: Array | None, dtype: Any = jnp.float32) -> Array | None:
+def combine_masks(*masks: jax.Array | None, dtype: Any = jnp.float32) -> jax.Array | None:
     """The logical and of the masks that are not None (None if all are)."""
     ms = [m for m in masks if m is not None]
     if not ms:
@@ -60,9 +58,9 @@ def combine_masks(*masks: Array | None, dtype: Any = jnp.float32) -> Array | Non
 
 
 def make_attention_mask(
-    query_input: Array, key_input: Array, pairwise_fn: Callable[..., Any] = jnp.multiply,
+    query_input: jax.Array, key_input: jax.Array, pairwise_fn: Callable[..., Any] = jnp.multiply,
     extra_batch_dims: int = 0, dtype: Any = jnp.float32,
-) -> Array:
+) -> jax.Array:
     """``(*batch, 1, q_len, kv_len)`` mask from per-position query/key inputs."""
     mask = pairwise_fn(jnp.expand_dims(query_input, axis=-1), jnp.expand_dims(key_input, axis=-2))
     mask = jnp.expand_dims(mask, axis=-3)
@@ -70,7 +68,9 @@ def make_attention_mask(
     return mask.astype(dtype)
 
 
-def make_causal_mask(x: Array, extra_batch_dims: int = 0, dtype: Any = jnp.float32) -> Array:
+def make_causal_mask(
+    x: jax.Array, extra_batch_dims: int = 0, dtype: Any = jnp.float32
+) -> jax.Array:
     """The causal mask ``(*batch, 1, len, len)`` of inputs ``x`` of shape ``(*batch, len)``."""
     idxs = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
     return make_attention_mask(idxs, idxs, jnp.greater_equal, extra_batch_dims=extra_batch_dims,
@@ -78,10 +78,10 @@ def make_causal_mask(x: Array, extra_batch_dims: int = 0, dtype: Any = jnp.float
 
 
 def dot_product_attention_weights(
-    query: Array, key: Array, bias: Array | None = None, mask: Array | None = None,
-    broadcast_dropout: bool = True, dropout_rng: Array | None = None, dropout_rate: float = 0.0,
+    query: jax.Array, key: jax.Array, bias: jax.Array | None = None, mask: jax.Array | None = None,
+    broadcast_dropout: bool = True, dropout_rng: jax.Array | None = None, dropout_rate: float = 0.0,
     deterministic: bool = False, dtype: Any = None, precision: Any = None,
-) -> Array:
+) -> jax.Array:
     query, key = promote_dtype((query, key), dtype=dtype)
     dtype = query.dtype
     _validate_qkv_shapes(query, key)
@@ -121,10 +121,11 @@ def dot_product_attention_weights(
 
 
 def dot_product_attention(
-    query: Array, key: Array, value: Array, bias: Array | None = None, mask: Array | None = None,
-    broadcast_dropout: bool = True, dropout_rng: Array | None = None, dropout_rate: float = 0.0,
+    query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    broadcast_dropout: bool = True, dropout_rng: jax.Array | None = None, dropout_rate: float = 0.0,
     deterministic: bool = False, dtype: Any = None, precision: Any = None,
-) -> Array:
+) -> jax.Array:
     """softmax(q k^T / sqrt(d) + bias, masked) v over ``(..., len, heads, depth)`` inputs."""
     query, key, value = promote_dtype((query, key, value), dtype=dtype)
     _validate_qkv_shapes(query, key, value)
@@ -166,7 +167,7 @@ class MultiHeadAttention(Module):
         bias_init: Initializer = initializers.zeros,
         out_bias_init: Initializer | None = None,
         use_bias: bool = True,
-        attention_fn: Callable[..., Array] = dot_product_attention,
+        attention_fn: Callable[..., jax.Array] = dot_product_attention,
         decode: bool | None = None,
         normalize_qk: bool = False,
         rngs: Any,
@@ -228,15 +229,15 @@ class MultiHeadAttention(Module):
 
     def __call__(
         self,
-        inputs_q: Array,
-        inputs_k: Array | None = None,
-        inputs_v: Array | None = None,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
         *,
-        mask: Array | None = None,
+        mask: jax.Array | None = None,
         deterministic: bool | None = None,
         rngs: Any = None,
         decode: bool | None = None,
-    ) -> Array:
+    ) -> jax.Array:
         stream = _stream(rngs, "dropout") if rngs is not None else self.rngs
         if inputs_k is None:
             if inputs_v is not None:

@@ -66,7 +66,7 @@ class Wrapped(Module):
             else:
                 slots.append(_Static(leaf))
         self.refs = refs
-        self.treedef = treedef
+        self.treedef: Any = treedef
         self.slots = tuple(slots)
         self.fn = fn
 

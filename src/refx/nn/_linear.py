@@ -23,8 +23,7 @@ from jax import lax
 from ._module import Module
 from ._refs import Param
 
-Array = jax.Array
-Initializer = Callable[..., Array]
+Initializer = Callable[..., jax.Array]
 initializers = jax.nn.initializers
 
 default_kernel_init = initializers.lecun_normal()
@@ -41,7 +40,7 @@ class Partitioned:
         self.init = init
         self.sharding = tuple(sharding) if isinstance(sharding, list) else sharding
 
-    def __call__(self, key: Any, shape: Any, dtype: Any = jnp.float32) -> Array:
+    def __call__(self, key: Any, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
         return self.init(key, shape, dtype)
 
 
@@ -105,7 +104,7 @@ class Linear(Module):
         precision: Any = None,
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = default_bias_init,
-        dot_general: Callable[..., Array] = lax.dot_general,
+        dot_general: Callable[..., jax.Array] = lax.dot_general,
         rngs: Any,
         kernel_metadata: Mapping[str, Any] = _NO_METADATA,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -122,7 +121,7 @@ class Linear(Module):
         self.precision = precision
         self.dot_general = dot_general
 
-    def __call__(self, inputs: Array) -> Array:
+    def __call__(self, inputs: jax.Array) -> jax.Array:
         kernel = self.kernel.value
         bias = self.bias.value if self.bias is not None else None
         inputs, kernel, bias = promote_dtype((inputs, kernel, bias), dtype=self.dtype)
@@ -149,7 +148,7 @@ class LinearGeneral(Module):
         kernel_init: Initializer = default_kernel_init,
         bias_init: Initializer = default_bias_init,
         precision: Any = None,
-        dot_general: Callable[..., Array] | None = None,
+        dot_general: Callable[..., jax.Array] | None = None,
         rngs: Any,
         kernel_metadata: Mapping[str, Any] = _NO_METADATA,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -164,11 +163,11 @@ class LinearGeneral(Module):
             )
         n_in, n_out = len(self.in_features), len(self.out_features)
 
-        def kernel_init_wrap(rng: Any, shape: Any, dtype: Any) -> Array:
+        def kernel_init_wrap(rng: Any, shape: Any, dtype: Any) -> jax.Array:
             flat = (int(np.prod(shape[:n_in])), int(np.prod(shape[-n_out:])))
             return jnp.reshape(kernel_init(rng, flat, dtype), shape)
 
-        def bias_init_wrap(rng: Any, shape: Any, dtype: Any) -> Array:
+        def bias_init_wrap(rng: Any, shape: Any, dtype: Any) -> jax.Array:
             return jnp.reshape(bias_init(rng, (int(np.prod(shape)),), dtype), shape)
 
         md = dict(kernel_metadata)
@@ -187,7 +186,7 @@ class LinearGeneral(Module):
         self.precision = precision
         self.dot_general = dot_general
 
-    def __call__(self, inputs: Array) -> Array:
+    def __call__(self, inputs: jax.Array) -> jax.Array:
         axis = _normalize_axes(self.axis, inputs.ndim)
         contract_ind = tuple(range(len(axis)))
         kernel = self.kernel.value
@@ -233,7 +232,7 @@ class Einsum(Module):
         self.param_dtype = param_dtype
         self.precision = precision
 
-    def __call__(self, inputs: Array, einsum_str: str | None = None) -> Array:
+    def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
         einsum_str = (einsum_str or self.einsum_str).replace(" ", "")
         _einsum_str_check(einsum_str)
         inputs, kernel, bias = promote_dtype(
@@ -245,8 +244,8 @@ class Einsum(Module):
             y += jnp.reshape(bias, self._bias_shape(einsum_str, inputs, kernel))
         return y
 
-    def _bias_shape(self, einsum_str: str, lhs: Array, rhs: Array) -> list[int]:
-        import opt_einsum
+    def _bias_shape(self, einsum_str: str, lhs: jax.Array, rhs: jax.Array) -> list[int]:
+        import opt_einsum  # type: ignore[import-untyped,unused-ignore]
 
         operands, result, _ = opt_einsum.parser.parse_einsum_input((einsum_str, lhs, rhs))
         rhs_dict = {c: i for i, c in enumerate(operands.split(",")[1])}
@@ -318,7 +317,7 @@ class Conv(Module):
         kernel_dilation: int | Sequence[int] | None = 1,
         feature_group_count: int = 1,
         use_bias: bool = True,
-        mask: Array | None = None,
+        mask: jax.Array | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
@@ -353,7 +352,7 @@ class Conv(Module):
         self.param_dtype = param_dtype
         self.precision = precision
 
-    def __call__(self, inputs: Array) -> Array:
+    def __call__(self, inputs: jax.Array) -> jax.Array:
         kernel_size = self.kernel_size
 
         def maybe_broadcast(x: Any) -> tuple[int, ...]:
@@ -425,7 +424,7 @@ class ConvTranspose(Module):
         padding: Any = "SAME",
         kernel_dilation: int | Sequence[int] | None = None,
         use_bias: bool = True,
-        mask: Array | None = None,
+        mask: jax.Array | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
@@ -456,7 +455,7 @@ class ConvTranspose(Module):
         self.bias = (param(bias_init, rngs.params(), (out_features,), param_dtype, bias_metadata)
                      if use_bias else None)
 
-    def __call__(self, inputs: Array) -> Array:
+    def __call__(self, inputs: jax.Array) -> jax.Array:
         kernel_size = self.kernel_size
 
         def maybe_broadcast(x: Any) -> tuple[int, ...]:
@@ -523,7 +522,7 @@ class Embed(Module):
         self.dtype = dtype or self.embedding.value.dtype
         self.param_dtype = param_dtype
 
-    def __call__(self, inputs: Array) -> Array:
+    def __call__(self, inputs: jax.Array) -> jax.Array:
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError("Input type must be an integer or unsigned integer.")
         (embedding,) = promote_dtype((self.embedding.value,), dtype=self.dtype, inexact=False)
@@ -531,6 +530,6 @@ class Embed(Module):
             return jnp.broadcast_to(embedding, inputs.shape + (self.features,))
         return jnp.take(embedding, inputs, axis=0)
 
-    def attend(self, query: Array) -> Array:
+    def attend(self, query: jax.Array) -> jax.Array:
         query, embedding = promote_dtype((query, self.embedding.value), dtype=self.dtype)
         return jnp.dot(query, embedding.T)

@@ -155,7 +155,7 @@ def _flatten_with_keys(m: Module) -> tuple[list[tuple[GetAttrKey, Any]], Any]:
 
 def _make_unflatten(cls: type) -> Any:
     def unflatten(aux: tuple[tuple[str, Any], ...], children: Any) -> Any:
-        module = object.__new__(cls)
+        module: Any = object.__new__(cls)
         d = module.__dict__
         it = iter(children)
         names = []

@@ -21,9 +21,7 @@ from jax import lax
 
 from ._linear import _NO_METADATA, Initializer, initializers, param, promote_dtype
 from ._module import Module, first_from
-from ._refs import BatchStat
-
-Array = jax.Array
+from ._refs import BatchStat, Param
 
 
 def _canonicalize_axes(rank: int, axes: Any) -> tuple[int, ...]:
@@ -32,23 +30,24 @@ def _canonicalize_axes(rank: int, axes: Any) -> tuple[int, ...]:
     return tuple({rank + a if a < 0 else a for a in axes})
 
 
-def _abs_sq(x: Array) -> Array:
+def _abs_sq(x: jax.Array) -> jax.Array:
     if jnp.iscomplexobj(x):
         return lax.square(lax.real(x)) + lax.square(lax.imag(x))
     return lax.square(x)
 
 
 def _compute_stats(
-    x: Array, axes: Any, dtype: Any, axis_name: str | None = None, axis_index_groups: Any = None,
-    use_mean: bool = True, use_fast_variance: bool = True, mask: Array | None = None,
-) -> tuple[Array, Array]:
+    x: jax.Array, axes: Any, dtype: Any, axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    use_mean: bool = True, use_fast_variance: bool = True, mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     if dtype is None:
         dtype = jnp.result_type(x)
     dtype = jnp.promote_types(dtype, jnp.float32)
     x = jnp.asarray(x, dtype)
     axes = _canonicalize_axes(x.ndim, axes)
 
-    def mean(*xs: Array, mask: Array | None = None) -> Any:
+    def mean(*xs: jax.Array, mask: jax.Array | None = None) -> Any:
         mus = tuple(v.mean(axes, where=mask) for v in xs)
         if axis_name is None:
             return mus if len(xs) > 1 else mus[0]
@@ -72,9 +71,9 @@ def _compute_stats(
 
 
 def _normalize(
-    x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None,
+    x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
     reduction_axes: Any, feature_axes: Any, dtype: Any, epsilon: float,
-) -> Array:
+) -> jax.Array:
     reduction_axes = _canonicalize_axes(x.ndim, reduction_axes)
     feature_axes = _canonicalize_axes(x.ndim, feature_axes)
     stats_shape = list(x.shape)
@@ -121,6 +120,9 @@ class BatchNorm(Module):
     running ``mean``/``var`` (BatchStat Refs) by ``momentum``; evaluation mode
     (``model.eval()``) uses the running statistics."""
 
+    scale: Param | None
+    bias: Param | None
+
     def __init__(
         self,
         num_features: int,
@@ -164,8 +166,9 @@ class BatchNorm(Module):
         self.use_fast_variance = use_fast_variance
 
     def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
+        self, x: jax.Array, use_running_average: bool | None = None, *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
         use_running_average = first_from(
             use_running_average, self.use_running_average,
             error="BatchNorm: no use_running_average given (to the constructor, the call, "
@@ -201,6 +204,9 @@ class BatchNorm(Module):
 class LayerNorm(Module):
     """Layer normalization over ``reduction_axes`` (default the last)."""
 
+    scale: Param | None
+    bias: Param | None
+
     def __init__(
         self,
         num_features: int,
@@ -235,7 +241,7 @@ class LayerNorm(Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
 
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         scale = self.scale.value if self.scale is not None else None
         bias = self.bias.value if self.bias is not None else None
         x, scale, bias = promote_dtype((x, scale, bias), dtype=self.dtype)
@@ -248,6 +254,8 @@ class LayerNorm(Module):
 
 class RMSNorm(Module):
     """Root-mean-square normalization (no mean subtraction, no bias)."""
+
+    scale: Param | None
 
     def __init__(
         self,
@@ -266,9 +274,8 @@ class RMSNorm(Module):
         rngs: Any,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ) -> None:
-        _scale_bias(self, num_features, use_scale, False, scale_init, scale_init, param_dtype,
-                    rngs, scale_metadata, _NO_METADATA)
-        del self.bias
+        self.scale = (param(scale_init, rngs.params(), (num_features,), param_dtype,
+                            scale_metadata) if use_scale else None)
         self.num_features = num_features
         self.epsilon = epsilon
         self.dtype = dtype
@@ -280,7 +287,7 @@ class RMSNorm(Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         scale = self.scale.value if self.scale is not None else None
         x, scale = promote_dtype((x, scale), dtype=self.dtype)
         mean, var = _compute_stats(x, self.reduction_axes, self.dtype, self.axis_name,
@@ -292,6 +299,9 @@ class RMSNorm(Module):
 
 class GroupNorm(Module):
     """Group normalization: statistics per group of ``group_size`` channels."""
+
+    scale: Param | None
+    bias: Param | None
 
     def __init__(
         self,
@@ -350,7 +360,7 @@ class GroupNorm(Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
 
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         if self.reduction_axes is not None:
             reduction_axes = self.reduction_axes
         else:
@@ -394,8 +404,8 @@ class Dropout(Module):
         self.rngs = _stream(rngs, rng_collection)
 
     def __call__(
-        self, inputs: Array, *, deterministic: bool | None = None, rngs: Any = None
-    ) -> Array:
+        self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: Any = None
+    ) -> jax.Array:
         deterministic = first_from(
             deterministic, self.deterministic,
             error=f"Dropout(rate={self.rate}): no deterministic given (to the constructor, "

@@ -18,7 +18,7 @@ optimizer and the model to the jitted step).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +107,7 @@ class Optimizer(Module):
     def update(self, model: Any, grads: Any, **kwargs: Any) -> None:
         """Apply one optax step: ``grads`` is the Partition of
         ``refx.grad(..., wrt=self.wrt)``; extra keywords go to ``tx.update``."""
-        import optax
+        import optax  # type: ignore[import-untyped,unused-ignore]
 
         refs = _named_refs(model, self.wrt)
         if tuple(refs) != self.names:
@@ -128,6 +128,7 @@ class Optimizer(Module):
         params = {k: r.value for k, r in refs.items()}
         leaves, treedef = jax.tree_util.tree_flatten(
             self.opt_state, is_leaf=lambda x: isinstance(x, Ref))
+        treedef = cast(Any, treedef)
         state = treedef.unflatten([r.value if isinstance(r, Ref) else r for r in leaves])
         grads_d = {k: g[k] for k in refs}
         updates, new_state = self.tx.update(grads_d, state, params, **kwargs)

@@ -24,10 +24,8 @@ from ._module import Module
 _orthogonal = initializers.orthogonal()
 _lecun_normal = initializers.lecun_normal()
 
-Array = jax.Array
 
-
-def modified_orthogonal(key: Array, shape: Any, dtype: Any = jnp.float32) -> Array:
+def modified_orthogonal(key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
     return initializers.orthogonal()(key, shape).astype(dtype)
 
 
@@ -84,7 +82,9 @@ class LSTMCell(Module):
         self.hi, self.hf, self.hg, self.ho = dense_h(), dense_h(), dense_h(), dense_h()
         self.carry_init = carry_init
 
-    def __call__(self, carry: tuple[Array, Array], inputs: Array) -> tuple[Any, Array]:
+    def __call__(
+        self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array
+    ) -> tuple[Any, jax.Array]:
         c, h = carry
         i = self.gate_fn(self.ii(inputs) + self.hi(h))
         f = self.gate_fn(self.if_(inputs) + self.hf(h))
@@ -96,7 +96,7 @@ class LSTMCell(Module):
 
     def initialize_carry(
         self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Initializer | None = None
-    ) -> tuple[Array, Array]:
+    ) -> tuple[jax.Array, jax.Array]:
         init, key = _carry_init(self, carry_init, rngs)
         shape = tuple(input_shape[:-1]) + (self.hidden_features,)
         return init(key(), shape, self.param_dtype), init(key(), shape, self.param_dtype)
@@ -143,7 +143,7 @@ class GRUCell(Module):
                               kernel_metadata=recurrent_kernel_metadata)
         self.carry_init = carry_init
 
-    def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
+    def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = carry
         xi_r, xi_z, xi_n = jnp.split(self.dense_i(inputs), 3, axis=-1)
         hh_r, hh_z, hh_n = jnp.split(self.dense_h(h), 3, axis=-1)
@@ -155,7 +155,7 @@ class GRUCell(Module):
 
     def initialize_carry(
         self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Initializer | None = None
-    ) -> Array:
+    ) -> jax.Array:
         init, key = _carry_init(self, carry_init, rngs)
         return init(key(), tuple(input_shape[:-1]) + (self.hidden_features,), self.param_dtype)
 
@@ -196,7 +196,7 @@ class SimpleCell(Module):
                               bias_init=bias_init, rngs=rngs)
         self.carry_init = carry_init
 
-    def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
+    def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
         new = self.dense_i(inputs) + self.dense_h(carry)
         if self.residual:
             new += carry
@@ -205,7 +205,7 @@ class SimpleCell(Module):
 
     def initialize_carry(
         self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Initializer | None = None
-    ) -> Array:
+    ) -> jax.Array:
         init, key = _carry_init(self, carry_init, rngs)
         return init(key(), tuple(input_shape[:-1]) + (self.hidden_features,), self.param_dtype)
 
@@ -238,7 +238,7 @@ class RNN(Module):
 
     def __call__(
         self,
-        inputs: Array,
+        inputs: jax.Array,
         *,
         initial_carry: Any = None,
         return_carry: bool | None = None,
@@ -258,7 +258,7 @@ class RNN(Module):
             initial_carry = self.cell.initialize_carry(step_shape, rngs)  # type: ignore[attr-defined]
         xs = jnp.moveaxis(inputs, time_axis, 0)
 
-        def body(state: Any, x: Array) -> Any:
+        def body(state: Any, x: jax.Array) -> Any:
             cell, carry = state
             carry, y = cell(carry, x)
             return (cell, carry), y
