@@ -284,3 +284,17 @@ def test_jnp_functions_do_not_take_refs_document_it():
     r = nn.Param(jnp.ones(3))
     assert float(jnp.sum(r.value)) == 3.0 and float(jnp.sum(r[...])) == 3.0
     assert float(r.sum()) == 3.0
+
+
+def test_batch_norm_axis_name_averages_statistics_across_the_mapped_axis():
+    """BatchNorm(axis_name=...) under refx.vmap(axis_name=...): each member
+    normalizes by the statistics of all members' examples (lax.pmean), so the
+    broadcast BatchNorm's running stats are written once, equal to those of one
+    BatchNorm over the whole batch."""
+    bn = nn.BatchNorm(3, axis_name="b", momentum=0.5, rngs=nn.Rngs(0))
+    whole = nn.BatchNorm(3, momentum=0.5, rngs=nn.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (4, 8, 3)) * 2 + 1
+    y = refx.vmap(lambda bn, x: bn(x), in_axes=(None, 0), axis_name="b")(bn, x)
+    np.testing.assert_allclose(np.asarray(y).reshape(32, 3), whole(x.reshape(32, 3)), atol=1e-5)
+    np.testing.assert_allclose(bn.mean.value, whole.mean.value, atol=1e-6)
+    np.testing.assert_allclose(bn.var.value, whole.var.value, atol=1e-5)
