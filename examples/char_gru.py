@@ -28,7 +28,9 @@ import numpy as np
 import optax
 
 import refx
-from nn import Array, Linear, Module, Optimizer
+import refx.nn as nn
+
+Array = jax.Array
 
 
 def zen_of_python() -> str:
@@ -37,29 +39,22 @@ def zen_of_python() -> str:
     return codecs.decode(this.s, "rot13")
 
 
-class GRU(Module):
-    """Embedding -> GRU cell -> logits over the vocabulary."""
+class GRU(nn.Module):
+    """Embedding -> GRU cell -> logits over the vocabulary (refx.nn layers)."""
 
-    def __init__(self, vocab: int, hidden: int, *, key: Array) -> None:
-        k = jax.random.split(key, 5)
-        self.embed: refx.Ref[Array] = refx.Ref(jax.random.normal(k[0], (vocab, hidden)) * 0.3,
-                                               "params")
-        self.update = Linear(2 * hidden, hidden, key=k[1])  # z
-        self.reset = Linear(2 * hidden, hidden, key=k[2])  # r
-        self.cand = Linear(2 * hidden, hidden, key=k[3])
-        self.head = Linear(hidden, vocab, key=k[4])
+    def __init__(self, vocab: int, hidden: int, *, rngs: nn.Rngs) -> None:
+        self.embed = nn.Embed(vocab, hidden, rngs=rngs)
+        self.gru = nn.GRUCell(hidden, hidden, rngs=rngs)
+        self.head = nn.Linear(hidden, vocab, rngs=rngs)
         self.chars_read: refx.Ref[Array] = refx.Ref(jnp.array(0), "count")
+        self.hidden = hidden
 
     def cell(self, h: Array, ids: Array) -> tuple[Array, Array]:
         """One time step for a batch: (new hidden state, logits)."""
-        x = self.embed.value[ids]
-        hx = jnp.concatenate([h, x], axis=-1)
-        z = jax.nn.sigmoid(self.update(hx))
-        r = jax.nn.sigmoid(self.reset(hx))
-        c = jnp.tanh(self.cand(jnp.concatenate([r * h, x], axis=-1)))
-        h = (1 - z) * h + z * c
+        h, _ = self.gru(h, self.embed(ids))
         self.chars_read.value = self.chars_read.value + 1  # a write inside scan's body
-        return h, self.head(h)
+        logits: Array = self.head(h)
+        return h, logits
 
 
 Carry = tuple[GRU, Array]
@@ -73,14 +68,14 @@ def loss_fn(model: GRU, inputs: Array, targets: Array) -> Array:
         h, logits = model.cell(h, ids)
         return (model, h), logits  # the carry: the same model (its Refs), a new h
 
-    h0 = jnp.zeros((inputs.shape[1], model.head.w.value.shape[0]))
+    h0 = jnp.zeros((inputs.shape[1], model.hidden))
     _, logits = refx.scan(body, (model, h0), inputs)
     loss: Array = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     return loss
 
 
 @refx.jit
-def train_step(model: GRU, opt: Optimizer, inputs: Array, targets: Array) -> Array:
+def train_step(model: GRU, opt: nn.Optimizer, inputs: Array, targets: Array) -> Array:
     loss: Array
     loss, grads = refx.value_and_grad(loss_fn)(model, inputs, targets)
     opt.update(model, grads)
@@ -99,7 +94,7 @@ def sample(model: GRU, first: Array, length: int, key: Array) -> Array:
         ids = jax.random.categorical(sub, logits / 0.5)
         return (model, h, ids, key), ids[0]
 
-    h0 = jnp.zeros((1, model.head.w.value.shape[0]))
+    h0 = jnp.zeros((1, model.hidden))
     _, chars = refx.scan(body, (model, h0, first[None], key), None, length=length)
     return chars
 
@@ -118,8 +113,8 @@ def train(steps: int, *, seq: int = 48, batch: int = 32, hidden: int = 64, seed:
     text = zen_of_python()
     vocab = sorted(set(text))
     data = np.array([vocab.index(c) for c in text], np.int32)
-    model = GRU(len(vocab), hidden, key=jax.random.key(seed))
-    opt = Optimizer(model, optax.adam(1e-2))
+    model = GRU(len(vocab), hidden, rngs=nn.Rngs(seed))
+    opt = nn.Optimizer(model, optax.adam(1e-2), wrt=nn.Param)
     losses = []
     for step in range(steps):
         inputs, targets = windows(data, seq, batch, seed * 100_003 + step)

@@ -1,16 +1,17 @@
 """An ensemble of 8 MLPs made and trained with refx.vmap (`make examples`).
 
-`refx.vmap(lambda k: Member(k))(keys)` runs an ordinary model constructor
-once per key and returns ONE model whose Refs hold stacked values (8 of
-every weight, 8 dropout keys); `refx.vmap(lambda m: Optimizer(m, tx))`
-does the same for the optimiser state.  One `refx.jit` step trains all
-members at once: `refx.vmap` maps the member step over the members with a
-`StateAxes` saying, per collection, which Refs are per member (params,
-dropout keys, optimiser state: axis 0) and which are shared (a step
-counter: None, written once for all).  Every member's Dropout splits and
-writes its own key Ref, so each member drops different units; the writes
-come back stacked.  On scikit-learn's digits the ensemble's averaged
-prediction beats its average member.
+`refx.vmap(Member)(nn.Rngs(seed).split(8))` runs an ordinary refx.nn
+model constructor once per random stream and returns ONE model whose Refs
+hold stacked values (8 of every weight, 8 dropout streams);
+`refx.vmap(lambda m: nn.Optimizer(m, tx))` does the same for the optimiser
+state.  One `refx.jit` step trains all members at once: `refx.vmap` maps
+the member step over the members with a `StateAxes` saying, per Ref type,
+which Refs are per member (`nn.Param`, `nn.RngState`, `nn.OptState`: axis
+0) and which are shared (a step counter: None, written once for all).
+Every member's Dropout advances its own stream's counter Ref, so each
+member drops different units; the writes come back stacked.  On
+scikit-learn's digits the ensemble's averaged prediction beats its average
+member.
 """
 
 from __future__ import annotations
@@ -26,28 +27,31 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import refx
-from nn import Array, Dropout, Linear, Module, Optimizer
+import refx.nn as nn
+
+Array = jax.Array
 
 MEMBERS = 8
 
 
-class Member(Module):
-    """64 pixels -> 64 (ReLU, dropout) -> 10 logits, with its own dropout key."""
+class Member(nn.Module):
+    """64 pixels -> 64 (ReLU, dropout) -> 10 logits, with its own random stream."""
 
-    def __init__(self, key: Array) -> None:
-        k1, k2, k3 = jax.random.split(key, 3)
-        self.hidden = Linear(64, 64, key=k1)
-        self.drop = Dropout(0.3, rng=refx.Ref(k3, "rng"))
-        self.out = Linear(64, 10, key=k2)
+    def __init__(self, rngs: nn.Rngs) -> None:
+        self.hidden = nn.Linear(64, 64, rngs=rngs)
+        self.drop = nn.Dropout(0.3, rngs=rngs)
+        self.out = nn.Linear(64, 10, rngs=rngs)
 
-    def __call__(self, x: Array, *, train: bool) -> Array:
-        return self.out(self.drop(jax.nn.relu(self.hidden(x)), train=train))
+    def __call__(self, x: Array, *, deterministic: bool | None = None) -> Array:
+        h = self.drop(nn.relu(self.hidden(x)), deterministic=deterministic)
+        y: Array = self.out(h)
+        return y
 
 
-class Ensemble(Module):
-    def __init__(self, keys: Array, tx: optax.GradientTransformation) -> None:
-        self.members: Member = refx.vmap(Member)(keys)  # one model, stacked values
-        self.opt: Optimizer = refx.vmap(lambda m: Optimizer(m, tx))(self.members)
+class Ensemble(nn.Module):
+    def __init__(self, rngs: nn.Rngs, tx: optax.GradientTransformation) -> None:
+        self.members: Member = refx.vmap(Member)(rngs)  # one model, stacked values
+        self.opt: nn.Optimizer = refx.vmap(lambda m: nn.Optimizer(m, tx))(self.members)
         self.steps: refx.Ref[Array] = refx.Ref(jnp.array(0), "count")  # shared by all
 
 
@@ -56,19 +60,19 @@ class Ensemble(Module):
 make_ensemble = refx.jit(Ensemble, static_argnums=1)
 
 
-def member_keys(seed: int) -> Array:
+def member_rngs(seed: int) -> nn.Rngs:
     # "rbg" keys: XLA compiles their generator much faster than threefry's
     # under vmap (measured on JAX 0.10.2, 2 cores: 0.6 s against 3.0 s for
     # these initialisers); any key implementation works with refx.
-    return jax.random.split(jax.random.key(seed, impl="rbg"), MEMBERS)
+    return nn.Rngs(jax.random.key(seed, impl="rbg")).split(MEMBERS)
 
 
-# per collection: each member's own Refs on axis 0, the rest (the step counter) shared
-AXES = refx.StateAxes({("params", "rng", "opt_state"): 0, ...: None})
+# per Ref type: each member's own Refs on axis 0, the rest (the step counter) shared
+AXES = refx.StateAxes({(nn.Param, nn.RngState, nn.OptState): 0, ...: None})
 
 
 def member_loss(member: Member, x: Array, y: Array) -> Array:
-    logits = member(x, train=True)  # writes the member's dropout key
+    logits = member(x, deterministic=False)  # advances the member's dropout stream
     loss: Array = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss
 
@@ -90,7 +94,7 @@ def train_step(ens: Ensemble, x: Array, y: Array) -> Array:
 
 @refx.jit(mutable=False)  # evaluation writes nothing (a Dropout in train mode would raise)
 def logits_of(members: Member, x: Array) -> Array:
-    out: Array = refx.vmap(lambda m: m(x, train=False))(members)
+    out: Array = refx.vmap(lambda m: m(x, deterministic=True))(members)
     return out
 
 
@@ -106,16 +110,17 @@ def train(steps: int, *, seed: int = 0, batch: int = 64) -> tuple[Ensemble, Arra
     """(ensemble, per-member losses of each step, mean member accuracy,
     ensemble accuracy)."""
     xtr, ytr, xte, yte = load_data(seed)
-    ens = make_ensemble(member_keys(seed), optax.adam(3e-3))
-    keys0 = jax.random.key_data(ens.members.drop.rng.value)
+    ens = make_ensemble(member_rngs(seed), optax.adam(3e-3))
+    keys = ens.members.drop.rngs.key.value
+    count0 = np.asarray(ens.members.drop.rngs.count.value)
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(steps):
         idx = rng.choice(len(xtr), batch, replace=False)
         losses.append(train_step(ens, xtr[idx], ytr[idx]))
-    keys1 = jax.random.key_data(ens.members.drop.rng.value)
-    assert keys0.shape[0] == MEMBERS and not bool(jnp.any(jnp.all(keys0 == keys1, axis=-1))), \
-        "every member's key Ref was split and written back"
+    count1 = np.asarray(ens.members.drop.rngs.count.value)
+    assert keys.shape == (MEMBERS,) and bool(np.all(count1 == count0 + steps)), \
+        "every member's dropout counter Ref was advanced and written back"
     assert int(ens.steps.value) == steps
     logits = logits_of(ens.members, xte)  # (members, test images, classes)
     member_acc = float(jnp.mean(jnp.argmax(logits, -1) == yte))
@@ -131,8 +136,8 @@ def main() -> None:
     t0 = time.perf_counter()
     ens, losses, member_acc, ensemble_acc = train(args.steps, seed=args.seed)
     elapsed = time.perf_counter() - t0
-    w = ens.members.hidden.w.value
-    print(f"{MEMBERS} MLPs made by refx.vmap(Member)(keys): hidden.w holds {w.shape} "
+    w = ens.members.hidden.kernel.value
+    print(f"{MEMBERS} MLPs made by refx.vmap(Member)(rngs): hidden.kernel holds {w.shape} "
           f"(one Ref), {len(jax.tree_util.tree_leaves(refx.deref(ens.members)))} Refs in all")
     print(f"trained {args.steps} steps (all members per step) in {elapsed:.1f}s (compiling "
           f"included); shared step counter: {int(ens.steps.value)}")

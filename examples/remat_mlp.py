@@ -28,16 +28,18 @@ import optax
 from jax.ad_checkpoint import print_saved_residuals
 
 import refx
-from nn import Array, Linear, Module, Optimizer
+import refx.nn as nn
+
+Array = jax.Array
 
 DIN = 8
 
 
-class Block(Module):
+class Block(nn.Module):
     """x + 0.5 * tanh(linear(x)); remembers the RMS of its last output."""
 
-    def __init__(self, width: int, *, key: Array) -> None:
-        self.linear = Linear(width, width, key=key)
+    def __init__(self, width: int, *, rngs: nn.Rngs) -> None:
+        self.linear = nn.Linear(width, width, rngs=rngs)
         self.rms: refx.Ref[Array] = refx.Ref(jnp.zeros(()), "stats")
 
     def __call__(self, x: Array) -> Array:
@@ -46,12 +48,12 @@ class Block(Module):
         return y
 
 
-class DeepMLP(Module):
+class DeepMLP(nn.Module):
     def __init__(self, depth: int, width: int, *, seed: int) -> None:
-        keys = jax.random.split(jax.random.key(seed), depth + 2)
-        self.inp = Linear(DIN, width, key=keys[0])
-        self.blocks = [Block(width, key=k) for k in keys[1:-1]]
-        self.out = Linear(width, 1, key=keys[-1])
+        rngs = nn.Rngs(seed)
+        self.inp = nn.Linear(DIN, width, rngs=rngs)
+        self.blocks = [Block(width, rngs=rngs) for _ in range(depth)]
+        self.out = nn.Linear(width, 1, rngs=rngs)
 
     def __call__(self, x: Array, *, remat: bool) -> Array:
         block: Callable[[Block, Array], Array] = (
@@ -73,7 +75,7 @@ def gradients(model: DeepMLP, x: Array, y: Array, remat: bool) -> refx.Partition
 
 
 @refx.jit
-def train_step(model: DeepMLP, opt: Optimizer, x: Array, y: Array) -> Array:
+def train_step(model: DeepMLP, opt: nn.Optimizer, x: Array, y: Array) -> Array:
     loss: Array
     loss, grads = refx.value_and_grad(loss_fn)(model, x, y, True)
     opt.update(model, grads)
@@ -115,7 +117,7 @@ def run(steps: int, *, depth: int = 12, width: int = 64, seed: int = 0) -> dict[
         jax.tree_util.tree_leaves(g_remat), jax.tree_util.tree_leaves(g_plain), strict=True))
     kept_remat = saved_residuals(model, x, y, True)
     kept_plain = saved_residuals(model, x, y, False)
-    opt = Optimizer(model, optax.adam(3e-3))
+    opt = nn.Optimizer(model, optax.adam(3e-3), wrt=nn.Param)
     losses = [float(train_step(model, opt, x, y)) for _ in range(steps)]
     rms = float(model.blocks[-1].rms.value)
     assert diff < 1e-5, f"remat changed the gradients by {diff}"

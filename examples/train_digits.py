@@ -1,15 +1,18 @@
 """Train an MLP on scikit-learn's handwritten digits with refx (`make demo`).
 
-The model (built from `nn.py`) has BatchNorm, Dropout and a tied weight: a
-decoder that reconstructs the input from the first hidden layer using the
-first layer's weight Ref, transposed.  Its state sits in four collections:
-"params" (trained), "batch_stats" (BatchNorm running averages), "rng" (the
-dropout key) and "opt_state" (the optimiser's).  One training step is a
-`refx.jit` function of the model and the optimiser: `refx.value_and_grad`
-differentiates the "params" Refs (the forward pass writes the batch stats
-and the rng key as it goes, and they are written back), the optimiser
-updates the params in place, and refx.jit writes every Ref the step wrote
-back into the caller's model.  No functional plumbing reaches the code.
+The model is built from `refx.nn` layers (Flax NNX's signatures) and has
+BatchNorm, Dropout and a tied weight: a decoder that reconstructs the input
+from the first hidden layer using the first layer's kernel Ref, transposed.
+Its state sits in collections: "params" (`nn.Param`, trained),
+"batch_stats" (`nn.BatchStat`, BatchNorm running averages), "rngs" (the
+dropout stream's key and counter) and "opt_state" (`nn.Optimizer`'s optax
+state, one Ref per array).  One training step is a `refx.jit` function of
+the model and the optimiser: `refx.value_and_grad` differentiates the
+`nn.Param` Refs (the forward pass writes the batch stats and advances the
+dropout counter, and they are written back), the optimiser updates the
+params in place, and refx.jit writes every Ref the step wrote back into the
+caller's model.  `model.train()` / `model.eval()` switch Dropout and
+BatchNorm.  No functional plumbing reaches the code.
 
 Afterwards the script checks the tied weight is still one Ref, plots the
 loss, and round-trips an orbax checkpoint (params + batch stats, named by
@@ -22,6 +25,7 @@ import argparse
 import pathlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,34 +37,56 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import refx
-from nn import Array, BatchNorm, Dropout, Linear, Module, Optimizer, Sharding
+import refx.nn as nn
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+Array = jax.Array
+Sharding = tuple[str | None, ...]  # mesh axis names (or None) per dimension
 
 
 # --------------------------------------------------------------- the model
 
 
-class Block(Module):
+def declare(sharding: Sharding | None) -> dict[str, Any]:
+    """A parameter's metadata: its sharding, or nothing."""
+    return {} if sharding is None else {"sharding": sharding}
+
+
+class Block(nn.Module):
     def __init__(
-        self, din: int, dout: int, *, dropout: float, rng: refx.Ref[Array], key: Array,
+        self, din: int, dout: int, *, dropout: float, rngs: nn.Rngs,
         sharding: Sharding | None = None,
     ):
-        self.linear = Linear(din, dout, key=key, sharding=sharding)
-        self.norm = BatchNorm(dout, sharding=sharding and sharding[1:])
-        self.drop = Dropout(dropout, rng=rng)
+        features = declare(sharding and sharding[1:])  # of the output features
+        self.linear = nn.Linear(din, dout, rngs=rngs, kernel_metadata=declare(sharding),
+                                bias_metadata=features)
+        self.norm = nn.BatchNorm(dout, momentum=0.9, rngs=rngs, scale_metadata=features,
+                                 bias_metadata=features)
+        self.drop = nn.Dropout(dropout, rngs=rngs)
 
-    def __call__(self, x: Array, *, train: bool) -> Array:
-        h = jax.nn.relu(self.norm(self.linear(x), train=train))
-        return self.drop(h, train=train)
+    def __call__(self, x: Array) -> Array:
+        return self.drop(nn.relu(self.norm(self.linear(x))))
 
 
-class MLP(Module):
+class TiedDecoder(nn.Module):
+    """Maps a layer's outputs back to its inputs with the *same* kernel Ref
+    (used transposed) and a bias of its own."""
+
+    def __init__(self, layer: nn.Linear, sharding: Sharding | None = None):
+        self.kernel = layer.kernel  # shared: one Ref, two layers
+        self.bias = nn.Param(jnp.zeros(layer.in_features), **declare(sharding))
+
+    def __call__(self, h: Array) -> Array:
+        y: Array = h @ self.kernel.T + self.bias  # Refs in array code: their current values
+        return y
+
+
+class MLP(nn.Module):
     """64 pixels -> 2 hidden blocks -> 10 logits, plus a tied decoder
-    (hidden -> 64 pixels) sharing the first layer's weight Ref.
+    (hidden -> 64 pixels) sharing the first layer's kernel Ref.
 
     ``sharded=True`` declares model-parallel shardings over a mesh axis
     "model" (train_sharded.py): the first block's outputs split over it,
@@ -70,24 +96,23 @@ class MLP(Module):
         self, din: int = 64, hidden: int = 128, classes: int = 10, *, seed: int = 0,
         sharded: bool = False,
     ):
-        keys = jax.random.split(jax.random.key(seed), 4)
-        rng = refx.Ref(keys[3], "rng")  # one key Ref, shared by every Dropout
+        rngs = nn.Rngs(seed)  # one stream: parameters at init, dropout masks after
         s0, s1 = ((None, "model"), ("model", None)) if sharded else (None, None)
         self.blocks = [
-            Block(din, hidden, dropout=0.1, rng=rng, key=keys[0], sharding=s0),
-            Block(hidden, hidden, dropout=0.1, rng=rng, key=keys[1], sharding=s1),
+            Block(din, hidden, dropout=0.1, rngs=rngs, sharding=s0),
+            Block(hidden, hidden, dropout=0.1, rngs=rngs, sharding=s1),
         ]
-        self.head = Linear(hidden, classes, key=keys[2])
-        self.decoder = Linear.tied(self.blocks[0].linear)
+        self.head = nn.Linear(hidden, classes, rngs=rngs)
+        self.decoder = TiedDecoder(self.blocks[0].linear)
 
-    def __call__(self, x: Array, *, train: bool) -> tuple[Array, Array]:
-        h1 = self.blocks[0](x, train=train)
-        h2 = self.blocks[1](h1, train=train)
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        h1 = self.blocks[0](x)
+        h2 = self.blocks[1](h1)
         return self.head(h2), self.decoder(h1)  # logits, reconstruction of x
 
 
 def loss_fn(model: MLP, x: Array, y: Array) -> Array:
-    logits, recon = model(x, train=True)
+    logits, recon = model(x)
     xent: Array = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return xent + 0.1 * jnp.mean((recon - x) ** 2)
 
@@ -96,17 +121,29 @@ def loss_fn(model: MLP, x: Array, y: Array) -> Array:
 
 
 @refx.jit
-def train_step(model: MLP, opt: Optimizer, x: Array, y: Array) -> Array:
+def train_step(model: MLP, opt: nn.Optimizer, x: Array, y: Array) -> Array:
     loss: Array
-    loss, grads = refx.value_and_grad(loss_fn)(model, x, y)  # batch stats, rng key written
+    loss, grads = refx.value_and_grad(loss_fn, wrt=nn.Param)(model, x, y)  # stats, rng written
     opt.update(model, grads)  # params and optimiser state, in place
     return loss
 
 
 @refx.jit
-def predict(model: MLP, x: Array) -> Array:
-    logits, _ = model(x, train=False)
+def _predict(model: MLP, x: Array) -> Array:
+    logits, _ = model(x)
     return jnp.argmax(logits, axis=-1)
+
+
+def predict(model: MLP, x: Array) -> Array:
+    """Class predictions in evaluation mode (the model is left in the mode it
+    was in: the mode flags are static, so each mode is traced once)."""
+    was_training = not model.blocks[0].drop.deterministic
+    model.eval()
+    try:
+        return _predict(model, x)
+    finally:
+        if was_training:
+            model.train()
 
 
 def accuracy(model: MLP, x: Array, y: Array) -> float:
@@ -135,7 +172,8 @@ def train(
     progress: bool = True,
 ) -> list[float]:
     """Train `model` in place; return the loss of every step."""
-    opt = Optimizer(model, optax.adam(lr))
+    opt = nn.Optimizer(model, optax.adam(lr), wrt=nn.Param)
+    model.train()
     losses: list[float] = []
     running = None
     with tqdm(total=steps, desc="train", disable=not progress, ncols=80) as bar:
@@ -154,14 +192,14 @@ def train(
 CHECKPOINTED = ("params", "batch_stats")  # a tuple filter: either collection
 
 
-def save_checkpoint(model: Module, directory: pathlib.Path) -> None:
+def save_checkpoint(model: nn.Module, directory: pathlib.Path) -> None:
     """An orbax checkpoint of the params and batch stats, named as
-    refx.state_dict names them ("blocks/0/linear/w"): a tied Ref is stored
+    refx.state_dict names them ("blocks/0/linear/kernel"): a tied Ref is stored
     once, under its first path."""
     refx.save(directory, model, filter=CHECKPOINTED, force=True)
 
 
-def load_checkpoint(model: Module, directory: pathlib.Path) -> None:
+def load_checkpoint(model: nn.Module, directory: pathlib.Path) -> None:
     """Restore a checkpoint into `model`'s Refs: names, shapes and dtypes are
     checked first and every Ref is written at once (all or nothing); a tied
     Ref gets its one value back at every place it sits."""
@@ -213,8 +251,8 @@ def main() -> None:
     print(f"trained {args.steps} steps in {elapsed:.1f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"test accuracy: {acc:.2%}")
 
-    assert model.decoder.w is model.blocks[0].linear.w, "the tied weight came apart"
-    print("tied weight: decoder.w is blocks[0].linear.w (one Ref) after training")
+    assert model.decoder.kernel is model.blocks[0].linear.kernel, "the tied weight came apart"
+    print("tied weight: decoder.kernel is blocks[0].linear.kernel (one Ref) after training")
 
     RESULTS.mkdir(exist_ok=True)
     plot_losses(losses, acc, RESULTS / "loss_curve.png")
@@ -225,7 +263,7 @@ def main() -> None:
     fresh = MLP(seed=args.seed + 1)  # different random init
     load_checkpoint(fresh, ckpt)
     acc2 = accuracy(fresh, xte, yte)
-    assert fresh.decoder.w is fresh.blocks[0].linear.w
+    assert fresh.decoder.kernel is fresh.blocks[0].linear.kernel
     assert bool(jnp.all(predict(fresh, xte) == predict(model, xte)))
     print(f"checkpoint: {ckpt.name} reloaded into a fresh model: test accuracy {acc2:.2%}")
     assert acc >= 0.95, f"test accuracy {acc:.2%} is below 95%"

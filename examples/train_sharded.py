@@ -37,7 +37,7 @@ import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import refx  # noqa: E402
-from nn import Optimizer  # noqa: E402
+import refx.nn as nn  # noqa: E402
 from train_digits import MLP, batches, load_data, predict, train_step  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def ref_table(model: MLP) -> list[tuple[str, str, str]]:
         if isinstance(ref, refx.Value) and isinstance(ref.value, jax.Array):
             declared = ref.metadata.get("sharding")
             rows.append(("/".join(path), "-" if declared is None else str(declared),
-                         spec(ref.value) if ref.collection != "rng" else "(key)"))
+                         spec(ref.value) if ref.collection != "rngs" else "(rng)"))
     return rows
 
 
@@ -105,7 +105,8 @@ def main() -> None:
 
     with use(mesh):
         model = MLP(seed=args.seed, sharded=True)
-        opt = Optimizer(model, optax.adam(2e-3))
+        opt = nn.Optimizer(model, optax.adam(2e-3))
+        model.train()
         print("\nRefs (declared sharding -> where the array is):")
         for path, declared, actual in ref_table(model):
             print(f"  {path:24s} {declared:18s} {actual}")
@@ -124,10 +125,10 @@ def main() -> None:
         acc = float(jnp.mean(predict(model, test_x) == yte))
 
     print(f"\ntrained {args.steps} steps in {elapsed:.1f}s; loss {first:.3f} -> {float(loss):.3f}")
-    w = model.blocks[0].linear.w.value
-    print(f"blocks/0/linear/w after training: {spec(w)}, {len(w.addressable_shards)} shards "
+    w = model.blocks[0].linear.kernel.value
+    print(f"blocks/0/linear/kernel after training: {spec(w)}, {len(w.addressable_shards)} shards "
           f"of {w.addressable_shards[0].data.shape}")
-    assert model.decoder.w is model.blocks[0].linear.w, "the tied weight came apart"
+    assert model.decoder.kernel is model.blocks[0].linear.kernel, "the tied weight came apart"
     assert not bad, f"Refs off their declared sharding after training: {bad}"
     print("every Ref is on its declared sharding after training; the tied weight is one Ref")
     print(f"test accuracy: {acc:.2%}")

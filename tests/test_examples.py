@@ -1,4 +1,4 @@
-"""The demo (examples/train_digits.py on examples/nn.py), a few steps of it."""
+"""The demo (examples/train_digits.py on refx.nn), a few steps of it."""
 
 import pathlib
 import re
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import refx
+import refx.nn as nn
 
 pytest.importorskip("sklearn")
 pytest.importorskip("optax")
@@ -27,35 +28,34 @@ def data():
 
 
 def snapshot(model):
-    """path -> numpy copy of every Ref's value, except the rng key."""
+    """path -> numpy copy of every Ref's value, except the random stream's."""
     part = refx.get_partition(model, refx.Ref)
-    return {p: np.asarray(r.value) for p, r in part.items() if r.collection != "rng"}
+    return {p: np.asarray(r.value) for p, r in part.items() if r.collection != "rngs"}
 
 
 def test_module_paths_and_sharing():
     model = td.MLP(seed=0)
-    params = refx.get_partition(model, "params")
-    assert params[("blocks", "0", "linear", "w")] is model.blocks[0].linear.w
-    assert params[("decoder", "w")] is params[("blocks", "0", "linear", "w")]
-    stats = refx.get_partition(model, "batch_stats")
+    params = refx.get_partition(model, nn.Param)
+    assert params[("blocks", "0", "linear", "kernel")] is model.blocks[0].linear.kernel
+    assert params[("decoder", "kernel")] is params[("blocks", "0", "linear", "kernel")]
+    stats = refx.get_partition(model, nn.BatchStat)
     assert {p for p, r in stats.items() if r is not refx.NOTHING} == {
         ("blocks", str(i), "norm", s) for i in (0, 1) for s in ("mean", "var")
     }
-    # one rng Ref shared by both Dropouts
-    assert model.blocks[0].drop.rng is model.blocks[1].drop.rng
+    # one random stream shared by both Dropouts
+    assert model.blocks[0].drop.rngs is model.blocks[1].drop.rngs
     # clone keeps the structure and the sharing, with new Refs
     c = refx.clone(model)
-    assert type(c) is td.MLP and c.decoder.w is c.blocks[0].linear.w
-    assert c.decoder.w is not model.decoder.w
-    assert c.decoder.transpose and not c.blocks[0].linear.transpose
+    assert type(c) is td.MLP and c.decoder.kernel is c.blocks[0].linear.kernel
+    assert c.decoder.kernel is not model.decoder.kernel
 
 
 def test_training_steps(data):
     xtr, ytr, _, _ = data
     model = td.MLP(seed=0)
-    tied = model.decoder.w
-    rng = model.blocks[0].drop.rng
-    key0 = np.asarray(jax.random.key_data(rng.value))
+    tied = model.decoder.kernel
+    stream = model.blocks[0].drop.rngs
+    count0 = int(stream.count.value)
     before = snapshot(model)
 
     losses = td.train(model, xtr, ytr, steps=40, progress=False)
@@ -63,37 +63,40 @@ def test_training_steps(data):
     assert len(losses) == 40 and all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
     # refx.jit wrote in place: the very same Refs, still shared
-    assert model.decoder.w is tied is model.blocks[0].linear.w
-    assert model.blocks[0].drop.rng is rng is model.blocks[1].drop.rng
+    assert model.decoder.kernel is tied is model.blocks[0].linear.kernel
+    assert model.blocks[0].drop.rngs.count is stream.count is model.blocks[1].drop.rngs.count
     after = snapshot(model)
     for path in [("blocks", str(i), "norm", s) for i in (0, 1) for s in ("mean", "var")]:
         assert not np.allclose(before[path], after[path]), path
-    for path in [("blocks", "0", "linear", "w"), ("head", "w"), ("blocks", "1", "norm", "scale")]:
+    for path in [("blocks", "0", "linear", "kernel"), ("head", "kernel"),
+                 ("blocks", "1", "norm", "scale")]:
         assert not np.allclose(before[path], after[path]), path
-    assert not np.array_equal(key0, np.asarray(jax.random.key_data(rng.value)))
+    assert int(stream.count.value) == count0 + 40 * 2  # two Dropouts draw per step
 
 
 def test_train_step_traces_once(data):
     xtr, ytr, _, _ = data
     model = td.MLP(seed=0)
-    opt = td.Optimizer(model, td.optax.adam(1e-3))
+    model.train()
+    opt = nn.Optimizer(model, td.optax.adam(1e-3))
     step = refx.jit(td.train_step.__wrapped__)  # a cache of its own
-    key = model.blocks[0].drop.rng
+    count = model.blocks[0].drop.rngs.count
     for _ in range(3):
         step(model, opt, xtr[:32], ytr[:32])
     assert step._cache_size() == 1
-    assert model.blocks[0].drop.rng is key  # written in place, same Ref
+    assert model.blocks[0].drop.rngs.count is count  # written in place, same Ref
 
 
 def test_eval_mode_is_pure(data):
     _, _, xte, _ = data
     model = td.MLP(seed=0)
     before = snapshot(model)
-    key = np.asarray(jax.random.key_data(model.blocks[0].drop.rng.value))
+    count = int(model.blocks[0].drop.rngs.count.value)
     td.predict(model, xte)
     after = snapshot(model)
     assert all(np.array_equal(before[p], after[p]) for p in before)
-    assert np.array_equal(key, np.asarray(jax.random.key_data(model.blocks[0].drop.rng.value)))
+    assert int(model.blocks[0].drop.rngs.count.value) == count
+    assert not model.blocks[0].drop.deterministic  # predict left the mode as it was
 
 
 def test_checkpoint_round_trip(data, tmp_path):
@@ -104,21 +107,23 @@ def test_checkpoint_round_trip(data, tmp_path):
     file = tmp_path / "ckpt"
     td.save_checkpoint(model, file)
     keys = set(refx.state_dict(model, td.CHECKPOINTED))
-    # the tied weight is stored once, under its first path; no rng key
-    assert "blocks/0/linear/w" in keys and "decoder/w" not in keys
-    assert "blocks/1/norm/mean" in keys and not any("rng" in k for k in keys)
+    # the tied weight is stored once, under its first path; no random stream
+    assert "blocks/0/linear/kernel" in keys and "decoder/kernel" not in keys
+    assert "blocks/1/norm/mean" in keys and not any("rngs" in k for k in keys)
 
     fresh = td.MLP(seed=1)
     td.load_checkpoint(fresh, file)
-    assert fresh.decoder.w is fresh.blocks[0].linear.w
+    assert fresh.decoder.kernel is fresh.blocks[0].linear.kernel
     assert np.array_equal(td.predict(fresh, xte), td.predict(model, xte))
     want, got = snapshot(model), snapshot(fresh)
     assert want.keys() == got.keys()
     for p in want:
         assert np.array_equal(want[p], got[p]), p
     # the exact eval-mode outputs, not only the argmax
-    lw, rw = refx.reref(refx.deref(model))(xte, train=False)
-    lf, rf = refx.reref(refx.deref(fresh))(xte, train=False)
+    model.eval()
+    fresh.eval()
+    lw, rw = refx.reref(refx.deref(model))(xte)
+    lf, rf = refx.reref(refx.deref(fresh))(xte)
     assert np.array_equal(lw, lf) and np.array_equal(rw, rf)
 
 

@@ -34,15 +34,16 @@ def test_ensemble_of_mlps_made_and_trained_with_vmap():
     ens, losses, member_acc, ensemble_acc = ensemble.train(80)
     assert losses.shape == (80, ensemble.MEMBERS)
     assert np.all(losses[-1] < losses[0])  # every member learned
-    w = ens.members.hidden.w
+    w = ens.members.hidden.kernel
     assert w.value.shape == (ensemble.MEMBERS, 64, 64) and w.collection == "params"
-    assert ens.members.drop.rng.value.shape == (ensemble.MEMBERS,)
+    assert ens.members.drop.rngs.key.value.shape == (ensemble.MEMBERS,)
     assert int(ens.steps.value) == 80
     assert member_acc > 0.8 and ensemble_acc > 0.8
     # members differ (their own keys and dropout masks)
     assert not np.allclose(w.value[0], w.value[1])
-    # one Ref per weight, shared structure: refx.deref sees 5 distinct Refs
-    assert len(jax.tree_util.tree_leaves(refx.deref(ens.members))) == 5
+    # one Ref per weight, shared structure: refx.deref sees 6 distinct Refs
+    # (2 kernels, 2 biases, the dropout stream's key and counter)
+    assert len(jax.tree_util.tree_leaves(refx.deref(ens.members))) == 6
 
 
 def test_remat_mlp_gradients_equal_and_fewer_residuals():

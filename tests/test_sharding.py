@@ -369,8 +369,8 @@ def test_example_train_sharded():
         pytest.importorskip(module)
     out = multidevice.run("../examples/train_sharded.py", "--steps", 40, result=False)
     assert "mesh {'data': 2, 'model': 4}" in out
-    assert "blocks/0/linear/w        (None, 'model')    (None, model)" in out
-    assert "blocks/1/linear/w        ('model', None)    (model, None)" in out
+    assert "blocks/0/linear/kernel   (None, 'model')    (None, model)" in out
+    assert "blocks/1/linear/kernel   ('model', None)    (model, None)" in out
     assert "every Ref is on its declared sharding after training" in out
     acc = float(out.split("test accuracy: ")[1].split("%")[0])
     assert acc >= 90.0, out

@@ -36,6 +36,9 @@ from ._core import (
     update_refs,
 )
 
+# Refs in array code: operators, ref[...], __jax_array__ (refx/_arrays.py)
+from . import _arrays  # noqa: F401,E402
+
 # -- checkpoints and inspection (Python: refx/_state.py, refx/_inspect.py) --
 from ._inspect import CollectionSummary, Summary, summary
 from ._state import LoadResult, load_state_dict, restore, save, state_dict

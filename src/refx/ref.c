@@ -1094,11 +1094,13 @@ static PyType_Slot ref_slots[] = {
     {0, NULL},
 };
 
+/* Not Py_TPFLAGS_IMMUTABLETYPE: refx/_arrays.py sets the array operators
+ * (__add__, __matmul__, __getitem__, __jax_array__, ...) on Ref from Python
+ * at import, which an immutable type refuses. */
 static PyType_Spec ref_spec = {
     .name = "refx.Ref",
     .basicsize = sizeof(RefObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC |
-             Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = ref_slots,
 };
 
