@@ -211,3 +211,18 @@ def test_a_closed_over_ref_holding_a_str_is_named():
     r = refx.Ref("hello", "p")
     with pytest.raises(TypeError, match="closed over by fun"):
         refx.jit(lambda x: (r.value, x)[1])(1.0)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "remat"])
+def test_a_structure_change_that_adds_no_leaf_is_named(transform):
+    # d["x"] = None adds a node but no leaf: the message names the arguments
+    d = {"a": refx.Ref(jnp.ones(2), "s")}
+
+    def f(t):
+        t["x"] = None
+        return t["a"].value
+
+    run = refx.vmap(f, in_axes=None, axis_size=2) if transform == "vmap" else refx.remat(f)
+    with pytest.raises(ValueError, match="changed the structure"):
+        run(d)
+    assert "x" not in d

@@ -284,9 +284,12 @@ def _eager(key, trees, make):
     return jf
 
 
-def _named(name, fun):
+def _eager_jit(kind, name, fun, **options):
+    """refx.jit of `fun` whose messages read as the transform's:
+    "refx.scan(body) wrote the Ref of argument 0 ..." ."""
     fun.__name__ = fun.__qualname__ = name
-    return fun
+    return _jit._make_jit(fun, None, options.get("static_argnums", ()),
+                          options.get("static_argnames", ()), (), (), {}, kind)
 
 
 # --------------------------------------------------------------------------
@@ -504,7 +507,7 @@ def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=
     @functools.wraps(fun)
     def mapped(*args, **kwargs):
         jf = _eager(("vmap", mapped), (args, kwargs),
-                    lambda: _jit.jit(_named(f"refx.vmap({name})", mapped)))
+                    lambda: _eager_jit("refx.vmap", name, mapped))
         if jf is not None:
             return jf(*args, **kwargs)
         return with_closures(lambda closure: once(closure, args, kwargs))
@@ -568,8 +571,8 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
         raise TypeError(f"refx.scan: fun must be callable, not {type(fun).__name__}")
     name = _name(fun)
     jf = _eager(("scan", fun, length, reverse, unroll, mutable), (init, xs),
-                lambda: _jit.jit(_named(f"refx.scan({name})", lambda init, xs: scan(
-                    fun, init, xs, length, reverse=reverse, unroll=unroll, mutable=mutable))))
+                lambda: _eager_jit("refx.scan", name, lambda init, xs: scan(
+                    fun, init, xs, length, reverse=reverse, unroll=unroll, mutable=mutable)))
     if jf is not None:
         return jf(init, xs)
     run = _with_mutable(fun, mutable, "refx.scan")
@@ -634,8 +637,8 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
     name = _name(body_fun)
     if type(lower) is int and type(upper) is int:  # bounds stay static (a scan)
         jf = _eager(("fori_loop", body_fun, lower, upper, unroll), init_val,
-                    lambda: _jit.jit(_named(f"refx.fori_loop({name})", lambda v: fori_loop(
-                        lower, upper, body_fun, v, unroll=unroll))))
+                    lambda: _eager_jit("refx.fori_loop", name, lambda v: fori_loop(
+                        lower, upper, body_fun, v, unroll=unroll)))
         if jf is not None:
             return jf(init_val)
 
@@ -672,8 +675,8 @@ def while_loop(cond_fun, body_fun, init_val):
             raise TypeError(f"refx.while_loop: {what} must be callable, not {type(f).__name__}")
     name = _name(body_fun)
     jf = _eager(("while_loop", cond_fun, body_fun), init_val,
-                lambda: _jit.jit(_named(f"refx.while_loop({name})", lambda v: while_loop(
-                    cond_fun, body_fun, v))))
+                lambda: _eager_jit("refx.while_loop", name, lambda v: while_loop(
+                    cond_fun, body_fun, v)))
     if jf is not None:
         return jf(init_val)
 
@@ -741,9 +744,8 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
 
     @functools.wraps(fun)
     def rematted(*args, **kwargs):
-        jf = _eager(("remat", rematted), (args, kwargs), lambda: _jit.jit(
-            _named(f"refx.remat({name})", rematted), static_argnums=snums,
-            static_argnames=snames))
+        jf = _eager(("remat", rematted), (args, kwargs), lambda: _eager_jit(
+            "refx.remat", name, rematted, static_argnums=snums, static_argnames=snames))
         if jf is not None and not _static_leaves(args, kwargs, snums, snames):
             return jf(*args, **kwargs)
         n = len(args)
@@ -883,9 +885,9 @@ def cond(pred, true_fun, false_fun, *operands):
     for what, f in (("true_fun", true_fun), ("false_fun", false_fun)):
         if not callable(f):
             raise TypeError(f"refx.cond: {what} must be callable, not {type(f).__name__}")
-    jf = _eager(("cond", true_fun, false_fun), (pred, operands), lambda: _jit.jit(_named(
-        f"refx.cond({_name(true_fun)} / {_name(false_fun)})",
-        lambda p, *ops: cond(p, true_fun, false_fun, *ops))))
+    jf = _eager(("cond", true_fun, false_fun), (pred, operands), lambda: _eager_jit(
+        "refx.cond", f"{_name(true_fun)} / {_name(false_fun)}",
+        lambda p, *ops: cond(p, true_fun, false_fun, *ops)))
     if jf is not None:
         return jf(pred, *operands)
 
@@ -909,9 +911,9 @@ def switch(index, branches, *operands):
         if not callable(f):
             raise TypeError(f"refx.switch: branches[{i}] must be callable, not "
                             f"{type(f).__name__}")
-    jf = _eager(("switch", tuple(branches)), (index, operands), lambda: _jit.jit(_named(
-        f"refx.switch({' / '.join(_name(f) for f in branches)})",
-        lambda i, *ops: switch(i, branches, *ops))))
+    jf = _eager(("switch", tuple(branches)), (index, operands), lambda: _eager_jit(
+        "refx.switch", " / ".join(_name(f) for f in branches),
+        lambda i, *ops: switch(i, branches, *ops)))
     if jf is not None:
         return jf(index, *operands)
 

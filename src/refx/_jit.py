@@ -341,7 +341,7 @@ def _build_jit_entry(jf, desc, closure=None):
     """Make the entry for one cache key: (jitted, donation candidates,
     closed-over Refs, their positions, their specs) (see jit.c)."""
     treedef, has_kwargs, statics, pattern, colls, types, kwnames, vals0, others0 = desc[:9]
-    kind = "refx.jit_partial" if jf._bound is not None else "refx.jit"
+    kind = jf._kind or ("refx.jit_partial" if jf._bound is not None else "refx.jit")
     _check_leaves(jf, desc, kind)
     if _explaining() and closure is None:
         _explain_miss(jf, desc, f"{kind}({_name(jf._fun)})")
@@ -532,7 +532,7 @@ def _make_jit(fun, bound, static_argnums, static_argnames, donate_argnums, donat
     run = _with_mutable(fun, mutable, kind)  # refx.mutable's option (refx/_mutable.py)
     jf = JitFunction(run, static_argnums=snums, static_argnames=snames,
                      donate_argnums=dnums, donate_argnames=dnames, options=options,
-                     bound=bound)
+                     bound=bound, kind=None if kind in ("refx.jit", "refx.jit_partial") else kind)
     try:
         functools.update_wrapper(jf, fun)
     except AttributeError:  # pragma: no cover - objects without __dict__

@@ -68,6 +68,10 @@ def key_str(k) -> str:
 
 
 def traceable(x) -> bool:
+    """Can JAX take `x` as a leaf?  A Ref cannot (its __jax_array__ is for
+    array code, not for a transform's inputs and outputs)."""
+    if isinstance(x, Ref):
+        return False
     return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex)) or hasattr(
         x, "__jax_array__")
 
@@ -199,8 +203,10 @@ def capture_hook(ref, writing):
     if rt is f.trace or rt is None:
         return None
     outer, trace = rt(), f.trace()
-    if outer is None or trace is None or not _compat._encloses(outer, trace):
-        return None  # a Ref of a trace inside this one, or a finished one
+    if outer is None or trace is None or _compat._encloses(trace, outer):
+        return None  # a finished trace's Ref, or one of a trace inside this one
+    if not (_compat._encloses(outer, trace) or isinstance(outer, _compat._EvalTrace)):
+        return None  # no link either way (older JAX's jit traces): as before
     f.found.setdefault(ref)
     if writing:
         raise Rediscover(list(f.found))
@@ -392,10 +398,14 @@ def place_name(label, path):
     """"argument 0 at ('enc', 'w')" for a leaf at `path` of the tree `label`
     names (None: the (args, kwargs) of a call)."""
     if label is None:
-        if path and path[0] == "1":
+        if len(path) < 2:
+            return "the arguments" if path[:1] != ("1",) else "the keyword arguments"
+        if path[0] == "1":
             return f"keyword argument {path[1]!r}" + (f" at {path[2:]}" if path[2:] else "")
         label, path = f"argument {path[1]}", path[2:]
     elif label == "operands":
+        if not path:
+            return "the operands"
         label, path = f"operand {path[0]}", path[1:]
     elif label == "closure":
         return "a Ref closed over by fun"

@@ -81,22 +81,22 @@ class mutable(contextlib.ContextDecorator):  # noqa: N801 - a function-like name
         _var.set(blocks[:-1])
         return False
 
-    def __call__(self, fun):
+    def __call__(self, func):
         """As a decorator: the block is entered around each call, and
         around the whole run of a coroutine (an async def)."""
-        if inspect.iscoroutinefunction(fun):
+        if inspect.iscoroutinefunction(func):
 
-            @functools.wraps(fun)
+            @functools.wraps(func)
             async def run_async(*args, **kwargs):
                 with self:
-                    return await fun(*args, **kwargs)
+                    return await func(*args, **kwargs)
 
             return run_async
 
-        @functools.wraps(fun)
+        @functools.wraps(func)
         def run(*args, **kwargs):
             with self:
-                return fun(*args, **kwargs)
+                return func(*args, **kwargs)
 
         return run
 

@@ -359,6 +359,9 @@ typedef struct {
     PyObject *bound_others; /* tuple: their non-Ref leaves, in order */
     PyObject *bound_desc;   /* (treedef, pattern tuple) for the builder */
     PyObject *name;         /* str, for messages */
+    PyObject *kind;         /* str or NULL: the transform messages name
+                             * ("refx.scan" for an eager refx.scan run
+                             * through refx.jit), else refx.jit[_partial] */
     PyObject *last;         /* (key, entry) of the last cache lookup */
     PyObject *dict;
     PyObject *weakreflist;
@@ -413,6 +416,13 @@ ctx_fini(call_ctx *c)
 static const char *
 jit_kind(JitObject *jf)
 {
+    if (jf->kind != NULL) {
+        const char *k = PyUnicode_AsUTF8(jf->kind);
+        if (k != NULL) {
+            return k;
+        }
+        PyErr_Clear();
+    }
     return jf->bound != NULL ? "refx.jit_partial" : "refx.jit";
 }
 
@@ -1883,13 +1893,18 @@ jit_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
                              "donate_argnames",
                              "options",
                              "bound",
+                             "kind",
                              NULL};
     PyObject *fun, *snums = NULL, *snames = NULL, *dnums = NULL,
                    *dnames = NULL;
-    PyObject *options = NULL, *bound = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$OOOOOO:JitFunction",
+    PyObject *options = NULL, *bound = Py_None, *kind = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$OOOOOOO:JitFunction",
                                      kwlist, &fun, &snums, &snames, &dnums,
-                                     &dnames, &options, &bound)) {
+                                     &dnames, &options, &bound, &kind)) {
+        return NULL;
+    }
+    if (kind != Py_None && !PyUnicode_Check(kind)) {
+        PyErr_SetString(PyExc_TypeError, "kind must be a str or None");
         return NULL;
     }
     if (snums == NULL || snames == NULL || dnums == NULL || dnames == NULL ||
@@ -1935,6 +1950,7 @@ jit_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     self->donate_nums = Py_NewRef(dnums);
     self->donate_names = Py_NewRef(dnames);
     self->options = Py_NewRef(options);
+    self->kind = kind != Py_None ? Py_NewRef(kind) : NULL;
     self->cache = PyDict_New();
     self->name = PyObject_GetAttrString(fun, "__qualname__");
     if (self->name == NULL || !PyUnicode_Check(self->name)) {
@@ -1968,6 +1984,7 @@ jit_traverse(JitObject *self, visitproc visit, void *arg)
     Py_VISIT(self->bound_others);
     Py_VISIT(self->bound_desc);
     Py_VISIT(self->name);
+    Py_VISIT(self->kind);
     Py_VISIT(self->last);
     Py_VISIT(self->dict);
     return 0;
@@ -1988,6 +2005,7 @@ jit_clear(JitObject *self)
     Py_CLEAR(self->bound_others);
     Py_CLEAR(self->bound_desc);
     Py_CLEAR(self->name);
+    Py_CLEAR(self->kind);
     Py_CLEAR(self->last);
     Py_CLEAR(self->dict);
     return 0;
@@ -2044,7 +2062,10 @@ static PyGetSetDef jit_getset[] = {
     JIT_FIELD("_bound", bound, "jit_partial: the bound trees (or None)."),
     JIT_FIELD("_bound_desc", bound_desc, NULL),
     JIT_FIELD("_bound_refs", bound_refs, NULL),
-    JIT_FIELD("_cache", cache, "key -> (jitted, donation candidates)."),
+    JIT_FIELD(
+        "_cache", cache,
+        "key -> (jitted, donation candidates, closure, positions, specs)."),
+    JIT_FIELD("_kind", kind, "the transform messages name (None: refx.jit)."),
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {NULL},
 };
