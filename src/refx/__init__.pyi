@@ -360,6 +360,10 @@ class mutable(ContextDecorator):
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc_info: object) -> Literal[False]: ...
 
+# ---- eval_shape, custom_vjp/custom_jvp, shard_map (issue 19; refx/_lifts.py) ----
+
+def eval_shape(fun: Callable[..., _Any], /, *args: _Any, **kwargs: _Any) -> _Any: ...
+
 # ---- sharding (issue 13; refx/_sharding.py) ----
 
 def shardings(tree: _Any, /, mesh: _Any = None) -> _Any: ...
@@ -429,6 +433,7 @@ __all__ = [
     "switch",
     "vmap",
     "while_loop",
+    "eval_shape",
     "shardings",
     "RefField",
 ]
