@@ -364,6 +364,17 @@ class mutable(ContextDecorator):
 
 def eval_shape(fun: Callable[..., _Any], /, *args: _Any, **kwargs: _Any) -> _Any: ...
 
+class custom_vjp(Generic[_P, _R]):
+    """jax.custom_vjp for functions of trees of Refs; set the rule with defvjp(fwd, bwd)."""
+
+    fun: Callable[_P, _R]
+    nondiff_argnums: tuple[int, ...]
+    fwd: Callable[..., tuple[_Any, _Any]] | None
+    bwd: Callable[..., _Any] | None
+    def __init__(self, fun: Callable[_P, _R], nondiff_argnums: int | Sequence[int] = ()) -> None: ...
+    def defvjp(self, fwd: Callable[..., tuple[_Any, _Any]], bwd: Callable[..., _Any]) -> None: ...
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+
 # ---- sharding (issue 13; refx/_sharding.py) ----
 
 def shardings(tree: _Any, /, mesh: _Any = None) -> _Any: ...
@@ -433,6 +444,7 @@ __all__ = [
     "switch",
     "vmap",
     "while_loop",
+    "custom_vjp",
     "eval_shape",
     "shardings",
     "RefField",

@@ -173,3 +173,303 @@ def eval_shape(fun, /, *args, **kwargs):
                                       f"the value of the Ref at output leaf {i}")
     return rebuild_out(spec, td, td.unflatten(subs), ())
 
+
+
+# --------------------------------------------------------------------------
+# custom_vjp / custom_jvp
+# --------------------------------------------------------------------------
+
+
+def _positional(kind, name, fun, args, kwargs):
+    """args with kwargs resolved to positions (jax.custom_vjp's rule)."""
+    if not kwargs:
+        return tuple(args)
+    try:
+        ba = inspect.signature(fun).bind(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"refx.{kind}({name}): {e}") from None
+    ba.apply_defaults()
+    if ba.kwargs:
+        raise TypeError(f"refx.{kind}({name}): keyword arguments {sorted(ba.kwargs)} could not "
+                        "be resolved to positions; pass them positionally")
+    return tuple(ba.args)
+
+
+def _nondiff_positions(kind, nondiff_argnums):
+    nums = (nondiff_argnums,) if isinstance(nondiff_argnums, int) else tuple(nondiff_argnums)
+    for n in nums:
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"refx.{kind}: nondiff_argnums must hold ints, got {n!r}")
+    return nums
+
+
+_HOLE = object()  # where bwd's rebuilt arguments hold a differentiable leaf (not passed)
+
+
+class _Call:
+    """One call of a custom_vjp/custom_jvp function: its Trees, which
+    arguments are differentiable, where each leaf is."""
+
+    def __init__(self, kind, name, fun, nondiff, args, kwargs):
+        args = _positional(kind, name, fun, args, kwargs)
+        n = len(args)
+        bad = [i for i in nondiff if not -n <= i < n]
+        if bad:
+            raise TypeError(f"refx.{kind}({name}): nondiff_argnums {bad} but {n} positional "
+                            "arguments were given")
+        self.nondiff = sorted({i % n for i in nondiff})
+        self.diff = [i for i in range(n) if i not in self.nondiff]
+        self.args = args
+        self.t = t = Trees(kind, name, [(args, {})], [None])
+        self.prefix = t.prefix()
+        # each argument's leaf range and treedef (Refs are leaves)
+        self.ranges, self.tds, start = [], [], 0
+        for a in args:
+            leaves, td = _tree_flatten(a)
+            self.ranges.append((start, start + len(leaves)))
+            self.tds.append(td)
+            start += len(leaves)
+        # flat leaf i -> position in t.traced (or -1: a Ref or a static leaf)
+        self.traced_at, j, oi = [], 0, 0
+        for p in t.pattern:
+            if p >= 0:
+                self.traced_at.append(-1)
+            else:
+                self.traced_at.append(-1 if t.is_static[oi] else j)
+                j += 0 if t.is_static[oi] else 1
+                oi += 1
+        self.info = {}  # type: ignore[var-annotated]
+
+    def arg_of(self, i):
+        for a, (lo, hi) in enumerate(self.ranges):
+            if lo <= i < hi:
+                return a
+        raise AssertionError(i)  # pragma: no cover
+
+    def enter(self, vals, traced):
+        inner = self.t.lift(vals, traced)
+        ((a, _kw),) = inner.trees
+        return inner, a
+
+    def leave(self, inner, what, out):
+        """The checks after fun (or fwd, or the jvp rule) ran; the values
+        of the Refs it wrote."""
+        t = self.t
+        inner.check_structure(self.prefix)
+        written = inner.written(self.prefix, t.where)
+        seen = self.info.get("written")
+        if seen is not None and seen[1] != written:
+            names = lambda ks: ", ".join(t.describe(k) for k in ks) or "no Ref"  # noqa: E731
+            raise ValueError(f"{self.prefix}: {seen[0]} writes {names(seen[1])} but {what} "
+                             f"writes {names(written)}; both must write the same Refs (the "
+                             "written values are outputs of the function)")
+        self.info["written"] = (what, written)
+        self.check_out(what, out)
+        return [inner.refs[k].value for k in written]
+
+    def check_out(self, what, out):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+            where = jax.tree_util.keystr(path) or "the output"
+            if isinstance(leaf, Ref):
+                raise TypeError(f"{self.prefix}: {what} returned a {type(leaf).__name__} at "
+                                f"{where}; a function with a custom derivative returns values "
+                                "(return r.value), and writes Refs to change them")
+            if not traceable(leaf):
+                raise TypeError(f"{self.prefix}: {what} returned a {type(leaf).__name__} at "
+                                f"{where}, which JAX cannot differentiate; return arrays")
+
+    def diff_refs(self):
+        """Numbers of the Refs in differentiable arguments."""
+        out = set()
+        for a in self.diff:
+            lo, hi = self.ranges[a]
+            out.update(p for p in self.t.pattern[lo:hi] if p >= 0)
+        return out
+
+    def by_argument(self, vals, traced, args):
+        """The trees of arguments `args` with each Ref replaced by vals[k]
+        and each traced leaf by traced[j] (tangents, in the argument's
+        structure); static leaves are None."""
+        out = []
+        for a in args:
+            lo, hi = self.ranges[a]
+            leaves = []
+            for i in range(lo, hi):
+                p = self.t.pattern[i]
+                j = self.traced_at[i]
+                leaves.append(vals[p] if p >= 0 else traced[j] if j >= 0 else None)
+            out.append(self.tds[a].unflatten(leaves))
+        return tuple(out)
+
+    def cotangents(self, what, cts):
+        """Per Ref and per traced leaf: the cotangent `cts` (one tree per
+        differentiable argument, in its structure with each Ref replaced
+        by its value's cotangent) gives, or None (zero).  A Ref at several
+        places gets the sum."""
+        t = self.t
+        if not isinstance(cts, (tuple, list)) or len(cts) != len(self.diff):
+            got = (f"a {type(cts).__name__} of length {len(cts)}"
+                   if isinstance(cts, (tuple, list)) else f"a {type(cts).__name__}")
+            raise TypeError(f"{self.prefix}: {what} must return a tuple with one cotangent per "
+                            f"differentiable argument ({len(self.diff)}: arguments "
+                            f"{self.diff}), got {got}")
+        ref_ct = [None] * len(t.refs)
+        traced_ct = [None] * len(t.traced)
+        for a, ct in zip(self.diff, cts, strict=True):
+            if ct is None:
+                continue
+            lo, _hi = self.ranges[a]
+            try:
+                subs = self.tds[a].flatten_up_to(ct)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{self.prefix}: {what} returned a cotangent for argument {a} "
+                                 "that does not have the argument's structure (each Ref "
+                                 "replaced by the cotangent of its value, None for zero): "
+                                 f"{e}") from None
+            for off, sub in enumerate(subs):
+                i = lo + off
+                if sub is None:
+                    continue
+                p, j = t.pattern[i], self.traced_at[i]
+                if p >= 0:
+                    want = t.vals[p]
+                    a_td, b_td = jax.tree_util.tree_structure(want), jax.tree_util.tree_structure(sub)
+                    if a_td != b_td or any(np.shape(x) != np.shape(y) for x, y in zip(
+                            jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(sub),
+                            strict=True)):
+                        raise ValueError(
+                            f"{self.prefix}: {what} returned a cotangent for {t.describe(p)} "
+                            f"at {t.at(i)} with structure {b_td} and shapes "
+                            f"{[np.shape(x) for x in jax.tree_util.tree_leaves(sub)]}, but "
+                            f"its value has {a_td} and "
+                            f"{[np.shape(x) for x in jax.tree_util.tree_leaves(want)]}")
+                    ref_ct[p] = sub if ref_ct[p] is None else jax.tree_util.tree_map(
+                        jnp.add, ref_ct[p], sub)
+                elif j >= 0:
+                    traced_ct[j] = sub
+        return ref_ct, traced_ct
+
+    def nondiff_args(self, ref_vals, traced):
+        """The nondiff arguments, rebuilt (inside bwd or the jvp rule) with
+        new Refs holding `ref_vals` (a dict k -> value)."""
+        vals = [ref_vals.get(k) for k in range(len(self.t.refs))]
+        inner = self.t.lift(vals, traced)
+        ((a, _kw),) = inner.trees
+        return inner, [a[i] for i in self.nondiff]
+
+    def nondiff_refs(self):
+        out = set()
+        for a in self.nondiff:
+            lo, hi = self.ranges[a]
+            out.update(p for p in self.t.pattern[lo:hi] if p >= 0)
+        return sorted(out)
+
+    def finish(self, wvals):
+        self.t.write(self.info["written"][1], list(wvals))
+
+
+class custom_vjp:
+    """jax.custom_vjp for functions of trees of Refs: a function with a
+    backward pass of your own.
+
+    ``f = refx.custom_vjp(fun, nondiff_argnums=())``, then
+    ``f.defvjp(fwd, bwd)``; usable as a decorator.  The differentiable
+    inputs are the values of the Refs in the arguments (those not in
+    `nondiff_argnums`) and their other array leaves, as refx.grad sees
+    them; keyword arguments are resolved to positions.
+
+    fun(*args)          the primal: runs on new Refs holding the arguments'
+                        values (sharing kept) and returns arrays (a pytree
+                        of them, no Refs).
+    fwd(*args)          the same arguments, same Refs; returns (out,
+                        residuals): out as fun's, residuals a pytree of
+                        arrays (values, not Refs) for bwd.
+    bwd(*nondiff, residuals, g)
+                        g: the cotangent of out; the nondiff arguments come
+                        first, rebuilt with new Refs holding their values
+                        (read them, do not write them).  Returns a tuple
+                        with one entry per differentiable argument: the
+                        argument's structure with each Ref replaced by the
+                        cotangent of its value (a pytree like its value)
+                        and each array leaf by its cotangent; None stands
+                        for zero (a whole argument, a Ref, a leaf).  A Ref
+                        at several places gets the sum of its entries.
+
+    fun and fwd may write Refs (a counter, a batch statistic), and must
+    write the same ones: they are written back after the call, all or
+    nothing, as by refx.jit; a written value is an output without
+    derivative (bwd is not given its cotangent; no gradient flows through
+    a write).  Refs closed over are read as constants: pass the Refs whose
+    values are differentiated as arguments.  Works eagerly, under
+    refx.jit/jax.jit, refx.grad/jax.grad and refx.vmap.
+    """
+
+    def __init__(self, fun, nondiff_argnums=()):
+        _check_callable("custom_vjp", fun)
+        self.fun = fun
+        self.nondiff_argnums = _nondiff_positions("custom_vjp", nondiff_argnums)
+        self.fwd = None
+        self.bwd = None
+        functools.update_wrapper(self, fun)
+
+    def defvjp(self, fwd, bwd):
+        """Set the forward and backward functions (see the class)."""
+        _check_callable("custom_vjp", fwd, "fwd")
+        _check_callable("custom_vjp", bwd, "bwd")
+        self.fwd, self.bwd = fwd, bwd
+
+    def __call__(self, *args, **kwargs):
+        name = name_of(self.fun)
+        if self.fwd is None:
+            raise TypeError(f"refx.custom_vjp({name}): no VJP defined; call "
+                            ".defvjp(fwd, bwd) on it first")
+        c = _Call("custom_vjp", name, self.fun, self.nondiff_argnums, args, kwargs)
+        fun, ufwd, ubwd = self.fun, self.fwd, self.bwd
+        nd_refs = c.nondiff_refs()
+        nd_traced = [c.traced_at[i] for a in c.nondiff for i in range(*c.ranges[a])
+                     if c.traced_at[i] >= 0]
+
+        def primal(vals, traced):
+            inner, a = c.enter(vals, traced)
+            out = fun(*a)
+            return out, c.leave(inner, "fun", out)
+
+        def fwd(vals, traced):
+            inner, a = c.enter(vals, traced)
+            r = ufwd(*a)
+            if not (isinstance(r, (tuple, list)) and len(r) == 2):
+                raise TypeError(f"{c.prefix}: fwd must return a pair (out, residuals), got "
+                                f"{type(r).__name__}")
+            out, res = r
+            for path, leaf in jax.tree_util.tree_flatten_with_path(res)[0]:
+                if isinstance(leaf, Ref) or not traceable(leaf):
+                    raise TypeError(f"{c.prefix}: fwd returned a {type(leaf).__name__} in its "
+                                    f"residuals at {jax.tree_util.keystr(path) or 'the root'}; "
+                                    "residuals are arrays (put a Ref's value, r.value, in them)")
+            wvals = c.leave(inner, "fwd", out)
+            keep = ([vals[k] for k in nd_refs], [traced[j] for j in nd_traced])
+            return (out, wvals), (res, keep)
+
+        def bwd(resid, cts):
+            res, (nvals, ntraced) = resid
+            g, _written_cts = cts  # no gradient flows through a write
+            nd = []
+            if c.nondiff:
+                traced = [_HOLE] * len(c.t.traced)  # a leaf (None is no leaf)
+                for j, v in zip(nd_traced, ntraced, strict=True):
+                    traced[j] = v
+                inner, nd = c.nondiff_args(dict(zip(nd_refs, nvals, strict=True)), traced)
+            cts_in = ubwd(*nd, res, g)
+            if c.nondiff:
+                inner.check_structure(c.prefix)
+                for k in inner.written(c.prefix, c.t.where):
+                    raise ValueError(f"{c.prefix}: bwd wrote {c.t.describe(k)}, a Ref of a "
+                                     "nondiff argument; bwd may read them, not write them")
+            return c.cotangents("bwd", cts_in)
+
+        primal.__name__ = primal.__qualname__ = f"refx_custom_vjp({name})"
+        f = jax.custom_vjp(primal)
+        f.defvjp(fwd, bwd)
+        out, wvals = f(c.t.vals, c.t.traced)
+        c.finish(wvals)
+        return out
