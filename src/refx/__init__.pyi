@@ -375,6 +375,31 @@ class custom_vjp(Generic[_P, _R]):
     def defvjp(self, fwd: Callable[..., tuple[_Any, _Any]], bwd: Callable[..., _Any]) -> None: ...
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
 
+class StateSharding:
+    """Per-collection PartitionSpecs for a refx.shard_map argument: {filter: PartitionSpec}."""
+
+    def __init__(self, specs: Mapping[_Any, _Any] | Iterable[tuple[_Any, _Any]], /) -> None: ...
+    @property
+    def filters(self) -> tuple[Filter, ...]: ...
+    @property
+    def specs(self) -> tuple[_Any, ...]: ...
+    def items(self) -> tuple[tuple[Filter, _Any], ...]: ...
+    def __iter__(self) -> Iterator[Filter]: ...
+    def __len__(self) -> int: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+def shard_map(
+    fun: Callable[_P, _R],
+    mesh: _Any = None,
+    in_specs: _Any = None,
+    out_specs: _Any = None,
+    *,
+    check_vma: bool = True,
+    axis_names: Iterable[Hashable] | None = None,
+    mutable: Filter | None = None,
+) -> Callable[_P, _R]: ...
+
 # ---- sharding (issue 13; refx/_sharding.py) ----
 
 def shardings(tree: _Any, /, mesh: _Any = None) -> _Any: ...
@@ -444,8 +469,10 @@ __all__ = [
     "switch",
     "vmap",
     "while_loop",
+    "StateSharding",
     "custom_vjp",
     "eval_shape",
+    "shard_map",
     "shardings",
     "RefField",
 ]

@@ -473,3 +473,300 @@ class custom_vjp:
         out, wvals = f(c.t.vals, c.t.traced)
         c.finish(wvals)
         return out
+
+
+# --------------------------------------------------------------------------
+# shard_map
+# --------------------------------------------------------------------------
+
+try:  # JAX 0.7+: jax.shard_map(f, *, mesh, in_specs, out_specs, axis_names, check_vma)
+    _jax_shard_map = jax.shard_map
+    _NEW_SHARD_MAP = True
+except AttributeError:  # JAX 0.4.36-0.6: shard_map(f, mesh, in_specs, out_specs, check_rep)
+    from jax.experimental.shard_map import shard_map as _jax_shard_map  # type: ignore[no-redef,assignment,unused-ignore]
+    _NEW_SHARD_MAP = False
+
+
+def _call_shard_map(f, mesh, in_specs, out_specs, check_vma, axis_names):
+    if _NEW_SHARD_MAP:
+        kw = {} if axis_names is None else {"axis_names": frozenset(axis_names)}
+        return _jax_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                              check_vma=check_vma, **kw)
+    kw = {}
+    if axis_names is not None:  # the axes not named stay automatic
+        kw["auto"] = frozenset(mesh.axis_names) - frozenset(axis_names)
+    return _jax_shard_map(f, mesh, in_specs, out_specs, check_rep=check_vma, **kw)
+
+
+class StateSharding:
+    """Per-collection PartitionSpecs for a refx.shard_map argument holding
+    Refs: ``StateSharding({"params": P(None, "model"), ...: P()})``.
+
+    The Refs (and other leaves) of the argument that the first filter
+    accepts enter (and leave) fun split by that filter's spec.  Keys are
+    filters of tree_partition (first match wins), values PartitionSpecs; a
+    leaf no filter accepts is an error (end with ``...: P()`` to replicate
+    the rest).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, specs, /):
+        items = tuple(specs.items()) if hasattr(specs, "items") else tuple(specs)
+        for pair in items:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise TypeError("StateSharding: expected a mapping {filter: PartitionSpec} or "
+                                f"pairs (filter, PartitionSpec), got {pair!r}")
+            f, spec = pair
+            if not isinstance(spec, PartitionSpec):
+                raise TypeError(f"StateSharding: the spec of filter {f!r} must be a "
+                                f"jax.sharding.PartitionSpec (P() replicates), not {spec!r}")
+            _core.All(f)  # TypeError for what is not a filter
+        if not items:
+            raise ValueError("StateSharding: give at least one {filter: PartitionSpec} entry")
+        self._items = items
+
+    @property
+    def filters(self):
+        return tuple(f for f, _ in self._items)
+
+    @property
+    def specs(self):
+        return tuple(s for _, s in self._items)
+
+    def items(self):
+        return self._items
+
+    def __iter__(self):
+        return iter(self.filters)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __eq__(self, other):
+        return type(other) is StateSharding and self._items == other._items
+
+    def __hash__(self):
+        return hash(self._items)
+
+    def __repr__(self):
+        body = ", ".join(f"{'...' if f is ... else repr(f)}: {s!r}" for f, s in self._items)
+        return f"StateSharding({{{body}}})"
+
+
+def _is_spec_leaf(x):
+    return isinstance(x, (PartitionSpec, StateSharding))
+
+
+def _state_sharding_leaves(t, ss, subtree, where):
+    """Per leaf of `subtree`: its spec by the first filter of `ss` that
+    accepts it (refx.vmap's StateAxes rule)."""
+    parts, _td = tree_partition(subtree, *ss.filters)
+    out = []
+    for path in parts[0]:
+        hit = next((i for i, p in enumerate(parts) if p[path] is not _core.NOTHING), None)
+        if hit is None:
+            continue
+        leaf = parts[hit][path]
+        n = len(jax.tree_util.tree_leaves(leaf))
+        if hit == len(ss.filters) and n:
+            what = (f"the {type(leaf).__name__} (collection {leaf.collection!r})"
+                    if isinstance(leaf, (Ref, _core.Deref)) else f"a {type(leaf).__name__}")
+            raise ValueError(f"{t.prefix()}: {where} at {path} holds {what}, which no filter "
+                             f"of {ss!r} accepts; add a filter for it (end with `...: P()` to "
+                             "replicate the rest)")
+        out.extend([ss.specs[hit] if hit < len(ss.filters) else None] * n)
+    return out
+
+
+def _leaf_specs(t, in_specs, args):
+    """Per flat leaf of (args, {}): its PartitionSpec."""
+    if isinstance(in_specs, list):
+        in_specs = tuple(in_specs)
+    if isinstance(in_specs, tuple) and not isinstance(in_specs, PartitionSpec):
+        if len(in_specs) != len(args):
+            raise ValueError(f"{t.prefix()}: in_specs has {len(in_specs)} entries but "
+                             f"{len(args)} positional arguments were given; give one entry per "
+                             "argument (or one PartitionSpec/StateSharding for all)")
+        per_arg = list(in_specs)
+    else:
+        per_arg = [in_specs] * len(args)
+    specs = []  # type: ignore[var-annotated]
+    for i, (spec, arg) in enumerate(zip(per_arg, args, strict=True)):
+        sp_leaves, sp_td = _tree_flatten(spec, is_leaf=_is_spec_leaf)
+        try:
+            subtrees = sp_td.flatten_up_to(arg)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{t.prefix()}: in_specs[{i}] is not a prefix of argument {i}'s "
+                             f"structure: {e}") from None
+        for sp, sub in zip(sp_leaves, subtrees, strict=True):
+            if isinstance(sp, StateSharding):
+                specs.extend(_state_sharding_leaves(t, sp, sub, f"argument {i}"))
+            elif isinstance(sp, PartitionSpec):
+                specs.extend([sp] * len(_tree_flatten(sub)[0]))
+            else:
+                raise TypeError(f"{t.prefix()}: in_specs entries must be PartitionSpecs or "
+                                f"StateSharding, got {sp!r} for argument {i} (P() replicates)")
+    return specs
+
+
+def _fmt_spec(spec):
+    """P('data', None): the same text on every JAX (reprs differ)."""
+    return "P(" + ", ".join(repr(e) for e in spec) + ")"
+
+
+def _spec_axes(spec):
+    names = []
+    for e in spec:
+        if isinstance(e, str):
+            names.append(e)
+        elif isinstance(e, tuple):
+            names.extend(e)
+    return names
+
+
+def _check_split(t, spec, value, mesh, what):
+    """ValueError naming `what` unless `spec` splits every leaf of `value`."""
+    sizes = dict(mesh.shape)
+    missing = sorted(set(_spec_axes(spec)) - set(sizes))
+    if missing:
+        raise ValueError(f"{t.prefix()}: in_specs gives {what} the spec {_fmt_spec(spec)}, which names "
+                         f"mesh axes {missing} that the mesh does not have (its axes: "
+                         f"{tuple(sizes)})")
+    for leaf in _tree_flatten(value)[0]:
+        shape = np.shape(leaf)
+        if len(spec) > len(shape):
+            raise ValueError(f"{t.prefix()}: in_specs gives {what} the spec {_fmt_spec(spec)}, with "
+                             f"{len(spec)} entries, but its value has shape {tuple(shape)}")
+        for d, e in enumerate(spec):
+            if e is None:
+                continue
+            n = int(np.prod([sizes[a] for a in ((e,) if isinstance(e, str) else e)]))
+            if shape[d] % n:
+                raise ValueError(f"{t.prefix()}: in_specs splits dimension {d} of {what} "
+                                 f"(shape {tuple(shape)}) over {e!r}, {n} ways; {shape[d]} is "
+                                 f"not a multiple of {n}")
+
+
+def _varying(x):
+    """The mesh axes a traced value varies over inside shard_map (JAX 0.7+),
+    or None where JAX does not say."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return None
+    try:
+        aval = typeof(x)
+    except (TypeError, AttributeError):  # pragma: no cover - not an array
+        return None
+    vma = getattr(aval, "vma", None)  # JAX 0.7-0.9
+    if vma is None:  # JAX 0.10: the aval's manual axis type
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return None if vma is None else frozenset(vma)
+
+
+def shard_map(fun, mesh=None, in_specs=None, out_specs=None, *, check_vma=True,
+              axis_names=None, mutable=None):
+    """jax.shard_map for functions of trees of Refs.
+
+    `in_specs` gives each Ref's value (and each other array leaf) its
+    PartitionSpec: a PartitionSpec for every positional argument, or a
+    tuple with one entry per positional argument: a PartitionSpec for all
+    of it, a ``StateSharding({filter: PartitionSpec, ...})`` choosing a spec
+    per collection/class/filter, or a prefix tree of the argument with
+    those at its leaves.  Inside, `fun` runs once per device (or group of
+    devices) on new Refs holding its block of each value (same sharing,
+    classes, collections, metadata) and may read and write them.  Each
+    Ref's value leaves at the spec it entered with: after the call every
+    Ref `fun` wrote holds the blocks it wrote, assembled, all or nothing
+    (refx.jit's write rules).  Writing a Ref whose spec replicates it over
+    a mesh axis with a value that varies over that axis is a ValueError
+    naming it (with check_vma, on JAX that tracks it): reduce it first
+    (``jax.lax.pmean``).  `out_specs` is jax.shard_map's, for fun's output
+    (a Ref made inside and returned comes out as a new Ref holding the
+    assembled value, at the spec out_specs gives its place).  `mesh`: the
+    mesh (default: the active one); `check_vma` (check_rep on older JAX),
+    `axis_names` as jax.shard_map's; `mutable`: a filter, only the Refs
+    it accepts may be written (see refx.mutable).  Keyword arguments are
+    not supported (jax.shard_map's rule): pass them positionally.
+    """
+    _check_callable("shard_map", fun)
+    if out_specs is None:
+        raise TypeError("refx.shard_map: out_specs is required (a PartitionSpec, or a prefix "
+                        "tree of fun's output with them)")
+    if in_specs is None:
+        raise TypeError("refx.shard_map: in_specs is required (a PartitionSpec per argument, "
+                        "or StateSharding)")
+    run = _with_mutable(fun, mutable, "refx.shard_map")
+    name = name_of(fun)
+
+    @functools.wraps(fun)
+    def mapped(*args, **kwargs):
+        if kwargs:
+            raise TypeError(f"refx.shard_map({name}): keyword arguments {sorted(kwargs)} are "
+                            "not supported (no in_specs for them); pass them positionally")
+        m = mesh
+        if m is None:
+            m = _compat.active_mesh() or _compat.context_mesh()
+            if m is None:
+                raise TypeError(f"refx.shard_map({name}): no mesh: pass mesh=, or call it "
+                                "under jax.set_mesh(mesh)")
+        t = Trees("shard_map", name, [(args, {})], [None])
+        specs = _leaf_specs(t, in_specs, args)
+        ref_spec = {}  # type: ignore[var-annotated]
+        other_specs = []
+        oi = 0
+        for i, (p, sp) in enumerate(zip(t.pattern, specs, strict=True)):
+            if p >= 0:
+                seen = ref_spec.get(p)
+                if seen is None:
+                    ref_spec[p] = (sp, i)
+                    _check_split(t, sp, t.vals[p], m, t.describe(p))
+                elif seen[0] != sp:
+                    raise ValueError(
+                        f"{t.prefix()}: one {type(t.refs[p]).__name__} is at {t.at(seen[1])} "
+                        f"with spec {_fmt_spec(seen[0])} and at {t.at(i)} with spec "
+                        f"{_fmt_spec(sp)}; a Ref shared "
+                        "between places must have one spec")
+            else:
+                if not t.is_static[oi]:
+                    _check_split(t, sp, t.plain[oi], m, t.at(i))
+                    other_specs.append(sp)
+                oi += 1
+        rspecs = [ref_spec[k][0] for k in range(len(t.refs))]
+        info = {}  # type: ignore[var-annotated]
+
+        def body(vals, traced):
+            inner = t.lift(vals, traced)
+            new, ((a, _kw),) = inner.refs, inner.trees
+            out = run(*a)
+            inner.check_structure(t.prefix())
+            written = inner.written(t.prefix(), t.where)
+            if check_vma:
+                for k in written:
+                    allowed = set(_spec_axes(rspecs[k]))
+                    for leaf in _tree_flatten(new[k].value)[0]:
+                        vary = _varying(leaf)
+                        extra = sorted(vary - allowed) if vary is not None else []
+                        if extra:
+                            raise ValueError(
+                                f"{t.prefix()}: fun wrote {t.describe(k)}, whose spec "
+                                f"{_fmt_spec(rspecs[k])} replicates it over mesh axes {extra}, "
+                                f"with a value that varies over {extra}; write a value that is "
+                                "the "
+                                "same on every device of those axes (jax.lax.pmean/psum it), "
+                                "or split the Ref over them in in_specs")
+            info["written"] = written
+            spec, td, items = plan_out(out, new)
+            info["out"] = (spec, td)
+            return [r.value for r in new], payload_tree(spec, td, items)
+
+        body.__name__ = body.__qualname__ = f"refx_shard_map({name})"
+        f = _call_shard_map(body, m, (rspecs, other_specs), (rspecs, out_specs), check_vma,
+                            axis_names)
+        vals_out, payload = f(t.vals, t.traced)
+        out = rebuild_out(*info["out"], payload, t.refs)
+        written = info["written"]
+        t.write(written, [vals_out[k] for k in written])
+        return out
+
+    return mapped
