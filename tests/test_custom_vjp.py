@@ -228,3 +228,76 @@ def test_errors():
     with pytest.raises(ValueError, match=r"fun added a leaf at argument 0 at \('new',\)"):
         grows(dict(p))
     assert p["w"].value is w0
+
+
+# --------------------------------------------------------------------------
+# refx.custom_jvp
+# --------------------------------------------------------------------------
+
+
+@jax.custom_jvp
+def softplus_functional(w, x):
+    return jnp.logaddexp(x * w, 0.0)
+
+
+@softplus_functional.defjvp
+def _softplus_functional_jvp(primals, tangents):
+    w, x = primals
+    tw, tx = tangents
+    y = softplus_functional(w, x)
+    s = jax.nn.sigmoid(x * w)
+    return y, 3 * s * (tw * x + w * tx)  # 3x the true derivative
+
+
+def test_custom_jvp_equals_the_functional_custom_jvp():
+    @refx.custom_jvp
+    def softplus(m, x):
+        m["n"].value = m["n"].value + 1
+        return jnp.logaddexp(x * m["w"].value, 0.0)
+
+    @softplus.defjvp
+    def _jvp(primals, tangents):
+        m, x = primals
+        tm, tx = tangents
+        m["n"].value = m["n"].value + 1
+        w = m["w"].value
+        assert tm["n"].dtype == jax.dtypes.float0  # an integer Ref's tangent
+        s = jax.nn.sigmoid(x * w)
+        return jnp.logaddexp(x * w, 0.0), 3 * s * (tm["w"] * x + w * tx)
+
+    w, x = jnp.array([0.5, -1.0, 2.0]), jnp.array([1.0, 2.0, -3.0])
+    m = {"w": refx.Ref(w, "params"), "n": refx.Ref(jnp.array(0), "count")}
+    assert close(softplus(m, x), softplus_functional(w, x)) and int(m["n"].value) == 1
+    g = refx.grad(lambda m: softplus(m, x).sum())(m)
+    want = jax.grad(lambda w: softplus_functional(w, x).sum())(w)
+    assert close(g[("w",)].value, want) and int(m["n"].value) == 2
+    assert not close(want, jax.grad(lambda w: jnp.logaddexp(x * w, 0.0).sum())(w))
+    # forward mode through Refs made from traced values, and x's tangent
+    f = lambda w, x: softplus({"w": refx.Ref(w), "n": refx.Ref(jnp.array(0))}, x)  # noqa: E731
+    out, tan = jax.jvp(f, (w, x), (jnp.ones(3), jnp.ones(3)))
+    wout, wtan = jax.jvp(softplus_functional, (w, x), (jnp.ones(3), jnp.ones(3)))
+    assert close(out, wout) and close(tan, wtan)
+    # under refx.jit
+    g2 = refx.jit(refx.grad(lambda m: softplus(m, x).sum()))(m)
+    assert close(g2[("w",)].value, want) and int(m["n"].value) == 3
+
+
+def test_custom_jvp_nondiff_and_errors():
+    def scaled(cfg, x):
+        return jnp.sin(x) * cfg["s"].value
+
+    f = refx.custom_jvp(scaled, nondiff_argnums=(0,))
+
+    @f.defjvp
+    def _jvp(cfg, primals, tangents):
+        (x,), (tx,) = primals, tangents
+        return scaled(cfg, x), 10 * cfg["s"].value * tx
+
+    cfg = {"s": refx.Ref(jnp.array(2.0), "config")}
+    assert float(jax.grad(lambda x: f(cfg, x))(0.3)) == pytest.approx(20.0)
+    g = refx.custom_jvp(lambda r: r.value)
+    with pytest.raises(TypeError, match=r"no JVP rule defined; call \.defjvp\(jvp\) on it first"):
+        g(refx.Ref(1.0))
+    g.defjvp(lambda primals, tangents: primals[0].value)
+    with pytest.raises(TypeError, match=r"the jvp rule must return a pair"):
+        jax.grad(lambda v: g(refx.Ref(v)))(1.0)

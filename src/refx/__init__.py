@@ -47,7 +47,7 @@ from ._jit import Dag, jit, jit_partial
 from ._control import StateAxes, cond, fori_loop, remat, scan, switch, vmap, while_loop
 from ._mutable import mutable
 # transforms: eval_shape, custom_vjp/custom_jvp, shard_map (refx/_lifts.py)
-from ._lifts import StateSharding, custom_vjp, eval_shape, shard_map
+from ._lifts import StateSharding, custom_jvp, custom_vjp, eval_shape, shard_map
 # sharding (issue 13): Refs' declared shardings (refx/_sharding.py)
 from ._sharding import shardings
 # attributes backed by Refs (issue 13, refx/_fields.py)
@@ -113,6 +113,7 @@ __all__ = [
     "while_loop",
     # transforms: eval_shape, custom_vjp/custom_jvp, shard_map
     "StateSharding",
+    "custom_jvp",
     "custom_vjp",
     "eval_shape",
     "shard_map",

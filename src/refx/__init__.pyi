@@ -375,6 +375,18 @@ class custom_vjp(Generic[_P, _R]):
     def defvjp(self, fwd: Callable[..., tuple[_Any, _Any]], bwd: Callable[..., _Any]) -> None: ...
     def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
 
+class custom_jvp(Generic[_P, _R]):
+    """jax.custom_jvp for functions of trees of Refs; set the rule with defjvp(jvp)."""
+
+    fun: Callable[_P, _R]
+    nondiff_argnums: tuple[int, ...]
+    jvp: Callable[..., tuple[_Any, _Any]] | None
+    def __init__(self, fun: Callable[_P, _R], nondiff_argnums: int | Sequence[int] = ()) -> None: ...
+    def defjvp(
+        self, jvp: Callable[..., tuple[_Any, _Any]]
+    ) -> Callable[..., tuple[_Any, _Any]]: ...
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+
 class StateSharding:
     """Per-collection PartitionSpecs for a refx.shard_map argument: {filter: PartitionSpec}."""
 
@@ -470,6 +482,7 @@ __all__ = [
     "vmap",
     "while_loop",
     "StateSharding",
+    "custom_jvp",
     "custom_vjp",
     "eval_shape",
     "shard_map",

@@ -770,3 +770,87 @@ def shard_map(fun, mesh=None, in_specs=None, out_specs=None, *, check_vma=True,
         return out
 
     return mapped
+
+
+def _zero_tangent(v):
+    """A zero tangent for a value without derivative (float0 for integers)."""
+    def zero(x):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(np.shape(x), jax.dtypes.float0)
+    return jax.tree_util.tree_map(zero, v)
+
+
+class custom_jvp:
+    """jax.custom_jvp for functions of trees of Refs: a function with a
+    forward-mode derivative rule of your own (reverse mode follows by
+    JAX's transposition, so refx.grad uses it too).
+
+    ``f = refx.custom_jvp(fun, nondiff_argnums=())``, then
+    ``f.defjvp(jvp)`` (usable as ``@f.defjvp``).  As with refx.custom_vjp,
+    the differentiable inputs are the values of the Refs of the arguments
+    not in `nondiff_argnums`, and their other array leaves.
+
+    fun(*args)      the primal: new Refs holding the arguments' values;
+                    returns arrays (no Refs).
+    jvp(*nondiff, primals, tangents)
+                    primals: the tuple of differentiable arguments, with
+                    new Refs holding their values (the nondiff arguments
+                    come first, as they are, with new Refs); tangents: the
+                    same structure with each Ref replaced by its value's
+                    tangent (float0 zeros for integer values) and each
+                    array leaf by its tangent (None for leaves JAX cannot
+                    trace).  Returns (out, tangent of out).
+
+    fun and the jvp rule may write Refs, and must write the same ones:
+    written back after the call, all or nothing; a written value has a
+    zero tangent (no derivative flows through a write).  Refs closed over
+    are read as constants.
+    """
+
+    def __init__(self, fun, nondiff_argnums=()):
+        _check_callable("custom_jvp", fun)
+        self.fun = fun
+        self.nondiff_argnums = _nondiff_positions("custom_jvp", nondiff_argnums)
+        self.jvp = None
+        functools.update_wrapper(self, fun)
+
+    def defjvp(self, jvp):
+        """Set the jvp rule (see the class); returns it (a decorator)."""
+        _check_callable("custom_jvp", jvp, "jvp")
+        self.jvp = jvp
+        return jvp
+
+    def __call__(self, *args, **kwargs):
+        name = name_of(self.fun)
+        if self.jvp is None:
+            raise TypeError(f"refx.custom_jvp({name}): no JVP rule defined; call "
+                            ".defjvp(jvp) on it first")
+        c = _Call("custom_jvp", name, self.fun, self.nondiff_argnums, args, kwargs)
+        fun, ujvp = self.fun, self.jvp
+
+        def primal(vals, traced):
+            inner, a = c.enter(vals, traced)
+            out = fun(*a)
+            return out, c.leave(inner, "fun", out)
+
+        def rule(primals, tangents):
+            vals, traced = primals
+            tvals, ttraced = tangents
+            inner, a = c.enter(list(vals), list(traced))
+            nd = [a[i] for i in c.nondiff]
+            r = ujvp(*nd, tuple(a[i] for i in c.diff),
+                     c.by_argument(list(tvals), list(ttraced), c.diff))
+            if not (isinstance(r, (tuple, list)) and len(r) == 2):
+                raise TypeError(f"{c.prefix}: the jvp rule must return a pair (out, "
+                                f"tangent_out), got {type(r).__name__}")
+            out, tout = r
+            wvals = c.leave(inner, "the jvp rule", out)
+            return (out, wvals), (tout, [_zero_tangent(v) for v in wvals])
+
+        primal.__name__ = primal.__qualname__ = f"refx_custom_jvp({name})"
+        f = jax.custom_jvp(primal)
+        f.defjvp(rule)
+        out, wvals = f(c.t.vals, c.t.traced)
+        c.finish(wvals)
+        return out
