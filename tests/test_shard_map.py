@@ -109,6 +109,19 @@ def test_one_device_mesh_matches_jax_shard_map():
     assert model["w1"].value is plain["w1"]  # not written: the same array
 
 
+def test_the_active_mesh_by_default():
+    mesh = make_mesh((1, 1))
+    model, x = make_model(), batch()
+    f = refx.shard_map(step, in_specs=(SPECS, P("data", None)), out_specs=P("data", None))
+    with pytest.raises(TypeError, match=r"refx.shard_map\(step\): no mesh: pass mesh=, or call "
+                                        r"it under jax.set_mesh\(mesh\)"):
+        f(model, x)
+    assert int(model["count"].value) == 0
+    with (jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh):
+        f(model, x)
+    assert int(model["count"].value) == 1
+
+
 def test_argument_errors():
     mesh = make_mesh((1, 1))
     model = make_model()

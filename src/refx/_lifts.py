@@ -45,8 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 # the C core has no stub of its own (refx/__init__.pyi describes it)
 from . import _compat, _core, _sharding  # type: ignore[attr-defined]
 from ._core import Ref, Value, tree_partition  # type: ignore[import-not-found]
-from ._lift import (Const, Trees, make_refs, name_of, payload_tree, place_name, plan_out,
-                    rebuild_out, traceable)
+from ._lift import Trees, make_refs, name_of, payload_tree, plan_out, rebuild_out, traceable
 from ._mutable import _with_mutable
 
 _tree_flatten = jax.tree_util.tree_flatten
@@ -333,7 +332,8 @@ class _Call:
                 p, j = t.pattern[i], self.traced_at[i]
                 if p >= 0:
                     want = t.vals[p]
-                    a_td, b_td = jax.tree_util.tree_structure(want), jax.tree_util.tree_structure(sub)
+                    a_td = jax.tree_util.tree_structure(want)
+                    b_td = jax.tree_util.tree_structure(sub)
                     if a_td != b_td or any(np.shape(x) != np.shape(y) for x, y in zip(
                             jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(sub),
                             strict=True)):
@@ -630,14 +630,15 @@ def _check_split(t, spec, value, mesh, what):
     sizes = dict(mesh.shape)
     missing = sorted(set(_spec_axes(spec)) - set(sizes))
     if missing:
-        raise ValueError(f"{t.prefix()}: in_specs gives {what} the spec {_fmt_spec(spec)}, which names "
-                         f"mesh axes {missing} that the mesh does not have (its axes: "
+        raise ValueError(f"{t.prefix()}: in_specs gives {what} the spec {_fmt_spec(spec)}, "
+                         f"which names mesh axes {missing} that the mesh does not have (its axes: "
                          f"{tuple(sizes)})")
     for leaf in _tree_flatten(value)[0]:
         shape = np.shape(leaf)
         if len(spec) > len(shape):
-            raise ValueError(f"{t.prefix()}: in_specs gives {what} the spec {_fmt_spec(spec)}, with "
-                             f"{len(spec)} entries, but its value has shape {tuple(shape)}")
+            raise ValueError(f"{t.prefix()}: in_specs gives {what} the spec "
+                             f"{_fmt_spec(spec)}, with {len(spec)} entries, but its value has "
+                             f"shape {tuple(shape)}")
         for d, e in enumerate(spec):
             if e is None:
                 continue
@@ -706,7 +707,9 @@ def shard_map(fun, mesh=None, in_specs=None, out_specs=None, *, check_vma=True,
                             "not supported (no in_specs for them); pass them positionally")
         m = mesh
         if m is None:
-            m = _compat.active_mesh() or _compat.context_mesh()
+            m = _compat.active_mesh()
+            if m is None:
+                m = _compat.context_mesh()
             if m is None:
                 raise TypeError(f"refx.shard_map({name}): no mesh: pass mesh=, or call it "
                                 "under jax.set_mesh(mesh)")
