@@ -181,16 +181,37 @@ def scenario_eight():
             "count": int(model["count"].value), "w1_same": model["w1"].value is plain["w1"],
             "mean_sharding": list(model["mean"].value.sharding.spec)
             if isinstance(model["mean"].value.sharding, NamedSharding) else "?"}
-    # gradients through refx.grad against jax.grad of the functional version
+    # gradients through refx.grad against jax.grad of the functional version:
+    # a forward pass that writes nothing, then the step (its writes are
+    # outputs without cotangent: JAX 0.4.36's own jax.grad of the functional
+    # step fails on them, "'Zero' object has no attribute 'reshape'")
     model, x = make_model(), batch()
     plain = {k: r.value for k, r in model.items()}
-    sm = refx.shard_map(step, mesh, in_specs=(SPECS, P("data", None)), out_specs=P("data", None))
-    g = refx.grad(lambda m, x: (sm(m, x) ** 2).sum())(model, x)
+
+    def forward(m, x):
+        return jax.lax.psum(jnp.tanh(x @ m["w1"].value) @ m["w2"].value, "model")
+
+    fwd = refx.shard_map(forward, mesh, in_specs=(SPECS, P("data", None)),
+                         out_specs=P("data", None))
+    g = refx.grad(lambda m, x: (fwd(m, x) ** 2).sum())(model, x)
+    ffwd = jax_shard_map(lambda w1, w2, x: forward({"w1": refx.Ref(w1), "w2": refx.Ref(w2)}, x),
+                         mesh, in_specs=(P(None, "model"), P("model", None), P("data", None)),
+                         out_specs=P("data", None))
+    gw = jax.grad(lambda w1, w2: (ffwd(w1, w2, x) ** 2).sum(), argnums=(0, 1))(plain["w1"],
+                                                                              plain["w2"])
+    res["grad_forward"] = close(g[("w1",)].value, gw[0]) and close(g[("w2",)].value, gw[1])
     fsm = jax_shard_map(functional, mesh, **FUNCTIONAL_SPECS)
-    gw = jax.grad(lambda w1, w2: (fsm(w1, w2, plain["mean"], plain["count"], x)[0] ** 2).sum(),
-                  argnums=(0, 1))(plain["w1"], plain["w2"])
-    res["grad"] = close(g[("w1",)].value, gw[0]) and close(g[("w2",)].value, gw[1])
-    res["grad_count"] = int(model["count"].value)  # written under refx.grad too
+    try:
+        gw = jax.grad(lambda w1, w2: (fsm(w1, w2, plain["mean"], plain["count"], x)[0] ** 2)
+                      .sum(), argnums=(0, 1))(plain["w1"], plain["w2"])
+    except Exception as e:  # noqa: BLE001 - JAX's bug, recorded
+        res["grad"] = f"skip: JAX {jax.__version__}'s jax.grad of the functional step fails: {e}"
+    else:
+        sm = refx.shard_map(step, mesh, in_specs=(SPECS, P("data", None)),
+                            out_specs=P("data", None))
+        g = refx.grad(lambda m, x: (sm(m, x) ** 2).sum())(model, x)
+        res["grad"] = close(g[("w1",)].value, gw[0]) and close(g[("w2",)].value, gw[1])
+        res["grad_count"] = int(model["count"].value)  # written under refx.grad too
     # a Ref made inside and returned: a new Ref holding the assembled value
     model = make_model()
 
@@ -248,7 +269,12 @@ def test_eight_devices_against_jax_shard_map():
         r = res[label]
         assert r["out"] and r["mean"] and r["count"] == 1 and r["w1_same"], (label, r)
         assert r["mean_sharding"] == ["model"], r  # written at its spec
-    assert res["grad"] and res["grad_count"] == 1
+    assert res["grad_forward"]
+    if res["grad"] is not True:  # JAX 0.4.36: its own grad of the functional step fails
+        old = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 5)
+        assert old and res["grad"].startswith("skip: "), res["grad"]
+    else:
+        assert res["grad_count"] == 1
     assert res["made"] == [[BATCH, HID], "acts", "hidden", True]
     # each "data" block (8 elements) doubled plus its block index
     want = [2 * i + (i >= 8) for i in range(16)]
