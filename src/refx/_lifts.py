@@ -17,10 +17,11 @@ vmap and scan:
 What differs per transform:
 
   eval_shape   nothing is written back (abstract evaluation computes no
-               value); every Ref of the output, an argument's or one made
-               inside, comes out as a new Ref (same class, collection,
-               metadata) holding jax.ShapeDtypeStructs, with the
-               NamedSharding its declaration names under an active mesh.
+               value); every Ref of the output, an argument's, one closed
+               over or one made inside, comes out as a new Ref (same class,
+               collection, metadata) holding jax.ShapeDtypeStructs, with
+               the NamedSharding its declaration names (replicated if none)
+               under an active mesh.
   custom_vjp   the Ref values of the differentiable arguments are inputs of
   custom_jvp   one jax.custom_vjp / jax.custom_jvp function; values `fun`
                wrote leave it as extra outputs without derivative (bwd never
@@ -239,12 +240,6 @@ class _Call:
                 oi += 1
         self.info = {}  # type: ignore[var-annotated]
 
-    def arg_of(self, i):
-        for a, (lo, hi) in enumerate(self.ranges):
-            if lo <= i < hi:
-                return a
-        raise AssertionError(i)  # pragma: no cover
-
     def enter(self, vals, traced):
         inner = self.t.lift(vals, traced)
         ((a, _kw),) = inner.trees
@@ -276,14 +271,6 @@ class _Call:
             if not traceable(leaf):
                 raise TypeError(f"{self.prefix}: {what} returned a {type(leaf).__name__} at "
                                 f"{where}, which JAX cannot differentiate; return arrays")
-
-    def diff_refs(self):
-        """Numbers of the Refs in differentiable arguments."""
-        out = set()
-        for a in self.diff:
-            lo, hi = self.ranges[a]
-            out.update(p for p in self.t.pattern[lo:hi] if p >= 0)
-        return out
 
     def by_argument(self, vals, traced, args):
         """The trees of arguments `args` with each Ref replaced by vals[k]
