@@ -49,6 +49,8 @@ from ._jit import Dag, jit, jit_partial
 # transforms: vmap, scan, remat, cond/switch, loops (refx/_control.py), mutable
 from ._control import StateAxes, cond, fori_loop, remat, scan, switch, vmap, while_loop
 from ._mutable import mutable
+# transforms: eval_shape, custom_vjp/custom_jvp, shard_map (refx/_lifts.py)
+from ._lifts import StateSharding, custom_jvp, custom_vjp, eval_shape, shard_map
 # sharding (issue 13): Refs' declared shardings (refx/_sharding.py)
 from ._sharding import shardings
 # attributes backed by Refs (issue 13, refx/_fields.py)
@@ -112,6 +114,12 @@ __all__ = [
     "switch",
     "vmap",
     "while_loop",
+    # transforms: eval_shape, custom_vjp/custom_jvp, shard_map
+    "StateSharding",
+    "custom_jvp",
+    "custom_vjp",
+    "eval_shape",
+    "shard_map",
     # sharding
     "shardings",
     # attributes backed by Refs

@@ -419,6 +419,58 @@ class mutable(ContextDecorator):
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc_info: object) -> Literal[False]: ...
 
+# ---- eval_shape, custom_vjp/custom_jvp, shard_map (issue 19; refx/_lifts.py) ----
+
+def eval_shape(fun: Callable[..., _Any], /, *args: _Any, **kwargs: _Any) -> _Any: ...
+
+class custom_vjp(Generic[_P, _R]):
+    """jax.custom_vjp for functions of trees of Refs; set the rule with defvjp(fwd, bwd)."""
+
+    fun: Callable[_P, _R]
+    nondiff_argnums: tuple[int, ...]
+    fwd: Callable[..., tuple[_Any, _Any]] | None
+    bwd: Callable[..., _Any] | None
+    def __init__(self, fun: Callable[_P, _R], nondiff_argnums: int | Sequence[int] = ()) -> None: ...
+    def defvjp(self, fwd: Callable[..., tuple[_Any, _Any]], bwd: Callable[..., _Any]) -> None: ...
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+
+class custom_jvp(Generic[_P, _R]):
+    """jax.custom_jvp for functions of trees of Refs; set the rule with defjvp(jvp)."""
+
+    fun: Callable[_P, _R]
+    nondiff_argnums: tuple[int, ...]
+    jvp: Callable[..., tuple[_Any, _Any]] | None
+    def __init__(self, fun: Callable[_P, _R], nondiff_argnums: int | Sequence[int] = ()) -> None: ...
+    def defjvp(
+        self, jvp: Callable[..., tuple[_Any, _Any]]
+    ) -> Callable[..., tuple[_Any, _Any]]: ...
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+
+class StateSharding:
+    """Per-collection PartitionSpecs for a refx.shard_map argument: {filter: PartitionSpec}."""
+
+    def __init__(self, specs: Mapping[_Any, _Any] | Iterable[tuple[_Any, _Any]], /) -> None: ...
+    @property
+    def filters(self) -> tuple[Filter, ...]: ...
+    @property
+    def specs(self) -> tuple[_Any, ...]: ...
+    def items(self) -> tuple[tuple[Filter, _Any], ...]: ...
+    def __iter__(self) -> Iterator[Filter]: ...
+    def __len__(self) -> int: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+def shard_map(
+    fun: Callable[_P, _R],
+    mesh: _Any = None,
+    in_specs: _Any = None,
+    out_specs: _Any = None,
+    *,
+    check_vma: bool = True,
+    axis_names: Iterable[Hashable] | None = None,
+    mutable: Filter | None = None,
+) -> Callable[_P, _R]: ...
+
 # ---- sharding (issue 13; refx/_sharding.py) ----
 
 def shardings(tree: _Any, /, mesh: _Any = None) -> _Any: ...
@@ -488,6 +540,11 @@ __all__ = [
     "switch",
     "vmap",
     "while_loop",
+    "StateSharding",
+    "custom_jvp",
+    "custom_vjp",
+    "eval_shape",
+    "shard_map",
     "shardings",
     "RefField",
 ]

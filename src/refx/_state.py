@@ -101,9 +101,28 @@ def _is_py_scalar(x: Any) -> bool:
     return isinstance(x, _SCALAR_TYPES) and not isinstance(x, np.generic)
 
 
+def _is_abstract(x: Any) -> bool:
+    """A leaf of an abstract tree (refx.eval_shape): loading into it makes
+    the array."""
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
 def _is_key(x: Any) -> bool:
-    """A typed PRNG key array (jax.random.key): its dtype is not numpy's."""
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    """A typed PRNG key array (jax.random.key), or its ShapeDtypeStruct: its
+    dtype is not numpy's."""
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(x: Any) -> Any:
+    """The PRNG implementation of a key array or of its ShapeDtypeStruct
+    (jax.random.key_impl takes arrays only; a tracer of an abstract
+    evaluation is one)."""
+    if not _is_abstract(x):
+        return jax.random.key_impl(x)
+    found: list[Any] = []
+    jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), x)
+    return found[0]
 
 
 def _spec(shape: Any, dtype: Any) -> str:
@@ -216,7 +235,7 @@ def _layout(fname: str, tree: Any, filter: Any, *, writable: bool) -> _Layout:
                     f"{fname}: the Ref at {at} holds a Ref; a Ref inside a Ref's value "
                     f"is not state a checkpoint can hold (deref the value first)"
                 )
-            if not (_is_array(x) or isinstance(x, _SCALAR_TYPES)):
+            if not (_is_array(x) or isinstance(x, _SCALAR_TYPES) or _is_abstract(x)):
                 raise TypeError(
                     f"{fname}: the Ref at {at} holds a {type(x).__name__}; state dicts "
                     f"hold arrays and Python scalars (keep other values out of Refs, or "
@@ -254,6 +273,13 @@ def _mismatch(current: Any, shape: tuple[int, ...], dtype: Any, is_array: bool) 
     is loaded back as a Python scalar); an array accepts only an array of
     its own shape and dtype, never a silent cast.
     """
+    if _is_abstract(current) and not is_array and current.shape == ():
+        # an abstract tree's Python scalar (refx.eval_shape makes it a 0-d
+        # array): a stored Python scalar of its kind
+        kinds = "iu" if current.dtype.kind in "iu" else current.dtype.kind
+        if getattr(dtype, "kind", None) in tuple(kinds):
+            return None
+        return _describe(current) + " in the tree"
     if _is_py_scalar(current):
         # the first match: bool before int (an IntEnum is an int)
         kind = next(k for t, k in _SCALAR_KINDS.items() if isinstance(current, t))
@@ -345,12 +371,19 @@ def _target_sharding(entry: _Entry, index: int, current: Any) -> Any:
     if isinstance(current, jax.core.Tracer):
         return None
     declared = entry.specs[index] if entry.specs else None
-    if declared is not None and _is_array(current):
+    if declared is not None and (_is_array(current) or _is_abstract(current)):
         sharding = _sharding.restore_sharding(declared, current)
         if sharding is not None:
             return sharding
     if isinstance(current, jax.Array):
         return current.sharding
+    if _is_abstract(current):
+        if current.sharding is not None:
+            return current.sharding
+        # no declaration: replicated on the active mesh (refx.shardings' rule)
+        mesh = _compat.active_mesh()
+        return None if mesh is None else jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec())
     return None
 
 
@@ -364,7 +397,12 @@ def _convert(entry: _Entry, index: int, current: Any, new: Any) -> Any:
     if isinstance(current, np.generic) and isinstance(new, np.ndarray):
         return new[()]
     sharding = _target_sharding(entry, index, current)
-    if sharding is not None and not isinstance(new, jax.Array):
+    if _is_abstract(current) and not isinstance(new, jax.Array):
+        # loading into an abstract tree makes the array (default device
+        # without a sharding), of the abstract leaf's dtype (a Python scalar)
+        new = jax.device_put(np.asarray(new, dtype=current.dtype) if np.ndim(new) == 0
+                             else new, sharding)
+    elif sharding is not None and not isinstance(new, jax.Array):
         new = jax.device_put(new, sharding)
     if getattr(current, "weak_type", False) and isinstance(new, jax.Array) and not new.weak_type:
         # a weakly typed scalar (Ref(jnp.array(0.5))) stays one: numpy and
@@ -521,6 +559,8 @@ def save(
 
 def _to_storage(x: Any) -> Any:
     if _is_key(x):
+        if _is_abstract(x):  # the key data's shape (and sharding)
+            return jax.eval_shape(jax.random.key_data, x)
         return jax.random.key_data(x)
     if isinstance(x, np.generic) or (isinstance(x, complex) and _is_py_scalar(x)):
         return np.asarray(x)
@@ -529,7 +569,7 @@ def _to_storage(x: Any) -> Any:
 
 def _from_storage(current: Any, stored: Any) -> Any:
     if _is_key(current):
-        return jax.random.wrap_key_data(stored, impl=jax.random.key_impl(current))
+        return jax.random.wrap_key_data(stored, impl=_key_impl(current))
     return stored  # scalars: _convert turns 0-d arrays back
 
 
@@ -570,6 +610,9 @@ def _restore_target(entry: _Entry, index: int, current: Any) -> Any:
     stored = _to_storage(current)
     # a key's data is sharded like the key (plus a trailing axis)
     sharding = _target_sharding(entry, index, stored)
+    if sharding is None and _is_abstract(stored):
+        # an abstract leaf without a sharding: made on the default device
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if sharding is not None:
         return jax.ShapeDtypeStruct(stored.shape, stored.dtype, sharding=sharding)
     return stored
@@ -589,7 +632,10 @@ def restore(
     before any array is read (the rules of load_state_dict, one error
     listing every problem); each array is then read onto the sharding of
     the array its Ref holds now, and written through update_refs, all or
-    nothing.  Shared Refs stay shared.
+    nothing.  Shared Refs stay shared.  `tree` may be abstract (made by
+    refx.eval_shape, its Refs holding jax.ShapeDtypeStructs): restoring
+    into it makes the arrays, each read straight onto its Ref's declared
+    sharding (the ShapeDtypeStruct's; the default device without one).
     """
     ocp = _orbax("restore")
     path = _directory(directory)
