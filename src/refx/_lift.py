@@ -173,11 +173,12 @@ class Rediscover(BaseException):  # noqa: N818 - a signal, not an error
 
 
 class Capture:
-    __slots__ = ("trace", "subs", "found")
+    __slots__ = ("trace", "subs", "found", "born")
 
     def __init__(self, subs):
         probe = make_refs([None], (None,), (Ref,))[0]
         self.trace = _core._ref_trace(probe)  # the transform's trace
+        self.born = _core._ref_serial(probe)  # Refs made later are never captured
         self.subs = subs  # outer Ref -> its stand-in in this trace
         self.found = {}  # closed-over Refs without a stand-in, in order
 
@@ -200,8 +201,8 @@ def capture_hook(ref, writing):
     if inner is not None:
         return inner
     rt = _core._ref_trace(ref)
-    if rt is f.trace or rt is None:
-        return None
+    if rt is f.trace or rt is None or _core._ref_serial(ref) > f.born:
+        return None  # a Ref of this trace, or made while fun runs
     outer, trace = rt(), f.trace()
     if outer is None or trace is None or _compat._encloses(trace, outer):
         return None  # a finished trace's Ref, or one of a trace inside this one

@@ -2309,6 +2309,22 @@ capture_depth(PyObject *module, PyObject *delta)
     return PyLong_FromSsize_t(refx_capture_depth);
 }
 
+/* _ref_serial(ref=None): when `ref` was made (see RefObject.serial), or
+ * with no argument the serial of the last Ref made */
+static PyObject *
+ref_serial(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    refx_state *st = refx_get_state(module);
+    if (nargs == 0) {
+        return PyLong_FromUnsignedLongLong(refx_ref_serial);
+    }
+    if (nargs != 1 || !Ref_Check(st, args[0])) {
+        PyErr_SetString(PyExc_TypeError, "_ref_serial(ref=None): a Ref");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(((RefObject *)args[0])->serial);
+}
+
 /* _ref_trace(ref): the weak reference to the trace a Ref belongs to */
 static PyObject *
 ref_trace(PyObject *module, PyObject *ref)
@@ -2352,6 +2368,9 @@ PyMethodDef refx_jit_functions[] = {
     {"_capture_depth", (PyCFunction)capture_depth, METH_O,
      "_capture_depth($module, delta, /)\n--\n\n"
      "Change the depth of traces capturing closed-over Refs."},
+    {"_ref_serial", (PyCFunction)(void (*)(void))ref_serial, METH_FASTCALL,
+     "_ref_serial($module, ref=None, /)\n--\n\n"
+     "When `ref` was made; with no argument, the last Ref's serial."},
     {"_ref_trace", (PyCFunction)ref_trace, METH_O,
      "_ref_trace($module, ref, /)\n--\n\n"
      "The weak reference to the trace `ref` belongs to."},

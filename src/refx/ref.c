@@ -343,6 +343,7 @@ refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
     self->collection = collection;
     self->trace = Py_NewRef(trace);
     self->initialized = 1;
+    self->serial = ++refx_ref_serial;
     if (!PyObject_GC_IsTracked((PyObject *)self) &&
         ref_needs_tracking(value, collection)) {
         PyObject_GC_Track(self);
@@ -644,6 +645,7 @@ ref_dealloc(RefObject *self)
  * the traced one.  Outside such traces (refx_capture_depth == 0) nothing
  * here runs. */
 Py_ssize_t refx_capture_depth = 0;
+uint64_t refx_ref_serial = 0;
 
 /* The stand-in of `self` (new reference), Py_None, or NULL with an error */
 static PyObject *

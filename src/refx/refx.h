@@ -175,6 +175,8 @@ extern PyModuleDef refx_module;
 /* > 0 while some refx transform traces with closed-over Refs captured
  * (ref.c): the .value getter and setter consult capture_hook only then */
 extern Py_ssize_t refx_capture_depth;
+/* Refs made so far (ref.c): each Ref's `serial` is the count at its birth */
+extern uint64_t refx_ref_serial;
 
 static inline refx_state *
 refx_get_state(PyObject *module)
@@ -251,6 +253,9 @@ typedef struct {
      * outside that call; never read by anything else. */
     uint64_t mark_epoch;
     Py_ssize_t mark_index;
+    /* when it was made: refx_ref_serial at its creation (ref.c); a
+     * capturing trace never captures a Ref made after it started */
+    uint64_t serial;
     PyObject *metadata; /* owned: NULL, or (name, value) pairs by name */
     PyObject *kind;     /* owned cache: NULL, or its kind (see kinds.c) */
     /* 0 from __new__ until __init__ or __setstate__ sets value and
