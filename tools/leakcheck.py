@@ -339,7 +339,7 @@ TAGGED = Tagged(jnp.ones(2), PARAMS)
 TAGGED.tags = [1, 2]  # unhashable: part of the cache key
 JTAGGED = refx.jit(lambda r: r.value * 2)
 GRAD_CLOSED = refx.grad(lambda m: (m["w"].value * CLOSED.value).sum()
-                        + (CLOSED_N.value * 0).sum())
+                        + (CLOSED_N.value * 0).sum(), wrt=PARAMS)
 for _f, _a in ((JCLOSE, (JX,)), (JDONATE_W, (PYTREE,))):
     _f(*_a)
 
