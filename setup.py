@@ -12,8 +12,8 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = ["module.c", "tree.c", "ref.c", "deref.c", "filter.c", "partition.c", "update.c",
-           "jit.c"]
+SOURCES = ["module.c", "tree.c", "ref.c", "kinds.c", "deref.c", "filter.c", "partition.c",
+           "update.c", "jit.c"]
 
 compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 # -Werror only in development builds (REFX_WERROR=1, set by the Makefile):

@@ -599,7 +599,7 @@ snapshot(call_ctx *c)
 
 /* A Ref's spec: what rebuilds it inside a trace and keys the cache.  Its
  * type for a plain Ref (Ref, no metadata), else its kind (class, metadata,
- * attributes; see ref.c).  New reference, or NULL with an error. */
+ * attributes; see kinds.c).  New reference, or NULL with an error. */
 static PyObject *
 ref_spec(refx_state *st, RefObject *r)
 {

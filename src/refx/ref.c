@@ -1,5 +1,7 @@
 /*
- * ref.c: the Ref type, the deref'ed forms Value and Index, and NOTHING.
+ * ref.c: the Ref type, the write check, the deref'ed forms Value and
+ * Index, and NOTHING.  What a Ref is besides its value and collection
+ * (class, metadata, attributes: its kind) is kinds.c's.
  *
  * Ref.  A Ref owns three objects:
  *
@@ -84,6 +86,19 @@
  *
  * NOTHING.  A singleton registered as a pytree node with no children: it
  * marks "this path belongs to another partition".
+ *
+ * Functions in this file: refx_collection_of; the write check
+ * (refx_is_plain_value, refx_check_value, check_mutable, refx_check_write)
+ * and refx_write_all; may_close_cycle/ref_needs_tracking (GC); the Ref:
+ * refx_ref_create, refx_ref_create_kind, ref_store/refx_ref_store, ref_new,
+ * ref_place (declared shardings), ref_initialize, parse_ref_args,
+ * ref_init, traverse/clear/dealloc, the value/collection/metadata getters
+ * and the value setter, refx_short_repr, ref_repr, ref_replace,
+ * ref_reduce/ref_setstate (pickle, copy), refx_treescope_repr_get,
+ * ref_init_subclass; Deref, Value, Index: refx_value_create(_kind),
+ * refx_index_create(_kind), refx_deref_ref_type, refx_parse_index,
+ * value_new/index_new, GC, getters, richcompare/hash, reprs, pickle;
+ * NOTHING; the pytree flatten/unflatten functions; refx_init_ref_types.
  */
 #include "refx.h"
 #include <structmember.h>
@@ -293,318 +308,6 @@ ref_needs_tracking(PyObject *value, PyObject *collection)
 }
 
 /* ------------------------------------------------------------------ */
-/* metadata and kinds                                                   */
-/* ------------------------------------------------------------------ */
-
-static int check_not_a_typo(PyObject *name, const char *fname);
-
-/* The (name, value) pairs of `items` (a list, consumed) as a tuple of
- * (name, value, type(value)) entries sorted by name, or NULL with an
- * error.  With the type, 1, 1.0 and True are three values, as they are
- * three static arguments to jax.jit.  Names are unique, so only they are
- * compared (str: no Python code runs). */
-static PyObject *
-entries_from_items(PyObject *items)
-{
-    if (PyList_Sort(items) < 0) {
-        goto error;
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-        PyObject *pair = PyList_GET_ITEM(items, i);
-        PyObject *v = PyTuple_GET_ITEM(pair, 1);
-        PyObject *entry =
-            PyTuple_Pack(3, PyTuple_GET_ITEM(pair, 0), v, Py_TYPE(v));
-        if (entry == NULL) {
-            goto error;
-        }
-        PyList_SET_ITEM(items, i, entry);
-        Py_DECREF(pair);
-    }
-    PyObject *res = PyList_AsTuple(items);
-    Py_DECREF(items);
-    return res;
-error:
-    Py_DECREF(items);
-    return NULL;
-}
-
-/* Metadata from keyword arguments (a dict, or NULL): a tuple of
- * (name, value, type(value)) entries sorted by name, or NULL (no error)
- * when there is none.  Values must be hashable: metadata rides in a deref'ed tree's aux
- * data, which jax.jit hashes. */
-static PyObject *
-metadata_from_dict(PyObject *kwargs, const char *fname)
-{
-    if (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0) {
-        return NULL;
-    }
-    PyObject *items = PyDict_Items(kwargs);
-    if (items == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-        PyObject *pair = PyList_GET_ITEM(items, i);
-        PyObject *name = PyTuple_GET_ITEM(pair, 0);
-        if (!PyUnicode_Check(name)) {
-            PyErr_Format(PyExc_TypeError,
-                         "%s: metadata names must be str, "
-                         "not %.200s",
-                         fname, Py_TYPE(name)->tp_name);
-            goto error;
-        }
-        if (check_not_a_typo(name, fname) < 0) {
-            goto error;
-        }
-        if (PyObject_Hash(PyTuple_GET_ITEM(pair, 1)) == -1) {
-            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-                PyErr_Clear();
-                PyErr_Format(PyExc_TypeError,
-                             "%s: metadata %R must be hashable (it is part "
-                             "of the jit cache key), got unhashable %.200s",
-                             fname, name,
-                             Py_TYPE(PyTuple_GET_ITEM(pair, 1))->tp_name);
-            }
-            goto error;
-        }
-    }
-    return entries_from_items(items);
-error:
-    Py_DECREF(items);
-    return NULL;
-}
-
-/* Edit distance (with swapped neighbours as one edit) between two short
- * names, or cap + 1 when that is certainly more than cap. */
-static Py_ssize_t
-edit_distance(const char *a, const char *b, Py_ssize_t cap)
-{
-    Py_ssize_t la = (Py_ssize_t)strlen(a), lb = (Py_ssize_t)strlen(b);
-    if (la > 32 || lb > 32 || (la > lb ? la - lb : lb - la) > cap) {
-        return cap + 1;
-    }
-    Py_ssize_t d[33][33]; /* d[i][j]: distance of a[:i] and b[:j] */
-    for (Py_ssize_t i = 0; i <= la; i++) {
-        for (Py_ssize_t j = 0; j <= lb; j++) {
-            if (i == 0 || j == 0) {
-                d[i][j] = i + j;
-                continue;
-            }
-            Py_ssize_t best = d[i - 1][j - 1] + (a[i - 1] != b[j - 1]);
-            if (d[i - 1][j] + 1 < best) {
-                best = d[i - 1][j] + 1;
-            }
-            if (d[i][j - 1] + 1 < best) {
-                best = d[i][j - 1] + 1;
-            }
-            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] &&
-                a[i - 2] == b[j - 1] && d[i - 2][j - 2] + 1 < best) {
-                best = d[i - 2][j - 2] + 1; /* swapped neighbours */
-            }
-            d[i][j] = best;
-        }
-    }
-    return d[la][lb];
-}
-
-/* A metadata name one or two typos away from an argument name is almost
- * certainly that argument misspelled: refuse it rather than make it
- * metadata silently. */
-static int
-check_not_a_typo(PyObject *name, const char *fname)
-{
-    const char *s = PyUnicode_AsUTF8(name);
-    if (s == NULL) {
-        return -1;
-    }
-    static const char *const args[] = {"collection", "value"};
-    for (size_t i = 0; i < 2; i++) {
-        Py_ssize_t cap = i == 0 ? 2 : 1;
-        if (edit_distance(s, args[i], cap) <= cap) {
-            PyErr_Format(PyExc_TypeError,
-                         "%s: metadata name %R looks like a misspelled '%s' "
-                         "(metadata names must not be that close to one of "
-                         "Ref's arguments)",
-                         fname, name, args[i]);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* A new dict of `pairs` (metadata or attributes; NULL for none). */
-static PyObject *
-pairs_to_dict(PyObject *pairs)
-{
-    PyObject *d = PyDict_New();
-    for (Py_ssize_t i = 0;
-         d != NULL && pairs != NULL && i < PyTuple_GET_SIZE(pairs); i++) {
-        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
-        if (PyDict_SetItem(d, PyTuple_GET_ITEM(pair, 0),
-                           PyTuple_GET_ITEM(pair, 1)) < 0) {
-            Py_CLEAR(d);
-        }
-    }
-    return d;
-}
-
-/* A read-only mapping of `pairs`. */
-static PyObject *
-pairs_to_mapping(PyObject *pairs)
-{
-    PyObject *d = pairs_to_dict(pairs);
-    if (d == NULL) {
-        return NULL;
-    }
-    PyObject *proxy = PyDictProxy_New(d);
-    Py_DECREF(d);
-    return proxy;
-}
-
-/* The instance __dict__ of a Python subclass's Ref, or NULL (no error) if
- * it has none or it is empty.  Runs no Python code. */
-static PyObject *
-ref_instance_dict(refx_state *st, PyObject *self)
-{
-    if (Py_IS_TYPE(self, st->Ref_Type)) {
-        return NULL;
-    }
-    PyObject *d = PyObject_GenericGetDict(self, NULL);
-    if (d == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    if (!PyDict_Check(d) || PyDict_GET_SIZE(d) == 0) {
-        Py_DECREF(d);
-        return NULL;
-    }
-    return d;
-}
-
-/*
- * The kind of a Ref: what a Value/Index must record, besides index and
- * collection, to rebuild it: NULL for a plain Ref without metadata (most
- * Refs: no allocation), else the tuple (type, metadata, attributes), the
- * last two () when empty, each a tuple of (name, value, type(value))
- * entries sorted by name.  Attributes are a Ref subclass's instance
- * __dict__ (subclasses may not declare __slots__: see ref_init_subclass).
- * The class and metadata of a Ref never change, so its kind without
- * attributes is kept in the Ref and reused while it has none; its
- * attributes are read afresh every time (they may change).  Runs no Python code (deref calls it with the collector
- * paused); whether attribute values are hashable is for the caller to
- * check, after its loop.  On error returns NULL with *err set to 1.
- */
-PyObject *
-refx_ref_kind(refx_state *st, RefObject *ref, int *err)
-{
-    *err = 0;
-    PyTypeObject *tp = Py_TYPE(ref);
-    if (tp == st->Ref_Type && ref->metadata == NULL) {
-        return NULL;
-    }
-    /* a subclass's attributes can change at any time: look every time */
-    PyObject *attrs = NULL, *d = ref_instance_dict(st, (PyObject *)ref);
-    if (d == NULL && ref->kind != NULL) {
-        return Py_NewRef(ref->kind); /* (type, metadata, ()) */
-    }
-    if (d != NULL) {
-        PyObject *items = PyDict_Items(d);
-        Py_DECREF(d);
-        attrs = items != NULL ? entries_from_items(items) : NULL;
-        if (attrs == NULL) {
-            *err = 1;
-            return NULL;
-        }
-    }
-    PyObject *empty = PyTuple_New(0);
-    PyObject *kind =
-        empty == NULL
-            ? NULL
-            : PyTuple_Pack(3, tp,
-                           ref->metadata != NULL ? ref->metadata : empty,
-                           attrs != NULL ? attrs : empty);
-    Py_XDECREF(empty);
-    if (kind == NULL) {
-        *err = 1;
-    }
-    else if (attrs == NULL) {
-        Py_XSETREF(ref->kind, Py_NewRef(kind));
-    }
-    Py_XDECREF(attrs);
-    return kind;
-}
-
-/* Do instances of tp have a __dict__?  (3.12+ manages it without an
- * offset.) */
-static inline int
-has_instance_dict(PyTypeObject *tp)
-{
-#ifdef Py_TPFLAGS_MANAGED_DICT
-    if (tp->tp_flags & Py_TPFLAGS_MANAGED_DICT) {
-        return 1;
-    }
-#endif
-    return tp->tp_dictoffset != 0;
-}
-
-/* Check a kind read from aux data or a constructor: (a Ref subclass,
- * pairs, pairs).  0, or -1 with TypeError. */
-int
-refx_check_kind(refx_state *st, PyObject *kind, const char *fname)
-{
-    if (kind == NULL) {
-        return 0;
-    }
-    if (!PyTuple_Check(kind) || PyTuple_GET_SIZE(kind) != 3 ||
-        !PyType_Check(PyTuple_GET_ITEM(kind, 0)) ||
-        !PyType_IsSubtype((PyTypeObject *)PyTuple_GET_ITEM(kind, 0),
-                          st->Ref_Type) ||
-        !PyTuple_Check(PyTuple_GET_ITEM(kind, 1)) ||
-        !PyTuple_Check(PyTuple_GET_ITEM(kind, 2))) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: a Ref's kind is (Ref subclass, metadata entries, "
-                     "attribute entries), got %R",
-                     fname, kind);
-        return -1;
-    }
-    for (int part = 1; part < 3; part++) {
-        PyObject *pairs = PyTuple_GET_ITEM(kind, part);
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pairs); i++) {
-            PyObject *e = PyTuple_GET_ITEM(pairs, i);
-            if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3 ||
-                !PyUnicode_Check(PyTuple_GET_ITEM(e, 0)) ||
-                (PyObject *)Py_TYPE(PyTuple_GET_ITEM(e, 1)) !=
-                    PyTuple_GET_ITEM(e, 2)) {
-                PyErr_Format(PyExc_TypeError,
-                             "%s: metadata and attributes are (name, value, "
-                             "type(value)) entries, got %R",
-                             fname, e);
-                return -1;
-            }
-        }
-    }
-    PyTypeObject *tp = (PyTypeObject *)PyTuple_GET_ITEM(kind, 0);
-    if (PyTuple_GET_SIZE(PyTuple_GET_ITEM(kind, 2)) != 0 &&
-        !has_instance_dict(tp)) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: a kind of %.200s carries instance attributes, "
-                     "which that class cannot hold (it has no __dict__)",
-                     fname, tp->tp_name);
-        return -1;
-    }
-    if (PyObject_Hash(kind) == -1) { /* it is aux data: jax.jit hashes it */
-        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError,
-                         "%s: a Ref's kind must be hashable (it is part of "
-                         "the jit cache key), got %R",
-                         fname, kind);
-        }
-        return -1;
-    }
-    return 0;
-}
-
-/* ------------------------------------------------------------------ */
 /* Ref                                                                  */
 /* ------------------------------------------------------------------ */
 
@@ -732,7 +435,7 @@ ref_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 }
 
 /* ------------------------------------------------------------------ */
-/* declared shardings (issue 13)                                        */
+/* declared shardings                                                   */
 /* ------------------------------------------------------------------ */
 
 /* The value a new Ref with `metadata` should hold for `value` (a new
@@ -773,6 +476,10 @@ ref_place(refx_state *st, PyObject *value, PyObject *metadata,
     }
     return Py_NewRef(value);
 }
+
+/* ------------------------------------------------------------------ */
+/* Ref: init, GC, attributes, repr, replace, pickle, subclasses         */
+/* ------------------------------------------------------------------ */
 
 /* The one way value, collection and metadata are first set: by __init__
  * or __setstate__ on a Ref fresh from __new__.  The value is checked as
@@ -874,7 +581,7 @@ parse_ref_args(PyObject *args, PyObject *kwds, const char *fname,
     if (*collection == NULL) {
         *collection = Py_None;
     }
-    *metadata = metadata_from_dict(rest, fname);
+    *metadata = refx_metadata_from_dict(rest, fname);
     Py_XDECREF(rest);
     return *metadata == NULL && PyErr_Occurred() ? -1 : 0;
 }
@@ -973,24 +680,7 @@ static PyObject *
 ref_get_metadata(RefObject *self, void *closure)
 {
     (void)closure;
-    return pairs_to_mapping(self->metadata);
-}
-
-/* ", name=value" for each pair (reprs of metadata), or "" */
-static PyObject *
-pairs_repr(PyObject *pairs)
-{
-    PyObject *res = PyUnicode_FromString("");
-    for (Py_ssize_t i = 0;
-         res != NULL && pairs != NULL && i < PyTuple_GET_SIZE(pairs); i++) {
-        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
-        PyObject *part = PyUnicode_FromFormat(
-            ", %U=%R", PyTuple_GET_ITEM(pair, 0), PyTuple_GET_ITEM(pair, 1));
-        PyObject *joined = part != NULL ? PyUnicode_Concat(res, part) : NULL;
-        Py_XDECREF(part);
-        Py_SETREF(res, joined);
-    }
-    return res;
+    return refx_pairs_to_mapping(self->metadata);
 }
 
 /* refx._inspect.short_repr(value): arrays as dtype[shape] */
@@ -1020,7 +710,7 @@ ref_repr(RefObject *self)
     PyObject *res = NULL;
     PyObject *value =
         refx_short_repr(self->value != NULL ? self->value : Py_None);
-    PyObject *meta = value != NULL ? pairs_repr(self->metadata) : NULL;
+    PyObject *meta = value != NULL ? refx_pairs_repr(self->metadata) : NULL;
     if (meta != NULL) {
         res = PyUnicode_FromFormat(
             "%s(%U, collection=%R%U)", _PyType_Name(Py_TYPE(self)), value,
@@ -1073,12 +763,12 @@ ref_replace(RefObject *self, PyObject *args, PyObject *kwds)
     if (refx_check_hashable(collection, "Ref.replace", "collection") < 0) {
         goto error;
     }
-    merged = pairs_to_dict(self->metadata);
+    merged = refx_pairs_to_dict(self->metadata);
     if (merged == NULL ||
         (changes != NULL && PyDict_Update(merged, changes) < 0)) {
         goto error;
     }
-    metadata = metadata_from_dict(merged, "Ref.replace");
+    metadata = refx_metadata_from_dict(merged, "Ref.replace");
     if (metadata == NULL && PyErr_Occurred()) {
         goto error;
     }
@@ -1128,7 +818,7 @@ ref_reduce(RefObject *self, PyObject *Py_UNUSED(ignored))
     if (st == NULL) {
         return NULL;
     }
-    PyObject *d = ref_instance_dict(st, (PyObject *)self);
+    PyObject *d = refx_ref_instance_dict(st, (PyObject *)self);
     return Py_BuildValue("O(O)(OONO)", st->copyreg_newobj, Py_TYPE(self),
                          self->value != NULL ? self->value : Py_None,
                          self->collection != NULL ? self->collection : Py_None,
@@ -1156,7 +846,7 @@ ref_setstate(RefObject *self, PyObject *state)
     PyObject *meta = PyTuple_GET_ITEM(state, 3), *metadata = NULL;
     if (meta != Py_None && PyTuple_GET_SIZE(meta) != 0) {
         /* through a dict: checks names and hashability, sorts */
-        PyObject *d = pairs_to_dict(NULL);
+        PyObject *d = refx_pairs_to_dict(NULL);
         for (Py_ssize_t i = 0; d != NULL && i < PyTuple_GET_SIZE(meta); i++) {
             PyObject *pair = PyTuple_GET_ITEM(meta, i);
             if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 2 ||
@@ -1173,7 +863,7 @@ ref_setstate(RefObject *self, PyObject *state)
         if (d == NULL) {
             return NULL;
         }
-        metadata = metadata_from_dict(d, "Ref.__setstate__");
+        metadata = refx_metadata_from_dict(d, "Ref.__setstate__");
         Py_DECREF(d);
         if (metadata == NULL && PyErr_Occurred()) {
             return NULL;
@@ -1430,8 +1120,10 @@ refx_deref_ref_type(refx_state *st, DerefObject *d)
                            : st->Ref_Type;
 }
 
-static int
-parse_index(PyObject *o, const char *fname, Py_ssize_t *out)
+/* An index read from Python (Value/Index's argument or aux data): an int,
+ * 0 <= i < 2**63.  0, or -1 with TypeError/ValueError. */
+int
+refx_parse_index(PyObject *o, const char *fname, Py_ssize_t *out)
 {
     if (!PyLong_Check(o) || PyBool_Check(o)) {
         PyErr_Format(PyExc_TypeError, "%s: index must be an int, not %.200s",
@@ -1457,55 +1149,6 @@ parse_index(PyObject *o, const char *fname, Py_ssize_t *out)
     return 0;
 }
 
-/* The kind for Value(...)/Index(...)'s keywords ref_type and metadata (a
- * mapping, or None): NULL (no error) for a plain Ref. */
-static PyObject *
-kind_from_args(refx_state *st, PyObject *ref_type, PyObject *metadata,
-               const char *fname)
-{
-    if (ref_type == Py_None) {
-        ref_type = (PyObject *)st->Ref_Type;
-    }
-    if (!PyType_Check(ref_type) ||
-        !PyType_IsSubtype((PyTypeObject *)ref_type, st->Ref_Type)) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: ref_type must be Ref or a subclass of it, not %R",
-                     fname, ref_type);
-        return NULL;
-    }
-    PyObject *pairs = NULL;
-    if (metadata != Py_None) {
-        if (!PyMapping_Check(metadata) || PyTuple_Check(metadata) ||
-            PyList_Check(metadata)) {
-            PyErr_Format(PyExc_TypeError,
-                         "%s: metadata must be a mapping or None, not %.200s",
-                         fname, Py_TYPE(metadata)->tp_name);
-            return NULL;
-        }
-        PyObject *d = PyDict_New();
-        if (d == NULL || PyDict_Update(d, metadata) < 0) {
-            Py_XDECREF(d);
-            return NULL;
-        }
-        pairs = metadata_from_dict(d, fname);
-        Py_DECREF(d);
-        if (pairs == NULL && PyErr_Occurred()) {
-            return NULL;
-        }
-    }
-    if (ref_type == (PyObject *)st->Ref_Type && pairs == NULL) {
-        return NULL;
-    }
-    PyObject *empty = PyTuple_New(0);
-    PyObject *kind =
-        empty != NULL
-            ? PyTuple_Pack(3, ref_type, pairs != NULL ? pairs : empty, empty)
-            : NULL;
-    Py_XDECREF(empty);
-    Py_XDECREF(pairs);
-    return kind;
-}
-
 static PyObject *
 value_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 {
@@ -1519,7 +1162,7 @@ value_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
                                      &metadata)) {
         return NULL;
     }
-    if (parse_index(index, "Value", &i) < 0 ||
+    if (refx_parse_index(index, "Value", &i) < 0 ||
         refx_check_hashable(collection, "Value", "collection") < 0) {
         return NULL;
     }
@@ -1527,7 +1170,7 @@ value_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     if (st == NULL) {
         return NULL;
     }
-    PyObject *kind = kind_from_args(st, ref_type, metadata, "Value");
+    PyObject *kind = refx_kind_from_args(st, ref_type, metadata, "Value");
     if (kind == NULL && PyErr_Occurred()) {
         return NULL;
     }
@@ -1549,7 +1192,7 @@ index_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
                                      &metadata)) {
         return NULL;
     }
-    if (parse_index(index, "Index", &i) < 0 ||
+    if (refx_parse_index(index, "Index", &i) < 0 ||
         refx_check_hashable(collection, "Index", "collection") < 0) {
         return NULL;
     }
@@ -1557,7 +1200,7 @@ index_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     if (st == NULL) {
         return NULL;
     }
-    PyObject *kind = kind_from_args(st, ref_type, metadata, "Index");
+    PyObject *kind = refx_kind_from_args(st, ref_type, metadata, "Index");
     if (kind == NULL && PyErr_Occurred()) {
         return NULL;
     }
@@ -1650,7 +1293,7 @@ static PyObject *
 deref_get_metadata(DerefObject *self, void *closure)
 {
     (void)closure;
-    return pairs_to_mapping(
+    return refx_pairs_to_mapping(
         self->kind != NULL ? PyTuple_GET_ITEM(self->kind, 1) : NULL);
 }
 
@@ -1721,26 +1364,6 @@ index_hash(DerefObject *self)
     return x == (Py_uhash_t)-1 ? -2 : (Py_hash_t)x;
 }
 
-/* ", ref_type=Param, sharding=..." for a kind, or "" */
-static PyObject *
-kind_repr(refx_state *st, PyObject *kind)
-{
-    if (kind == NULL) {
-        return PyUnicode_FromString("");
-    }
-    PyObject *meta = pairs_repr(PyTuple_GET_ITEM(kind, 1));
-    if (meta == NULL) {
-        return NULL;
-    }
-    PyTypeObject *tp = (PyTypeObject *)PyTuple_GET_ITEM(kind, 0);
-    PyObject *res =
-        tp == st->Ref_Type
-            ? Py_NewRef(meta)
-            : PyUnicode_FromFormat(", ref_type=%s%U", _PyType_Name(tp), meta);
-    Py_DECREF(meta);
-    return res;
-}
-
 static PyObject *
 value_repr(ValueObject *self)
 {
@@ -1755,7 +1378,7 @@ value_repr(ValueObject *self)
             ? refx_short_repr(self->value != NULL ? self->value : Py_None)
             : NULL;
     if (value != NULL) {
-        kind = kind_repr(st, self->base.kind);
+        kind = refx_kind_repr(st, self->base.kind);
     }
     if (kind != NULL) {
         res = PyUnicode_FromFormat(
@@ -1773,7 +1396,7 @@ static PyObject *
 index_repr(DerefObject *self)
 {
     refx_state *st = refx_state_from_type(Py_TYPE(self));
-    PyObject *kind = st != NULL ? kind_repr(st, self->kind) : NULL;
+    PyObject *kind = st != NULL ? refx_kind_repr(st, self->kind) : NULL;
     if (kind == NULL) {
         return NULL;
     }
@@ -2053,27 +1676,6 @@ index_flatten(PyObject *module, PyObject *v)
     return deref_flat((DerefObject *)v, NULL);
 }
 
-static int
-parse_aux(refx_state *st, PyObject *aux, const char *fname, Py_ssize_t *index,
-          PyObject **collection, PyObject **kind)
-{
-    if (!PyTuple_Check(aux) ||
-        (PyTuple_GET_SIZE(aux) != 2 && PyTuple_GET_SIZE(aux) != 3)) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: aux data must be (index, collection) or (index, "
-                     "collection, kind)",
-                     fname);
-        return -1;
-    }
-    *collection = PyTuple_GET_ITEM(aux, 1);
-    *kind = PyTuple_GET_SIZE(aux) == 3 ? PyTuple_GET_ITEM(aux, 2) : NULL;
-    if (refx_check_hashable(*collection, fname, "collection") < 0 ||
-        refx_check_kind(st, *kind, fname) < 0) {
-        return -1;
-    }
-    return parse_index(PyTuple_GET_ITEM(aux, 0), fname, index);
-}
-
 static PyObject *
 value_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2085,7 +1687,7 @@ value_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     refx_state *st = refx_get_state(module);
     Py_ssize_t index;
     PyObject *collection, *kind;
-    if (parse_aux(st, args[0], "Value", &index, &collection, &kind) < 0) {
+    if (refx_parse_aux(st, args[0], "Value", &index, &collection, &kind) < 0) {
         return NULL;
     }
     PyObject *children =
@@ -2117,7 +1719,7 @@ index_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     refx_state *st = refx_get_state(module);
     Py_ssize_t index;
     PyObject *collection, *kind;
-    if (parse_aux(st, args[0], "Index", &index, &collection, &kind) < 0) {
+    if (refx_parse_aux(st, args[0], "Index", &index, &collection, &kind) < 0) {
         return NULL;
     }
     return refx_index_create_kind(st, index, collection, kind);

@@ -10,7 +10,11 @@
  *                with the recursion-budget repair, key paths and error
  *                paths, the C leaf predicates.
  *   ref.c        the Ref type, the Deref/Value/Index types, NOTHING,
- *                and the trace-level check that guards every write.
+ *                and the write check (trace level, refx.mutable, tracers)
+ *                with the one routine that writes Refs, refx_write_all.
+ *   kinds.c      what a Ref is besides its value and collection: its class,
+ *                metadata and a subclass's attributes (its "kind"), the
+ *                typo hint for metadata names, Value/Index aux data.
  *   deref.c      deref, reref and clone: turning shared Refs into a pure
  *                pytree and back.
  *   filter.c     filters: the shorthands and Not/All/Any.
@@ -239,7 +243,7 @@ typedef struct {
     uint64_t mark_epoch;
     Py_ssize_t mark_index;
     PyObject *metadata; /* owned: NULL, or (name, value) pairs by name */
-    PyObject *kind;     /* owned cache: NULL, or its kind (see ref.c) */
+    PyObject *kind;     /* owned cache: NULL, or its kind (see kinds.c) */
     /* 0 from __new__ until __init__ or __setstate__ sets value and
      * collection; then 1, and collection and metadata are read-only. */
     char initialized;
@@ -320,10 +324,6 @@ PyObject *refx_make_pred(refx_state *st, PyObject *user_is_leaf);
 int refx_init_ref_types(PyObject *module, refx_state *st);
 PyObject *refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
                           PyObject *collection, PyObject *trace);
-/* A Ref's kind: NULL for a plain Ref without metadata, else
- * (type, metadata pairs, attribute pairs); *err = 1 on error. */
-PyObject *refx_ref_kind(refx_state *st, RefObject *ref, int *err);
-int refx_check_kind(refx_state *st, PyObject *kind, const char *fname);
 PyObject *refx_ref_create_kind(refx_state *st, PyObject *kind, PyObject *value,
                                PyObject *collection, PyObject *trace);
 PyObject *refx_short_repr(PyObject *value);
@@ -366,6 +366,8 @@ PyObject *refx_index_create_kind(refx_state *st, Py_ssize_t index,
 /* the type of Ref a Value/Index stands for (borrowed) */
 PyTypeObject *refx_deref_ref_type(refx_state *st, DerefObject *d);
 PyObject *refx_collection_of(refx_state *st, PyObject *leaf);
+/* an index argument: an int, 0 <= i < 2**63 */
+int refx_parse_index(PyObject *o, const char *fname, Py_ssize_t *out);
 extern PyMethodDef refx_ref_functions[];
 /* treescope: the __treescope_repr__ attribute of Ref, Deref, NOTHING and
  * Partition (the rendering is in refx/_inspect.py) */
@@ -373,6 +375,25 @@ PyObject *refx_treescope_repr_get(PyObject *self, void *closure);
 #define REFX_TREESCOPE_GETSET                                                 \
     {"__treescope_repr__", refx_treescope_repr_get, NULL,                     \
      "treescope's rendering hook (refx/_inspect.py).", NULL}
+
+/* kinds.c */
+/* A Ref's kind: NULL for a plain Ref without metadata, else
+ * (type, metadata pairs, attribute pairs); *err = 1 on error. */
+PyObject *refx_ref_kind(refx_state *st, RefObject *ref, int *err);
+int refx_check_kind(refx_state *st, PyObject *kind, const char *fname);
+/* metadata entries from keyword arguments (NULL, no error: none) */
+PyObject *refx_metadata_from_dict(PyObject *kwargs, const char *fname);
+PyObject *refx_pairs_to_dict(PyObject *pairs);
+PyObject *refx_pairs_to_mapping(PyObject *pairs);
+PyObject *refx_pairs_repr(PyObject *pairs);
+/* a Python subclass's non-empty instance __dict__, or NULL (no error) */
+PyObject *refx_ref_instance_dict(refx_state *st, PyObject *self);
+/* the kind of Value(...)/Index(...)'s ref_type= and metadata= (NULL: plain) */
+PyObject *refx_kind_from_args(refx_state *st, PyObject *ref_type,
+                              PyObject *metadata, const char *fname);
+PyObject *refx_kind_repr(refx_state *st, PyObject *kind);
+int refx_parse_aux(refx_state *st, PyObject *aux, const char *fname,
+                   Py_ssize_t *index, PyObject **collection, PyObject **kind);
 
 /* deref.c */
 extern PyMethodDef refx_deref_functions[];
