@@ -49,20 +49,24 @@
  *   named in the error.
  *
  * reref(tree) is the inverse.  It flattens with Value/Index as leaves and
- * walks them in leaf order, keeping a C array of the Refs made so far:
- * Value(v, i, c) must have i == the number of Values seen (it makes the
- * i-th new Ref), Index(i, c) must name a Value already seen with the same
- * collection.  Every new Ref belongs to the trace current at the call:
- * reref inside jit makes Refs that jit's body may write.  A value holding
- * tracers of another trace (a deref'ed tree that escaped a finished jit)
- * is refused, as Ref() refuses it.
+ * then, as update_refs does, plans and applies.  The plan walks the leaves
+ * in order and checks them all: Value(v, i, c) must have i == the number
+ * of Values seen (it will make the i-th new Ref), Index(i, c) must name a
+ * Value already seen with the same collection and kind, and a value
+ * holding tracers of another trace (a deref'ed tree that escaped a
+ * finished jit) is refused, as Ref() refuses it.  The application makes
+ * one new Ref per Value and builds the tree; no Ref is made for a refused
+ * input.  Every new Ref belongs to the trace current at the call: reref
+ * inside jit makes Refs that jit's body may write.
  *
  * clone(tree) is reref(deref(tree)) in one call: the same numbering, with
  * one new Ref per distinct Ref made from the values as read.  Their values
  * are then checked as reref checks them (Python code, after the loop).
  *
  * Functions in this file: the numbering (number_ref), flatten_ref_tree,
- * refx_deref and deref_leaves, refx_reref, refx_clone and clone_leaves.
+ * refx_deref and deref_leaves, refx_reref (reref_plan_leaf with
+ * reref_plan_value and reref_plan_index, then reref_apply), refx_clone and
+ * clone_leaves.
  */
 #include "refx.h"
 
@@ -362,156 +366,163 @@ PyDoc_STRVAR(
     "in\n"
     "`tree`, or a value holding tracers of another trace, is a ValueError.");
 
-/* A new Ref of the current trace for a value taken from `tree` (leaf i,
- * for the error): the value is checked as Ref() would check it. */
-static PyObject *
-new_ref_for(refx_state *st, const char *fname, PyObject *value,
-            PyObject *collection, PyObject *kind, PyObject *trace,
-            PyObject *tree, PyObject *pred, Py_ssize_t i)
+/* reref is a plan, then its application, as update_refs is.  The plan
+ * (reref_plan_leaf, one function per kind of leaf) walks the leaves once, in
+ * order, and checks everything: Values numbered 0, 1, 2..., each Index
+ * after its Value with the same collection and kind, no Ref, and each
+ * Value's value as Ref() checks it (the tracer check, which may run Python
+ * code); it lists the Values by number.  reref_apply then makes one Ref per
+ * Value and the output leaves: it runs no check and fails only for want of
+ * memory (or in the unflatten's custom nodes), so a reref refused for its
+ * input has made no Ref. */
+typedef struct {
+    refx_state *st;
+    PyObject *tree,
+        *pred;            /* the argument and the leaf predicate, for errors */
+    PyObject *leaves;     /* owned: Value/Index are leaves */
+    PyObject *trace;      /* owned: the current trace's weakref */
+    DerefObject **values; /* borrowed (`leaves` holds them): Value number j */
+    Py_ssize_t nvalues;
+} reref_plan;
+
+static int
+reref_plan_value(reref_plan *p, Py_ssize_t i, ValueObject *v)
 {
-    if (refx_check_value(st, value, trace) < 0) {
+    refx_state *st = p->st;
+    DerefObject *d = (DerefObject *)v;
+    if (d->index != p->nvalues) {
+        refx_raise_at_leaf(
+            st, PyExc_ValueError, p->tree, p->pred, i,
+            "reref: Value at {path} has index %zd, expected %zd; Values must "
+            "be numbered 0, 1, 2... in leaf order (was the tree deref'ed as a "
+            "whole?)",
+            d->index, p->nvalues);
+        return -1;
+    }
+    /* the value is checked as Ref() would check it */
+    if (refx_check_value(st, v->value, p->trace) < 0) {
         if (PyErr_ExceptionMatches(PyExc_ValueError)) {
             PyObject *exc = refx_take_exception();
-            refx_raise_at_leaf(st, PyExc_ValueError, tree, pred, i,
-                               "%s: at {path}: %S", fname, exc);
+            refx_raise_at_leaf(st, PyExc_ValueError, p->tree, p->pred, i,
+                               "reref: at {path}: %S", exc);
             Py_DECREF(exc);
         }
-        return NULL;
+        return -1;
     }
-    return refx_ref_create_kind(st, kind, value, collection, trace);
+    p->values[p->nvalues++] = d;
+    return 0;
 }
 
-static PyObject *
-refx_reref(PyObject *module, PyObject *tree)
+static int
+reref_plan_index(reref_plan *p, Py_ssize_t i, DerefObject *d)
 {
-    refx_state *st = refx_get_state(module);
-    PyObject *leaves = NULL, *treedef = NULL, *out = NULL, *res = NULL;
-    PyObject *trace = NULL;
-    PyObject **refs = NULL;  /* borrowed: owned by `out` */
-    PyObject **kinds = NULL; /* borrowed: owned by the Values in `leaves` */
-    char *track = NULL;      /* refs[j] awaits tracking (see above) */
-    Py_ssize_t nrefs = 0, cap = 0;
-    PyObject *pred = st->pred_deref;
-    if (refx_require_trees(st, "reref") < 0) {
-        goto error;
+    refx_state *st = p->st;
+    if (d->index >= p->nvalues) {
+        refx_raise_at_leaf(
+            st, PyExc_ValueError, p->tree, p->pred, i,
+            "reref: Index(%zd) at {path} comes before any Value with index "
+            "%zd; an Index must follow its Value in leaf order",
+            d->index, d->index);
+        return -1;
     }
-    leaves = refx_flatten(st, tree, pred, &treedef);
-    if (leaves == NULL) {
-        goto error;
+    /* the Ref its Value makes has the Value's collection and kind */
+    DerefObject *vd = p->values[d->index];
+    if (vd->collection != d->collection) {
+        int eq =
+            PyObject_RichCompareBool(vd->collection, d->collection, Py_EQ);
+        if (eq < 0) {
+            return -1;
+        }
+        if (!eq) {
+            refx_raise_at_leaf(st, PyExc_ValueError, p->tree, p->pred, i,
+                               "reref: Index(%zd) at {path} has collection %R "
+                               "but its Value has collection %R",
+                               d->index, d->collection, vd->collection);
+            return -1;
+        }
     }
-    trace = refx_current_trace(st);
-    if (trace == NULL) {
-        goto error;
+    /* kinds made by deref are shared objects: usually a pointer test; the
+     * Value's is the Ref's own or that Ref's cache */
+    PyObject *vk = vd->kind;
+    if (vk != d->kind) {
+        int eq = vk != NULL && d->kind != NULL
+                     ? PyObject_RichCompareBool(vk, d->kind, Py_EQ)
+                     : 0;
+        if (eq < 0) {
+            return -1;
+        }
+        if (!eq) {
+            refx_raise_at_leaf(
+                st, PyExc_ValueError, p->tree, p->pred, i,
+                "reref: Index(%zd) at {path} stands for a %.200s with "
+                "metadata %R but its Value for a %.200s with metadata %R",
+                d->index, refx_deref_ref_type(st, d)->tp_name,
+                d->kind != NULL ? PyTuple_GET_ITEM(d->kind, 1) : Py_None,
+                refx_deref_ref_type(st, vd)->tp_name,
+                vk != NULL ? PyTuple_GET_ITEM(vk, 1) : Py_None);
+            return -1;
+        }
     }
-    Py_ssize_t n = PyList_GET_SIZE(leaves);
-    out = PyList_New(n);
-    if (out == NULL) {
-        goto error;
+    return 0;
+}
+
+/* Check leaf i and plan what it becomes. */
+static int
+reref_plan_leaf(reref_plan *p, Py_ssize_t i)
+{
+    refx_state *st = p->st;
+    PyObject *leaf = PyList_GET_ITEM(p->leaves, i);
+    PyTypeObject *tp = Py_TYPE(leaf);
+    if (tp == st->Value_Type) {
+        return reref_plan_value(p, i, (ValueObject *)leaf);
+    }
+    if (tp == st->Index_Type) {
+        return reref_plan_index(p, i, (DerefObject *)leaf);
+    }
+    if (Ref_Check(st, leaf)) {
+        refx_raise_at_leaf(st, PyExc_ValueError, p->tree, p->pred, i,
+                           "reref: Ref found at {path}; expected a deref'ed "
+                           "tree of Values and Indexes (was it already "
+                           "reref'ed?)");
+        return -1;
+    }
+    return 0; /* passes through */
+}
+
+/* The output tree of a checked plan: Value j becomes new Ref j of the
+ * current trace, each Index the Ref its Value made, other leaves pass
+ * through.  New reference. */
+static PyObject *
+reref_apply(reref_plan *p, PyObject *treedef)
+{
+    refx_state *st = p->st;
+    Py_ssize_t n = PyList_GET_SIZE(p->leaves), made = 0;
+    PyObject *res = NULL, *out = PyList_New(n);
+    size_t nv = (size_t)(p->nvalues > 0 ? p->nvalues : 1);
+    PyObject **refs = PyMem_Malloc(nv * sizeof(PyObject *)); /* `out` owns */
+    char *track = PyMem_Malloc(nv); /* refs[j] awaits tracking (see above) */
+    if (out == NULL || refs == NULL || track == NULL) {
+        if (out != NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *leaf = PyList_GET_ITEM(leaves, i), *new;
+        PyObject *leaf = PyList_GET_ITEM(p->leaves, i), *new;
         PyTypeObject *tp = Py_TYPE(leaf);
         if (tp == st->Value_Type) {
             DerefObject *d = (DerefObject *)leaf;
-            if (d->index != nrefs) {
-                refx_raise_at_leaf(
-                    st, PyExc_ValueError, tree, pred, i,
-                    "reref: Value at {path} has index %zd, expected %zd; "
-                    "Values must be numbered 0, 1, 2... in leaf order (was "
-                    "the tree deref'ed as a whole?)",
-                    d->index, nrefs);
-                goto error;
-            }
-            if (nrefs == cap) {
-                Py_ssize_t ncap = cap ? cap * 2 : 16;
-                PyObject **nr =
-                    PyMem_Realloc(refs, (size_t)ncap * sizeof(*nr));
-                if (nr != NULL) {
-                    refs = nr;
-                }
-                PyObject **nk =
-                    nr != NULL
-                        ? PyMem_Realloc(kinds, (size_t)ncap * sizeof(*nk))
-                        : NULL;
-                if (nk != NULL) {
-                    kinds = nk;
-                }
-                char *nt =
-                    nk != NULL ? PyMem_Realloc(track, (size_t)ncap) : NULL;
-                if (nt == NULL) {
-                    PyErr_NoMemory();
-                    goto error;
-                }
-                track = nt;
-                cap = ncap;
-            }
-            new = new_ref_for(st, "reref", ((ValueObject *)leaf)->value,
-                              d->collection, d->kind, trace, tree, pred, i);
+            new =
+                refx_ref_create_kind(st, d->kind, ((ValueObject *)leaf)->value,
+                                     d->collection, p->trace);
             if (new == NULL) {
-                goto error;
+                goto done;
             }
-            track[nrefs] = (char)defer_tracking(new);
-            kinds[nrefs] = d->kind;
-            refs[nrefs++] = new;
+            track[made] = (char)defer_tracking(new);
+            refs[made++] = new;
         }
         else if (tp == st->Index_Type) {
-            DerefObject *d = (DerefObject *)leaf;
-            if (d->index >= nrefs) {
-                refx_raise_at_leaf(
-                    st, PyExc_ValueError, tree, pred, i,
-                    "reref: Index(%zd) at {path} comes before any Value with "
-                    "index %zd; an Index must follow its Value in leaf order",
-                    d->index, d->index);
-                goto error;
-            }
-            RefObject *target = (RefObject *)refs[d->index];
-            if (target->collection != d->collection) {
-                int eq = PyObject_RichCompareBool(target->collection,
-                                                  d->collection, Py_EQ);
-                if (eq < 0) {
-                    goto error;
-                }
-                if (!eq) {
-                    refx_raise_at_leaf(
-                        st, PyExc_ValueError, tree, pred, i,
-                        "reref: Index(%zd) at {path} has collection %R but "
-                        "its Value has collection %R",
-                        d->index, d->collection, target->collection);
-                    goto error;
-                }
-            }
-            /* kinds made by deref are shared objects: usually a pointer
-             * test; the Value's is the Ref's own or that Ref's cache */
-            PyObject *vk = kinds[d->index];
-            if (vk != d->kind) {
-                int eq = vk != NULL && d->kind != NULL
-                             ? PyObject_RichCompareBool(vk, d->kind, Py_EQ)
-                             : 0;
-                if (eq < 0) {
-                    goto error;
-                }
-                if (!eq) {
-                    refx_raise_at_leaf(
-                        st, PyExc_ValueError, tree, pred, i,
-                        "reref: Index(%zd) at {path} stands for a %.200s "
-                        "with metadata %R but its Value for a %.200s with "
-                        "metadata %R",
-                        d->index, refx_deref_ref_type(st, d)->tp_name,
-                        d->kind != NULL ? PyTuple_GET_ITEM(d->kind, 1)
-                                        : Py_None,
-                        Py_TYPE(target)->tp_name,
-                        vk != NULL ? PyTuple_GET_ITEM(vk, 1) : Py_None);
-                    goto error;
-                }
-            }
-            new = Py_NewRef((PyObject *)target);
-        }
-        else if (Ref_Check(st, leaf)) {
-            refx_raise_at_leaf(st, PyExc_ValueError, tree, pred, i,
-                               "reref: Ref found at {path}; expected a "
-                               "deref'ed tree of Values and Indexes (was it "
-                               "already reref'ed?)");
-            goto error;
+            new = Py_NewRef(refs[((DerefObject *)leaf)->index]);
         }
         else {
             new = Py_NewRef(leaf);
@@ -519,18 +530,51 @@ refx_reref(PyObject *module, PyObject *tree)
         PyList_SET_ITEM(out, i, new);
     }
     res = refx_unflatten(st, treedef, out);
-error:
-    for (Py_ssize_t j = 0; j < nrefs; j++) {
+done:
+    for (Py_ssize_t j = 0; j < made; j++) {
         if (track[j]) {
             track_again(refs[j]); /* `out` still holds them */
         }
     }
     PyMem_Free(refs);
-    PyMem_Free(kinds);
     PyMem_Free(track);
-    Py_XDECREF(trace);
     Py_XDECREF(out);
-    Py_XDECREF(leaves);
+    return res;
+}
+
+static PyObject *
+refx_reref(PyObject *module, PyObject *tree)
+{
+    refx_state *st = refx_get_state(module);
+    reref_plan p = {.st = st, .tree = tree, .pred = st->pred_deref};
+    PyObject *treedef = NULL, *res = NULL;
+    if (refx_require_trees(st, "reref") < 0) {
+        goto done;
+    }
+    p.leaves = refx_flatten(st, tree, p.pred, &treedef);
+    if (p.leaves == NULL) {
+        goto done;
+    }
+    p.trace = refx_current_trace(st);
+    if (p.trace == NULL) {
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(p.leaves);
+    p.values = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(DerefObject *));
+    if (p.values == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (reref_plan_leaf(&p, i) < 0) {
+            goto done;
+        }
+    }
+    res = reref_apply(&p, treedef);
+done:
+    PyMem_Free(p.values);
+    Py_XDECREF(p.trace);
+    Py_XDECREF(p.leaves);
     Py_XDECREF(treedef);
     return res;
 }
