@@ -14,6 +14,8 @@
 #   make examples  venv + install + the transform examples (scan, vmap, remat)
 #   make demo-sharded  the demo's MLP on 8 simulated devices (train_sharded.py)
 #   make bench   venv + install + peers (flax, equinox, optax) + benchmarks
+#   make debug   the C core unoptimised with debug symbols (-O0 -g), in
+#                build/debug, for gdb (the venv's install stays optimised)
 #
 # Pins: ci/tools.txt (ruff, clang-format, pytest-randomly, every venv),
 # ci/jax-oldest.txt and ci/jax-newest.txt (the two JAX compatibility venvs),
@@ -40,7 +42,7 @@ REPLAY ?= make pytest
 export REFX_WERROR ?= 1
 
 .PHONY: all venv install install-bench docs-tools test ci pytest demo demo-sharded examples bench bench-smoke \
-        sanitize leakcheck lint typecheck test-jax-oldest test-jax-newest \
+        sanitize debug leakcheck lint typecheck test-jax-oldest test-jax-newest \
         test-pythons docs docs-serve docs-peers dist clean
 
 # The venvs share build/ (pip builds refx in the tree) and tests/.hypothesis:
@@ -165,6 +167,17 @@ sanitize: install
 	    echo "sanitizer reports:"; cat $(SAN_LOG).*; exit 1; \
 	fi; \
 	if [ $$rc = 0 ]; then echo "make sanitize: no sanitizer reports"; fi; exit $$rc
+
+# The extension without optimisation and with debug symbols (REFX_DEBUG=1:
+# -O0 -g), built into build/debug as sanitize builds (tools/devbuild.sh: a
+# build of its own, so no optimised object file is reused) and imported from
+# there by PYTHONPATH; the venv's optimised install is left as it is.
+DEBUG_DIR := build/debug
+debug: install
+	rm -rf $(DEBUG_DIR)
+	REFX_DEBUG=1 PYTHON=$(VPY) tools/devbuild.sh $(DEBUG_DIR)
+	cd tests && PYTHONPATH=$(CURDIR)/$(DEBUG_DIR) ../$(VPY) -c "import refx._core as c; assert '$(DEBUG_DIR)' in c.__file__, c.__file__; print('debug build:', c.__file__)"
+	@echo "make debug: e.g. cd tests && PYTHONPATH=$(CURDIR)/$(DEBUG_DIR) gdb --args ../$(VPY) -m pytest -q test_ref.py"
 
 # Drift per call of every public operation and error path (20,000 calls
 # each): pymalloc blocks, traced bytes, and refcounts of what refx holds.

@@ -690,8 +690,8 @@ error:
 }
 
 PyMethodDef refx_deref_functions[] = {
-    {"deref", (PyCFunction)refx_deref, METH_O, refx_deref__doc__},
-    {"reref", (PyCFunction)refx_reref, METH_O, refx_reref__doc__},
-    {"clone", (PyCFunction)refx_clone, METH_O, refx_clone__doc__},
+    {"deref", refx_deref, METH_O, refx_deref__doc__},
+    {"reref", refx_reref, METH_O, refx_reref__doc__},
+    {"clone", refx_clone, METH_O, refx_clone__doc__},
     {NULL, NULL, 0, NULL},
 };

@@ -36,6 +36,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *filters; /* tuple; one item for Not */
 } FilterObject;
+#define FILTER_CAST(op) ((FilterObject *)(op))
 
 static const char filter_kinds[] =
     "a callable, a collection name (str), a type, a tuple of filters, "
@@ -313,8 +314,9 @@ path_filter_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 
 /* f(leaf), or f(path, leaf) to test a path filter */
 static PyObject *
-filter_call(FilterObject *self, PyObject *args, PyObject *kwds)
+filter_call(PyObject *op, PyObject *args, PyObject *kwds)
 {
+    FilterObject *self = FILTER_CAST(op);
     PyObject *leaf, *path = NULL;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
         PyErr_SetString(PyExc_TypeError,
@@ -349,8 +351,9 @@ filter_call(FilterObject *self, PyObject *args, PyObject *kwds)
 }
 
 static PyObject *
-filter_repr(FilterObject *self)
+filter_repr(PyObject *op)
 {
+    FilterObject *self = FILTER_CAST(op);
     PyObject *inner;
     if (PyTuple_GET_SIZE(self->filters) == 1) {
         inner = PyObject_Repr(PyTuple_GET_ITEM(self->filters, 0));
@@ -387,8 +390,9 @@ filter_richcompare(PyObject *a, PyObject *b, int op)
 }
 
 static Py_hash_t
-filter_hash(FilterObject *self)
+filter_hash(PyObject *op)
 {
+    FilterObject *self = FILTER_CAST(op);
     Py_hash_t h = PyObject_Hash(self->filters);
     if (h == -1) {
         return -1;
@@ -398,40 +402,42 @@ filter_hash(FilterObject *self)
 }
 
 static PyObject *
-filter_get_filters(FilterObject *self, void *closure)
+filter_get_filters(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    FilterObject *self = FILTER_CAST(op);
     return Py_NewRef(self->filters);
 }
 
 static int
-filter_traverse(FilterObject *self, visitproc visit, void *arg)
+filter_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    FilterObject *self = FILTER_CAST(op);
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->filters);
     return 0;
 }
 
 static int
-filter_clear(FilterObject *self)
+filter_clear(PyObject *op)
 {
+    FilterObject *self = FILTER_CAST(op);
     Py_CLEAR(self->filters);
     return 0;
 }
 
 static void
-filter_dealloc(FilterObject *self)
+filter_dealloc(PyObject *op)
 {
+    FilterObject *self = FILTER_CAST(op);
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    filter_clear(self);
+    filter_clear(op);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
 
 static PyGetSetDef filter_getset[] = {
-    {"filters", (getter)filter_get_filters, NULL, "The combined filters.",
-     NULL},
+    {"filters", filter_get_filters, NULL, "The combined filters.", NULL},
     {NULL},
 };
 

@@ -129,6 +129,7 @@ typedef struct {
     PyObject *value; /* owned, hashable */
     PyObject *flat;  /* lazily built ((), (type, value)) */
 } StaticObject;
+#define STATIC_CAST(op) ((StaticObject *)(op))
 
 static PyObject *
 static_create(refx_state *st, PyObject *value)
@@ -164,8 +165,9 @@ static_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 }
 
 static int
-static_traverse(StaticObject *self, visitproc visit, void *arg)
+static_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    StaticObject *self = STATIC_CAST(op);
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->value);
     Py_VISIT(self->flat);
@@ -173,27 +175,29 @@ static_traverse(StaticObject *self, visitproc visit, void *arg)
 }
 
 static int
-static_clear(StaticObject *self)
+static_clear(PyObject *op)
 {
+    StaticObject *self = STATIC_CAST(op);
     Py_CLEAR(self->value);
     Py_CLEAR(self->flat);
     return 0;
 }
 
 static void
-static_dealloc(StaticObject *self)
+static_dealloc(PyObject *op)
 {
+    StaticObject *self = STATIC_CAST(op);
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    static_clear(self);
+    static_clear(op);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
 
 static PyObject *
-static_get_value(StaticObject *self, void *closure)
+static_get_value(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    StaticObject *self = STATIC_CAST(op);
     return Py_NewRef(self->value != NULL ? self->value : Py_None);
 }
 
@@ -222,8 +226,9 @@ static_richcompare(PyObject *a, PyObject *b, int op)
 }
 
 static Py_hash_t
-static_hash(StaticObject *self)
+static_hash(PyObject *op)
 {
+    StaticObject *self = STATIC_CAST(op);
     if (self->value == NULL) {
         return 0;
     }
@@ -237,8 +242,9 @@ static_hash(StaticObject *self)
 }
 
 static PyObject *
-static_repr(StaticObject *self)
+static_repr(PyObject *op)
 {
+    StaticObject *self = STATIC_CAST(op);
     int rc = Py_ReprEnter((PyObject *)self);
     if (rc != 0) {
         return rc > 0 ? PyUnicode_FromString("Static(...)") : NULL;
@@ -250,8 +256,9 @@ static_repr(StaticObject *self)
 }
 
 static PyObject *
-static_reduce(StaticObject *self, PyObject *Py_UNUSED(ignored))
+static_reduce(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    StaticObject *self = STATIC_CAST(op);
     return Py_BuildValue("O(O)", Py_TYPE(self),
                          self->value != NULL ? self->value : Py_None);
 }
@@ -294,12 +301,12 @@ static_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyGetSetDef static_getset[] = {
-    {"value", (getter)static_get_value, NULL, "The static value.", NULL},
+    {"value", static_get_value, NULL, "The static value.", NULL},
     {NULL},
 };
 
 static PyMethodDef static_methods[] = {
-    {"__reduce__", (PyCFunction)static_reduce, METH_NOARGS, NULL},
+    {"__reduce__", static_reduce, METH_NOARGS, NULL},
     {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
      "See PEP 585."},
     {NULL},
@@ -366,6 +373,7 @@ typedef struct {
     PyObject *dict;
     PyObject *weakreflist;
 } JitObject;
+#define JIT_CAST(op) ((JitObject *)(op))
 
 /* Everything one call owns.  `refs` borrow: the leaves list and
  * jf->bound_refs keep them alive. */
@@ -1745,8 +1753,9 @@ done:
 }
 
 static PyObject *
-jit_cache_size(JitObject *self, PyObject *Py_UNUSED(ignored))
+jit_cache_size(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    JitObject *self = JIT_CAST(op);
     Py_ssize_t total = 0, pos = 0;
     PyObject *k, *entry;
     PyObject *entries = PyDict_Values(self->cache);
@@ -1773,8 +1782,9 @@ jit_cache_size(JitObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-jit_clear_cache(JitObject *self, PyObject *Py_UNUSED(ignored))
+jit_clear_cache(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    JitObject *self = JIT_CAST(op);
     Py_CLEAR(self->last);
     PyDict_Clear(self->cache);
     Py_RETURN_NONE;
@@ -1969,8 +1979,9 @@ jit_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 }
 
 static int
-jit_traverse(JitObject *self, visitproc visit, void *arg)
+jit_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    JitObject *self = JIT_CAST(op);
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->fun);
     Py_VISIT(self->options);
@@ -1991,8 +2002,9 @@ jit_traverse(JitObject *self, visitproc visit, void *arg)
 }
 
 static int
-jit_clear(JitObject *self)
+jit_clear(PyObject *op)
 {
+    JitObject *self = JIT_CAST(op);
     Py_CLEAR(self->fun);
     Py_CLEAR(self->options);
     Py_CLEAR(self->cache);
@@ -2012,23 +2024,23 @@ jit_clear(JitObject *self)
 }
 
 static void
-jit_dealloc(JitObject *self)
+jit_dealloc(PyObject *op)
 {
+    JitObject *self = JIT_CAST(op);
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL) {
         PyObject_ClearWeakRefs((PyObject *)self);
     }
-    jit_clear(self);
+    jit_clear(op);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
 
 /* as a method: bind the instance (jax.jit does the same) */
 static PyObject *
-jit_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+jit_descr_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
 {
-    (void)type;
     if (obj == NULL || obj == Py_None) {
         return Py_NewRef(self);
     }
@@ -2036,21 +2048,22 @@ jit_descr_get(PyObject *self, PyObject *obj, PyObject *type)
 }
 
 static PyObject *
-jit_repr(JitObject *self)
+jit_repr(PyObject *op)
 {
+    JitObject *self = JIT_CAST(op);
     return PyUnicode_FromFormat("<%s of %R>", jit_kind(self), self->fun);
 }
 
 static PyObject *
-jit_get_field(JitObject *self, void *closure)
+jit_get_field(PyObject *op, void *closure)
 {
+    JitObject *self = JIT_CAST(op);
     PyObject *v = *(PyObject **)((char *)self + (Py_ssize_t)closure);
     return Py_NewRef(v != NULL ? v : Py_None);
 }
 
 #define JIT_FIELD(name, field, doc)                                           \
-    {name, (getter)jit_get_field, NULL, doc,                                  \
-     (void *)offsetof(JitObject, field)}
+    {name, jit_get_field, NULL, doc, (void *)offsetof(JitObject, field)}
 
 static PyGetSetDef jit_getset[] = {
     JIT_FIELD("_fun", fun, "The wrapped function."),
@@ -2085,10 +2098,10 @@ static PyMethodDef jit_methods[] = {
      "lower($self, /, *args, **kwargs)\n--\n\n"
      "Lower the jax.jit function this call would run, with the flat\n"
      "arguments it would get (see jax.jit(...).lower)."},
-    {"_cache_size", (PyCFunction)jit_cache_size, METH_NOARGS,
+    {"_cache_size", jit_cache_size, METH_NOARGS,
      "_cache_size($self, /)\n--\n\n"
      "Number of compiled traces over all cache entries."},
-    {"_clear_cache", (PyCFunction)jit_clear_cache, METH_NOARGS,
+    {"_clear_cache", jit_clear_cache, METH_NOARGS,
      "_clear_cache($self, /)\n--\n\nForget every cache entry."},
     {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
      "See PEP 585."},
@@ -2355,7 +2368,7 @@ install_jit(PyObject *module, PyObject *args, PyObject *kwargs)
 }
 
 PyMethodDef refx_jit_functions[] = {
-    {"_static_flatten", (PyCFunction)static_flatten, METH_O,
+    {"_static_flatten", static_flatten, METH_O,
      "_static_flatten($module, static, /)\n--\n\npytree flatten of Static."},
     {"_static_unflatten", (PyCFunction)(void (*)(void))static_unflatten,
      METH_FASTCALL,
@@ -2377,11 +2390,11 @@ PyMethodDef refx_jit_functions[] = {
     {"_make_refs", (PyCFunction)(void (*)(void))make_refs, METH_FASTCALL,
      "_make_refs($module, values, collections, types, /)\n--\n\n"
      "New Refs of the current trace (no __init__ call)."},
-    {"_ref_spec", (PyCFunction)ref_spec_py, METH_O,
+    {"_ref_spec", ref_spec_py, METH_O,
      "_ref_spec($module, ref, /)\n--\n\n"
      "What rebuilds the Ref in a trace: its class, or its kind (class,\n"
      "metadata, attributes)."},
-    {"_ref_is_current", (PyCFunction)ref_is_current, METH_O,
+    {"_ref_is_current", ref_is_current, METH_O,
      "_ref_is_current($module, ref, /)\n--\n\n"
      "Whether ref was made in the current JAX trace."},
     {"_write_refs", (PyCFunction)(void (*)(void))write_refs, METH_FASTCALL,

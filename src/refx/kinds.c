@@ -29,8 +29,8 @@
  * subclass, well-formed entries, attributes only for a class with a
  * __dict__, hashable.  The class and metadata of a Ref never change, so its
  * kind without attributes is cached in the Ref (RefObject.kind).
- * refx_ref_kind runs no Python code: deref calls it with the collector's
- * tracking deferred and relies on no other thread running.
+ * refx_ref_kind runs no Python code, as deref's one-moment loop, which
+ * calls it, requires (deref.c).
  *
  * Functions in this file: entries_from_items, refx_metadata_from_dict,
  * edit_distance and check_not_a_typo (the typo hint), refx_pairs_to_dict,

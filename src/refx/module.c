@@ -165,9 +165,8 @@ keypath_to_path(PyObject *module, PyObject *keypath)
 }
 
 static PyMethodDef module_functions[] = {
-    {"keypath_to_path", (PyCFunction)keypath_to_path, METH_O,
-     keypath_to_path__doc__},
-    {"_debug_counters", (PyCFunction)debug_counters, METH_NOARGS,
+    {"keypath_to_path", keypath_to_path, METH_O, keypath_to_path__doc__},
+    {"_debug_counters", debug_counters, METH_NOARGS,
      "_debug_counters($module, /)\n--\n\nInternal counters, for tests."},
     {"_install_jax", (PyCFunction)(void (*)(void))install_jax,
      METH_VARARGS | METH_KEYWORDS, install_jax__doc__},

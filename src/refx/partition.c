@@ -134,17 +134,16 @@ partition_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 /* __init__ is a no-op: __new__ built the contents, and re-running
  * dict.__init__ would mutate an immutable mapping. */
 static int
-partition_init(PyObject *self, PyObject *args, PyObject *kwds)
+partition_init(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args),
+               PyObject *Py_UNUSED(kwds))
 {
-    (void)self;
-    (void)args;
-    (void)kwds;
     return 0;
 }
 
 static int
-partition_traverse(PartitionObject *self, visitproc visit, void *arg)
+partition_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    PartitionObject *self = REFX_PARTITION_CAST(op);
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->paths);
     Py_VISIT(self->aux);
@@ -152,16 +151,18 @@ partition_traverse(PartitionObject *self, visitproc visit, void *arg)
 }
 
 static int
-partition_clear(PartitionObject *self)
+partition_clear(PyObject *op)
 {
+    PartitionObject *self = REFX_PARTITION_CAST(op);
     Py_CLEAR(self->paths);
     Py_CLEAR(self->aux);
     return PyDict_Type.tp_clear((PyObject *)self);
 }
 
 static void
-partition_dealloc(PartitionObject *self)
+partition_dealloc(PyObject *op)
 {
+    PartitionObject *self = REFX_PARTITION_CAST(op);
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     /* dict's own trashcan skips subclasses: without ours, freeing nested
@@ -184,29 +185,23 @@ partition_readonly(void)
 }
 
 static int
-partition_ass_subscript(PyObject *self, PyObject *key, PyObject *value)
+partition_ass_subscript(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(key),
+                        PyObject *Py_UNUSED(value))
 {
-    (void)self;
-    (void)key;
-    (void)value;
     return partition_readonly();
 }
 
 static PyObject *
-partition_mutator(PyObject *self, PyObject *args, PyObject *kwds)
+partition_mutator(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args),
+                  PyObject *Py_UNUSED(kwds))
 {
-    (void)self;
-    (void)args;
-    (void)kwds;
     partition_readonly();
     return NULL;
 }
 
 static PyObject *
-partition_ior(PyObject *self, PyObject *other)
+partition_ior(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(other))
 {
-    (void)self;
-    (void)other;
     partition_readonly();
     return NULL;
 }
@@ -245,7 +240,7 @@ static PyMethodDef partition_methods[] = {
     MUTATOR("pop"),
     MUTATOR("popitem"),
     MUTATOR("setdefault"),
-    {"__reduce__", (PyCFunction)partition_reduce, METH_NOARGS, NULL},
+    {"__reduce__", partition_reduce, METH_NOARGS, NULL},
     {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
      "See PEP 585."},
     {NULL},
@@ -1296,10 +1291,10 @@ PyMethodDef refx_partition_functions[] = {
      METH_FASTCALL | METH_KEYWORDS, refx_get_partition__doc__},
     {"merge_partitions", (PyCFunction)(void (*)(void))refx_merge_partitions,
      METH_FASTCALL, refx_merge_partitions__doc__},
-    {"_clear_path_cache", (PyCFunction)path_cache_clear, METH_NOARGS,
+    {"_clear_path_cache", path_cache_clear, METH_NOARGS,
      "_clear_path_cache($module, /)\n--\n\n"
      "Forget the paths computed per treedef (tests, memory)."},
-    {"_path_cache_limits", (PyCFunction)path_cache_limits, METH_NOARGS,
+    {"_path_cache_limits", path_cache_limits, METH_NOARGS,
      "_path_cache_limits($module, /)\n--\n\n"
      "The path cache's bounds: {'paths': ..., 'entries': ...}."},
     {"_set_path_cache_limits",
@@ -1307,11 +1302,10 @@ PyMethodDef refx_partition_functions[] = {
      METH_VARARGS | METH_KEYWORDS,
      "_set_path_cache_limits($module, /, *, paths=None, entries=None)\n--\n\n"
      "Set the path cache's bounds (tests); empties it; returns the old ones."},
-    {"_partition_flatten", (PyCFunction)partition_flatten, METH_O,
+    {"_partition_flatten", partition_flatten, METH_O,
      "_partition_flatten($module, partition, /)\n--\n\n"
      "pytree flatten of Partition."},
-    {"_partition_flatten_with_keys", (PyCFunction)partition_flatten_with_keys,
-     METH_O,
+    {"_partition_flatten_with_keys", partition_flatten_with_keys, METH_O,
      "_partition_flatten_with_keys($module, partition, /)\n--\n\n"
      "pytree flatten of Partition, with DictKey(path) keys."},
     {"_partition_unflatten", (PyCFunction)(void (*)(void))partition_unflatten,

@@ -588,8 +588,9 @@ parse_ref_args(PyObject *args, PyObject *kwds, const char *fname,
 }
 
 static int
-ref_init(RefObject *self, PyObject *args, PyObject *kwds)
+ref_init(PyObject *op, PyObject *args, PyObject *kwds)
 {
+    RefObject *self = REFX_REF_CAST(op);
     PyObject *value, *collection, *metadata;
     if (parse_ref_args(args, kwds, "Ref()", &value, &collection, &metadata) <
         0) {
@@ -599,8 +600,9 @@ ref_init(RefObject *self, PyObject *args, PyObject *kwds)
 }
 
 static int
-ref_traverse(RefObject *self, visitproc visit, void *arg)
+ref_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    RefObject *self = REFX_REF_CAST(op);
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->value);
     Py_VISIT(self->collection);
@@ -611,8 +613,9 @@ ref_traverse(RefObject *self, visitproc visit, void *arg)
 }
 
 static int
-ref_clear(RefObject *self)
+ref_clear(PyObject *op)
 {
+    RefObject *self = REFX_REF_CAST(op);
     Py_CLEAR(self->value);
     Py_CLEAR(self->collection);
     Py_CLEAR(self->trace);
@@ -622,8 +625,9 @@ ref_clear(RefObject *self)
 }
 
 static void
-ref_dealloc(RefObject *self)
+ref_dealloc(PyObject *op)
 {
+    RefObject *self = REFX_REF_CAST(op);
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     /* the trashcan bounds the C recursion when freeing a chain such as
@@ -632,7 +636,7 @@ ref_dealloc(RefObject *self)
     if (self->weakreflist != NULL) {
         PyObject_ClearWeakRefs((PyObject *)self);
     }
-    ref_clear(self);
+    ref_clear(op);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
     Py_TRASHCAN_END;
@@ -668,12 +672,12 @@ ref_captured(RefObject *self, PyObject *writing)
     return res;
 }
 
-static int ref_set_value(RefObject *self, PyObject *value, void *closure);
+static int ref_set_value(PyObject *op, PyObject *value, void *closure);
 
 static PyObject *
-ref_get_value(RefObject *self, void *closure)
+ref_get_value(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    RefObject *self = REFX_REF_CAST(op);
     if (refx_capture_depth > 0) {
         PyObject *inner = ref_captured(self, Py_False);
         if (inner == NULL) {
@@ -691,9 +695,9 @@ ref_get_value(RefObject *self, void *closure)
 }
 
 static int
-ref_set_value(RefObject *self, PyObject *value, void *closure)
+ref_set_value(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    RefObject *self = REFX_REF_CAST(op);
     if (value == NULL) {
         PyErr_SetString(PyExc_AttributeError, "cannot delete Ref.value");
         return -1;
@@ -704,7 +708,7 @@ ref_set_value(RefObject *self, PyObject *value, void *closure)
             return -1;
         }
         if (inner != Py_None) {
-            int r = ref_set_value((RefObject *)inner, value, NULL);
+            int r = ref_set_value(inner, value, NULL);
             Py_DECREF(inner);
             return r;
         }
@@ -734,16 +738,16 @@ ref_set_value(RefObject *self, PyObject *value, void *closure)
 }
 
 static PyObject *
-ref_get_collection(RefObject *self, void *closure)
+ref_get_collection(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    RefObject *self = REFX_REF_CAST(op);
     return Py_NewRef(self->collection != NULL ? self->collection : Py_None);
 }
 
 static PyObject *
-ref_get_metadata(RefObject *self, void *closure)
+ref_get_metadata(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    RefObject *self = REFX_REF_CAST(op);
     return refx_pairs_to_mapping(self->metadata);
 }
 
@@ -763,8 +767,9 @@ refx_short_repr(PyObject *value)
 }
 
 static PyObject *
-ref_repr(RefObject *self)
+ref_repr(PyObject *op)
 {
+    RefObject *self = REFX_REF_CAST(op);
     int rc = Py_ReprEnter((PyObject *)self);
     if (rc != 0) {
         return rc > 0 ? PyUnicode_FromFormat("%s(...)",
@@ -789,8 +794,9 @@ ref_repr(RefObject *self)
 /* ref.replace(value=..., collection=..., **metadata): a new Ref of the
  * same class and attributes, with these changed (metadata merged). */
 static PyObject *
-ref_replace(RefObject *self, PyObject *args, PyObject *kwds)
+ref_replace(PyObject *op, PyObject *args, PyObject *kwds)
 {
+    RefObject *self = REFX_REF_CAST(op);
     refx_state *st = refx_state_from_type(Py_TYPE(self));
     PyObject *value = NULL, *collection = NULL, *changes = NULL;
     PyObject *merged = NULL, *metadata = NULL, *kind = NULL, *res = NULL;
@@ -876,8 +882,9 @@ error:
  * metadata pairs or None)): unpickling calls cls.__new__(cls), then
  * __setstate__, never the subclass's __init__. */
 static PyObject *
-ref_reduce(RefObject *self, PyObject *Py_UNUSED(ignored))
+ref_reduce(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    RefObject *self = REFX_REF_CAST(op);
     refx_state *st = refx_state_from_type(Py_TYPE(self));
     if (st == NULL) {
         return NULL;
@@ -891,8 +898,9 @@ ref_reduce(RefObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-ref_setstate(RefObject *self, PyObject *state)
+ref_setstate(PyObject *op, PyObject *state)
 {
+    RefObject *self = REFX_REF_CAST(op);
     if (self->initialized) {
         ref_initialize(self, "Ref.__setstate__", Py_None, Py_None, NULL);
         return NULL; /* refused: a live Ref */
@@ -971,13 +979,13 @@ refx_treescope_repr_get(PyObject *self, void *Py_UNUSED(closure))
 }
 
 static PyGetSetDef ref_getset[] = {
-    {"value", (getter)ref_get_value, (setter)ref_set_value,
+    {"value", ref_get_value, ref_set_value,
      "The referenced value.  Setting it is allowed only from the JAX trace\n"
      "the Ref was created in.",
      NULL},
-    {"collection", (getter)ref_get_collection, NULL,
+    {"collection", ref_get_collection, NULL,
      "The Ref's collection (hashable, read-only).", NULL},
-    {"metadata", (getter)ref_get_metadata, NULL,
+    {"metadata", ref_get_metadata, NULL,
      "The Ref's metadata (a read-only mapping; make a Ref with other\n"
      "metadata with .replace()).",
      NULL},
@@ -1049,10 +1057,10 @@ static PyMethodDef ref_methods[] = {
      METH_VARARGS | METH_KEYWORDS | METH_CLASS,
      "Refuses __slots__ in a Ref subclass (see ref.c), then defers to the\n"
      "next __init_subclass__."},
-    {"__reduce__", (PyCFunction)ref_reduce, METH_NOARGS,
+    {"__reduce__", ref_reduce, METH_NOARGS,
      "Pickle and copy keep the class, value, collection and a subclass's\n"
      "__dict__; shared Refs stay shared."},
-    {"__setstate__", (PyCFunction)ref_setstate, METH_O,
+    {"__setstate__", ref_setstate, METH_O,
      "Set the state of a Ref fresh from __new__ (pickle, copy)."},
     {"replace", (PyCFunction)(void (*)(void))ref_replace,
      METH_VARARGS | METH_KEYWORDS,
@@ -1276,8 +1284,9 @@ index_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 }
 
 static int
-deref_traverse(DerefObject *self, visitproc visit, void *arg)
+deref_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    DerefObject *self = REFX_DEREF_CAST(op);
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->collection);
     Py_VISIT(self->kind);
@@ -1286,8 +1295,9 @@ deref_traverse(DerefObject *self, visitproc visit, void *arg)
 }
 
 static int
-deref_clear(DerefObject *self)
+deref_clear(PyObject *op)
 {
+    DerefObject *self = REFX_DEREF_CAST(op);
     Py_CLEAR(self->collection);
     Py_CLEAR(self->kind);
     Py_CLEAR(self->flat);
@@ -1295,78 +1305,82 @@ deref_clear(DerefObject *self)
 }
 
 static void
-deref_dealloc(DerefObject *self)
+deref_dealloc(PyObject *op)
 {
+    DerefObject *self = REFX_DEREF_CAST(op);
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     Py_TRASHCAN_BEGIN(self, deref_dealloc); /* see ref_dealloc */
-    deref_clear(self);
+    deref_clear(op);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
     Py_TRASHCAN_END;
 }
 
 static int
-value_traverse(ValueObject *self, visitproc visit, void *arg)
+value_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    ValueObject *self = REFX_VALUE_CAST(op);
     Py_VISIT(self->value);
-    return deref_traverse(&self->base, visit, arg);
+    return deref_traverse(op, visit, arg);
 }
 
 static int
-value_clear(ValueObject *self)
+value_clear(PyObject *op)
 {
+    ValueObject *self = REFX_VALUE_CAST(op);
     Py_CLEAR(self->value);
-    return deref_clear(&self->base);
+    return deref_clear(op);
 }
 
 static void
-value_dealloc(ValueObject *self)
+value_dealloc(PyObject *op)
 {
+    ValueObject *self = REFX_VALUE_CAST(op);
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     Py_TRASHCAN_BEGIN(self, value_dealloc); /* see ref_dealloc */
-    value_clear(self);
+    value_clear(op);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
     Py_TRASHCAN_END;
 }
 
 static PyObject *
-deref_get_index(DerefObject *self, void *closure)
+deref_get_index(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    DerefObject *self = REFX_DEREF_CAST(op);
     return PyLong_FromSsize_t(self->index);
 }
 
 static PyObject *
-deref_get_collection(DerefObject *self, void *closure)
+deref_get_collection(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    DerefObject *self = REFX_DEREF_CAST(op);
     return Py_NewRef(self->collection != NULL ? self->collection : Py_None);
 }
 
 static PyObject *
-deref_get_ref_type(DerefObject *self, void *closure)
+deref_get_ref_type(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    DerefObject *self = REFX_DEREF_CAST(op);
     refx_state *st = refx_state_from_type(Py_TYPE(self));
     return st != NULL ? Py_NewRef((PyObject *)refx_deref_ref_type(st, self))
                       : NULL;
 }
 
 static PyObject *
-deref_get_metadata(DerefObject *self, void *closure)
+deref_get_metadata(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    DerefObject *self = REFX_DEREF_CAST(op);
     return refx_pairs_to_mapping(
         self->kind != NULL ? PyTuple_GET_ITEM(self->kind, 1) : NULL);
 }
 
 static PyObject *
-value_get_value(ValueObject *self, void *closure)
+value_get_value(PyObject *op, void *Py_UNUSED(closure))
 {
-    (void)closure;
+    ValueObject *self = REFX_VALUE_CAST(op);
     return Py_NewRef(self->value != NULL ? self->value : Py_None);
 }
 
@@ -1414,8 +1428,9 @@ deref_richcompare(PyObject *a, PyObject *b, int op)
 }
 
 static Py_hash_t
-index_hash(DerefObject *self)
+index_hash(PyObject *op)
 {
+    DerefObject *self = REFX_DEREF_CAST(op);
     Py_hash_t h =
         PyObject_Hash(self->collection != NULL ? self->collection : Py_None);
     if (h == -1) {
@@ -1431,8 +1446,9 @@ index_hash(DerefObject *self)
 }
 
 static PyObject *
-value_repr(ValueObject *self)
+value_repr(PyObject *op)
 {
+    ValueObject *self = REFX_VALUE_CAST(op);
     int rc = Py_ReprEnter((PyObject *)self);
     if (rc != 0) {
         return rc > 0 ? PyUnicode_FromString("Value(...)") : NULL;
@@ -1459,8 +1475,9 @@ value_repr(ValueObject *self)
 }
 
 static PyObject *
-index_repr(DerefObject *self)
+index_repr(PyObject *op)
 {
+    DerefObject *self = REFX_DEREF_CAST(op);
     refx_state *st = refx_state_from_type(Py_TYPE(self));
     PyObject *kind = st != NULL ? refx_kind_repr(st, self->kind) : NULL;
     if (kind == NULL) {
@@ -1497,37 +1514,38 @@ deref_reduce(DerefObject *self, const char *unflatten, PyObject *value)
 }
 
 static PyObject *
-value_reduce(ValueObject *self, PyObject *Py_UNUSED(ignored))
+value_reduce(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    ValueObject *self = REFX_VALUE_CAST(op);
     return deref_reduce(&self->base, "_value_unflatten",
                         self->value != NULL ? self->value : Py_None);
 }
 
 static PyObject *
-index_reduce(DerefObject *self, PyObject *Py_UNUSED(ignored))
+index_reduce(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
+    DerefObject *self = REFX_DEREF_CAST(op);
     return deref_reduce(self, "_index_unflatten", NULL);
 }
 
 static PyGetSetDef deref_getset[] = {
-    {"index", (getter)deref_get_index, NULL,
+    {"index", deref_get_index, NULL,
      "Position of the Ref among the distinct Refs of the deref'ed tree.",
      NULL},
-    {"collection", (getter)deref_get_collection, NULL,
+    {"collection", deref_get_collection, NULL,
      "The collection of the Ref this stands for.", NULL},
-    {"ref_type", (getter)deref_get_ref_type, NULL,
+    {"ref_type", deref_get_ref_type, NULL,
      "The class of the Ref this stands for (Ref or a subclass).", NULL},
-    {"metadata", (getter)deref_get_metadata, NULL,
+    {"metadata", deref_get_metadata, NULL,
      "The metadata of the Ref this stands for (read-only mapping).", NULL},
     REFX_TREESCOPE_GETSET,
     {NULL},
 };
 
 static int
-value_set_value(ValueObject *self, PyObject *value, void *closure)
+value_set_value(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(value),
+                void *Py_UNUSED(closure))
 {
-    (void)closure;
-    (void)value;
     PyErr_SetString(
         PyExc_AttributeError,
         "a Value is a deref'ed Ref and cannot be written: reref the tree "
@@ -1537,20 +1555,20 @@ value_set_value(ValueObject *self, PyObject *value, void *closure)
 }
 
 static PyGetSetDef value_getset[] = {
-    {"value", (getter)value_get_value, (setter)value_set_value,
+    {"value", value_get_value, value_set_value,
      "The Ref's value (read-only: a Value is a deref'ed Ref).", NULL},
     {NULL},
 };
 
 static PyMethodDef value_methods[] = {
-    {"__reduce__", (PyCFunction)value_reduce, METH_NOARGS, NULL},
+    {"__reduce__", value_reduce, METH_NOARGS, NULL},
     {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS,
      "See PEP 585."},
     {NULL},
 };
 
 static PyMethodDef index_methods[] = {
-    {"__reduce__", (PyCFunction)index_reduce, METH_NOARGS, NULL},
+    {"__reduce__", index_reduce, METH_NOARGS, NULL},
     {NULL},
 };
 
@@ -1637,16 +1655,14 @@ static PyType_Spec index_spec = {
 /* ------------------------------------------------------------------ */
 
 static PyObject *
-nothing_repr(PyObject *self)
+nothing_repr(PyObject *Py_UNUSED(self))
 {
-    (void)self;
     return PyUnicode_FromString("NOTHING");
 }
 
 static PyObject *
-nothing_reduce(PyObject *self, PyObject *Py_UNUSED(ignored))
+nothing_reduce(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored))
 {
-    (void)self;
     return PyUnicode_FromString("NOTHING");
 }
 
@@ -1659,7 +1675,7 @@ nothing_dealloc(PyObject *self)
 }
 
 static PyMethodDef nothing_methods[] = {
-    {"__reduce__", (PyCFunction)nothing_reduce, METH_NOARGS, NULL},
+    {"__reduce__", nothing_reduce, METH_NOARGS, NULL},
     {NULL},
 };
 
@@ -1792,36 +1808,34 @@ index_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-nothing_flatten(PyObject *module, PyObject *v)
+nothing_flatten(PyObject *module, PyObject *Py_UNUSED(v))
 {
-    (void)v;
     refx_state *st = refx_get_state(module);
     st->nothing_nodes_seen++;
     return Py_BuildValue("(()O)", Py_None);
 }
 
 static PyObject *
-nothing_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+nothing_unflatten(PyObject *module, PyObject *const *Py_UNUSED(args),
+                  Py_ssize_t Py_UNUSED(nargs))
 {
-    (void)args;
-    (void)nargs;
     return Py_NewRef(refx_get_state(module)->nothing);
 }
 
 PyMethodDef refx_ref_functions[] = {
-    {"_value_flatten", (PyCFunction)value_flatten, METH_O,
+    {"_value_flatten", value_flatten, METH_O,
      "_value_flatten($module, value, /)\n--\n\npytree flatten of Value."},
     {"_value_unflatten", (PyCFunction)(void (*)(void))value_unflatten,
      METH_FASTCALL,
      "_value_unflatten($module, aux, children, /)\n--\n\n"
      "pytree unflatten of Value."},
-    {"_index_flatten", (PyCFunction)index_flatten, METH_O,
+    {"_index_flatten", index_flatten, METH_O,
      "_index_flatten($module, index, /)\n--\n\npytree flatten of Index."},
     {"_index_unflatten", (PyCFunction)(void (*)(void))index_unflatten,
      METH_FASTCALL,
      "_index_unflatten($module, aux, children, /)\n--\n\n"
      "pytree unflatten of Index."},
-    {"_nothing_flatten", (PyCFunction)nothing_flatten, METH_O,
+    {"_nothing_flatten", nothing_flatten, METH_O,
      "_nothing_flatten($module, nothing, /)\n--\n\npytree flatten of "
      "NOTHING."},
     {"_nothing_unflatten", (PyCFunction)(void (*)(void))nothing_unflatten,

@@ -282,6 +282,14 @@ typedef struct {
     PyObject *aux;   /* NULL or (paths, positions of NOTHING): pytree aux */
 } PartitionObject;
 
+/* Slot functions take PyObject * (the type the slot calls them with: a
+ * function called through a pointer of another type is undefined behaviour)
+ * and cast it with these. */
+#define REFX_REF_CAST(op) ((RefObject *)(op))
+#define REFX_DEREF_CAST(op) ((DerefObject *)(op))
+#define REFX_VALUE_CAST(op) ((ValueObject *)(op))
+#define REFX_PARTITION_CAST(op) ((PartitionObject *)(op))
+
 #define Ref_Check(st, o) PyObject_TypeCheck((o), (st)->Ref_Type)
 #define Deref_Check(st, o) PyObject_TypeCheck((o), (st)->Deref_Type)
 #define Value_Check(st, o) PyObject_TypeCheck((o), (st)->Value_Type)

@@ -572,6 +572,7 @@ typedef struct {
     PyObject *module; /* strong: the state lives in it */
     PyObject *user;   /* PRED_REFX_OR_USER: the user's is_leaf */
 } PredObject;
+#define PRED_CAST(op) ((PredObject *)(op))
 
 static inline int
 is_refx_leaf(refx_state *st, PyObject *x)
@@ -628,8 +629,9 @@ pred_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
 }
 
 static int
-pred_traverse(PredObject *self, visitproc visit, void *arg)
+pred_traverse(PyObject *op, visitproc visit, void *arg)
 {
+    PredObject *self = PRED_CAST(op);
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->module);
     Py_VISIT(self->user);
@@ -637,26 +639,29 @@ pred_traverse(PredObject *self, visitproc visit, void *arg)
 }
 
 static int
-pred_clear(PredObject *self)
+pred_clear(PyObject *op)
 {
+    PredObject *self = PRED_CAST(op);
     Py_CLEAR(self->module);
     Py_CLEAR(self->user);
     return 0;
 }
 
 static void
-pred_dealloc(PredObject *self)
+pred_dealloc(PyObject *op)
 {
+    PredObject *self = PRED_CAST(op);
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    pred_clear(self);
+    pred_clear(op);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
 
 static PyObject *
-pred_repr(PredObject *self)
+pred_repr(PyObject *op)
 {
+    PredObject *self = PRED_CAST(op);
     static const char *names[] = {"Value/Index", "Ref/Value/Index/NOTHING",
                                   "Ref/Value/Index/NOTHING or is_leaf"};
     return PyUnicode_FromFormat("<refx leaf predicate: %s>",
