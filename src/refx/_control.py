@@ -262,26 +262,38 @@ _EAGER_MAX = 64
 _eager_lock = threading.Lock()
 
 
-def _eager(key, trees, make):
-    """The cached refx.jit function to run an eager call through, or None
-    to run it as it is (inside a trace, or leaves refx.jit cannot take)."""
-    if _compat.in_trace():
-        return None
+_UNCACHED = object()  # the result of an eager call not run through refx.jit
+
+
+def _eager(key, trees, make, *args, **kwargs):
+    """Run an eager call through its cached refx.jit function, or return
+    _UNCACHED to run it as it is: inside a trace, leaves refx.jit cannot
+    take, or a function whose outputs refx.jit cannot return (a str; the
+    key is then remembered as uncacheable)."""
+    if _compat.in_trace() or jax.config.jax_disable_jit:  # (jit would call us back)
+        return _UNCACHED
     for leaf in jax.tree_util.tree_leaves(trees):
         if not (isinstance(leaf, Ref) or traceable(leaf)):
-            return None
+            return _UNCACHED
     try:
         hash(key)
     except TypeError:  # an unhashable option (a list as a filter)
-        return None
+        return _UNCACHED
     with _eager_lock:
-        jf = _EAGER.pop(key, None)
-        if jf is None:
+        jf = _EAGER.pop(key, _UNCACHED)
+        if jf is _UNCACHED:
             jf = make()
         _EAGER[key] = jf
         while len(_EAGER) > _EAGER_MAX:
             _EAGER.popitem(last=False)
-    return jf
+    if jf is None:
+        return _UNCACHED
+    try:
+        return jf(*args, **kwargs)
+    except _jit.ConstOutput:  # raised while tracing: nothing was written
+        with _eager_lock:
+            _EAGER[key] = None
+        return _UNCACHED
 
 
 def _eager_jit(kind, name, fun, **options):
@@ -506,10 +518,10 @@ def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=
 
     @functools.wraps(fun)
     def mapped(*args, **kwargs):
-        jf = _eager(("vmap", mapped), (args, kwargs),
-                    lambda: _eager_jit("refx.vmap", name, mapped))
-        if jf is not None:
-            return jf(*args, **kwargs)
+        out = _eager(("vmap", mapped), (args, kwargs),
+                     lambda: _eager_jit("refx.vmap", name, mapped), *args, **kwargs)
+        if out is not _UNCACHED:
+            return out
         return with_closures(lambda closure: once(closure, args, kwargs))
 
     def once(closure, args, kwargs):
@@ -570,11 +582,12 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
     if not callable(fun):
         raise TypeError(f"refx.scan: fun must be callable, not {type(fun).__name__}")
     name = _name(fun)
-    jf = _eager(("scan", fun, length, reverse, unroll, mutable), (init, xs),
-                lambda: _eager_jit("refx.scan", name, lambda init, xs: scan(
-                    fun, init, xs, length, reverse=reverse, unroll=unroll, mutable=mutable)))
-    if jf is not None:
-        return jf(init, xs)
+    out = _eager(("scan", fun, length, reverse, unroll, mutable), (init, xs),
+                 lambda: _eager_jit("refx.scan", name, lambda init, xs: scan(
+                     fun, init, xs, length, reverse=reverse, unroll=unroll, mutable=mutable)),
+                 init, xs)
+    if out is not _UNCACHED:
+        return out
     run = _with_mutable(fun, mutable, "refx.scan")
 
     def once(closure):
@@ -636,11 +649,11 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
                         f"{type(body_fun).__name__}")
     name = _name(body_fun)
     if type(lower) is int and type(upper) is int:  # bounds stay static (a scan)
-        jf = _eager(("fori_loop", body_fun, lower, upper, unroll), init_val,
-                    lambda: _eager_jit("refx.fori_loop", name, lambda v: fori_loop(
-                        lower, upper, body_fun, v, unroll=unroll)))
-        if jf is not None:
-            return jf(init_val)
+        out = _eager(("fori_loop", body_fun, lower, upper, unroll), init_val,
+                     lambda: _eager_jit("refx.fori_loop", name, lambda v: fori_loop(
+                         lower, upper, body_fun, v, unroll=unroll)), init_val)
+        if out is not _UNCACHED:
+            return out
 
     def once(closure):
         t = Trees("fori_loop", name, [init_val], ["init_val"], closure)
@@ -674,11 +687,11 @@ def while_loop(cond_fun, body_fun, init_val):
         if not callable(f):
             raise TypeError(f"refx.while_loop: {what} must be callable, not {type(f).__name__}")
     name = _name(body_fun)
-    jf = _eager(("while_loop", cond_fun, body_fun), init_val,
-                lambda: _eager_jit("refx.while_loop", name, lambda v: while_loop(
-                    cond_fun, body_fun, v)))
-    if jf is not None:
-        return jf(init_val)
+    out = _eager(("while_loop", cond_fun, body_fun), init_val,
+                 lambda: _eager_jit("refx.while_loop", name, lambda v: while_loop(
+                     cond_fun, body_fun, v)), init_val)
+    if out is not _UNCACHED:
+        return out
 
     def once(closure):
         t = Trees("while_loop", name, [init_val], ["init_val"], closure)
@@ -744,10 +757,12 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
 
     @functools.wraps(fun)
     def rematted(*args, **kwargs):
-        jf = _eager(("remat", rematted), (args, kwargs), lambda: _eager_jit(
-            "refx.remat", name, rematted, static_argnums=snums, static_argnames=snames))
-        if jf is not None and not _static_leaves(args, kwargs, snums, snames):
-            return jf(*args, **kwargs)
+        if not _static_leaves(args, kwargs, snums, snames):
+            out = _eager(("remat", rematted), (args, kwargs), lambda: _eager_jit(
+                "refx.remat", name, rematted, static_argnums=snums, static_argnames=snames),
+                *args, **kwargs)
+            if out is not _UNCACHED:
+                return out
         n = len(args)
         static = {s % n if -n <= s < n else s for s in snums}
         bad = [s for s in snums if not -n <= s < n]
@@ -885,11 +900,11 @@ def cond(pred, true_fun, false_fun, *operands):
     for what, f in (("true_fun", true_fun), ("false_fun", false_fun)):
         if not callable(f):
             raise TypeError(f"refx.cond: {what} must be callable, not {type(f).__name__}")
-    jf = _eager(("cond", true_fun, false_fun), (pred, operands), lambda: _eager_jit(
+    out = _eager(("cond", true_fun, false_fun), (pred, operands), lambda: _eager_jit(
         "refx.cond", f"{_name(true_fun)} / {_name(false_fun)}",
-        lambda p, *ops: cond(p, true_fun, false_fun, *ops)))
-    if jf is not None:
-        return jf(pred, *operands)
+        lambda p, *ops: cond(p, true_fun, false_fun, *ops)), pred, *operands)
+    if out is not _UNCACHED:
+        return out
 
     def once(closure):
         t, (tb, fb), finish = _branches("cond", ["true_fun", "false_fun"],
@@ -911,11 +926,11 @@ def switch(index, branches, *operands):
         if not callable(f):
             raise TypeError(f"refx.switch: branches[{i}] must be callable, not "
                             f"{type(f).__name__}")
-    jf = _eager(("switch", tuple(branches)), (index, operands), lambda: _eager_jit(
+    out = _eager(("switch", tuple(branches)), (index, operands), lambda: _eager_jit(
         "refx.switch", " / ".join(_name(f) for f in branches),
-        lambda i, *ops: switch(i, branches, *ops)))
-    if jf is not None:
-        return jf(index, *operands)
+        lambda i, *ops: switch(i, branches, *ops)), index, *operands)
+    if out is not _UNCACHED:
+        return out
 
     def once(closure):
         t, fns, finish = _branches("switch", [f"branches[{i}]" for i in range(len(branches))],

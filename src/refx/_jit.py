@@ -337,6 +337,12 @@ def _explain_retrace(prefix, seen, vals, others, where, other_where):
             return
 
 
+class ConstOutput(TypeError):
+    """fun returned a leaf JAX cannot return (raised while tracing, so
+    before anything is written; an eager refx transform then runs
+    uncached)."""
+
+
 def _build_jit_entry(jf, desc, closure=None):
     """Make the entry for one cache key: (jitted, donation candidates,
     closed-over Refs, their positions, their specs) (see jit.c)."""
@@ -414,9 +420,10 @@ def _build_jit_entry(jf, desc, closure=None):
         else:
             for i, s in enumerate(spec):
                 if type(s) is Const:
-                    raise TypeError(f"{prefix}: output leaf {i} is a {type(s.value).__name__}, "
-                                    "which JAX cannot return from a jitted function; return "
-                                    "arrays (or hold other values in refx.Static)")
+                    raise ConstOutput(f"{prefix}: output leaf {i} is a "
+                                      f"{type(s.value).__name__}, which JAX cannot return from "
+                                      "a jitted function; return arrays (or hold other values "
+                                      "in refx.Static)")
             payload = _flat_payload(spec, items)
         wvals = [inner.refs[k].value for k in written]
         if declared:
