@@ -40,25 +40,38 @@ M = TypeVar("M", bound="Module")
 _ATOMS = (bool, int, float, complex, str, bytes, type(None), type)
 
 
+# Decisions by type, cached: a Ref/Module/Deref/array type is always state,
+# a leaf type that is none of those (a function, a dtype, an enum) never is.
+# Containers are not cached (their contents decide).  Flattening a model runs
+# this for every attribute on every refx.jit call, and jax.Array's
+# isinstance is a Python __instancecheck__: the cache makes it one set lookup.
+_STATE_TYPES: set[type] = set()
+_STATIC_TYPES: set[type] = set(_ATOMS)
+
+
 def _is_state(v: Any) -> bool:
     """Does `v` hold state (and so is a pytree child of a Module)?"""
-    if isinstance(v, Ref | Module | Deref):
+    t = type(v)
+    if t in _STATE_TYPES:
         return True
-    if isinstance(v, _ATOMS) or v is NOTHING:
+    if t in _STATIC_TYPES:
         return v is NOTHING
+    if isinstance(v, Ref | Module | Deref) or v is NOTHING:
+        _STATE_TYPES.add(t)
+        return True
     if isinstance(v, list | tuple):
         return any(_is_state(x) for x in v)
     if isinstance(v, dict):
         return any(_is_state(x) for x in v.values())
     if isinstance(v, jax.Array | np.ndarray):
+        _STATE_TYPES.add(t)
         return True
-    if callable(v) and not hasattr(v, "tree_flatten"):
-        return False
     try:
         leaves = jax.tree_util.tree_leaves(v)
     except Exception:  # noqa: BLE001 - not a pytree JAX can flatten: static
         return False
     if len(leaves) == 1 and leaves[0] is v:
+        _STATIC_TYPES.add(t)  # a leaf type that is not an array: static
         return False
     return any(_is_state(x) for x in leaves)
 
