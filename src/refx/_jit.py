@@ -34,7 +34,17 @@ import numpy as np
 
 from . import _core, _sharding
 from ._core import JitFunction, Ref, Static, deref, reref
-from ._lift import Const, Inner, Rediscover, capturing, key_str, name_of, plan_out, traceable
+from ._lift import (
+    Const,
+    Inner,
+    Rediscover,
+    capturing,
+    key_str,
+    name_of,
+    plan_out,
+    stand_in,
+    traceable,
+)
 from ._mutable import _with_mutable
 
 _name = name_of
@@ -248,7 +258,7 @@ def _closure(desc, closure, prefix):
         if not any(r is u for u in uniq):
             uniq.append(r)
     index = {id(r): k for k, r in enumerate(refs)}
-    pos = tuple(index.get(id(r), -1) for r in uniq)
+    pos = tuple(index.get(id(stand_in(r)), -1) for r in uniq)
     specs = tuple(_core._ref_spec(r) for r in uniq)
     extra = [r for r, p in zip(uniq, pos, strict=True) if p < 0]
     for r in extra:
@@ -441,6 +451,9 @@ def _build_jit_entry(jf, desc, closure=None):
             return _build_jit_entry(jf, desc, (*closure, *e.refs))
         written = set(probe.value[0])
         cand = tuple(k for k in cand if k in written) or None
+        precheck = tuple(sorted(written)) if cand is not None else None
+    else:
+        precheck = None
 
     if cand is None:
         def flat_fn(mesh, vals, others):
@@ -471,8 +484,8 @@ def _build_jit_entry(jf, desc, closure=None):
     jitted = jax.jit(named, static_argnums=static, donate_argnums=donate, **options)
     jitted = _PerMesh(jitted, cand is not None) if declared else jitted
     if not closure:
-        return (jitted, cand, None, None, None)
-    return (jitted, cand, closure, cpos, cspecs)
+        return (jitted, cand, None, None, None, precheck)
+    return (jitted, cand, closure, cpos, cspecs, precheck)
 # --------------------------------------------------------------------------
 # refx.jit / refx.jit_partial
 # --------------------------------------------------------------------------

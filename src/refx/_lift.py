@@ -190,9 +190,14 @@ def _stack():
     return stack
 
 
-def capture_hook(ref, writing):
-    """The C core's hook (installed by _wiring): the stand-in of `ref` in
-    the innermost capturing trace of this thread, or None."""
+def capture_hook(ref, writing, value):
+    """The C core's hook (installed by _wiring): the stand-in of `ref` (whose
+    own value is `value`) in the innermost capturing trace of this thread,
+    or None.  A closed-over Ref met for the first time gets a stand-in of
+    this trace holding its value (a container of its own): the rest of the
+    trace reads and writes that, so one trace finds every closed-over Ref
+    and no in-place change reaches the caller's object; the transform is
+    then traced again with them as hidden inputs."""
     stack = getattr(_local, "stack", None)
     if not stack:
         return None
@@ -209,9 +214,9 @@ def capture_hook(ref, writing):
     if not (_compat._encloses(outer, trace) or isinstance(outer, _compat._EvalTrace)):
         return None  # no link either way (older JAX's jit traces): as before
     f.found.setdefault(ref)
-    if writing:
-        raise Rediscover(list(f.found))
-    return None
+    tmp = make_refs([fresh(value)], (ref.collection,), (_core._ref_spec(ref),))[0]
+    f.subs[ref] = tmp
+    return tmp
 
 
 def stand_in(ref):
@@ -219,7 +224,7 @@ def stand_in(ref):
     (for transforms nested inside another: they take the stand-in)."""
     if not getattr(_local, "stack", None):
         return ref
-    inner = capture_hook(ref, False)
+    inner = capture_hook(ref, False, _core.deref([ref])[0].value)
     return ref if inner is None else inner
 
 
@@ -230,11 +235,12 @@ class capturing:  # noqa: N801 - used as a context manager
     `named` (refs, where, prefix): a refx.mutable refusal of a write to
     refs[k] while `fun` traces is re-raised naming where(k)."""
 
-    __slots__ = ("frame", "named")
+    __slots__ = ("frame", "named", "rediscover")
 
-    def __init__(self, subs, named=None):
+    def __init__(self, subs, named=None, rediscover=True):
         self.frame = Capture(subs)
         self.named = named
+        self.rediscover = rediscover  # False: stand-ins only (refx.eval_shape)
 
     def __enter__(self):
         _stack().append(self.frame)
@@ -244,9 +250,9 @@ class capturing:  # noqa: N801 - used as a context manager
     def __exit__(self, et, ev, tb):
         _stack().pop()
         _core._capture_depth(-1)
-        if et is None and self.frame.found:
+        if et is None and self.frame.found and self.rediscover:
             raise Rediscover(list(self.frame.found))
-        if et is not None and et is not Rediscover and self.frame.found:
+        if et is not None and et is not Rediscover and self.frame.found and self.rediscover:
             # the first trace may fail because a closed-over Ref's write was
             # not seen: trace again with it before reporting anything
             raise Rediscover(list(self.frame.found)) from ev
@@ -366,14 +372,14 @@ class Trees:
         inner.rebuild(self.parts if parts is None else parts, self.others(traced))
         return inner
 
-    def capturing(self, inner):
+    def capturing(self, inner, rediscover=True):
         """The capture frame to run `fun` in: every Ref of the call (the
         arguments' and the closed-over ones) stands for its new Ref."""
         subs = dict(zip(self.refs, inner.refs, strict=True))
         for orig, sub in self.originals:  # closed over by name, passed as a stand-in
             if isinstance(orig, Ref):
                 subs[orig] = subs[sub]
-        return capturing(subs, (inner.refs, self.where, self.prefix()))
+        return capturing(subs, (inner.refs, self.where, self.prefix()), rediscover)
 
     # -- after it
 

@@ -141,7 +141,10 @@ def eval_shape(fun, /, *args, **kwargs):
     def body(vals, traced):
         inner = t.lift(vals, traced)
         ((a, kw),) = inner.trees
-        out = fun(*a, **kw)
+        # closed-over Refs read and written through stand-ins (copies of their
+        # containers): nothing reaches the caller's objects, nothing is retraced
+        with t.capturing(inner, rediscover=False):
+            out = fun(*a, **kw)
         inner.check_structure(prefix)
         inner.written(prefix, t.where)  # its checks; nothing is written back
         # every Ref of the output leaves as one made inside: an argument's

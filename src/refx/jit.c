@@ -390,7 +390,9 @@ typedef struct {
     RefObject **refs;    /* distinct Refs, bound ones first */
     PyObject **vals;     /* owned snapshot of their values (NULL once moved) */
     PyObject **others;   /* borrowed non-Ref leaves of the call */
-    PyObject *entry;     /* (jitted, candidates, closure, positions, specs) */
+    PyObject *entry;     /* (jitted, candidates, closure, positions, specs,
+                      * written) */
+    PyObject *hold; /* NULL, or a list owning the stand-ins used (below) */
     PyObject *call_args[4];
     size_t ncall;
 } call_ctx;
@@ -411,6 +413,7 @@ ctx_fini(call_ctx *c)
         Py_XDECREF(c->call_args[i]);
     }
     Py_XDECREF(c->entry);
+    Py_XDECREF(c->hold);
     Py_XDECREF(c->dyn_args);
     Py_XDECREF(c->dyn_kwargs);
     Py_XDECREF(c->statics);
@@ -957,6 +960,54 @@ value_donatable(refx_state *st, PyObject *v, Py_ssize_t held, int depth)
     return 0;
 }
 
+/* Inside another refx transform's capturing trace, a Ref that transform
+ * closes over stands for its stand-in there (ref.c, refx/_lift.py): this
+ * call must read and write the stand-in, as the rest of the trace does.
+ * Returns the Ref to use (borrowed: c->hold owns it), or NULL. */
+static RefObject *
+stand_in(call_ctx *c, RefObject *r)
+{
+    if (refx_capture_depth == 0) {
+        return r;
+    }
+    PyObject *sub = refx_ref_captured(r, Py_False);
+    if (sub == NULL) {
+        return NULL;
+    }
+    if (sub == Py_None) {
+        Py_DECREF(sub);
+        return r;
+    }
+    if (c->hold == NULL && (c->hold = PyList_New(0)) == NULL) {
+        Py_DECREF(sub);
+        return NULL;
+    }
+    int err = PyList_Append(c->hold, sub);
+    Py_DECREF(sub);
+    return err < 0 ? NULL : (RefObject *)sub;
+}
+
+/* The argument leaves, each Ref replaced by its stand-in (see stand_in) */
+static int
+substitute_leaves(call_ctx *c)
+{
+    Py_ssize_t n = PyList_GET_SIZE(c->leaves);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *leaf = PyList_GET_ITEM(c->leaves, i);
+        if (!Ref_Check(c->st, leaf)) {
+            continue;
+        }
+        RefObject *sub = stand_in(c, (RefObject *)leaf);
+        if (sub == NULL) {
+            return -1;
+        }
+        if ((PyObject *)sub != leaf) {
+            PyList_SetItem(c->leaves, i, Py_NewRef((PyObject *)sub));
+        }
+    }
+    return 0;
+}
+
 /* The closed-over Refs the entry reads that are not among the arguments
  * (position -1): numbered after them, their values read now. */
 static int
@@ -997,8 +1048,11 @@ append_closure(call_ctx *c)
         if (PyLong_AsSsize_t(PyTuple_GET_ITEM(pos, j)) >= 0) {
             continue; /* an argument's Ref, numbered already */
         }
-        RefObject *r = (RefObject *)PyTuple_GET_ITEM(closure, j);
-        c->refs[c->nrefs] = r; /* the entry keeps it alive */
+        RefObject *r = stand_in(c, (RefObject *)PyTuple_GET_ITEM(closure, j));
+        if (r == NULL) {
+            return -1;
+        }
+        c->refs[c->nrefs] = r; /* the entry (or c->hold) keeps it alive */
         c->vals[c->nrefs] = Py_NewRef(r->value);
         c->nrefs++;
     }
@@ -1037,7 +1091,11 @@ closure_fits(call_ctx *c)
     PyObject *specs = PyTuple_GET_ITEM(c->entry, 4);
     for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(closure); j++) {
         RefObject *r = (RefObject *)PyTuple_GET_ITEM(closure, j);
-        if (closure_position(c, r) !=
+        RefObject *at = stand_in(c, r);
+        if (at == NULL) {
+            return -1;
+        }
+        if (closure_position(c, at) !=
             PyLong_AsSsize_t(PyTuple_GET_ITEM(pos, j))) {
             return 0;
         }
@@ -1077,9 +1135,9 @@ refresh_entry(call_ctx *c, PyObject *closure)
     if (entry == NULL) {
         return -1;
     }
-    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 5) {
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 6) {
         Py_DECREF(entry);
-        REFX_BUG("the jit builder did not return a 5-tuple entry");
+        REFX_BUG("the jit builder did not return a 6-tuple entry");
         return -1;
     }
     PyObject *key = Py_NewRef(PyTuple_GET_ITEM(jf->last, 0));
@@ -1196,11 +1254,26 @@ build_call(call_ctx *c, PyObject *cand)
     if (trace == NULL) {
         goto error;
     }
+    int any = 0;
     for (Py_ssize_t k = 0; k < c->nrefs; k++) {
         refx_refusal why = REFX_WRITE_OK;
+        any |= isd[k];
         if (isd[k] &&
             refx_check_write(st, c->refs[k], c->vals[k], trace, &why) < 0) {
             fail_refused(c, k, "would donate (and so write)", why);
+            goto error;
+        }
+    }
+    /* and every other Ref the trace writes: a refusal after the call
+     * would come too late for the donated buffers */
+    PyObject *written = PyTuple_GET_ITEM(c->entry, 5);
+    for (Py_ssize_t j = 0;
+         any && written != Py_None && j < PyTuple_GET_SIZE(written); j++) {
+        Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, j));
+        refx_refusal why = REFX_WRITE_OK;
+        if (k >= 0 && k < c->nrefs && !isd[k] &&
+            refx_check_write(st, c->refs[k], c->vals[k], trace, &why) < 0) {
+            fail_refused(c, k, "writes", why);
             goto error;
         }
     }
@@ -1421,7 +1494,9 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
         c->tree = Py_NewRef(c->dyn_args);
     }
     c->leaves = refx_flatten(st, c->tree, NULL, &c->treedef);
-    if (c->leaves == NULL || snapshot(c) < 0) {
+    if (c->leaves == NULL ||
+        (refx_capture_depth > 0 && substitute_leaves(c) < 0) ||
+        snapshot(c) < 0) {
         return -1;
     }
     PyObject *last = Py_XNewRef(jf->last); /* owned across __eq__ calls */
@@ -1460,8 +1535,8 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
         if (c->entry == NULL) {
             goto error;
         }
-        if (!PyTuple_CheckExact(c->entry) || PyTuple_GET_SIZE(c->entry) != 5) {
-            REFX_BUG("the jit builder did not return a 5-tuple entry");
+        if (!PyTuple_CheckExact(c->entry) || PyTuple_GET_SIZE(c->entry) != 6) {
+            REFX_BUG("the jit builder did not return a 6-tuple entry");
             goto error;
         }
         if (PyDict_SetItem(jf->cache, key, c->entry) < 0) {

@@ -651,9 +651,10 @@ ref_dealloc(PyObject *op)
 Py_ssize_t refx_capture_depth = 0;
 uint64_t refx_ref_serial = 0;
 
-/* The stand-in of `self` (new reference), Py_None, or NULL with an error */
-static PyObject *
-ref_captured(RefObject *self, PyObject *writing)
+/* The stand-in of `self` (new reference), Py_None, or NULL with an error.
+ * The hook gets the Ref's own value (reading .value would ask it again). */
+PyObject *
+refx_ref_captured(RefObject *self, PyObject *writing)
 {
     refx_state *st = refx_state_from_type(Py_TYPE(self));
     if (st == NULL) {
@@ -662,8 +663,9 @@ ref_captured(RefObject *self, PyObject *writing)
     if (st->capture_hook == NULL) {
         return Py_NewRef(Py_None);
     }
-    PyObject *args[2] = {(PyObject *)self, writing};
-    PyObject *res = PyObject_Vectorcall(st->capture_hook, args, 2, NULL);
+    PyObject *args[3] = {(PyObject *)self, writing,
+                         self->value != NULL ? self->value : Py_None};
+    PyObject *res = PyObject_Vectorcall(st->capture_hook, args, 3, NULL);
     if (res != NULL && res != Py_None && !Ref_Check(st, res)) {
         Py_DECREF(res);
         REFX_BUG("the capture hook returned neither None nor a Ref");
@@ -679,7 +681,7 @@ ref_get_value(PyObject *op, void *Py_UNUSED(closure))
 {
     RefObject *self = REFX_REF_CAST(op);
     if (refx_capture_depth > 0) {
-        PyObject *inner = ref_captured(self, Py_False);
+        PyObject *inner = refx_ref_captured(self, Py_False);
         if (inner == NULL) {
             return NULL;
         }
@@ -703,7 +705,7 @@ ref_set_value(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
         return -1;
     }
     if (refx_capture_depth > 0) {
-        PyObject *inner = ref_captured(self, Py_True);
+        PyObject *inner = refx_ref_captured(self, Py_True);
         if (inner == NULL) {
             return -1;
         }

@@ -364,6 +364,9 @@ typedef enum {
  * raised) otherwise, and *why (unless NULL) says which check it was. */
 int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
                      PyObject *current_trace, refx_refusal *why);
+/* While refx_capture_depth > 0: the stand-in of a Ref in the innermost
+ * capturing trace of this thread (a new reference), or Py_None (ref.c) */
+PyObject *refx_ref_captured(RefObject *ref, PyObject *writing);
 /* Turn the ValueError refx_check_write raised for write k into
  * _WriteRefused with .position, .reason (and .ref when `ref` is given). */
 void refx_raise_refused(refx_state *st, Py_ssize_t k, refx_refusal why,
