@@ -12,7 +12,6 @@ import threading
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import refx
@@ -560,14 +559,14 @@ def test_threads_first_call_concurrent_traces():
         r = refx.Ref(jnp.array(0.0), "state")
 
         @refx.jit
-        def inc(x):
+        def inc(x, r=r):  # bound now: the threads run within this iteration
             r.value = r.value + x
             return r.value
 
         barrier = threading.Barrier(2)
         errors = []
 
-        def worker():
+        def worker(barrier=barrier, errors=errors, inc=inc):
             try:
                 barrier.wait()
                 inc(1.0)
