@@ -38,33 +38,45 @@ def main() -> None:
 
     jax_scan = jax.jit(lambda c, xs: jax.lax.scan(jax_body, c, xs))  # a reused function
 
-    def refx_scan():
-        return refx.scan(body, state, xs)[1]
+    def refx_scan():  # returns what it wrote too, so timing waits for it
+        return refx.scan(body, state, xs)[1], state["w"].value, state["n"].value
 
     def plain_scan():
-        return jax_scan((w0, jnp.zeros(())), xs)[1]
+        (w, n), ys = jax_scan((w0, jnp.zeros(())), xs)
+        return ys, w, n
 
     # cond and fori_loop
     flag = refx.Ref(jnp.zeros(3), "s")
     jax_cond = jax.jit(lambda p, v: jax.lax.cond(p, lambda v: v + 1, lambda v: v, v))
     jax_fori = jax.jit(lambda v: jax.lax.fori_loop(0, 8, lambda i, v: v * 1.01, v))
 
+    def bump(r):
+        r.value = r.value + 1
+
+    def keep(r):
+        return None
+
+    def scale(i, r):
+        r.value = r.value * 1.01
+        return r
+
+    # the same function objects every call: the cache is per function object
     def refx_cond():
-        return refx.cond(True, lambda r: setattr(r, "value", r.value + 1), lambda r: None, flag)
+        refx.cond(True, bump, keep, flag)
+        return flag.value
 
     def plain_cond():
         return jax_cond(True, jnp.zeros(3))
 
     def refx_fori():
-        return refx.fori_loop(0, 8, lambda i, r: (setattr(r, "value", r.value * 1.01), r)[1],
-                              flag)
+        return refx.fori_loop(0, 8, scale, flag).value
 
     def plain_fori():
         return jax_fori(jnp.zeros(3))
 
     # answers agree (fresh state each side)
-    ys = refx_scan()
-    check(np.allclose(ys, plain_scan()), "refx.scan's ys equal jax.lax.scan's")
+    ys = refx_scan()[0]
+    check(np.allclose(ys, plain_scan()[0]), "refx.scan's ys equal jax.lax.scan's")
     check(float(state["n"].value) == 16.0, "the carried counter Ref was written")
     state["w"].value, state["n"].value = w0, jnp.zeros(())
     flag.value = jnp.zeros(3)

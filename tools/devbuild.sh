@@ -17,6 +17,14 @@ out=$(cd "$out" && pwd)
 cd "$here"
 "$py" setup.py -q build_ext -b "$out/.stage" -t "$out/.stage/tmp" >/dev/null
 cp src/refx/*.py src/refx/*.pyi src/refx/py.typed "$out/refx/" 2>/dev/null || cp src/refx/*.py "$out/refx/"
+# the Python subpackages (refx.nn)
+for pkg in src/refx/*/; do
+    [ -f "$pkg/__init__.py" ] || continue
+    name=$(basename "$pkg")
+    rm -rf "${out:?}/refx/$name"
+    mkdir -p "$out/refx/$name"
+    cp "$pkg"*.py "$out/refx/$name/"
+done
 for so in "$out"/.stage/refx/_core*.so; do
     cp "$so" "$out/refx/.new.so"
     mv -f "$out/refx/.new.so" "$out/refx/$(basename "$so")"
