@@ -30,6 +30,20 @@ and eval logits) before anything is timed.  Goals (issue 11): refx.jit <=
 1.05x bare jax.jit and refx.jit_partial <= 1.00x on SGD and eval;
 refx.jit_partial <= nnx.jit_partial(graph=False) on every row; nnx.jit
 (default) >= 3x refx.jit on every row.
+
+Table 5b (issue 20): models built from layers, one class body written
+against refx.nn and against flax.nnx (the same signatures): an MLP
+(Linear 64-128-128-10, two BatchNorms, Dropout) and a CNN (two 3x3 Convs,
+two BatchNorms, a Linear head), one SGD step (softmax cross-entropy).
+Competitors: bare jax.jit on the same math written functionally (dicts of
+arrays, the dropout key folded with a counter as the Rngs stream does),
+refx.jit and refx.jit_partial on the refx.nn model with nn.Optimizer,
+nnx.jit and nnx.jit_partial(graph=False) on the NNX model with
+nnx.Optimizer.  All start from NNX's arrays (parameters, batch statistics,
+the dropout stream's key and counter) and after one step must agree with
+bare jax.jit (loss, every parameter and statistic, to 1e-4) before timing.
+Goals: refx.jit <= 1.05x bare jax.jit, and ahead of nnx.jit and
+nnx.jit_partial(graph=False).
 """
 
 from __future__ import annotations
@@ -37,10 +51,12 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 import refx
+import refx.nn as rnn
 import gc
 import statistics
 import time
@@ -375,6 +391,222 @@ def agree(variants, x, y):
             check(err == 0.0, f"{name} is bit-equal to bare jit ({err:.2e})")
 
 
+# ------------------------------------------------------ refx.nn models
+# The same model class written once against a layer library (refx.nn or
+# flax.nnx: the same signatures), and bare jax.jit on the same math written
+# functionally.  Every variant starts from NNX's arrays (parameters, batch
+# statistics, the dropout stream's key and counter); after one SGD step all
+# must agree with bare jax.jit (loss, parameters, statistics) before timing.
+
+NN_COMPETITORS = [BARE, "refx.jit", "refx.jit_partial", "nnx.jit", "nnx.jit_partial graph=False"]
+NN_RATE, NN_MOMENTUM, NN_EPS = 0.1, 0.99, 1e-5
+NN_BATCH = 16 if SMOKE else 64
+NN_HW = 8 if SMOKE else 16  # CNN input: NN_BATCH x NN_HW x NN_HW x 1
+
+
+def nn_classes(lib):
+    """MLP (Linear, BatchNorm, Dropout) and CNN (Conv, BatchNorm) on `lib`."""
+
+    class MLP(lib.Module):
+        def __init__(self, rngs):
+            self.l1 = lib.Linear(64, 128, rngs=rngs)
+            self.bn1 = lib.BatchNorm(128, rngs=rngs)
+            self.l2 = lib.Linear(128, 128, rngs=rngs)
+            self.bn2 = lib.BatchNorm(128, rngs=rngs)
+            self.drop = lib.Dropout(NN_RATE, rngs=rngs)
+            self.head = lib.Linear(128, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = lib.relu(self.bn1(self.l1(x)))
+            return self.head(self.drop(lib.relu(self.bn2(self.l2(x)))))
+
+    class CNN(lib.Module):
+        def __init__(self, rngs):
+            self.c1 = lib.Conv(1, 16, (3, 3), rngs=rngs)
+            self.bn1 = lib.BatchNorm(16, rngs=rngs)
+            self.c2 = lib.Conv(16, 32, (3, 3), rngs=rngs)
+            self.bn2 = lib.BatchNorm(32, rngs=rngs)
+            self.head = lib.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = lib.relu(self.bn2(self.c2(lib.relu(self.bn1(self.c1(x))))))
+            return self.head(x.mean(axis=(1, 2)))
+
+    return {"MLP": MLP, "CNN": CNN}
+
+
+def nn_loss(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def nnx_nn_step(model, opt, x, y):
+    loss, grads = nnx.value_and_grad(nn_loss)(model, x, y)
+    opt.update(model, grads)
+    return loss
+
+
+def refx_nn_step(model, opt, x, y):
+    loss, grads = refx.value_and_grad(nn_loss, wrt=rnn.Param)(model, x, y)
+    opt.update(model, grads)
+    return loss
+
+
+def nnx_flat(model, kind):
+    """{"l1/kernel": array, ...} of one NNX Variable type."""
+    flat = nnx.to_flat_state(nnx.state(model, kind))
+    return {"/".join(str(k) for k in path): val(v) for path, v in flat}
+
+
+def bare_bn(x, p, s):
+    """refx.nn / NNX BatchNorm in training mode (fast variance)."""
+    axes = tuple(range(x.ndim - 1))
+    mean, mean2 = x.mean(axes), (x * x).mean(axes)
+    var = jnp.maximum(0.0, mean2 - mean * mean)
+    sg = jax.lax.stop_gradient
+    new = {"mean": sg(NN_MOMENTUM * s["mean"] + (1 - NN_MOMENTUM) * mean),
+           "var": sg(NN_MOMENTUM * s["var"] + (1 - NN_MOMENTUM) * var)}
+    return (x - mean) * (jax.lax.rsqrt(var + NN_EPS) * p["scale"]) + p["bias"], new
+
+
+def bare_forward(kind, p, s, rng, x):
+    """The model's math on dicts: (logits, new batch stats, new rng counter)."""
+    dense = lambda q, h: h @ q["kernel"] + q["bias"]  # noqa: E731
+    new = {}
+    if kind == "MLP":
+        h, new["bn1"] = bare_bn(dense(p["l1"], x), p["bn1"], s["bn1"])
+        h, new["bn2"] = bare_bn(dense(p["l2"], jax.nn.relu(h)), p["bn2"], s["bn2"])
+        keep = 1.0 - NN_RATE
+        mask = jax.random.bernoulli(jax.random.fold_in(rng["key"], rng["count"]), keep, h.shape)
+        h = jax.lax.select(mask, jax.nn.relu(h) / keep, jnp.zeros_like(h))
+        return dense(p["head"], h), new, rng["count"] + 1
+
+    def conv(q, h):
+        return jax.lax.conv_general_dilated(
+            h, q["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + q["bias"]
+
+    h, new["bn1"] = bare_bn(conv(p["c1"], x), p["bn1"], s["bn1"])
+    h, new["bn2"] = bare_bn(conv(p["c2"], jax.nn.relu(h)), p["bn2"], s["bn2"])
+    return dense(p["head"], jax.nn.relu(h).mean(axis=(1, 2))), new, rng["count"]
+
+
+def nest(flat):
+    out: dict = {}
+    for k, v in flat.items():
+        a, b = k.split("/", 1)
+        out.setdefault(a, {})[b] = v
+    return out
+
+
+def nn_bare_variant(kind, nmodel, rng):
+    st = {"p": nest(nnx_flat(nmodel, nnx.Param)), "s": nest(nnx_flat(nmodel, nnx.BatchStat)),
+          "rng": dict(rng)}
+    st["opt"] = tx().init(st["p"])
+
+    @jax.jit
+    def sgd(p, s, rng, opt_state, x, y):
+        def loss_fn(p):
+            logits, new_s, count = bare_forward(kind, p, s, rng, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (new_s, count)
+
+        (loss, (new_s, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        updates, opt_state = tx().update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), new_s, {**rng, "count": count}, opt_state, loss
+
+    def run(x, y):
+        st["p"], st["s"], st["rng"], st["opt"], loss = sgd(st["p"], st["s"], st["rng"], st["opt"], x, y)
+        return loss
+
+    def state():
+        flat = {f"{a}/{b}": v for a, d in st["p"].items() for b, v in d.items()}
+        return flat, {f"{a}/{b}": v for a, d in st["s"].items() for b, v in d.items()}
+
+    return run, state
+
+
+def nn_variants(kind):
+    """{variant: (step(x, y) -> loss, state() -> (params, stats))}: every
+    variant from the same arrays as NNX's model."""
+    nclass, rclass = nn_classes(nnx)[kind], nn_classes(rnn)[kind]
+    out, rng = {}, None
+    for how in ("nnx.jit", "nnx.jit_partial graph=False"):
+        m = nclass(nnx.Rngs(0))
+        m.train()
+        opt = nnx.Optimizer(m, tx(), wrt=nnx.Param)
+        if how == "nnx.jit":
+            f = nnx.jit(nnx_nn_step)
+            step = (lambda f, m, opt: lambda x, y: f(m, opt, x, y))(f, m, opt)
+            nmodel = m
+        else:
+            step = nnx.jit_partial(nnx_nn_step, m, opt, graph=False)
+        out[how] = (step, (lambda m: lambda: (nnx_flat(m, nnx.Param), nnx_flat(m, nnx.BatchStat)))(m))
+    if kind == "MLP":
+        rng = {"key": val(nmodel.drop.rngs.key), "count": val(nmodel.drop.rngs.count)}
+    out[BARE] = nn_bare_variant(kind, nmodel, rng or {"count": jnp.array(0, jnp.uint32)})
+
+    for how in ("refx.jit", "refx.jit_partial"):
+        rmodel = rclass(rnn.Rngs(1))  # other weights: all are copied from NNX's below
+        rmodel.train()
+        arrays = {**nnx_flat(nmodel, nnx.Param), **nnx_flat(nmodel, nnx.BatchStat)}
+        refx.load_state_dict(rmodel, arrays, filter=(rnn.Param, rnn.BatchStat))
+        if rng is not None:
+            rmodel.drop.rngs.key.value, rmodel.drop.rngs.count.value = rng["key"], rng["count"]
+        ropt = rnn.Optimizer(rmodel, tx(), wrt=rnn.Param)
+        if how == "refx.jit":
+            step = (lambda f, m, o: lambda x, y: f(m, o, x, y))(refx.jit(refx_nn_step), rmodel, ropt)
+        else:
+            step = refx.jit_partial(refx_nn_step, rmodel, ropt)
+        out[how] = (step, (lambda m: lambda: (refx.state_dict(m, rnn.Param),
+                                              refx.state_dict(m, rnn.BatchStat)))(rmodel))
+    return {name: out[name] for name in NN_COMPETITORS}, rmodel
+
+
+def nn_agree(kind, variants, x, y):
+    """One SGD step each from the same arrays: the loss, every parameter and
+    batch statistic as bare jax.jit's."""
+    losses = {name: float(v[0](x, y)) for name, v in variants.items()}
+    p0, s0 = variants[BARE][1]()
+    for name, v in variants.items():
+        p, s = v[1]()
+        check(set(p) == set(p0) and set(s) == set(s0), f"{kind} {name}: names {sorted(p)} {sorted(s)}")
+        err = max(float(jnp.max(jnp.abs(jnp.asarray(a[k]) - b[k])) / (1.0 + jnp.max(jnp.abs(b[k]))))
+                  for a, b in ((p, p0), (s, s0)) for k in b)
+        err = max(err, abs(losses[name] - losses[BARE]))
+        check(err <= 1e-4, f"{kind} {name} agrees with bare jax.jit after one step (err {err:.2e})")
+
+
+def nn_main() -> str:
+    rows, data = [], {"question": "step_nn", "models": []}
+    rng = np.random.default_rng(0)
+    inputs = {"MLP": rng.standard_normal((NN_BATCH, 64), dtype=np.float32),
+              "CNN": rng.standard_normal((NN_BATCH, NN_HW, NN_HW, 1), dtype=np.float32)}
+    y = jnp.asarray(rng.integers(0, 10, NN_BATCH), dtype=jnp.int32)
+    for kind in ("MLP", "CNN"):
+        x = jnp.asarray(inputs[kind])
+        variants, rmodel = nn_variants(kind)
+        nn_agree(kind, variants, x, y)
+        fns = {n: (lambda f=v[0]: jax.block_until_ready(f(x, y))) for n, v in variants.items()}
+        t, c = bench(fns, rounds=5 if SMOKE else 21, budget=0.01 if SMOKE else 0.2)
+        what = ("Linear 64-128-128-10, BatchNorm x2, Dropout" if kind == "MLP"
+                else f"Conv 3x3 1-16-32, BatchNorm x2, Linear; {NN_HW}x{NN_HW}")
+        for name in variants:
+            rows.append([f"{kind} ({what})", name, fmt_time(t[name]),
+                         "-" if name == BARE else f"{t[name] / t[BARE]:.2f}x",
+                         f"{t[name] / t['refx.jit']:.2f}x", fmt_time(c[name]),
+                         "-" if name == BARE else f"{c[name] / c[BARE]:.2f}x",
+                         f"{c[name] / c['refx.jit']:.2f}x"])
+        data["models"].append({"model": kind, "batch": NN_BATCH, "refs": tree_stats(rmodel),
+                               "seconds": t, "cpu_seconds": c})
+    table = print_table(
+        f"5b. time per SGD step, refx.nn models (batch {NN_BATCH}; goals: refx.jit <= 1.05x bare "
+        "jax.jit on the same math, and faster than nnx.jit and nnx.jit_partial(graph=False); "
+        "refx.jit_partial, with the model bound, is the like of nnx.jit_partial; "
+        "wall time and CPU time, medians)",
+        ["model", "variant", "wall", "/ bare", "/ refx.jit", "CPU", "/ bare", "/ refx.jit"], rows)
+    if not SMOKE:
+        save("step_nn", data, table)
+    return table
+
+
 def main() -> None:
     rows, data = [], {"question": "step", "depths": []}
     kx, ky = jax.random.split(jax.random.PRNGKey(0))
@@ -420,6 +652,7 @@ def main() -> None:
         ["depth", f"refx model: {SIZE_HEADER}", "step", "variant", "wall", "/ bare", "/ refx.jit",
          "CPU", "/ bare", "/ refx.jit"], rows)
     save("step", data, table)
+    nn_main()
 
 
 if __name__ == "__main__":

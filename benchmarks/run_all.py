@@ -75,7 +75,7 @@ def plot() -> None:
     plt.close(fig)
 
 
-QUESTIONS = ["floor", "nnx", "equinox", "pure_python", "step", "lines"]
+QUESTIONS = ["floor", "nnx", "equinox", "pure_python", "step", "step_nn", "lines"]
 
 
 def _x(values, fmt="{:.2f}x") -> str:
@@ -138,6 +138,21 @@ def goals(r: dict) -> str:
         for clock, what in (("seconds", "wall time"), ("cpu_seconds", "CPU time")):
             vals, detail = ratios(num, den, kinds, clock)
             row(f"{goal} ({what})", vals, ok, detail)
+    models = r["step_nn"]["models"]
+    for num, den, goal, ok in (
+        ("refx.jit", "bare jax.jit", "refx.nn model: refx.jit / bare jax.jit <= 1.05x", lambda v: v <= 1.05),
+        ("refx.jit", "nnx.jit_partial graph=False",
+         "refx.nn model: refx.jit / nnx.jit_partial(graph=False) <= 1.0x", lambda v: v <= 1.0),
+        ("refx.jit", "nnx.jit", "refx.nn model: refx.jit / nnx.jit <= 1.0x", lambda v: v <= 1.0),
+    ):
+        for clock, what in (("seconds", "wall time"), ("cpu_seconds", "CPU time")):
+            vals = [m[clock][num] / m[clock][den] for m in models]
+            row(f"{goal} ({what})", vals, ok,
+                ", ".join(f"{v:.2f}x ({m['model']})" for v, m in zip(vals, models, strict=True)))
+    lines = r["lines"]["rows"]
+    row("lines: refx.nn <= Flax NNX, model and step, every program", [x["met"] for x in lines], bool,
+        ", ".join(f"{x['program']} {x['refx.nn']['model']}/{x['refx.nn']['step'] or '-'} vs "
+                  f"{x['Flax NNX']['model']}/{x['Flax NNX']['step'] or '-'}" for x in lines))
     return "| goal | latest run | verdict |\n|---|---|---|\n" + "\n".join(rows) + "\n"
 
 

@@ -141,10 +141,11 @@ def test_readme_quick_start_and_checkpoint_run(tmp_path):
     exec(compile(checkpoint, "examples/README.md", "exec"), ns)
     model = ns["model"]
     state = ns["state"]
-    assert "enc/w" in state and "dec/w" not in state  # the tied weight once
-    fresh = ns["AutoEncoder"](jax.random.key(7))
+    assert "enc/kernel" in state and "dec/kernel" not in state  # the tied weight once
+    assert any(k.startswith("norm/") for k in state)  # the batch stats too
+    fresh = ns["AutoEncoder"](rngs=nn.Rngs(7))
     refx.load_state_dict(fresh, state)
-    assert fresh.dec.w is fresh.enc.w
+    assert fresh.dec.kernel is fresh.enc.kernel
     for a, b in zip(
         jax.tree_util.tree_leaves(refx.deref(refx.get_partition(model, ns["CHECKPOINTED"]))),
         jax.tree_util.tree_leaves(refx.deref(refx.get_partition(fresh, ns["CHECKPOINTED"]))),
