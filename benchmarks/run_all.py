@@ -75,7 +75,7 @@ def plot() -> None:
     plt.close(fig)
 
 
-QUESTIONS = ["floor", "nnx", "equinox", "pure_python", "step", "step_nn", "lines"]
+QUESTIONS = ["floor", "nnx", "equinox", "pure_python", "step", "step_nn", "lines", "eager"]
 
 
 def _x(values, fmt="{:.2f}x") -> str:
