@@ -15,7 +15,7 @@ import refx
 
 class Module:
     """A pytree node whose children are its instance attributes (vars), as
-    examples/nn.py's Module: the Refs of RefFields are its leaves."""
+    a Module that flattens vars(obj): the Refs of RefFields are its leaves."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
