@@ -46,11 +46,21 @@ def blocks(path, lang="python"):
     return [textwrap.dedent(code) if indent else code for indent, code in found]
 
 
-def available(module):
+def available(need):
+    """`# needs: module` or `# needs: package>=X.Y` (an API the block uses
+    appeared in that release: older ones skip it, as a missing one does)."""
+    module, _, minimum = need.partition(">=")
     try:
-        return importlib.util.find_spec(module) is not None
+        if importlib.util.find_spec(module) is None:
+            return False
     except ModuleNotFoundError:  # its parent package is missing
         return False
+    if not minimum:
+        return True
+    from importlib.metadata import version
+
+    have = tuple(int(p) for p in re.findall(r"\d+", version(module))[:2])
+    return have >= tuple(int(p) for p in minimum.split("."))
 
 
 def run_page(path, ns, missing, seen=()):

@@ -211,7 +211,8 @@ def capture_hook(ref, writing, value):
     outer, trace = rt(), f.trace()
     if outer is None or trace is None or _compat._encloses(trace, outer):
         return None  # a finished trace's Ref, or one of a trace inside this one
-    if not (_compat._encloses(outer, trace) or isinstance(outer, _compat._EvalTrace)):
+    if not (_compat._encloses(outer, trace) or isinstance(outer, _compat._EvalTrace)
+            or any(rt is g.trace for g in stack[:-1])):
         return None  # no link either way (older JAX's jit traces): as before
     f.found.setdefault(ref)
     tmp = make_refs([fresh(value)], (ref.collection,), (_core._ref_spec(ref),))[0]
