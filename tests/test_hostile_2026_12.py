@@ -523,7 +523,8 @@ def test_structure_change_of_argument_is_error_nothing_written(kind):
 
 def test_threads_share_jitted_closure_no_tracer_no_crash():
     # Each call is read-in-one-pass + atomic write-back; increments may be
-    # lost between threads, but the Ref must end concrete, in [N, 2N].
+    # lost between threads (a stale write can roll back the other thread's
+    # progress), but the Ref must end concrete, in [1, 2N].
     r = refx.Ref(jnp.array(0), "count")
 
     @refx.jit
@@ -550,7 +551,7 @@ def test_threads_share_jitted_closure_no_tracer_no_crash():
         t.join(120)
     assert not errors, errors
     assert _concrete(r.value), r.value
-    assert n <= int(r.value) <= 2 * n
+    assert 1 <= int(r.value) <= 2 * n
 
 
 def test_threads_first_call_concurrent_traces():
