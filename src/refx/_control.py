@@ -309,41 +309,34 @@ def _eager_jit(kind, name, fun, **options):
 # --------------------------------------------------------------------------
 
 
-class StateAxes:
-    """Per-collection axes for a vmap argument holding Refs.
-
-    ``StateAxes({"params": 0, ...: None})``: the Refs (and other leaves) of
-    the argument that the first filter accepts are mapped over axis 0, the
-    rest broadcast.  Keys are filters of tree_partition (evaluated by the
-    C core, first match wins), values an int axis or None; a leaf that no
-    filter accepts is an error (end with ``...: None`` to broadcast the
-    rest).
-    """
+class _FilterTable:
+    """{filter: value} pairs, first match wins: the base of StateAxes
+    (refx.vmap's axes) and StateSharding (refx.shard_map's specs, in
+    refx/_lifts.py).  A subclass names its values (`_what`) and checks one
+    (`_check_value`)."""
 
     __slots__ = ("_items",)
+    _what = "value"
 
-    def __init__(self, axes, /):
-        items = tuple(axes.items()) if hasattr(axes, "items") else tuple(axes)
+    def _check_value(self, f, value):  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+    def __init__(self, table, /):
+        name, what = type(self).__name__, self._what
+        items = tuple(table.items()) if hasattr(table, "items") else tuple(table)
         for pair in items:
             if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise TypeError("StateAxes: expected a mapping {filter: axis} or pairs "
-                                f"(filter, axis), got {pair!r}")
-            f, ax = pair
-            if not (ax is None or isinstance(ax, int) and not isinstance(ax, bool)):
-                raise TypeError(f"StateAxes: the axis of filter {f!r} must be an int or None, "
-                                f"not {ax!r}")
-            _core.All(f)  # TypeError for what is not a filter
+                raise TypeError(f"{name}: expected a mapping {{filter: {what}}} or pairs "
+                                f"(filter, {what}), got {pair!r}")
+            self._check_value(*pair)
+            _core.All(pair[0])  # TypeError for what is not a filter
         if not items:
-            raise ValueError("StateAxes: give at least one {filter: axis} entry")
+            raise ValueError(f"{name}: give at least one {{filter: {what}}} entry")
         self._items = items
 
     @property
     def filters(self):
         return tuple(f for f, _ in self._items)
-
-    @property
-    def axes(self):
-        return tuple(a for _, a in self._items)
 
     def items(self):
         return self._items
@@ -355,14 +348,41 @@ class StateAxes:
         return len(self._items)
 
     def __eq__(self, other):
-        return type(other) is StateAxes and self._items == other._items
+        return type(other) is type(self) and self._items == other._items
 
     def __hash__(self):
         return hash(self._items)
 
     def __repr__(self):
-        body = ", ".join(f"{'...' if f is ... else repr(f)}: {a!r}" for f, a in self._items)
-        return f"StateAxes({{{body}}})"
+        body = ", ".join(f"{'...' if f is ... else repr(f)}: {v!r}" for f, v in self._items)
+        return f"{type(self).__name__}({{{body}}})"
+
+
+class StateAxes(_FilterTable):
+    """Per-collection axes for a vmap argument holding Refs.
+
+    ``StateAxes({"params": 0, ...: None})``: the Refs (and other leaves) of
+    the argument that the first filter accepts are mapped over axis 0, the
+    rest broadcast.  Keys are filters of tree_partition (evaluated by the
+    C core, first match wins), values an int axis or None; a leaf that no
+    filter accepts is an error (end with ``...: None`` to broadcast the
+    rest).
+    """
+
+    __slots__ = ()
+    _what = "axis"
+
+    def __init__(self, axes, /):
+        super().__init__(axes)
+
+    def _check_value(self, f, ax):
+        if not (ax is None or isinstance(ax, int) and not isinstance(ax, bool)):
+            raise TypeError(f"StateAxes: the axis of filter {f!r} must be an int or None, "
+                            f"not {ax!r}")
+
+    @property
+    def axes(self):
+        return tuple(a for _, a in self._items)
 
 
 def _is_axis_leaf(x):

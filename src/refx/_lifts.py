@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 # the C core has no stub of its own (refx/__init__.pyi describes it)
 from . import _compat, _core, _sharding  # type: ignore[attr-defined]
+from ._control import _FilterTable
 from ._core import Ref, Value, tree_partition  # type: ignore[import-not-found]
 from ._lift import Trees, make_refs, name_of, payload_tree, plan_out, rebuild_out, traceable
 from ._mutable import _with_mutable
@@ -488,7 +489,7 @@ def _call_shard_map(f, mesh, in_specs, out_specs, check_vma, axis_names):
     return _jax_shard_map(f, mesh, in_specs, out_specs, check_rep=check_vma, **kw)
 
 
-class StateSharding:
+class StateSharding(_FilterTable):
     """Per-collection PartitionSpecs for a refx.shard_map argument holding
     Refs: ``StateSharding({"params": P(None, "model"), ...: P()})``.
 
@@ -499,49 +500,20 @@ class StateSharding:
     the rest).
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ()
+    _what = "PartitionSpec"
 
     def __init__(self, specs, /):
-        items = tuple(specs.items()) if hasattr(specs, "items") else tuple(specs)
-        for pair in items:
-            if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise TypeError("StateSharding: expected a mapping {filter: PartitionSpec} or "
-                                f"pairs (filter, PartitionSpec), got {pair!r}")
-            f, spec = pair
-            if not isinstance(spec, PartitionSpec):
-                raise TypeError(f"StateSharding: the spec of filter {f!r} must be a "
-                                f"jax.sharding.PartitionSpec (P() replicates), not {spec!r}")
-            _core.All(f)  # TypeError for what is not a filter
-        if not items:
-            raise ValueError("StateSharding: give at least one {filter: PartitionSpec} entry")
-        self._items = items
+        super().__init__(specs)
 
-    @property
-    def filters(self):
-        return tuple(f for f, _ in self._items)
+    def _check_value(self, f, spec):
+        if not isinstance(spec, PartitionSpec):
+            raise TypeError(f"StateSharding: the spec of filter {f!r} must be a "
+                            f"jax.sharding.PartitionSpec (P() replicates), not {spec!r}")
 
     @property
     def specs(self):
         return tuple(s for _, s in self._items)
-
-    def items(self):
-        return self._items
-
-    def __iter__(self):
-        return iter(self.filters)
-
-    def __len__(self):
-        return len(self._items)
-
-    def __eq__(self, other):
-        return type(other) is StateSharding and self._items == other._items
-
-    def __hash__(self):
-        return hash(self._items)
-
-    def __repr__(self):
-        body = ", ".join(f"{'...' if f is ... else repr(f)}: {s!r}" for f, s in self._items)
-        return f"StateSharding({{{body}}})"
 
 
 def _is_spec_leaf(x):
