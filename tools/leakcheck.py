@@ -67,6 +67,11 @@ def model():
     return {"layers": layers, "head": w0, "n": 3}
 
 
+def deref_after_write():
+    R.value = R.value + 1.0
+    return refx.deref([R, TREE])
+
+
 TREE = model()
 D = refx.deref(TREE)
 PARTS, TD = refx.tree_partition(D, PARAMS)
@@ -131,6 +136,11 @@ OPS = {
     "reref": lambda: refx.reref(D),
     "reref of Refs": lambda: expect(ValueError, refx.reref, TREE),
     "reref Index first": lambda: expect(ValueError, refx.reref, [refx.Index(0), refx.Value(1, 0)]),
+    # refused after two Refs were made: they are released unseen
+    "reref refused late": lambda: expect(
+        ValueError, refx.reref, [refx.Value(jnp.ones(2), 0), refx.Value(2.0, 1), refx.Index(5)]),
+    # each write drops the Value deref kept in the Ref; each deref makes one
+    "deref after a write": deref_after_write,
     "clone": lambda: refx.clone(TREE),
     "tree_partition": lambda: refx.tree_partition(TREE, PARAMS, refx.Ref),
     "tree_partition deref'ed": lambda: refx.tree_partition(D, PARAMS),

@@ -43,6 +43,23 @@
  *   while the loop does, no other call can stamp a Ref in the meantime
  *   (the loop used to be able to, and then redid itself with a map).
  *
+ *   Reused Values.  A Value is immutable, so a Value that says the same as
+ *   the one deref would make may be given instead.  Each Ref keeps the last
+ *   Value made of it (RefObject.last) and deref gives it again when its
+ *   value, collection and kind are the same objects as the Ref's now and
+ *   its number is this call's (value_of).  Nothing is trusted from when it
+ *   was kept: all four are compared on every use, so a write, a new
+ *   attribute or another position in another tree gives a new Value.  The
+ *   kept Value only costs memory when it holds what the Ref no longer
+ *   does: every store of a new value drops it (ref.c, ref_store), and a
+ *   donating refx.jit drops it before counting who holds the array (jit.c),
+ *   so a dropped deref'ed tree never keeps an array undonated.  Kinds with
+ *   instance attributes are new tuples per call and are never kept.  Why:
+ *   at 100,000 Refs the cost of deref was cache misses on the arrays (the
+ *   new Value's reference to each, and again when the result is freed),
+ *   not instructions; a reused Value touches neither (flat list of 100,000
+ *   Refs: 5.2x -> 1.9x the flatten+unflatten floor, same run, issue 19).
+ *
  *   Already deref'ed input.  Value and Index are pytree nodes, so a plain
  *   flatten would walk into them; refx_flatten_leaves redoes the flatten
  *   with them as leaves when the tree held any, and the first one is
@@ -54,17 +71,19 @@
  * of Values seen (it will make the i-th new Ref), Index(i, c) must name a
  * Value already seen with the same collection and kind, and a value
  * holding tracers of another trace (a deref'ed tree that escaped a
- * finished jit) is refused, as Ref() refuses it.  The application makes
- * one new Ref per Value and builds the tree; no Ref is made for a refused
- * input.  Every new Ref belongs to the trace current at the call: reref
- * inside jit makes Refs that jit's body may write.
+ * finished jit) is refused, as Ref() refuses it.  The plan also makes each
+ * Value's new Ref as soon as that Value passes, while the array is in the
+ * cache (see reref_plan); the Refs stay unpublished until the application
+ * builds the tree from them, and a refused input releases those it made,
+ * which nothing saw.  Every new Ref belongs to the trace current at the
+ * call: reref inside jit makes Refs that jit's body may write.
  *
  * clone(tree) is reref(deref(tree)) in one call: the same numbering, with
  * one new Ref per distinct Ref made from the values as read.  Their values
  * are then checked as reref checks them (Python code, after the loop).
  *
  * Functions in this file: the numbering (number_ref), flatten_ref_tree,
- * refx_deref and deref_leaves, refx_reref (reref_plan_leaf with
+ * refx_deref and deref_leaves (value_of), refx_reref (reref_plan_leaf with
  * reref_plan_value and reref_plan_index, then reref_apply), refx_clone and
  * clone_leaves.
  */
@@ -75,9 +94,10 @@
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    RefObject *ref; /* owned: the leaves list is rewritten in place */
-    PyObject *obj;  /* owned: the shared Index (deref), the new Ref (clone) */
-    PyObject *kind; /* owned: the Ref's kind (NULL: a plain Ref) */
+    RefObject *ref;  /* owned: the leaves list is rewritten in place */
+    PyObject *obj;   /* owned: the shared Index (deref), the new Ref (clone) */
+    PyObject *kind;  /* owned: the Ref's kind (NULL: a plain Ref) */
+    PyObject *stale; /* owned: the Ref's last Value this call replaced */
     Py_ssize_t first; /* leaf position of its first occurrence */
     int track; /* its Value (deref) or new Ref (clone) awaits tracking */
 } numbered;
@@ -103,6 +123,7 @@ numbering_fini(numbering *nb)
         Py_DECREF(nb->slots[i].ref);
         Py_XDECREF(nb->slots[i].obj);
         Py_XDECREF(nb->slots[i].kind);
+        Py_XDECREF(nb->slots[i].stale);
     }
     PyMem_Free(nb->slots);
     nb->slots = NULL;
@@ -169,6 +190,7 @@ number_ref(numbering *nb, RefObject *ref, Py_ssize_t pos, int *is_new)
     nb->slots[k].ref = (RefObject *)Py_NewRef(ref);
     nb->slots[k].obj = NULL;
     nb->slots[k].kind = NULL;
+    nb->slots[k].stale = NULL;
     nb->slots[k].first = pos;
     nb->slots[k].track = 0;
     ref->mark_epoch = nb->epoch;
@@ -263,6 +285,34 @@ check_kinds(refx_state *st, PyObject *tree, numbering *nb)
     return 0;
 }
 
+/* The Value of `ref`, number k of this call: its last one if that still
+ * says the same (see "Reused Values"), else a new one, then kept as its
+ * last when its kind is the Ref's own (a kind with attributes is a new
+ * tuple per call, so a kept Value could never match).  The Value it
+ * replaces is released when the call ends (slot->stale), not inside the
+ * loop.  New reference, or NULL with an error. */
+static inline PyObject *
+value_of(refx_state *st, RefObject *ref, Py_ssize_t k, numbered *slot)
+{
+    ValueObject *last = (ValueObject *)ref->last;
+    if (last != NULL && last->value == ref->value && last->base.index == k &&
+        last->base.collection == ref->collection &&
+        last->base.kind == slot->kind) {
+        return Py_NewRef(last);
+    }
+    PyObject *new =
+        refx_value_create_kind(st, ref->value, k, ref->collection, slot->kind);
+    if (new == NULL) {
+        return NULL;
+    }
+    slot->track = defer_tracking(new);
+    if (slot->kind == ref->kind) {
+        slot->stale = ref->last;
+        ref->last = Py_NewRef(new);
+    }
+    return new;
+}
+
 /* Replace the Refs of `leaves` (a list only we hold) in place, with the
  * collector paused (see "One moment").  Rewriting in place saves a second
  * list of n items.  The caller owns `nb` (zeroed), so that it can track
@@ -293,9 +343,7 @@ deref_leaves(refx_state *st, PyObject *tree, PyObject *leaves, numbering *nbp)
             if (err) {
                 goto done;
             }
-            new = refx_value_create_kind(st, ref->value, k, ref->collection,
-                                         slot->kind);
-            slot->track = new != NULL && defer_tracking(new);
+            new = value_of(st, ref, k, slot);
         }
         else {
             if (slot->obj == NULL) {
@@ -368,13 +416,16 @@ PyDoc_STRVAR(
 
 /* reref is a plan, then its application, as update_refs is.  The plan
  * (reref_plan_leaf, one function per kind of leaf) walks the leaves once, in
- * order, and checks everything: Values numbered 0, 1, 2..., each Index
- * after its Value with the same collection and kind, no Ref, and each
- * Value's value as Ref() checks it (the tracer check, which may run Python
- * code); it lists the Values by number.  reref_apply then makes one Ref per
- * Value and the output leaves: it runs no check and fails only for want of
- * memory (or in the unflatten's custom nodes), so a reref refused for its
- * input has made no Ref. */
+ * order, checks everything and makes the Refs: Values numbered 0, 1, 2...,
+ * each Index after its Value with the same collection and kind, no Ref, and
+ * each Value's value as Ref() checks it (the tracer check, which may run
+ * Python code); then Value j's Ref, made right away, while the value's
+ * memory is loaded for the check (at ~100,000 Refs a second visit to each
+ * array, in a later pass, found it evicted: measured with perf, the make
+ * step's stall on the array's reference count was the largest cost).  The
+ * Refs stay unpublished (untracked, held only by the plan) until
+ * reref_apply builds the output leaves and tree from them; a reref refused
+ * for its input releases the Refs it made, which nothing ever saw. */
 typedef struct {
     refx_state *st;
     PyObject *tree,
@@ -382,6 +433,8 @@ typedef struct {
     PyObject *leaves;     /* owned: Value/Index are leaves */
     PyObject *trace;      /* owned: the current trace's weakref */
     DerefObject **values; /* borrowed (`leaves` holds them): Value number j */
+    PyObject **refs;      /* owned: the Ref made of Value j */
+    char *track;          /* refs[j] awaits tracking (see "Tracked later") */
     Py_ssize_t nvalues;
 } reref_plan;
 
@@ -409,6 +462,13 @@ reref_plan_value(reref_plan *p, Py_ssize_t i, ValueObject *v)
         }
         return -1;
     }
+    PyObject *ref =
+        refx_ref_create_kind(st, d->kind, v->value, d->collection, p->trace);
+    if (ref == NULL) {
+        return -1;
+    }
+    p->track[p->nvalues] = (char)defer_tracking(ref);
+    p->refs[p->nvalues] = ref;
     p->values[p->nvalues++] = d;
     return 0;
 }
@@ -489,56 +549,33 @@ reref_plan_leaf(reref_plan *p, Py_ssize_t i)
     return 0; /* passes through */
 }
 
-/* The output tree of a checked plan: Value j becomes new Ref j of the
- * current trace, each Index the Ref its Value made, other leaves pass
- * through.  New reference. */
+/* The output tree of a checked plan: Value j becomes its Ref, each Index
+ * the Ref its Value made, other leaves pass through.  New reference. */
 static PyObject *
 reref_apply(reref_plan *p, PyObject *treedef)
 {
     refx_state *st = p->st;
     Py_ssize_t n = PyList_GET_SIZE(p->leaves), made = 0;
-    PyObject *res = NULL, *out = PyList_New(n);
-    size_t nv = (size_t)(p->nvalues > 0 ? p->nvalues : 1);
-    PyObject **refs = PyMem_Malloc(nv * sizeof(PyObject *)); /* `out` owns */
-    char *track = PyMem_Malloc(nv); /* refs[j] awaits tracking (see above) */
-    if (out == NULL || refs == NULL || track == NULL) {
-        if (out != NULL) {
-            PyErr_NoMemory();
-        }
-        goto done;
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *leaf = PyList_GET_ITEM(p->leaves, i), *new;
         PyTypeObject *tp = Py_TYPE(leaf);
         if (tp == st->Value_Type) {
-            DerefObject *d = (DerefObject *)leaf;
-            new =
-                refx_ref_create_kind(st, d->kind, ((ValueObject *)leaf)->value,
-                                     d->collection, p->trace);
-            if (new == NULL) {
-                goto done;
-            }
-            track[made] = (char)defer_tracking(new);
-            refs[made++] = new;
+            new = Py_NewRef(p->refs[made++]);
         }
         else if (tp == st->Index_Type) {
-            new = Py_NewRef(refs[((DerefObject *)leaf)->index]);
+            new = Py_NewRef(p->refs[((DerefObject *)leaf)->index]);
         }
         else {
             new = Py_NewRef(leaf);
         }
         PyList_SET_ITEM(out, i, new);
     }
-    res = refx_unflatten(st, treedef, out);
-done:
-    for (Py_ssize_t j = 0; j < made; j++) {
-        if (track[j]) {
-            track_again(refs[j]); /* `out` still holds them */
-        }
-    }
-    PyMem_Free(refs);
-    PyMem_Free(track);
-    Py_XDECREF(out);
+    PyObject *res = refx_unflatten(st, treedef, out);
+    Py_DECREF(out);
     return res;
 }
 
@@ -560,8 +597,11 @@ refx_reref(PyObject *module, PyObject *tree)
         goto done;
     }
     Py_ssize_t n = PyList_GET_SIZE(p.leaves);
-    p.values = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(DerefObject *));
-    if (p.values == NULL) {
+    size_t cap = (size_t)(n > 0 ? n : 1);
+    p.values = PyMem_Malloc(cap * sizeof(DerefObject *));
+    p.refs = PyMem_Malloc(cap * sizeof(PyObject *));
+    p.track = PyMem_Malloc(cap);
+    if (p.values == NULL || p.refs == NULL || p.track == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -572,7 +612,16 @@ refx_reref(PyObject *module, PyObject *tree)
     }
     res = reref_apply(&p, treedef);
 done:
+    for (Py_ssize_t j = 0; j < p.nvalues; j++) {
+        if (p.track[j]) {
+            track_again(p.refs[j]); /* the output (or a custom node) may
+                                       hold it; if not, it is freed now */
+        }
+        Py_DECREF(p.refs[j]);
+    }
     PyMem_Free(p.values);
+    PyMem_Free(p.refs);
+    PyMem_Free(p.track);
     Py_XDECREF(p.trace);
     Py_XDECREF(p.leaves);
     Py_XDECREF(treedef);

@@ -1242,6 +1242,9 @@ build_call(call_ctx *c, PyObject *cand)
         if (e == NULL) {
             goto error;
         }
+        /* the Value deref kept in the Ref holds its value too: dropped, so
+         * only another holder (a deref'ed tree kept alive) keeps it */
+        Py_CLEAR(c->refs[k]->last);
         m[j] = (char)(e->value == 1 && !isd[k] &&
                       value_donatable(st, c->vals[k], 2, 0));
         if (m[j]) {

@@ -329,6 +329,7 @@ refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
             self->mark_index = 0;
             self->metadata = NULL;
             self->kind = NULL;
+            self->last = NULL;
         }
     }
     else {
@@ -397,10 +398,15 @@ refx_ref_create_kind(refx_state *st, PyObject *kind, PyObject *value,
 }
 
 /* Store a new value (owned by the caller's reference), tracking the Ref
- * if the value could close a cycle. */
+ * if the value could close a cycle.  The Value deref kept (self->last)
+ * holds the old value: dropped too, so no array outlives its Ref's write
+ * (freeing it runs no Python code: it holds the old value, which the
+ * caller still holds or releases next, and the Ref's own collection and
+ * kind). */
 static inline void
 ref_store(refx_state *st, RefObject *self, PyObject *value)
 {
+    Py_CLEAR(self->last);
     Py_XSETREF(self->value, Py_NewRef(value));
     if (!PyObject_GC_IsTracked((PyObject *)self) &&
         (ref_needs_tracking(value, self->collection) ||
@@ -609,6 +615,7 @@ ref_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->trace);
     Py_VISIT(self->metadata);
     Py_VISIT(self->kind);
+    Py_VISIT(self->last);
     return 0;
 }
 
@@ -616,6 +623,7 @@ static int
 ref_clear(PyObject *op)
 {
     RefObject *self = REFX_REF_CAST(op);
+    Py_CLEAR(self->last);
     Py_CLEAR(self->value);
     Py_CLEAR(self->collection);
     Py_CLEAR(self->trace);

@@ -258,6 +258,10 @@ typedef struct {
     uint64_t serial;
     PyObject *metadata; /* owned: NULL, or (name, value) pairs by name */
     PyObject *kind;     /* owned cache: NULL, or its kind (see kinds.c) */
+    /* owned cache: NULL, or the Value the last deref made of this Ref, reused
+     * while its value, collection, kind and number still match (deref.c,
+     * "Reused Values"); dropped by every store of a new value */
+    PyObject *last;
     /* 0 from __new__ until __init__ or __setstate__ sets value and
      * collection; then 1, and collection and metadata are read-only. */
     char initialized;
