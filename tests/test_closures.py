@@ -226,3 +226,126 @@ def test_a_structure_change_that_adds_no_leaf_is_named(transform):
     with pytest.raises(ValueError, match="changed the structure"):
         run(d)
     assert "x" not in d
+
+
+# ---------------------------------------------------------------------------
+# C functions that read or write Refs without .value (deref, clone,
+# update_refs) see closed-over Refs as .value does.  Without it, deref of a
+# closed-over model inside refx.jit read the first trace's values as
+# constants (a silent stale read) and update_refs refused the write.
+
+def sgd_closure_model():
+    return {"w": refx.Ref(jnp.ones(3), "params"), "b": refx.Ref(jnp.zeros(3), "params"),
+            "n": refx.Ref(jnp.int32(0), "count")}
+
+
+def test_deref_of_a_closed_over_model_is_read_at_every_call():
+    m = sgd_closure_model()
+    f = refx.jit(lambda: refx.get_partition(refx.deref(m), "params")[("w",)].value.sum())
+    assert float(f()) == 3.0
+    m["w"].value = jnp.full(3, 4.0)
+    assert float(f()) == 12.0  # not the first trace's constant
+
+
+def test_deref_after_a_write_inside_the_closure_sees_the_write():
+    m = sgd_closure_model()
+
+    @refx.jit
+    def f():
+        m["w"].value = m["w"].value * 2
+        return refx.deref(m)["w"].value.sum()
+
+    assert float(f()) == 6.0
+    assert float(f()) == 12.0
+    np.testing.assert_array_equal(m["w"].value, [4.0] * 3)
+
+
+def test_update_refs_writes_a_closed_over_model_back():
+    m = sgd_closure_model()
+
+    @refx.jit
+    def step(x):
+        params = refx.get_partition(refx.deref(m), "params")
+        new = jax.tree_util.tree_map(lambda v: v + x, params)
+        refx.update_refs(refx.get_partition(m, "params"), new)
+        refx.update_refs([m["n"]], [m["n"].value + 1])
+
+    for _ in range(3):
+        step(1.0)
+    np.testing.assert_array_equal(m["w"].value, [4.0] * 3)
+    np.testing.assert_array_equal(m["b"].value, [3.0] * 3)
+    assert int(m["n"].value) == 3
+
+
+def test_update_refs_from_closed_over_source_refs_reads_them_live():
+    src = refx.Ref(jnp.ones(3), "p")
+    dst = refx.Ref(jnp.zeros(3), "p")
+
+    @refx.jit
+    def copy():
+        refx.update_refs([dst], [src])  # a source Ref stands for its value
+
+    copy()
+    np.testing.assert_array_equal(dst.value, [1.0] * 3)
+    src.value = jnp.full(3, 7.0)
+    copy()
+    np.testing.assert_array_equal(dst.value, [7.0] * 3)
+
+
+def test_clone_of_a_closed_over_model_uses_its_current_values():
+    m = sgd_closure_model()
+    f = refx.jit(lambda: refx.clone(m)["w"].value.sum())
+    assert float(f()) == 3.0
+    m["w"].value = jnp.full(3, 2.0)
+    assert float(f()) == 6.0
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "scan", "cond"])
+def test_deref_and_update_refs_of_closed_over_refs_in_other_transforms(transform):
+    m = sgd_closure_model()
+
+    def bump(x):
+        params = refx.get_partition(refx.deref(m), "params")
+        refx.update_refs(refx.get_partition(m, "params"),
+                         jax.tree_util.tree_map(lambda v: v + 1, params))
+        return x
+
+    if transform == "grad":
+        refx.grad(lambda a: (a["x"].value * bump(1.0)).sum(), wrt="x")({"x": refx.Ref(jnp.ones(()), "x")})
+    elif transform == "vmap":
+        refx.vmap(lambda x: bump(x))(jnp.arange(2.0))
+    elif transform == "scan":
+        refx.scan(lambda c, x: (c, bump(x)), None, jnp.arange(2.0))
+    else:
+        refx.cond(True, lambda: bump(0.0), lambda: 0.0)
+    want = 2.0 if transform == "scan" else 1.0
+    np.testing.assert_array_equal(m["w"].value, [1.0 + want] * 3)
+
+
+def test_the_sgd_step_of_bench_step_as_a_closure_equals_the_argument_form():
+    import optax
+
+    def make():
+        return ({"w": refx.Ref(jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "params")},
+                None)
+
+    def sgd(model, opt, x):
+        def loss(m):
+            return ((x @ m["w"].value) ** 2).sum()
+        grads = refx.grad(loss, wrt="params")(model)
+        params = refx.get_partition(refx.deref(model), "params")
+        updates, state = optax.sgd(0.1, momentum=0.9).update(grads, opt.value, params)
+        refx.update_refs(refx.get_partition(model, "params"), optax.apply_updates(params, updates))
+        opt.value = state
+
+    x = jnp.ones((4, 2))
+    results = []
+    for form in ("args", "closure"):
+        m, _ = make()
+        opt = refx.Ref(optax.sgd(0.1, momentum=0.9).init(refx.get_partition(refx.deref(m), "params")),
+                       "opt")
+        f = (refx.jit(sgd) if form == "args" else refx.jit(lambda x: sgd(m, opt, x)))
+        for _ in range(3):
+            f(m, opt, x) if form == "args" else f(x)
+        results.append(m["w"].value)
+    np.testing.assert_array_equal(results[0], results[1])

@@ -227,6 +227,12 @@ flatten_ref_tree(refx_state *st, const char *fname, PyObject *tree,
             goto error;
         }
     }
+    /* inside a refx transform, closed-over Refs are read as .value reads
+     * them: through their stand-ins (before the one-moment loop: the hook
+     * is Python code) */
+    if (refx_substitute_captured(st, &leaves, Py_False) < 0) {
+        goto error;
+    }
     return leaves;
 error:
     Py_DECREF(leaves);

@@ -682,6 +682,44 @@ refx_ref_captured(RefObject *self, PyObject *writing)
     return res;
 }
 
+/* The C functions that read or write Refs without .value (deref, clone,
+ * update_refs) take the stand-ins in their place, as .value does: inside a
+ * refx transform, a closed-over model is then read live by
+ * `refx.deref(model)` (its value a constant of the first trace otherwise:
+ * a silent stale read) and written by `update_refs(model, new)` (a refusal
+ * otherwise: the Ref belongs to the enclosing trace). */
+int
+refx_substitute_captured(refx_state *st, PyObject **leaves, PyObject *writing)
+{
+    if (refx_capture_depth <= 0) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(*leaves); i++) {
+        PyObject *leaf = PyList_GET_ITEM(*leaves, i);
+        if (!Ref_Check(st, leaf)) {
+            continue;
+        }
+        PyObject *sub = refx_ref_captured((RefObject *)leaf, writing);
+        if (sub == NULL) {
+            return -1;
+        }
+        if (sub == Py_None || i >= PyList_GET_SIZE(*leaves)) {
+            Py_DECREF(sub);
+            continue;
+        }
+        if (Py_REFCNT(*leaves) != 1) { /* not ours alone: work on a copy */
+            PyObject *copy = PyList_GetSlice(*leaves, 0, PY_SSIZE_T_MAX);
+            if (copy == NULL) {
+                Py_DECREF(sub);
+                return -1;
+            }
+            Py_SETREF(*leaves, copy);
+        }
+        Py_SETREF(PyList_GET_ITEM(*leaves, i), sub);
+    }
+    return 0;
+}
+
 static int ref_set_value(PyObject *op, PyObject *value, void *closure);
 
 static PyObject *

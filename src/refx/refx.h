@@ -371,6 +371,11 @@ int refx_check_write(refx_state *st, RefObject *ref, PyObject *value,
 /* While refx_capture_depth > 0: the stand-in of a Ref in the innermost
  * capturing trace of this thread (a new reference), or Py_None (ref.c) */
 PyObject *refx_ref_captured(RefObject *ref, PyObject *writing);
+/* While refx_capture_depth > 0: each Ref of the list *leaves that such a
+ * trace closes over replaced by its stand-in (a copy of the list is made
+ * first unless only the caller holds it); 0, or -1 with an error (ref.c) */
+int refx_substitute_captured(refx_state *st, PyObject **leaves,
+                             PyObject *writing);
 /* Turn the ValueError refx_check_write raised for write k into
  * _WriteRefused with .position, .reason (and .ref when `ref` is given). */
 void refx_raise_refused(refx_state *st, Py_ssize_t k, refx_refusal why,

@@ -974,7 +974,11 @@ refx_update_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     p.target = args[0];
     p.source = args[1];
     p.by_path = Partition_Check(st, p.target) && PyDict_Check(p.source);
+    /* inside a refx transform, closed-over Refs are written and read as
+     * .value does: through their stand-ins (ref.c) */
     if ((p.by_path ? collect_by_path(&p) : collect_by_leaf(&p)) < 0 ||
+        refx_substitute_captured(st, &p.tl, Py_True) < 0 ||
+        refx_substitute_captured(st, &p.sl, Py_False) < 0 ||
         plan_snapshot(&p) < 0) {
         goto error;
     }
