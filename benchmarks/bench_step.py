@@ -223,7 +223,7 @@ def bare_variant(params, stats):
 # ----------------------------------------------------------------- refx
 
 
-def refx_model(params, stats):
+def refx_model(params, stats, one_ref=False):
     model = {
         "blocks": [{k: refx.Ref(v, "params") for k, v in p.items()}
                    | {k: refx.Ref(v, "batch_stats") for k, v in s.items()}
@@ -232,12 +232,15 @@ def refx_model(params, stats):
     }
     # the optimiser state, one Ref per leaf (its structure is static)
     state = tx().init(refx.get_partition(refx.deref(model), "params"))
+    if one_ref:  # as users write it: the whole optax state in one Ref
+        return model, refx.Ref(state, "opt_state"), None
     leaves, treedef = jax.tree_util.tree_flatten(state)
     opt = [refx.Ref(leaf, "opt_state") for leaf in leaves]
     return model, opt, treedef
 
 
 def refx_steps(opt_treedef):
+    """The steps; opt_treedef None: the optimiser state is one Ref."""
     def sgd(model, opt, x, y):
         def loss_fn(m):
             p = [{k: b[k].value for k in PKEYS} for b in m["blocks"]]
@@ -249,10 +252,13 @@ def refx_steps(opt_treedef):
 
         loss, grads = refx.value_and_grad(loss_fn)(model)
         params = refx.get_partition(refx.deref(model), "params")
-        state = opt_treedef.unflatten([r.value for r in opt])
+        state = opt.value if opt_treedef is None else opt_treedef.unflatten([r.value for r in opt])
         updates, state = tx().update(grads, state, params)
         refx.update_refs(refx.get_partition(model, "params"), optax.apply_updates(params, updates))
-        refx.update_refs(opt, jax.tree_util.tree_leaves(state))
+        if opt_treedef is None:
+            opt.value = state
+        else:
+            refx.update_refs(opt, jax.tree_util.tree_leaves(state))
         model["count"].value = model["count"].value + 1
         return loss
 
@@ -267,13 +273,20 @@ def refx_steps(opt_treedef):
     return sgd, ev, noop
 
 
-def refx_variant(params, stats, partial):
-    model, opt, treedef = refx_model(params, stats)
+def refx_variant(params, stats, partial, one_ref=False, closure=False):
+    """refx.jit (or jit_partial with the model and optimiser bound, or
+    refx.jit of a closure over them) of the steps."""
+    model, opt, treedef = refx_model(params, stats, one_ref)
     sgd, ev, noop = refx_steps(treedef)
     if partial:
         s, n = (refx.jit_partial(f, model, opt) for f in (sgd, noop))
         e = refx.jit_partial(ev, model)
         fns = (lambda x, y: s(x, y), lambda x: e(x), lambda: n())
+    elif closure:  # closed-over Refs are live inputs of refx.jit
+        s = refx.jit(lambda x, y: sgd(model, opt, x, y))
+        e = refx.jit(lambda x: ev(model, x))
+        n = refx.jit(lambda: noop(model, opt))
+        fns = (s, e, n)
     else:
         s, e, n = (refx.jit(f) for f in (sgd, ev, noop))
         fns = (lambda x, y: s(model, opt, x, y), lambda x: e(model, x), lambda: n(model, opt))
@@ -387,7 +400,7 @@ def agree(variants, x, y):
                   float(jnp.max(jnp.abs(e - e0))) / scale)
         check(err <= 1e-3 * scale and int(c) == int(c0) == 3,
               f"{name} agrees with bare jit after 3 steps (err {err:.2e}, count {int(c)})")
-        if name in ("refx.jit", "refx.jit_partial", "eqx.filter_jit"):
+        if name.startswith("refx") or name == "eqx.filter_jit":
             check(err == 0.0, f"{name} is bit-equal to bare jit ({err:.2e})")
 
 
@@ -620,6 +633,10 @@ def main() -> None:
             BARE: bare_variant(params, stats),
             "refx.jit": rj,
             "refx.jit_partial": refx_variant(params, stats, partial=True)[0],
+            "refx.jit, opt state in 1 Ref": refx_variant(params, stats, partial=False, one_ref=True)[0],
+            "refx.jit_partial, opt state in 1 Ref": refx_variant(params, stats, partial=True,
+                                                                 one_ref=True)[0],
+            "refx.jit of a closure": refx_variant(params, stats, partial=False, closure=True)[0],
             "nnx.jit": nnx_default,
             "nnx.jit graph=False": nnx_variant(depth, "tree")[0],
             "nnx.jit_partial graph=False": nnx_variant(depth, "partial")[0],

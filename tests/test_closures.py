@@ -344,8 +344,13 @@ def test_the_sgd_step_of_bench_step_as_a_closure_equals_the_argument_form():
         m, _ = make()
         opt = refx.Ref(optax.sgd(0.1, momentum=0.9).init(refx.get_partition(refx.deref(m), "params")),
                        "opt")
-        f = (refx.jit(sgd) if form == "args" else refx.jit(lambda x: sgd(m, opt, x)))
-        for _ in range(3):
-            f(m, opt, x) if form == "args" else f(x)
+        if form == "args":
+            f = refx.jit(sgd)
+            for _ in range(3):
+                f(m, opt, x)
+        else:
+            f = refx.jit(lambda x, m=m, opt=opt: sgd(m, opt, x))  # closes over m, opt
+            for _ in range(3):
+                f(x)
         results.append(m["w"].value)
     np.testing.assert_array_equal(results[0], results[1])
