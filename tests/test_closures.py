@@ -354,3 +354,11 @@ def test_the_sgd_step_of_bench_step_as_a_closure_equals_the_argument_form():
                 f(x)
         results.append(m["w"].value)
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_replace_of_a_closed_over_ref_copies_its_current_value():
+    r = refx.Ref(jnp.ones(2), "p")
+    f = refx.jit(lambda: r.replace(collection="q").value.sum())
+    assert float(f()) == 2.0
+    r.value = jnp.full(2, 5.0)
+    assert float(f()) == 10.0

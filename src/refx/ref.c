@@ -872,8 +872,12 @@ ref_replace(PyObject *op, PyObject *args, PyObject *kwds)
             goto error;
         }
     }
-    if (value == NULL) {
-        value = Py_NewRef(self->value);
+    if (value == NULL) { /* read as .value reads it (a stand-in's, inside
+                            a refx transform that closes over it) */
+        value = ref_get_value((PyObject *)self, NULL);
+        if (value == NULL) {
+            goto error;
+        }
     }
     if (collection == NULL) {
         collection = Py_NewRef(self->collection);
