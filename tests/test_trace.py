@@ -231,3 +231,71 @@ def test_writing_a_value_says_to_reref():
     v = refx.deref([refx.Ref(1.0)])[0]
     with pytest.raises(AttributeError, match=r"a Value is a deref'ed Ref and cannot be written: reref the tree \(refx.reref\)"):
         v.value = 2.0
+
+
+# The write check skips the Python walk for containers that hold only plain
+# values (ref.c, holds_only_plain): a tracer anywhere a pytree can put one
+# must still be found, in every container it walks and in those it does not.
+
+class _State(tuple):  # a tuple subclass with storage of its own (a __dict__)
+    pass
+
+
+jax.tree_util.register_pytree_node(
+    _State, lambda s: ((*s, s.extra), None), lambda _, c: _with_extra(c[:-1], c[-1]))
+
+
+def _with_extra(items, extra):
+    s = _State(items)
+    s.extra = extra
+    return s
+
+
+def _nest(x, depth):
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+class _Pair(tuple):
+    """A namedtuple-like tuple subclass (no storage of its own)."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("where", ["tuple", "list", "dict", "nested", "namedtuple", "optax",
+                                   "partition", "tuple subclass attribute", "deep"])
+def test_a_leaked_tracer_in_any_container_is_refused(where):
+    import optax
+
+    r = refx.Ref(0.0)
+    leaked = []
+    jax.jit(lambda x: leaked.append(x) or x)(jnp.ones(()))
+    t = leaked[0]
+    one = jnp.ones(())
+    value = {
+        "tuple": (one, t),
+        "list": [one, one, t],
+        "dict": {"a": one, "b": t},
+        "nested": ({"a": [one, (one, t)]},),
+        "namedtuple": optax.TraceState(trace=t),
+        "optax": (optax.TraceState(trace={"w": one, "b": t}), optax.EmptyState()),
+        "partition": refx.get_partition({"a": refx.Value(t, 0)}, refx.Deref),
+        "tuple subclass attribute": _with_extra((one,), t),
+        "deep": _nest(t, 20),
+    }[where]
+    with pytest.raises(ValueError, match="holding a tracer of another trace"):
+        r.value = value
+    assert r.value == 0.0
+
+
+def test_containers_of_plain_values_are_accepted():
+    import optax
+
+    r = refx.Ref(0.0)
+    one = jnp.ones(())
+    for value in [(one, 1, None, "s"), [one], {"a": (one,)},
+                  (optax.TraceState(trace={"w": one}), optax.EmptyState()),
+                  _Pair((one, 2.0)), _with_extra((one,), 3.0)]:
+        r.value = value
+        assert r.value is value

@@ -144,13 +144,57 @@ refx_is_plain_value(refx_state *st, PyObject *value)
     return 0;
 }
 
+/* Is every object `v` holds a plain value (refx_is_plain_value) inside
+ * containers whose contents are all items: an exact tuple, list or dict, a
+ * Partition, or a tuple subclass with no storage of its own (a namedtuple:
+ * optax's states)?  Then it holds no tracer, whatever its pytree
+ * registration makes leaves of: items are all a container can hold.  1 if
+ * so; 0 when unsure (another type, deeper than 16), and the Python check
+ * decides.  Runs no Python code.  Without it an optimiser state kept in one
+ * Ref went through the Python check (a flatten and an isinstance per leaf)
+ * at every write-back of refx.jit. */
+static int
+holds_only_plain(refx_state *st, PyObject *v, int depth)
+{
+    if (refx_is_plain_value(st, v)) {
+        return 1;
+    }
+    if (depth > 16) {
+        return 0;
+    }
+    PyTypeObject *tp = Py_TYPE(v);
+    if (tp == &PyList_Type ||
+        (PyTuple_Check(v) && tp->tp_basicsize == PyTuple_Type.tp_basicsize &&
+         tp->tp_dictoffset == 0)) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(v); i++) {
+            if (!holds_only_plain(st, PySequence_Fast_GET_ITEM(v, i),
+                                  depth + 1)) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    if (tp == &PyDict_Type || tp == st->Partition_Type) {
+        Py_ssize_t pos = 0;
+        PyObject *key, *item;
+        while (PyDict_Next(v, &pos, &key, &item)) {
+            if (!holds_only_plain(st, item, depth + 1)) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    return 0;
+}
+
 /* 0 if a Ref of trace `trace` (a weakref) may hold `value`: its tracers, if
  * any, belong to that trace or to one enclosing it; -1 with ValueError
- * otherwise.  Values of plain types are not looked at. */
+ * otherwise.  Values of plain types, and containers of them only, are not
+ * looked at by the Python check. */
 int
 refx_check_value(refx_state *st, PyObject *value, PyObject *trace)
 {
-    if (refx_is_plain_value(st, value)) {
+    if (holds_only_plain(st, value, 0)) {
         return 0;
     }
     PyObject *args[2] = {value, trace};
