@@ -146,8 +146,8 @@ refx_is_plain_value(refx_state *st, PyObject *value)
 
 /* Is every object `v` holds a plain value (refx_is_plain_value) inside
  * containers whose contents are all items: an exact tuple, list or dict, a
- * Partition, or a tuple subclass with no storage of its own (a namedtuple:
- * optax's states)?  Then it holds no tracer, whatever its pytree
+ * Partition, a Value (its value) or Index or NOTHING, or a tuple subclass
+ * with no storage of its own (a namedtuple: optax's states)?  Then it holds no tracer, whatever its pytree
  * registration makes leaves of: items are all a container can hold.  1 if
  * so; 0 when unsure (another type, deeper than 16), and the Python check
  * decides.  Runs no Python code.  Without it an optimiser state kept in one
@@ -173,6 +173,13 @@ holds_only_plain(refx_state *st, PyObject *v, int depth)
             }
         }
         return 1;
+    }
+    if (tp == st->Value_Type) { /* a deref'ed state (optax over a Partition
+                                  of Values): its value is its one child */
+        return holds_only_plain(st, ((ValueObject *)v)->value, depth + 1);
+    }
+    if (tp == st->Index_Type || v == st->nothing) {
+        return 1; /* no children */
     }
     if (tp == &PyDict_Type || tp == st->Partition_Type) {
         Py_ssize_t pos = 0;
