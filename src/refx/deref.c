@@ -255,7 +255,9 @@ PyDoc_STRVAR(
     "Ref i becomes Value(ref.value, i, ref.collection), later occurrences\n"
     "Index(i, ref.collection).  Other leaves pass through; values are not\n"
     "copied, and all are read at one moment (a concurrent update_refs is\n"
-    "seen whole or not at all).  Call it before a tree of Refs crosses a JAX\n"
+    "seen whole or not at all).  Values are immutable: a Ref unchanged since\n"
+    "the last deref (same value, collection, kind and number) gives the same\n"
+    "Value object again.  Call it before a tree of Refs crosses a JAX\n"
     "transform, and `reref` on the other side.  A Value or Index in `tree` "
     "is\n"
     "a ValueError.");
