@@ -392,7 +392,8 @@ typedef struct {
     PyObject **others;   /* borrowed non-Ref leaves of the call */
     PyObject *entry;     /* (jitted, candidates, closure, positions, specs,
                       * written) */
-    PyObject *hold; /* NULL, or a list owning the stand-ins used (below) */
+    PyObject *hold;  /* NULL, or a list owning the stand-ins used (below) */
+    PyObject *bound; /* NULL, or jit_partial's bound Refs with stand-ins */
     PyObject *call_args[4];
     size_t ncall;
 } call_ctx;
@@ -414,6 +415,7 @@ ctx_fini(call_ctx *c)
     }
     Py_XDECREF(c->entry);
     Py_XDECREF(c->hold);
+    Py_XDECREF(c->bound);
     Py_XDECREF(c->dyn_args);
     Py_XDECREF(c->dyn_kwargs);
     Py_XDECREF(c->statics);
@@ -589,8 +591,8 @@ snapshot(call_ctx *c)
     refx_state *st = c->st;
     JitObject *jf = c->jf;
     Py_ssize_t n = PyList_GET_SIZE(c->leaves);
-    Py_ssize_t nb =
-        jf->bound_refs != NULL ? PyTuple_GET_SIZE(jf->bound_refs) : 0;
+    PyObject *bound = c->bound != NULL ? c->bound : jf->bound_refs;
+    Py_ssize_t nb = bound != NULL ? PyTuple_GET_SIZE(bound) : 0;
     Py_ssize_t cap = nb + n;
     c->nleaves = n;
     c->nbound = nb;
@@ -612,7 +614,7 @@ snapshot(call_ctx *c)
     uint64_t epoch = ++st->epoch;
     Py_ssize_t nrefs = 0, nothers = 0;
     for (Py_ssize_t k = 0; k < nb; k++) {
-        RefObject *r = (RefObject *)PyTuple_GET_ITEM(jf->bound_refs, k);
+        RefObject *r = (RefObject *)PyTuple_GET_ITEM(bound, k);
         r->mark_epoch = epoch;
         r->mark_index = k;
         c->refs[k] = r;
@@ -1008,6 +1010,78 @@ substitute_leaves(call_ctx *c)
     return 0;
 }
 
+/* jit_partial's bound Refs, each replaced by its stand-in (see stand_in):
+ * called inside another refx transform that closes over them, the call
+ * reads and writes what the rest of that trace does (reading the Refs
+ * themselves gave that trace their first values as constants). */
+static int
+substitute_bound(call_ctx *c)
+{
+    PyObject *bound = c->jf->bound_refs;
+    if (bound == NULL) {
+        return 0;
+    }
+    Py_ssize_t nb = PyTuple_GET_SIZE(bound);
+    for (Py_ssize_t k = 0; k < nb; k++) {
+        PyObject *r = PyTuple_GET_ITEM(bound, k);
+        RefObject *sub = stand_in(c, (RefObject *)r);
+        if (sub == NULL) {
+            return -1;
+        }
+        if ((PyObject *)sub == r) {
+            continue;
+        }
+        if (c->bound == NULL) { /* a new tuple to edit (a whole slice of
+                                   a tuple is the tuple itself) */
+            c->bound = PyTuple_New(nb);
+            if (c->bound == NULL) {
+                return -1;
+            }
+            for (Py_ssize_t j = 0; j < nb; j++) {
+                PyTuple_SET_ITEM(c->bound, j,
+                                 Py_NewRef(PyTuple_GET_ITEM(bound, j)));
+            }
+        }
+        Py_SETREF(PyTuple_GET_ITEM(c->bound, k), Py_NewRef((PyObject *)sub));
+    }
+    return 0;
+}
+
+/* Read every Ref's value again, all at one moment: no Python code runs in
+ * the loop.  The snapshot read the arguments' Refs before the key compare
+ * and before the closed-over Refs' stand-ins were looked up, and both may
+ * run Python code (a static argument's __eq__, a trace, the capture hook,
+ * another thread then): a write landing in between was seen for the
+ * closed-over Refs but not for the arguments.  The values replaced are
+ * released after the loop. */
+static int
+reread_values(call_ctx *c)
+{
+    PyObject *small[16], **olds = small;
+    Py_ssize_t nold = 0;
+    if (c->nrefs > (Py_ssize_t)(sizeof(small) / sizeof(small[0]))) {
+        olds = PyMem_Malloc((size_t)c->nrefs * sizeof(PyObject *));
+        if (olds == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+        PyObject *v = c->refs[k]->value;
+        if (v != c->vals[k]) {
+            olds[nold++] = c->vals[k];
+            c->vals[k] = Py_NewRef(v);
+        }
+    }
+    for (Py_ssize_t i = 0; i < nold; i++) {
+        Py_XDECREF(olds[i]);
+    }
+    if (olds != small) {
+        PyMem_Free(olds);
+    }
+    return 0;
+}
+
 /* The closed-over Refs the entry reads that are not among the arguments
  * (position -1): numbered after them, their values read now. */
 static int
@@ -1164,7 +1238,7 @@ build_call(call_ctx *c, PyObject *cand)
         Py_CLEAR(c->call_args[i]);
     }
     c->ncall = 0;
-    if (append_closure(c) < 0) {
+    if (append_closure(c) < 0 || reread_values(c) < 0) {
         return -1;
     }
     Py_ssize_t nbo =
@@ -1498,7 +1572,8 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
     }
     c->leaves = refx_flatten(st, c->tree, NULL, &c->treedef);
     if (c->leaves == NULL ||
-        (refx_capture_depth > 0 && substitute_leaves(c) < 0) ||
+        (refx_capture_depth > 0 &&
+         (substitute_leaves(c) < 0 || substitute_bound(c) < 0)) ||
         snapshot(c) < 0) {
         return -1;
     }
