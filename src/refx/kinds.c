@@ -274,8 +274,10 @@ refx_ref_kind(refx_state *st, RefObject *ref, int *err)
     }
     /* a subclass's attributes can change at any time: look every time */
     PyObject *attrs = NULL, *d = refx_ref_instance_dict(st, (PyObject *)ref);
-    if (d == NULL && ref->kind != NULL) {
-        return Py_NewRef(ref->kind); /* (type, metadata, ()) */
+    if (d == NULL && ref->kind != NULL &&
+        PyTuple_GET_ITEM(ref->kind, 0) == (PyObject *)tp) {
+        return Py_NewRef(ref->kind); /* (type, metadata, ()); a __class__
+                                        assignment makes it anew */
     }
     if (d != NULL) {
         PyObject *items = PyDict_Items(d);

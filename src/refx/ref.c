@@ -992,12 +992,19 @@ ref_reduce(PyObject *op, PyObject *Py_UNUSED(ignored))
     if (st == NULL) {
         return NULL;
     }
+    /* the value as .value reads it (inside a refx transform that closes
+     * over this Ref: its stand-in's, so copy.copy is live there too) */
+    PyObject *value = ref_get_value(op, NULL);
+    if (value == NULL) {
+        return NULL;
+    }
     PyObject *d = refx_ref_instance_dict(st, (PyObject *)self);
-    return Py_BuildValue("O(O)(OONO)", st->copyreg_newobj, Py_TYPE(self),
-                         self->value != NULL ? self->value : Py_None,
-                         self->collection != NULL ? self->collection : Py_None,
-                         d != NULL ? d : Py_NewRef(Py_None),
-                         self->metadata != NULL ? self->metadata : Py_None);
+    PyObject *res =
+        Py_BuildValue("O(O)(NONO)", st->copyreg_newobj, Py_TYPE(self), value,
+                      self->collection != NULL ? self->collection : Py_None,
+                      d != NULL ? d : Py_NewRef(Py_None),
+                      self->metadata != NULL ? self->metadata : Py_None);
+    return res;
 }
 
 static PyObject *
