@@ -72,10 +72,11 @@
  * Value already seen with the same collection and kind, and a value
  * holding tracers of another trace (a deref'ed tree that escaped a
  * finished jit) is refused, as Ref() refuses it.  The plan also makes each
- * Value's new Ref as soon as that Value passes, while the array is in the
- * cache (see reref_plan); the Refs stay unpublished until the application
- * builds the tree from them, and a refused input releases those it made,
- * which nothing saw.  Every new Ref belongs to the trace current at the
+ * plain Value's new Ref as soon as that Value passes, while the array is
+ * in the cache (see reref_plan); the Refs stay unpublished until the
+ * application builds the tree from them, and a refused input releases
+ * those it made, which nothing saw (a plain Ref has no finalizer; a
+ * subclass's Ref, whose __del__ could see it, is made by the application).  Every new Ref belongs to the trace current at the
  * call: reref inside jit makes Refs that jit's body may write.
  *
  * clone(tree) is reref(deref(tree)) in one call: the same numbering, with
@@ -427,13 +428,15 @@ PyDoc_STRVAR(
  * order, checks everything and makes the Refs: Values numbered 0, 1, 2...,
  * each Index after its Value with the same collection and kind, no Ref, and
  * each Value's value as Ref() checks it (the tracer check, which may run
- * Python code); then Value j's Ref, made right away, while the value's
- * memory is loaded for the check (at ~100,000 Refs a second visit to each
- * array, in a later pass, found it evicted: measured with perf, the make
- * step's stall on the array's reference count was the largest cost).  The
- * Refs stay unpublished (untracked, held only by the plan) until
- * reref_apply builds the output leaves and tree from them; a reref refused
- * for its input releases the Refs it made, which nothing ever saw. */
+ * Python code); then, for a plain Ref, Value j's Ref, made right away,
+ * while the value's memory is loaded for the check (at ~100,000 Refs a
+ * second visit to each array, in a later pass, found it evicted: measured
+ * with perf, the make step's stall on the array's reference count was the
+ * largest cost).  The Refs stay unpublished (untracked, held only by the
+ * plan) until reref_apply builds the output leaves and tree from them; a
+ * reref refused for its input releases the Refs it made, which nothing ever
+ * saw.  A subclass's Ref is made by reref_apply: its __del__ (run when a
+ * refused call released it) could see and keep it. */
 typedef struct {
     refx_state *st;
     PyObject *tree,
@@ -445,6 +448,21 @@ typedef struct {
     char *track;          /* refs[j] awaits tracking (see "Tracked later") */
     Py_ssize_t nvalues;
 } reref_plan;
+
+/* Make the Ref of Value j (its value, collection and kind). */
+static int
+make_ref(reref_plan *p, Py_ssize_t j)
+{
+    DerefObject *d = p->values[j];
+    PyObject *ref = refx_ref_create_kind(
+        p->st, d->kind, ((ValueObject *)d)->value, d->collection, p->trace);
+    if (ref == NULL) {
+        return -1;
+    }
+    p->track[j] = (char)defer_tracking(ref);
+    p->refs[j] = ref;
+    return 0;
+}
 
 static int
 reref_plan_value(reref_plan *p, Py_ssize_t i, ValueObject *v)
@@ -470,14 +488,15 @@ reref_plan_value(reref_plan *p, Py_ssize_t i, ValueObject *v)
         }
         return -1;
     }
-    PyObject *ref =
-        refx_ref_create_kind(st, d->kind, v->value, d->collection, p->trace);
-    if (ref == NULL) {
+    p->refs[p->nvalues] = NULL;
+    p->track[p->nvalues] = 0;
+    p->values[p->nvalues] = d;
+    /* a plain Ref now, while the value is in the cache (a subclass's is
+     * made by reref_apply: its __del__ may not see a refused call's Ref) */
+    if (d->kind == NULL && make_ref(p, p->nvalues) < 0) {
         return -1;
     }
-    p->track[p->nvalues] = (char)defer_tracking(ref);
-    p->refs[p->nvalues] = ref;
-    p->values[p->nvalues++] = d;
+    p->nvalues++;
     return 0;
 }
 
@@ -572,6 +591,10 @@ reref_apply(reref_plan *p, PyObject *treedef)
         PyObject *leaf = PyList_GET_ITEM(p->leaves, i), *new;
         PyTypeObject *tp = Py_TYPE(leaf);
         if (tp == st->Value_Type) {
+            if (p->refs[made] == NULL && make_ref(p, made) < 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
             new = Py_NewRef(p->refs[made++]);
         }
         else if (tp == st->Index_Type) {
@@ -625,7 +648,7 @@ done:
             track_again(p.refs[j]); /* the output (or a custom node) may
                                        hold it; if not, it is freed now */
         }
-        Py_DECREF(p.refs[j]);
+        Py_XDECREF(p.refs[j]);
     }
     PyMem_Free(p.values);
     PyMem_Free(p.refs);
