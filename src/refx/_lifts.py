@@ -144,19 +144,23 @@ def eval_shape(fun, /, *args, **kwargs):
         ((a, kw),) = inner.trees
         # closed-over Refs read and written through stand-ins (copies of their
         # containers): nothing reaches the caller's objects, nothing is retraced
-        with t.capturing(inner, rediscover=False):
+        with t.capturing(inner, rediscover=False) as frame:
             out = fun(*a, **kw)
         inner.check_structure(prefix)
         inner.written(prefix, t.where)  # its checks; nothing is written back
         # every Ref of the output leaves as one made inside: an argument's
         # (a Ref of this trace already) with the value it has now, one
-        # closed over through a stand-in of this trace holding its value
+        # closed over through its stand-in of this trace (the capture
+        # frame's: the argument's new Ref when it was passed too, so one Ref
+        # passed and closed over comes back as one Ref), else a new Ref of
+        # this trace holding its value
         leaves, td = _tree_flatten(out)
         stand_in = {}  # type: ignore[var-annotated]
         for x in leaves:
             if isinstance(x, Ref) and id(x) not in stand_in and not _core._ref_is_current(x):
-                stand_in[id(x)] = make_refs([x.value], (x.collection,),
-                                            (_core._ref_spec(x),))[0]
+                sub = frame.subs.get(x)
+                stand_in[id(x)] = sub if sub is not None else make_refs(
+                    [x.value], (x.collection,), (_core._ref_spec(x),))[0]
         if stand_in:
             out = td.unflatten([stand_in.get(id(x), x) if isinstance(x, Ref) else x
                                 for x in leaves])
