@@ -1,14 +1,18 @@
 """Hostile review of the 2026-12-07 changes: deref reusing each Ref's last
 Value, reref making Refs in its plan, closed-over Refs substituted by their
 stand-ins in deref/clone/update_refs/replace, and the C write check of plain
-containers.  Each test asserts the documented behaviour and fails today; a
-comment says what it expects and what refx did when this file was written
-("today: ...").  Fix the code, not the test."""
+containers.  Each test asserts the documented behaviour; each failed when
+this file was written, and a comment says what it expects and what refx did
+then ("today: ...").  All pass since the fixes of the same day (jit.c:
+jit_partial's bound Refs take their stand-ins and every value is read again
+at one moment before the call; Ref.__reduce__ reads as .value; a cached kind
+is made anew after a __class__ assignment; reref makes a subclass's Ref in
+its apply step; refx.eval_shape returns a Ref passed and closed over as one
+Ref)."""
 
 import copy
 import gc
 
-import jax
 import jax.numpy as jnp
 import pytest
 

@@ -358,7 +358,22 @@ def _captured_read_write():
         CLOSED.value = CLOSED.value  # read and written through CAP_STAND
 
 
-for _f, _a in ((JCLOSE, (JX,)), (JDONATE_W, (PYTREE,))):
+JPART_CL = refx.jit_partial(lambda m, x: m["c"].value * x, {"c": CLOSED})
+
+
+def _captured_c_paths():
+    # deref, update_refs, copy, replace and a jit_partial's bound Refs
+    # through the stand-in (ref.c refx_substitute_captured, jit.c
+    # substitute_bound)
+    with refx._lift.capturing({CLOSED: CAP_STAND}):
+        refx.deref([CLOSED, CLOSED_N])
+        refx.update_refs([CLOSED], [CAP_STAND.value])
+        copy.copy(CLOSED)
+        CLOSED.replace(collection="other")
+        JPART_CL(JX)
+
+
+for _f, _a in ((JCLOSE, (JX,)), (JDONATE_W, (PYTREE,)), (JPART_CL, (JX,))):
     _f(*_a)
 
 OPS.update({
@@ -366,6 +381,7 @@ OPS.update({
     "refx.jit donating a written pytree": lambda: JDONATE_W(PYTREE),
     "refx.jit unhashable Ref attribute": lambda: expect(TypeError, JTAGGED, TAGGED),
     "Ref.value through a capture stand-in": _captured_read_write,
+    "deref/update_refs/copy/jit_partial through a stand-in": _captured_c_paths,
 })
 
 
