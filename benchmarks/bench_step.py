@@ -57,11 +57,8 @@ from flax import nnx
 
 import refx
 import refx.nn as rnn
-import gc
-import statistics
-import time
 
-from common import (SIZE_HEADER, SMOKE, batch_sizes, rotated, check, fmt_time, print_table, save, size_str,
+from common import (SIZE_HEADER, SMOKE, bench_wall_cpu, check, fmt_time, print_table, save, size_str,
                     tree_stats)
 
 WIDTH, BATCH, MOMENTUM, EPS, LR = 32, 64, 0.99, 1e-5, 1e-3
@@ -356,28 +353,7 @@ def eqx_variant(params, stats):
 # ------------------------------------------------------------------ main
 
 
-def bench(fns, rounds, budget):
-    """common.bench's method (interleaved rotated rounds, a gc.collect()
-    before each batch, medians), timing each batch with two clocks: wall
-    time, and this process's CPU time (all its threads, XLA's included).
-    The machine is shared: when other jobs load it, wall-time medians of
-    millisecond calls swing by 2x while CPU time stays put, so both are kept
-    and the goals are judged on both."""
-    numbers = batch_sizes(fns, budget, time.perf_counter, 1e-7)
-    names = list(fns)
-    wall: dict = {n: [] for n in fns}
-    cpu: dict = {n: [] for n in fns}
-    for r in range(rounds):
-        for name in rotated(names, r):
-            fn, n = fns[name], numbers[name]
-            gc.collect()
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(n):
-                fn()
-            wall[name].append((time.perf_counter() - t0) / n)
-            cpu[name].append((time.process_time() - c0) / n)
-    return ({n: statistics.median(v) for n, v in wall.items()},
-            {n: statistics.median(v) for n, v in cpu.items()})
+bench = bench_wall_cpu
 
 
 

@@ -157,6 +157,31 @@ def bench(fns: dict[str, Callable[[], object]], rounds: int | None = None,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def bench_wall_cpu(fns: dict[str, Callable[[], object]], rounds: int,
+                   budget: float) -> tuple[dict[str, float], dict[str, float]]:
+    """bench's method (interleaved rotated rounds, a gc.collect()
+    before each batch, medians), timing each batch with two clocks: wall
+    time, and this process's CPU time (all its threads, XLA's included).
+    The machine is shared: when other jobs load it, wall-time medians of
+    millisecond calls swing by 2x while CPU time stays put, so both are kept
+    and the goals are judged on both."""
+    numbers = batch_sizes(fns, budget, time.perf_counter, 1e-7)
+    names = list(fns)
+    wall: dict = {n: [] for n in fns}
+    cpu: dict = {n: [] for n in fns}
+    for r in range(rounds):
+        for name in rotated(names, r):
+            fn, n = fns[name], numbers[name]
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                fn()
+            wall[name].append((time.perf_counter() - t0) / n)
+            cpu[name].append((time.process_time() - c0) / n)
+    return ({n: statistics.median(v) for n, v in wall.items()},
+            {n: statistics.median(v) for n, v in cpu.items()})
+
+
 def paired_ratios(base: Callable[[], object], fns: dict[str, Callable[[], object]],
                   rounds: int | None = None, budget: float | None = None) -> dict[str, float]:
     """Median over rounds of (CPU time of fn / CPU time of base), GC off.
