@@ -151,6 +151,31 @@ def in_trace() -> bool:
     return not isinstance(_jcore.trace_ctx.trace, _EvalTrace)
 
 
+try:  # jax.config.jax_disable_jit's state: one property read instead of config lookup
+    from jax._src.config import disable_jit as _disable_jit_state
+
+    _disable_jit_state.value  # noqa: B018 - the attribute must exist
+except (ImportError, AttributeError):  # pragma: no cover - other versions
+
+    class _DisableJit:
+        __slots__ = ()
+
+        @property
+        def value(self):
+            return jax.config.jax_disable_jit
+
+    _disable_jit_state = _DisableJit()
+
+
+_trace_ctx = _jcore.trace_ctx
+
+
+def eager() -> bool:
+    """Outside every trace and not under jax.disable_jit(): where an eager
+    refx transform runs through its cached refx.jit."""
+    return isinstance(_trace_ctx.trace, _EvalTrace) and not _disable_jit_state.value
+
+
 def active_mesh():
     """The concrete mesh made active by jax.set_mesh / jax.sharding.use_mesh
     or `with mesh:`, or None.  Outside traces only."""

@@ -58,7 +58,6 @@ them), as with refx.jit.
 
 from __future__ import annotations
 
-import collections
 import functools
 import threading
 
@@ -256,52 +255,82 @@ class _Carry:
 # Ref kinds and avals neither traces nor compiles.  Closed-over Refs are live
 # in refx.jit, so a cached trace never holds a stale Ref value.  Calls whose
 # trees hold leaves refx.jit cannot take (a str, a function) run as before.
+#
+# A hit costs a dict lookup and the refx.jit call: the cached function is
+# made in "eager" mode (jit.c), where it decides itself, in C and before
+# doing anything, whether to run (outside every trace, not under
+# jax.disable_jit, every leaf one JAX can take) or to return _UNCACHED; and
+# it stamps the time of its last run (`_used`), which is what the LRU
+# evicts by, so a hit does not reorder anything.
 
-_EAGER: collections.OrderedDict = collections.OrderedDict()
+_EAGER: dict = {}  # key -> its refx.jit function, or False: not cacheable
 _EAGER_MAX = 64
 _eager_lock = threading.Lock()
+_MAKERS: dict = {}  # transform -> maker(*key[1:]) of its refx.jit function
 
 
 _UNCACHED = object()  # the result of an eager call not run through refx.jit
 
 
-def _eager(key, trees, make, *args, **kwargs):
+def _eager(key, args, kwargs=None):
     """Run an eager call through its cached refx.jit function, or return
-    _UNCACHED to run it as it is: inside a trace, leaves refx.jit cannot
-    take, or a function whose outputs refx.jit cannot return (a str; the
-    key is then remembered as uncacheable)."""
-    if _compat.in_trace() or jax.config.jax_disable_jit:  # (jit would call us back)
-        return _UNCACHED
-    for leaf in jax.tree_util.tree_leaves(trees):
-        if not (isinstance(leaf, Ref) or traceable(leaf)):
-            return _UNCACHED
+    _UNCACHED to run it as it is: inside a trace or under
+    jax.disable_jit, an unhashable key, leaves refx.jit cannot take (its
+    function returns _UNCACHED for those, having done nothing), or a
+    function whose outputs refx.jit cannot return (a str; the key is then
+    remembered as not cacheable).
+
+    `key` is (transform, *what its refx.jit function is made of):
+    _MAKERS[transform](*key[1:]) makes it on a miss, so a hit builds
+    nothing but the key."""
     try:
-        hash(key)
+        jf = _EAGER.get(key)
     except TypeError:  # an unhashable option (a list as a filter)
         return _UNCACHED
-    with _eager_lock:
-        jf = _EAGER.pop(key, _UNCACHED)
-        if jf is _UNCACHED:
-            jf = make()
-        _EAGER[key] = jf
-        while len(_EAGER) > _EAGER_MAX:
-            _EAGER.popitem(last=False)
     if jf is None:
+        if not _compat.eager():  # inside a trace, or jit disabled: make nothing
+            return _UNCACHED
+        jf = _eager_miss(key)
+    if jf is False:
         return _UNCACHED
     try:
-        return jf(*args, **kwargs)
+        return jf(*args) if kwargs is None else jf(*args, **kwargs)
     except _jit.ConstOutput:  # raised while tracing: nothing was written
         with _eager_lock:
-            _EAGER[key] = None
+            if key in _EAGER:
+                _EAGER[key] = False
         return _UNCACHED
+
+
+def _eager_miss(key):
+    with _eager_lock:
+        jf = _EAGER.get(key)
+        if jf is None:
+            jf = _MAKERS[key[0]](*key[1:])
+            while len(_EAGER) >= _EAGER_MAX:  # the least recently run goes
+                del _EAGER[min(_EAGER, key=_eager_last_run)]
+            _EAGER[key] = jf
+    return jf
+
+
+def _eager_last_run(key):
+    jf = _EAGER[key]
+    return -1 if jf is False else jf._used  # not cacheable: dropped first
+
+
+def _with_closures_of(once, *args):
+    """with_closures(once) with more arguments: once(closure, *args)."""
+    return with_closures(lambda closure: once(closure, *args))
 
 
 def _eager_jit(kind, name, fun, **options):
     """refx.jit of `fun` whose messages read as the transform's:
-    "refx.scan(body) wrote the Ref of argument 0 ..." ."""
+    "refx.scan(body) wrote the Ref of argument 0 ..." ; a call with a
+    leaf JAX cannot take returns _UNCACHED (see jit.c, others_traceable)."""
     fun.__name__ = fun.__qualname__ = name
     return _jit._make_jit(fun, None, options.get("static_argnums", ()),
-                          options.get("static_argnames", ()), (), (), {}, kind)
+                          options.get("static_argnames", ()), (), (), {}, kind,
+                          eager=_UNCACHED)
 
 
 # --------------------------------------------------------------------------
@@ -538,11 +567,12 @@ def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=
 
     @functools.wraps(fun)
     def mapped(*args, **kwargs):
-        out = _eager(("vmap", mapped), (args, kwargs),
-                     lambda: _eager_jit("refx.vmap", name, mapped), *args, **kwargs)
+        out = _eager(key, args, kwargs)
         if out is not _UNCACHED:
             return out
-        return with_closures(lambda closure: once(closure, args, kwargs))
+        return _with_closures_of(once, args, kwargs)
+
+    key = ("vmap", mapped, name)
 
     def once(closure, args, kwargs):
         t = Trees("vmap", name, [(args, kwargs)], [None], closure)
@@ -579,6 +609,9 @@ def vmap(fun, *, in_axes=0, out_axes=0, axis_name=None, axis_size=None, mutable=
     return mapped
 
 
+_MAKERS["vmap"] = lambda mapped, name: _eager_jit("refx.vmap", name, mapped)
+
+
 # --------------------------------------------------------------------------
 # scan
 # --------------------------------------------------------------------------
@@ -601,13 +634,17 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
     """
     if not callable(fun):
         raise TypeError(f"refx.scan: fun must be callable, not {type(fun).__name__}")
-    name = _name(fun)
-    out = _eager(("scan", fun, length, reverse, unroll, mutable), (init, xs),
-                 lambda: _eager_jit("refx.scan", name, lambda init, xs: scan(
-                     fun, init, xs, length, reverse=reverse, unroll=unroll, mutable=mutable)),
-                 init, xs)
+    # the types too: unroll=True (all) is not unroll=1, though they are ==
+    out = _eager(("scan", fun, length, type(length), reverse, unroll, type(unroll), mutable),
+                 (init, xs))
     if out is not _UNCACHED:
         return out
+    return _scan(fun, init, xs, length, reverse, unroll, mutable)
+
+
+def _scan(fun, init, xs, length, reverse, unroll, mutable):
+    """refx.scan, traced (not through the eager cache)."""
+    name = _name(fun)
     run = _with_mutable(fun, mutable, "refx.scan")
 
     def once(closure):
@@ -650,6 +687,14 @@ def scan(fun, init, xs=None, length=None, *, reverse=False, unroll=1, mutable=No
     return with_closures(once)
 
 
+def _make_scan(fun, length, _lt, reverse, unroll, _ut, mutable):
+    return _eager_jit("refx.scan", _name(fun), lambda init, xs: _scan(
+        fun, init, xs, length, reverse, unroll, mutable))
+
+
+_MAKERS["scan"] = _make_scan
+
+
 # --------------------------------------------------------------------------
 # fori_loop / while_loop
 # --------------------------------------------------------------------------
@@ -667,13 +712,15 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
     if not callable(body_fun):
         raise TypeError(f"refx.fori_loop: body_fun must be callable, not "
                         f"{type(body_fun).__name__}")
-    name = _name(body_fun)
     if type(lower) is int and type(upper) is int:  # bounds stay static (a scan)
-        out = _eager(("fori_loop", body_fun, lower, upper, unroll), init_val,
-                     lambda: _eager_jit("refx.fori_loop", name, lambda v: fori_loop(
-                         lower, upper, body_fun, v, unroll=unroll)), init_val)
+        out = _eager(("fori_loop", body_fun, lower, upper, unroll, type(unroll)), (init_val,))
         if out is not _UNCACHED:
             return out
+    return _fori_loop(lower, upper, body_fun, init_val, unroll)
+
+
+def _fori_loop(lower, upper, body_fun, init_val, unroll):
+    name = _name(body_fun)
 
     def once(closure):
         t = Trees("fori_loop", name, [init_val], ["init_val"], closure)
@@ -695,6 +742,11 @@ def fori_loop(lower, upper, body_fun, init_val, *, unroll=None):
     return with_closures(once)
 
 
+_MAKERS["fori_loop"] = lambda body_fun, lower, upper, unroll, _ut: _eager_jit(
+    "refx.fori_loop", _name(body_fun),
+    lambda v: _fori_loop(lower, upper, body_fun, v, unroll))
+
+
 def while_loop(cond_fun, body_fun, init_val):
     """jax.lax.while_loop with Refs in init_val.
 
@@ -706,12 +758,14 @@ def while_loop(cond_fun, body_fun, init_val):
     for what, f in (("cond_fun", cond_fun), ("body_fun", body_fun)):
         if not callable(f):
             raise TypeError(f"refx.while_loop: {what} must be callable, not {type(f).__name__}")
-    name = _name(body_fun)
-    out = _eager(("while_loop", cond_fun, body_fun), init_val,
-                 lambda: _eager_jit("refx.while_loop", name, lambda v: while_loop(
-                     cond_fun, body_fun, v)), init_val)
+    out = _eager(("while_loop", cond_fun, body_fun), (init_val,))
     if out is not _UNCACHED:
         return out
+    return _while_loop(cond_fun, body_fun, init_val)
+
+
+def _while_loop(cond_fun, body_fun, init_val):
+    name = _name(body_fun)
 
     def once(closure):
         t = Trees("while_loop", name, [init_val], ["init_val"], closure)
@@ -742,6 +796,10 @@ def while_loop(cond_fun, body_fun, init_val):
         return carry
 
     return with_closures(once)
+
+
+_MAKERS["while_loop"] = lambda cond_fun, body_fun: _eager_jit(
+    "refx.while_loop", _name(body_fun), lambda v: _while_loop(cond_fun, body_fun, v))
 
 
 # --------------------------------------------------------------------------
@@ -777,12 +835,13 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
 
     @functools.wraps(fun)
     def rematted(*args, **kwargs):
-        if not _static_leaves(args, kwargs, snums, snames):
-            out = _eager(("remat", rematted), (args, kwargs), lambda: _eager_jit(
-                "refx.remat", name, rematted, static_argnums=snums, static_argnames=snames),
-                *args, **kwargs)
+        if not (snums or snames) or not _static_leaves(args, kwargs, snums, snames):
+            out = _eager(key, args, kwargs)
             if out is not _UNCACHED:
                 return out
+        return traced(args, kwargs)
+
+    def traced(args, kwargs):
         n = len(args)
         static = {s % n if -n <= s < n else s for s in snums}
         bad = [s for s in snums if not -n <= s < n]
@@ -793,7 +852,7 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
         dyn = tuple(None if i in static else a for i, a in enumerate(args))
         skw = {k: v for k, v in kwargs.items() if k in snames}
         kwargs = {k: v for k, v in kwargs.items() if k not in snames}
-        return with_closures(lambda closure: once(closure, args, dyn, kwargs, skw, static))
+        return _with_closures_of(once, args, dyn, kwargs, skw, static)
 
     def once(closure, args, dyn, kwargs, skw, static):
         t = Trees("remat", name, [(dyn, kwargs)], [None], closure)
@@ -817,7 +876,12 @@ def remat(fun=None, /, *, policy=None, prevent_cse=True, static_argnums=(), stat
         t.write(info["written"], wvals)
         return out
 
+    key = ("remat", rematted, snums, snames, name)
     return rematted
+
+
+_MAKERS["remat"] = lambda rematted, snums, snames, name: _eager_jit(
+    "refx.remat", name, rematted, static_argnums=snums, static_argnames=snames)
 
 
 # --------------------------------------------------------------------------
@@ -920,12 +984,13 @@ def cond(pred, true_fun, false_fun, *operands):
     for what, f in (("true_fun", true_fun), ("false_fun", false_fun)):
         if not callable(f):
             raise TypeError(f"refx.cond: {what} must be callable, not {type(f).__name__}")
-    out = _eager(("cond", true_fun, false_fun), (pred, operands), lambda: _eager_jit(
-        "refx.cond", f"{_name(true_fun)} / {_name(false_fun)}",
-        lambda p, *ops: cond(p, true_fun, false_fun, *ops)), pred, *operands)
+    out = _eager(("cond", true_fun, false_fun), (pred, *operands))
     if out is not _UNCACHED:
         return out
+    return _cond(pred, true_fun, false_fun, operands)
 
+
+def _cond(pred, true_fun, false_fun, operands):
     def once(closure):
         t, (tb, fb), finish = _branches("cond", ["true_fun", "false_fun"],
                                         [true_fun, false_fun], operands, closure)
@@ -933,6 +998,11 @@ def cond(pred, true_fun, false_fun, *operands):
         return finish(outs, payload)
 
     return with_closures(once)
+
+
+_MAKERS["cond"] = lambda true_fun, false_fun: _eager_jit(
+    "refx.cond", f"{_name(true_fun)} / {_name(false_fun)}",
+    lambda p, *ops: _cond(p, true_fun, false_fun, ops))
 
 
 def switch(index, branches, *operands):
@@ -946,12 +1016,13 @@ def switch(index, branches, *operands):
         if not callable(f):
             raise TypeError(f"refx.switch: branches[{i}] must be callable, not "
                             f"{type(f).__name__}")
-    out = _eager(("switch", tuple(branches)), (index, operands), lambda: _eager_jit(
-        "refx.switch", " / ".join(_name(f) for f in branches),
-        lambda i, *ops: switch(i, branches, *ops)), index, *operands)
+    out = _eager(("switch", tuple(branches)), (index, *operands))
     if out is not _UNCACHED:
         return out
+    return _switch(index, branches, operands)
 
+
+def _switch(index, branches, operands):
     def once(closure):
         t, fns, finish = _branches("switch", [f"branches[{i}]" for i in range(len(branches))],
                                    branches, operands, closure)
@@ -959,6 +1030,15 @@ def switch(index, branches, *operands):
         return finish(outs, payload)
 
     return with_closures(once)
+
+
+def _make_switch(branches):
+    branches = list(branches)
+    return _eager_jit("refx.switch", " / ".join(_name(f) for f in branches),
+                      lambda i, *ops: _switch(i, branches, ops))
+
+
+_MAKERS["switch"] = _make_switch
 
 
 __all__ = ["StateAxes", "cond", "fori_loop", "remat", "scan", "switch", "vmap", "while_loop"]

@@ -529,7 +529,7 @@ def _argnums_and_names(fun, nums, names, what):
 
 
 def _make_jit(fun, bound, static_argnums, static_argnames, donate_argnums, donate_argnames,
-              options, kind, mutable=None):
+              options, kind, mutable=None, eager=None):
     if not callable(fun):
         raise TypeError(f"{kind}: fun must be callable, not {type(fun).__name__}")
     for k in _UNSUPPORTED:
@@ -552,7 +552,8 @@ def _make_jit(fun, bound, static_argnums, static_argnames, donate_argnums, donat
     run = _with_mutable(fun, mutable, kind)  # refx.mutable's option (refx/_mutable.py)
     jf = JitFunction(run, static_argnums=snums, static_argnames=snames,
                      donate_argnums=dnums, donate_argnames=dnames, options=options,
-                     bound=bound, kind=None if kind in ("refx.jit", "refx.jit_partial") else kind)
+                     bound=bound, kind=None if kind in ("refx.jit", "refx.jit_partial") else kind,
+                     eager=eager)
     try:
         functools.update_wrapper(jf, fun)
     except AttributeError:  # pragma: no cover - objects without __dict__

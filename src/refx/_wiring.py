@@ -12,7 +12,15 @@ import numpy as np
 from jax._src import tree_util as _tu
 
 from . import _core, _jit, _lift, _sharding
-from ._compat import _flatten, _flatten_with_path, _plain_types, _trace_state, check_value
+from ._compat import (
+    _disable_jit_state,
+    _EvalTrace,
+    _flatten,
+    _flatten_with_path,
+    _plain_types,
+    _trace_state,
+    check_value,
+)
 
 
 _core._install_jax(
@@ -78,5 +86,6 @@ def _array_type():
 
 
 _core._install_jit(builder=_jit._build_jit_entry, describe=_jit._describe_jit_leaf,
-                   array_type=_array_type())
+                   array_type=_array_type(), traceable=_lift.traceable,
+                   eval_trace=_EvalTrace, disable_jit=_disable_jit_state)
 _core._install_capture(_lift.capture_hook, _lift.Rediscover)

@@ -108,6 +108,14 @@
  * the bound Refs' collections and specs are (an attribute set on a bound
  * Ref after binding retraces).
  *
+ * Eager mode (JitFunction(..., eager=sentinel): the function an eager
+ * refx.scan/cond/... call runs through, refx/_control.py).  Before anything
+ * else a call checks that it runs outside every trace and not under
+ * jax.disable_jit, and after the snapshot that every non-Ref leaf is one
+ * JAX can take (others_traceable); if not, it returns the sentinel having
+ * written nothing, and the transform runs the call its own way.  A call that
+ * runs stamps `used` (the transforms' LRU evicts by it).
+ *
  * Static(value) is a pytree node with no children whose aux data is
  * (type(value), value): part of every treedef and so of every jit cache
  * key, and of refx.jit's; with the type, for the reason given above.
@@ -370,6 +378,12 @@ typedef struct {
                              * ("refx.scan" for an eager refx.scan run
                              * through refx.jit), else refx.jit[_partial] */
     PyObject *last;         /* (key, entry) of the last cache lookup */
+    PyObject *eager;        /* NULL, or the object a call returns instead of
+                             * running inside a trace, under
+                             * jax.disable_jit, or when a leaf is one JAX
+                             * cannot take (an eager refx transform then
+                             * runs uncached) */
+    uint64_t used;          /* eager: st->eager_clock at the last call run */
     PyObject *dict;
     PyObject *weakreflist;
 } JitObject;
@@ -1542,7 +1556,63 @@ drop:
     Py_XDECREF(etb);
 }
 
-/* split, flatten, snapshot, key, lookup (or build), call arguments */
+/* An eager transform's function (jf->eager set) does not take a call with
+ * a leaf JAX cannot trace (a str, a function): the transform runs it
+ * uncached, closing over such leaves.  The same test as _lift.traceable,
+ * with the common types decided here.  1 all traceable, 0 not, -1 error. */
+static int
+others_traceable(call_ctx *c)
+{
+    refx_state *st = c->st;
+    for (Py_ssize_t i = 0; i < c->nothers; i++) {
+        PyObject *x = c->others[i];
+        if ((PyObject *)Py_TYPE(x) == st->jit_array_type ||
+            PyFloat_CheckExact(x) || PyLong_CheckExact(x) || PyBool_Check(x)) {
+            continue;
+        }
+        if (st->jit_traceable == NULL) {
+            return 0;
+        }
+        PyObject *r = PyObject_CallOneArg(st->jit_traceable, x);
+        int ok = r != NULL ? PyObject_IsTrue(r) : -1;
+        Py_XDECREF(r);
+        if (ok <= 0) {
+            return ok;
+        }
+    }
+    return 1;
+}
+
+/* Outside every trace and not under jax.disable_jit (where jit would call
+ * the transform back): may an eager transform's function run?  1 yes, 0
+ * no, -1 error. */
+static int
+eager_now(refx_state *st)
+{
+    if (st->jit_eval_trace == NULL || st->jit_disable_jit == NULL) {
+        return 0;
+    }
+    PyObject *wr = refx_current_trace(st);
+    if (wr == NULL) {
+        return -1;
+    }
+    int eval = PyWeakref_Check(wr) &&
+               refx_weakref_is_a(wr, (PyTypeObject *)st->jit_eval_trace);
+    Py_DECREF(wr);
+    if (!eval) {
+        return 0;
+    }
+    PyObject *v = PyObject_GetAttr(st->jit_disable_jit, st->str_value);
+    if (v == NULL) {
+        return -1;
+    }
+    int disabled = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return disabled < 0 ? -1 : !disabled;
+}
+
+/* split, flatten, snapshot, key, lookup (or build), call arguments; 1
+ * (nothing done) for a call an eager transform's function refuses */
 static int
 jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
             PyObject *kwnames)
@@ -1557,6 +1627,12 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
         PyErr_SetString(PyExc_RuntimeError,
                         "refx.jit: refx._jit is not loaded");
         return -1;
+    }
+    if (jf->eager != NULL) {
+        int ok = eager_now(st);
+        if (ok <= 0) {
+            return ok < 0 ? -1 : 1;
+        }
     }
     if (split_args(c, args, PyVectorcall_NARGS(nargsf), kwnames) < 0) {
         return -1;
@@ -1576,6 +1652,13 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
          (substitute_leaves(c) < 0 || substitute_bound(c) < 0)) ||
         snapshot(c) < 0) {
         return -1;
+    }
+    if (jf->eager != NULL) {
+        int ok = others_traceable(c);
+        if (ok <= 0) {
+            return ok < 0 ? -1 : 1;
+        }
+        jf->used = ++st->eager_clock;
     }
     PyObject *last = Py_XNewRef(jf->last); /* owned across __eq__ calls */
     if (last != NULL) {
@@ -1871,7 +1954,11 @@ jit_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
     c.st = refx_state_from_type(Py_TYPE(self));
     c.jf = jf;
     PyObject *res = NULL, *out = NULL;
-    if (c.st == NULL || jit_prepare(&c, args, nargsf, kwnames) < 0) {
+    int prep = c.st == NULL ? -1 : jit_prepare(&c, args, nargsf, kwnames);
+    if (prep != 0) {
+        if (prep > 0) {
+            out = Py_NewRef(jf->eager);
+        }
         goto done;
     }
     res = call_entry(&c, NULL);
@@ -1896,7 +1983,11 @@ jit_lower(PyObject *self, PyObject *const *args, size_t nargsf,
     c.st = refx_state_from_type(Py_TYPE(self));
     c.jf = (JitObject *)self;
     PyObject *res = NULL;
-    if (c.st == NULL || jit_prepare(&c, args, nargsf, kwnames) < 0) {
+    int prep = c.st == NULL ? -1 : jit_prepare(&c, args, nargsf, kwnames);
+    if (prep != 0) {
+        if (prep > 0) {
+            res = Py_NewRef(c.jf->eager);
+        }
         goto done;
     }
     res = call_entry(&c, "lower");
@@ -2057,13 +2148,15 @@ jit_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
                              "options",
                              "bound",
                              "kind",
+                             "eager",
                              NULL};
     PyObject *fun, *snums = NULL, *snames = NULL, *dnums = NULL,
                    *dnames = NULL;
-    PyObject *options = NULL, *bound = Py_None, *kind = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$OOOOOOO:JitFunction",
-                                     kwlist, &fun, &snums, &snames, &dnums,
-                                     &dnames, &options, &bound, &kind)) {
+    PyObject *options = NULL, *bound = Py_None, *kind = Py_None,
+             *eager = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwds, "O|$OOOOOOOO:JitFunction", kwlist, &fun, &snums,
+            &snames, &dnums, &dnames, &options, &bound, &kind, &eager)) {
         return NULL;
     }
     if (kind != Py_None && !PyUnicode_Check(kind)) {
@@ -2114,6 +2207,7 @@ jit_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     self->donate_names = Py_NewRef(dnames);
     self->options = Py_NewRef(options);
     self->kind = kind != Py_None ? Py_NewRef(kind) : NULL;
+    self->eager = eager != Py_None ? Py_NewRef(eager) : NULL;
     self->cache = PyDict_New();
     self->name = PyObject_GetAttrString(fun, "__qualname__");
     if (self->name == NULL || !PyUnicode_Check(self->name)) {
@@ -2150,6 +2244,7 @@ jit_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->name);
     Py_VISIT(self->kind);
     Py_VISIT(self->last);
+    Py_VISIT(self->eager);
     Py_VISIT(self->dict);
     return 0;
 }
@@ -2172,6 +2267,7 @@ jit_clear(PyObject *op)
     Py_CLEAR(self->name);
     Py_CLEAR(self->kind);
     Py_CLEAR(self->last);
+    Py_CLEAR(self->eager);
     Py_CLEAR(self->dict);
     return 0;
 }
@@ -2242,6 +2338,8 @@ static PyMemberDef jit_members[] = {
     {"__dictoffset__", T_PYSSIZET, offsetof(JitObject, dict), READONLY, NULL},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(JitObject, weakreflist),
      READONLY, NULL},
+    {"_used", T_ULONGLONG, offsetof(JitObject, used), READONLY,
+     "An eager transform's function: when it last ran (a call count)."},
     {NULL},
 };
 
@@ -2264,7 +2362,8 @@ static PyMethodDef jit_methods[] = {
 PyDoc_STRVAR(
     jit_doc,
     "JitFunction(fun, *, static_argnums, static_argnames, donate_argnums,\n"
-    "            donate_argnames, options, bound=None)\n"
+    "            donate_argnames, options, bound=None, kind=None, "
+    "eager=None)\n"
     "--\n\n"
     "A function compiled by refx.jit or refx.jit_partial (make it with "
     "those).");
@@ -2507,16 +2606,27 @@ ref_trace(PyObject *module, PyObject *ref)
 static PyObject *
 install_jit(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"builder", "describe", "array_type", NULL};
-    PyObject *builder, *describe, *array_type;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO:_install_jit", kwlist,
-                                     &builder, &describe, &array_type)) {
+    static char *kwlist[] = {"builder",   "describe",   "array_type",
+                             "traceable", "eval_trace", "disable_jit",
+                             NULL};
+    PyObject *builder, *describe, *array_type, *traceable, *eval_trace,
+        *disable_jit;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOO:_install_jit",
+                                     kwlist, &builder, &describe, &array_type,
+                                     &traceable, &eval_trace, &disable_jit)) {
+        return NULL;
+    }
+    if (!PyType_Check(eval_trace)) {
+        PyErr_SetString(PyExc_TypeError, "_install_jit: eval_trace: a type");
         return NULL;
     }
     refx_state *st = refx_get_state(module);
     Py_XSETREF(st->jit_builder, Py_NewRef(builder));
     Py_XSETREF(st->jit_describe, Py_NewRef(describe));
     Py_XSETREF(st->jit_array_type, Py_NewRef(array_type));
+    Py_XSETREF(st->jit_traceable, Py_NewRef(traceable));
+    Py_XSETREF(st->jit_eval_trace, Py_NewRef(eval_trace));
+    Py_XSETREF(st->jit_disable_jit, Py_NewRef(disable_jit));
     Py_RETURN_NONE;
 }
 
@@ -2556,7 +2666,8 @@ PyMethodDef refx_jit_functions[] = {
      "raises _WriteRefused((message, position)) with .position, .reason."},
     {"_install_jit", (PyCFunction)(void (*)(void))install_jit,
      METH_VARARGS | METH_KEYWORDS,
-     "_install_jit($module, /, *, builder, describe, array_type)\n--\n\n"
+     "_install_jit($module, /, *, builder, describe, array_type, traceable,\n"
+     "             eval_trace, disable_jit)\n--\n\n"
      "Link refx.jit's per-call path to its trace-time builder; not public."},
     {NULL, NULL, 0, NULL},
 };

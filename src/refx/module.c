@@ -228,6 +228,9 @@ static PyMethodDef module_functions[] = {
     X(jit_builder) \
     X(jit_array_type) \
     X(jit_describe) \
+    X(jit_traceable) \
+    X(jit_eval_trace) \
+    X(jit_disable_jit) \
     X(mutable_var) \
     X(place) \
     X(capture_hook) \

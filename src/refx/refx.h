@@ -136,9 +136,12 @@ typedef struct {
     /* refx.jit (jit.c) */
     PyTypeObject *Static_Type;
     PyTypeObject *Jit_Type;
-    PyObject *jit_builder;    /* _jit._build_jit_entry (NULL before) */
-    PyObject *jit_array_type; /* jax's Array type: the only donated values */
-    PyObject *jit_describe;   /* _jit: where a Ref sits, for errors */
+    PyObject *jit_builder;     /* _jit._build_jit_entry (NULL before) */
+    PyObject *jit_array_type;  /* jax's Array type: the only donated values */
+    PyObject *jit_describe;    /* _jit: where a Ref sits, for errors */
+    PyObject *jit_traceable;   /* _lift.traceable: may JAX take this leaf? */
+    PyObject *jit_eval_trace;  /* jax's EvalTrace type: "outside any trace" */
+    PyObject *jit_disable_jit; /* .value is jax_disable_jit */
 
     /* refx.mutable (ref.c): a ContextVar holding the filters of the
      * `with refx.mutable(f)` blocks this context is in (a tuple, innermost
@@ -169,6 +172,7 @@ typedef struct {
     /* The path cache's bounds and what it holds (partition.c). */
     Py_ssize_t path_cache_paths, path_cache_max_paths, path_cache_max_entries;
     Py_ssize_t registry_seen; /* size of pytree_registry when last checked */
+    uint64_t eager_clock; /* counts eager transform calls (jit.c, `used`) */
 } refx_state;
 
 extern PyModuleDef refx_module;
@@ -230,6 +234,25 @@ refx_weakref_is_dead(PyObject *wr)
     return obj == NULL;
 #else
     return PyWeakref_GET_OBJECT(wr) == Py_None;
+#endif
+}
+
+/* Is this weakref's referent an instance of `type`?  (0 when dead.) */
+static inline int
+refx_weakref_is_a(PyObject *wr, PyTypeObject *type)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj;
+    if (PyWeakref_GetRef(wr, &obj) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    int r = obj != NULL && PyObject_TypeCheck(obj, type);
+    Py_XDECREF(obj);
+    return r;
+#else
+    PyObject *obj = PyWeakref_GET_OBJECT(wr);
+    return obj != Py_None && PyObject_TypeCheck(obj, type);
 #endif
 }
 
