@@ -149,6 +149,15 @@ def goals(r: dict) -> str:
             vals = [m[clock][num] / m[clock][den] for m in models]
             row(f"{goal} ({what})", vals, ok,
                 ", ".join(f"{v:.2f}x ({m['model']})" for v, m in zip(vals, models, strict=True)))
+    eager = r["eager"]
+    pairs = (("refx.scan", "jax.lax.scan"), ("refx.cond", "jax.lax.cond"),
+             ("refx.fori_loop", "jax.lax.fori_loop"))
+    for clock, what in (("seconds", "wall time"), ("cpu_seconds", "CPU time")):
+        if clock in eager:
+            vals = [eager[clock][a] / eager[clock][b] for a, b in pairs]
+            row(f"eager refx transform, second and later calls / reused JAX function <= 1.5x "
+                f"({what})", vals, lambda v: v <= 1.5,
+                ", ".join(f"{v:.2f}x ({a.split('.')[1]})" for v, (a, _) in zip(vals, pairs, strict=True)))
     lines = r["lines"]["rows"]
     row("lines: refx.nn <= Flax NNX, model and step, every program", [x["met"] for x in lines], bool,
         ", ".join(f"{x['program']} {x['refx.nn']['model']}/{x['refx.nn']['step'] or '-'} vs "
