@@ -755,9 +755,11 @@ def while_loop(cond_fun, body_fun, init_val):
     as refx.fori_loop's body.  After the call the caller's Refs hold the
     last iteration's values.
     """
-    for what, f in (("cond_fun", cond_fun), ("body_fun", body_fun)):
-        if not callable(f):
-            raise TypeError(f"refx.while_loop: {what} must be callable, not {type(f).__name__}")
+    if not (callable(cond_fun) and callable(body_fun)):
+        for what, f in (("cond_fun", cond_fun), ("body_fun", body_fun)):
+            if not callable(f):
+                raise TypeError(f"refx.while_loop: {what} must be callable, not "
+                                f"{type(f).__name__}")
     out = _eager(("while_loop", cond_fun, body_fun), (init_val,))
     if out is not _UNCACHED:
         return out
@@ -981,9 +983,10 @@ def cond(pred, true_fun, false_fun, *operands):
     and dtype across branches, and both branches must return the same Refs
     at the same places (a ValueError names the Ref otherwise).
     """
-    for what, f in (("true_fun", true_fun), ("false_fun", false_fun)):
-        if not callable(f):
-            raise TypeError(f"refx.cond: {what} must be callable, not {type(f).__name__}")
+    if not (callable(true_fun) and callable(false_fun)):
+        for what, f in (("true_fun", true_fun), ("false_fun", false_fun)):
+            if not callable(f):
+                raise TypeError(f"refx.cond: {what} must be callable, not {type(f).__name__}")
     out = _eager(("cond", true_fun, false_fun), (pred, *operands))
     if out is not _UNCACHED:
         return out

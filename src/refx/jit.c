@@ -408,6 +408,7 @@ typedef struct {
                       * written) */
     PyObject *hold;  /* NULL, or a list owning the stand-ins used (below) */
     PyObject *bound; /* NULL, or jit_partial's bound Refs with stand-ins */
+    PyObject *trace; /* eager: the (eval) trace's weakref, read once */
     PyObject *call_args[4];
     size_t ncall;
 } call_ctx;
@@ -430,6 +431,7 @@ ctx_fini(call_ctx *c)
     Py_XDECREF(c->entry);
     Py_XDECREF(c->hold);
     Py_XDECREF(c->bound);
+    Py_XDECREF(c->trace);
     Py_XDECREF(c->dyn_args);
     Py_XDECREF(c->dyn_kwargs);
     Py_XDECREF(c->statics);
@@ -1587,8 +1589,9 @@ others_traceable(call_ctx *c)
  * the transform back): may an eager transform's function run?  1 yes, 0
  * no, -1 error. */
 static int
-eager_now(refx_state *st)
+eager_now(call_ctx *c)
 {
+    refx_state *st = c->st;
     if (st->jit_eval_trace == NULL || st->jit_disable_jit == NULL) {
         return 0;
     }
@@ -1596,12 +1599,12 @@ eager_now(refx_state *st)
     if (wr == NULL) {
         return -1;
     }
-    int eval = PyWeakref_Check(wr) &&
-               refx_weakref_is_a(wr, (PyTypeObject *)st->jit_eval_trace);
-    Py_DECREF(wr);
-    if (!eval) {
+    if (!PyWeakref_Check(wr) ||
+        !refx_weakref_is_a(wr, (PyTypeObject *)st->jit_eval_trace)) {
+        Py_DECREF(wr);
         return 0;
     }
+    c->trace = wr; /* the write-back's trace (jit_finish) */
     PyObject *v = PyObject_GetAttr(st->jit_disable_jit, st->str_value);
     if (v == NULL) {
         return -1;
@@ -1629,7 +1632,7 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
         return -1;
     }
     if (jf->eager != NULL) {
-        int ok = eager_now(st);
+        int ok = eager_now(c);
         if (ok <= 0) {
             return ok < 0 ? -1 : 1;
         }
@@ -1877,7 +1880,8 @@ jit_finish(call_ctx *c, PyObject *res)
         REFX_BUG("malformed jit plan");
         return NULL;
     }
-    PyObject *trace = refx_current_trace(st);
+    PyObject *trace =
+        c->trace != NULL ? Py_NewRef(c->trace) : refx_current_trace(st);
     if (trace == NULL) {
         return NULL;
     }
