@@ -243,3 +243,71 @@ def constrain(x, sharding, mesh):
     if auto:
         x = jax.lax.with_sharding_constraint(x, _keep(sharding, auto))
     return x
+
+
+# --------------------------------------------------------------------------
+# out_sharding= (refx.nn): where an op's output goes over Explicit mesh
+# axes.  A layer passes its caller's out_sharding to JAX's function only
+# when it is given (a custom dot_general need not take it); an older JAX
+# whose function lacks the parameter is a TypeError naming the release
+# that has it, never a silently dropped argument.
+# --------------------------------------------------------------------------
+
+_auto_axes = getattr(jax.sharding, "auto_axes", None)  # JAX 0.7+ (public)
+
+# (the function, its name, the first JAX release whose function takes
+# out_sharding); looked up by identity, so a user's own dot_general is
+# passed out_sharding unchecked.
+_OUT_SHARDING_SINCE = (
+    (jax.lax.dot_general, "jax.lax.dot_general", "0.5.0"),
+    (jax.numpy.einsum, "jax.numpy.einsum", "0.5.0"),
+    (jax.numpy.dot, "jax.numpy.dot", "0.6.1"),
+    (jax.numpy.broadcast_to, "jax.numpy.broadcast_to", "0.6.1"),
+    (jax.lax.conv_general_dilated, "jax.lax.conv_general_dilated", "0.7.2"),
+    (jax.random.bernoulli, "jax.random.bernoulli", "0.8.1"),
+)
+_takes_cache: dict[str, bool] = {}
+
+
+def takes_out_sharding(fn, name: str) -> bool:
+    """Does this JAX's `fn` (named `name`) take out_sharding?"""
+    took = _takes_cache.get(name)
+    if took is None:
+        import inspect
+
+        try:
+            took = "out_sharding" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # pragma: no cover - no signature
+            took = False
+        _takes_cache[name] = took
+    return took
+
+
+def _too_old(where: str, what: str, since: str) -> TypeError:
+    return TypeError(
+        f"{where}: out_sharding needs {what}, which JAX has from release {since}; "
+        f"this is JAX {jax.__version__} (upgrade JAX, or call without out_sharding)")
+
+
+def out_sharding_kw(fn, out_sharding, where: str) -> dict:
+    """The keyword arguments that give `fn` `out_sharding`: none if it is
+    None, else ``{"out_sharding": out_sharding}``.  `fn` one of JAX's
+    functions that this JAX's lacks the parameter: a TypeError naming the
+    release that has it (`where` names the layer's method)."""
+    if out_sharding is None:
+        return {}
+    for jfn, name, since in _OUT_SHARDING_SINCE:
+        if fn is jfn:
+            if not takes_out_sharding(fn, name):
+                raise _too_old(where, f"{name}(..., out_sharding=)", since)
+            break
+    return {"out_sharding": out_sharding}
+
+
+def auto_axes(fn, out_sharding, where: str):
+    """`fn` run with the mesh's axes Auto, its output put on `out_sharding`
+    (``jax.sharding.auto_axes``: for an op such as ``jnp.take`` that takes
+    no out_sharding of its own, as NNX's Embed does)."""
+    if _auto_axes is None:
+        raise _too_old(where, "jax.sharding.auto_axes", "0.7.0")
+    return _auto_axes(fn, out_sharding=out_sharding)

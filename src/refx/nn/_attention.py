@@ -145,7 +145,10 @@ def dot_product_attention(
 
 class MultiHeadAttention(Module):
     """Multi-head attention (NNX's signature): ``mha(inputs_q, inputs_k=None,
-    inputs_v=None, *, mask=None, deterministic=None, rngs=None, decode=None)``."""
+    inputs_v=None, *, mask=None, deterministic=None, rngs=None, decode=None,
+    out_sharding=None, qkv_sharding=None)``; ``qkv_sharding`` is the
+    ``out_sharding`` of the query, key and value projections, ``out_sharding``
+    that of the output projection (Explicit mesh axes)."""
 
     def __init__(
         self,
@@ -237,6 +240,8 @@ class MultiHeadAttention(Module):
         deterministic: bool | None = None,
         rngs: Any = None,
         decode: bool | None = None,
+        out_sharding: Any = None,
+        qkv_sharding: Any = None,
     ) -> jax.Array:
         stream = _stream(rngs, "dropout") if rngs is not None else self.rngs
         if inputs_k is None:
@@ -250,9 +255,9 @@ class MultiHeadAttention(Module):
         if inputs_q.shape[-1] != self.in_features:
             raise ValueError(f"Incompatible input dimension, got {inputs_q.shape[-1]} but "
                              f"module expects {self.in_features}.")
-        query = self.query(inputs_q)
-        key = self.key(inputs_k)
-        value = self.value(inputs_v)
+        query = self.query(inputs_q, out_sharding=qkv_sharding)
+        key = self.key(inputs_k, out_sharding=qkv_sharding)
+        value = self.value(inputs_v, out_sharding=qkv_sharding)
         if self.query_ln is not None and self.key_ln is not None:
             query = self.query_ln(query)
             key = self.key_ln(key)
@@ -299,7 +304,7 @@ class MultiHeadAttention(Module):
             dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
             deterministic=deterministic, dtype=self.dtype, precision=self.precision,
         )
-        return self.out(x)
+        return self.out(x, out_sharding=out_sharding)
 
     def init_cache(self, input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> None:
         """Make the key/value cache for inputs of ``input_shape`` =

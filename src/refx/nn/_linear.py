@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .. import _compat
 from ._module import Module
 from ._refs import Param
 
@@ -31,6 +32,12 @@ default_bias_init = initializers.zeros
 default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+# out_sharding (a call argument, NNX's): where the output goes over Explicit
+# mesh axes (a PartitionSpec of the context mesh or a NamedSharding), given
+# to JAX's op only when not None.  With Explicit axes (jax.make_mesh's
+# default from JAX 0.7) a contraction over a sharded dimension must say it:
+# JAX's ShardingTypeError otherwise.
 
 
 class Partitioned:
@@ -121,12 +128,13 @@ class Linear(Module):
         self.precision = precision
         self.dot_general = dot_general
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         kernel = self.kernel.value
         bias = self.bias.value if self.bias is not None else None
         inputs, kernel, bias = promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        kw = _compat.out_sharding_kw(self.dot_general, out_sharding, "Linear.__call__")
         y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                             precision=self.precision)
+                             precision=self.precision, **kw)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
@@ -186,15 +194,16 @@ class LinearGeneral(Module):
         self.precision = precision
         self.dot_general = dot_general
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         axis = _normalize_axes(self.axis, inputs.ndim)
         contract_ind = tuple(range(len(axis)))
         kernel = self.kernel.value
         bias = self.bias.value if self.bias is not None else None
         inputs, kernel, bias = promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         dot_general = self.dot_general or lax.dot_general
+        kw = _compat.out_sharding_kw(dot_general, out_sharding, "LinearGeneral.__call__")
         out = dot_general(inputs, kernel, ((axis, contract_ind), ((), ())),
-                          precision=self.precision)
+                          precision=self.precision, **kw)
         if bias is not None:
             expanded = (1,) * (inputs.ndim - len(axis))
             out += jnp.reshape(bias, (*expanded, *self.out_features))
@@ -232,14 +241,17 @@ class Einsum(Module):
         self.param_dtype = param_dtype
         self.precision = precision
 
-    def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
+    def __call__(
+        self, inputs: jax.Array, einsum_str: str | None = None, out_sharding: Any = None
+    ) -> jax.Array:
         einsum_str = (einsum_str or self.einsum_str).replace(" ", "")
         _einsum_str_check(einsum_str)
         inputs, kernel, bias = promote_dtype(
             (inputs, self.kernel.value, self.bias.value if self.bias is not None else None),
             dtype=self.dtype,
         )
-        y = jnp.einsum(einsum_str, inputs, kernel, precision=self.precision)
+        kw = _compat.out_sharding_kw(jnp.einsum, out_sharding, "Einsum.__call__")
+        y = jnp.einsum(einsum_str, inputs, kernel, precision=self.precision, **kw)
         if bias is not None:
             y += jnp.reshape(bias, self._bias_shape(einsum_str, inputs, kernel))
         return y
@@ -303,7 +315,9 @@ def _freeze_padding(padding: Any) -> Any:
 
 class Conv(Module):
     """Convolution over 1-3 spatial dimensions, NHWC (features last); kernel
-    ``(*kernel_size, in_features // feature_group_count, out_features)``."""
+    ``(*kernel_size, in_features // feature_group_count, out_features)``.
+    ``out_sharding`` (a call argument) is of the output as the convolution
+    makes it: several batch dimensions are flattened into one for it."""
 
     def __init__(
         self,
@@ -352,7 +366,7 @@ class Conv(Module):
         self.param_dtype = param_dtype
         self.precision = precision
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         kernel_size = self.kernel_size
 
         def maybe_broadcast(x: Any) -> tuple[int, ...]:
@@ -397,11 +411,12 @@ class Conv(Module):
             kernel = kernel * self.mask
         bias = self.bias.value if self.bias is not None else None
         inputs, kernel, bias = promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        kw = _compat.out_sharding_kw(lax.conv_general_dilated, out_sharding, "Conv.__call__")
         y = lax.conv_general_dilated(
             inputs, kernel, strides, padding_lax,
             lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
             dimension_numbers=_conv_dimension_numbers(inputs.shape),
-            feature_group_count=self.feature_group_count, precision=self.precision,
+            feature_group_count=self.feature_group_count, precision=self.precision, **kw,
         )
         if bias is not None:
             y += bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
@@ -522,14 +537,26 @@ class Embed(Module):
         self.dtype = dtype or self.embedding.value.dtype
         self.param_dtype = param_dtype
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError("Input type must be an integer or unsigned integer.")
         (embedding,) = promote_dtype((self.embedding.value,), dtype=self.dtype, inexact=False)
         if self.num_embeddings == 1:
-            return jnp.broadcast_to(embedding, inputs.shape + (self.features,))
+            shape = inputs.shape + (self.features,)
+            kw = _compat.out_sharding_kw(jnp.broadcast_to, out_sharding, "Embed.__call__")
+            return jnp.broadcast_to(embedding, shape, **kw)
+        if out_sharding is not None:
+            # jnp.take has no out_sharding: the lookup runs with the mesh's
+            # axes Auto, its result put on out_sharding (as NNX does)
+            take = _compat.auto_axes(_take_rows, out_sharding, "Embed.__call__")
+            return take(embedding, inputs)  # type: ignore[no-any-return]
         return jnp.take(embedding, inputs, axis=0)
 
-    def attend(self, query: jax.Array) -> jax.Array:
+    def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
         query, embedding = promote_dtype((query, self.embedding.value), dtype=self.dtype)
-        return jnp.dot(query, embedding.T)
+        kw = _compat.out_sharding_kw(jnp.dot, out_sharding, "Embed.attend")
+        return jnp.dot(query, embedding.T, **kw)
+
+
+def _take_rows(embedding: jax.Array, inputs: jax.Array) -> jax.Array:
+    return jnp.take(embedding, inputs, axis=0)
