@@ -311,3 +311,30 @@ def auto_axes(fn, out_sharding, where: str):
     if _auto_axes is None:
         raise _too_old(where, "jax.sharding.auto_axes", "0.7.0")
     return _auto_axes(fn, out_sharding=out_sharding)
+
+
+_typeof = getattr(jax, "typeof", None) or getattr(_jcore, "get_aval", None)
+
+
+def explicit_sharding(x):
+    """`x`'s sharding as its type states it (``jax.typeof(x).sharding``) if
+    that names an Explicit mesh axis, else None (no mesh, Auto axes only,
+    a replicated value, or a JAX without sharding in types)."""
+    sharding = getattr(_typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    explicit = explicit_axes(getattr(sharding, "mesh", None))
+    for e in spec:
+        for name in (e if isinstance(e, tuple) else (e,)):
+            if name in explicit:
+                return sharding
+    return None
+
+
+def reshard(x, sharding):
+    """`x` (traced or not) moved to `sharding` over Explicit axes
+    (``jax.sharding.reshard``, JAX 0.7+; before it, a sharding constraint)."""
+    if _reshard is None:
+        return jax.lax.with_sharding_constraint(x, sharding)
+    return _reshard(x, sharding)

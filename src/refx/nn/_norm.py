@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .. import _compat
 from ._linear import _NO_METADATA, Initializer, initializers, param, promote_dtype
 from ._module import Module, first_from
 from ._refs import BatchStat, Param
@@ -427,9 +428,32 @@ class Dropout(Module):
         shape = list(inputs.shape)
         for dim in self.broadcast_dims:
             shape[dim] = 1
-        mask = jax.random.bernoulli(key, p=keep_prob, shape=shape)
-        mask = jnp.broadcast_to(mask, inputs.shape)
+        sharding = _compat.explicit_sharding(inputs)
+        if sharding is None:
+            mask = jax.random.bernoulli(key, p=keep_prob, shape=shape)
+            mask = jnp.broadcast_to(mask, inputs.shape)
+        else:  # Explicit mesh axes: lax.select wants the mask on the inputs' sharding
+            mask = _explicit_mask(key, keep_prob, shape, inputs.shape, sharding)
         return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
+def _explicit_mask(
+    key: Any, p: float, shape: list[int], full: tuple[int, ...], sharding: Any
+) -> jax.Array:
+    """A keep mask of shape `full` on `sharding` (the inputs', naming
+    Explicit axes), as NNX makes it: drawn at `shape` (1 at the broadcast
+    dimensions, left unsharded) on that sharding, then broadcast.  The
+    values are those drawn without a sharding (threefry is partitionable)."""
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    spec = tuple(None if n != m else e for e, n, m in zip(spec, shape, full, strict=True))
+    drawn = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    if _compat.takes_out_sharding(jax.random.bernoulli, "jax.random.bernoulli"):
+        mask = jax.random.bernoulli(key, p=p, shape=shape, out_sharding=drawn)
+    else:  # JAX before 0.8.1: drawn whole, then resharded
+        mask = _compat.reshard(jax.random.bernoulli(key, p=p, shape=shape), drawn)
+    if tuple(shape) != tuple(full):
+        mask = _compat.reshard(jnp.broadcast_to(mask, full), sharding)
+    return mask
 
 
 def _stream(rngs: Any, name: str) -> Any:
