@@ -93,14 +93,11 @@ def _pretend_jax_lacks(monkeypatch, name):
      lambda: nn.Conv(3, 2, 3, rngs=nn.Rngs(0))(jnp.ones((1, 5, 3)), out_sharding=P())),
     ("Embed.attend", "jax.numpy.dot", "0.6.1",
      lambda: nn.Embed(5, 3, rngs=nn.Rngs(0)).attend(jnp.ones((4, 3)), out_sharding=P())),
-    ("Embed.__call__", "jax.numpy.broadcast_to", "0.6.1",
-     lambda: nn.Embed(1, 3, rngs=nn.Rngs(0))(jnp.zeros(4, jnp.int32), out_sharding=P())),
     # MultiHeadAttention's projections are LinearGeneral layers
     ("LinearGeneral.__call__", "jax.lax.dot_general", "0.5.0",
      lambda: nn.MultiHeadAttention(2, 4, rngs=nn.Rngs(0))(jnp.ones((1, 3, 4)),
                                                           qkv_sharding=P())),
-], ids=["Linear", "LinearGeneral", "Einsum", "Conv", "Embed.attend", "Embed-1-row",
-        "MultiHeadAttention"])
+], ids=["Linear", "LinearGeneral", "Einsum", "Conv", "Embed.attend", "MultiHeadAttention"])
 def test_a_jax_without_the_parameter_is_a_type_error_naming_the_release(monkeypatch, case):
     where, fn, since, call = case
     if _compat.takes_out_sharding(JAX_FUNCTIONS[fn], fn):  # this JAX has it: pretend not
@@ -112,12 +109,13 @@ def test_a_jax_without_the_parameter_is_a_type_error_naming_the_release(monkeypa
         call()
 
 
-def test_embed_lookup_without_auto_axes_is_a_type_error(monkeypatch):
+@pytest.mark.parametrize("rows", [5, 1])
+def test_embed_lookup_without_auto_axes_is_a_type_error(monkeypatch, rows):
     monkeypatch.setattr(_compat, "_auto_axes", None)
     with pytest.raises(TypeError, match=r"^Embed.__call__: out_sharding needs "
                                         r"jax.sharding.auto_axes, which JAX has from release "
                                         r"0\.7\.0; this is JAX "):
-        nn.Embed(5, 3, rngs=nn.Rngs(0))(jnp.zeros(4, jnp.int32), out_sharding=P())
+        nn.Embed(rows, 3, rngs=nn.Rngs(0))(jnp.zeros(4, jnp.int32), out_sharding=P())
 
 
 def test_without_out_sharding_the_layers_compute_as_before():
@@ -412,10 +410,28 @@ def scenario_init():
     return res
 
 
+def scenario_embed_one_row():
+    """Embed(1, ...) (a broadcast, not a gather) asked for out_sharding on
+    Explicit axes: refx puts it there; NNX ignores the argument."""
+    from flax import nnx
+
+    mesh = _mesh(True)
+    asked = P("data", None, None)
+    res = {}
+    with jax.set_mesh(mesh):
+        ids = jax.device_put(jnp.zeros((8, 5), jnp.int32), NamedSharding(mesh, P("data", None)))
+        for lib, m, jit in (("refx", nn, refx.jit), ("nnx", nnx, nnx.jit)):
+            layer = m.Embed(1, 16, embedding_metadata={"sharding": (None, "model")}, rngs=m.Rngs(0))
+            y = jit(lambda e, i: e(i, out_sharding=asked))(layer, ids)
+            res[lib] = {"spec": _spec(y), "value": np.asarray(y).tolist()}
+    return res
+
+
 def scenario_all():
     """Every scenario, in one process (one JAX start-up)."""
     return {"layers_explicit": scenario_layers("explicit"), "layers_auto": scenario_layers("auto"),
-            "dropout": scenario_dropout(), "train": scenario_train(), "init": scenario_init()}
+            "dropout": scenario_dropout(), "train": scenario_train(), "init": scenario_init(),
+            "embed_one_row": scenario_embed_one_row()}
 
 
 _RESULT = {}
@@ -492,6 +508,13 @@ def test_on_auto_axes_nothing_changed_and_out_sharding_is_refused_as_in_nnx(name
     else:
         assert out["refx_out"]["spec"] == out["nnx_out"]["spec"]
         _close(out["refx_out"]["value"], out["nnx_out"]["value"])
+
+
+def test_a_one_row_embed_is_put_on_the_asked_sharding():
+    res = results()["embed_one_row"]
+    assert res["refx"]["spec"] == ["data", None, None]
+    assert res["nnx"]["spec"] == [None, None, "model"]  # NNX ignores out_sharding here
+    _close(res["refx"]["value"], res["nnx"]["value"])
 
 
 def test_dropout_draws_its_mask_on_the_inputs_sharding():

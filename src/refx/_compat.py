@@ -262,7 +262,6 @@ _OUT_SHARDING_SINCE = (
     (jax.lax.dot_general, "jax.lax.dot_general", "0.5.0"),
     (jax.numpy.einsum, "jax.numpy.einsum", "0.5.0"),
     (jax.numpy.dot, "jax.numpy.dot", "0.6.1"),
-    (jax.numpy.broadcast_to, "jax.numpy.broadcast_to", "0.6.1"),
     (jax.lax.conv_general_dilated, "jax.lax.conv_general_dilated", "0.7.2"),
     (jax.random.bernoulli, "jax.random.bernoulli", "0.8.1"),
 )

@@ -11,6 +11,7 @@ it becomes the Param's metadata (``refx.shardings``, ``refx.jit`` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -542,15 +543,15 @@ class Embed(Module):
             raise ValueError("Input type must be an integer or unsigned integer.")
         (embedding,) = promote_dtype((self.embedding.value,), dtype=self.dtype, inexact=False)
         if self.num_embeddings == 1:
-            shape = inputs.shape + (self.features,)
-            kw = _compat.out_sharding_kw(jnp.broadcast_to, out_sharding, "Embed.__call__")
-            return jnp.broadcast_to(embedding, shape, **kw)
+            lookup = functools.partial(_broadcast_row, shape=inputs.shape + (self.features,))
+        else:
+            lookup = _take_rows
         if out_sharding is not None:
             # jnp.take has no out_sharding: the lookup runs with the mesh's
-            # axes Auto, its result put on out_sharding (as NNX does)
-            take = _compat.auto_axes(_take_rows, out_sharding, "Embed.__call__")
-            return take(embedding, inputs)  # type: ignore[no-any-return]
-        return jnp.take(embedding, inputs, axis=0)
+            # axes Auto, its result put on out_sharding, as NNX does (NNX
+            # ignores out_sharding for a one-row table; refx does not)
+            lookup = _compat.auto_axes(lookup, out_sharding, "Embed.__call__")
+        return lookup(embedding, inputs)  # type: ignore[no-any-return]
 
     def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
         query, embedding = promote_dtype((query, self.embedding.value), dtype=self.dtype)
@@ -560,3 +561,7 @@ class Embed(Module):
 
 def _take_rows(embedding: jax.Array, inputs: jax.Array) -> jax.Array:
     return jnp.take(embedding, inputs, axis=0)
+
+
+def _broadcast_row(embedding: jax.Array, inputs: jax.Array, *, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.broadcast_to(embedding, shape)
