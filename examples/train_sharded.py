@@ -43,9 +43,10 @@ from train_digits import MLP, batches, load_data, predict, train_step  # noqa: E
 
 def make_mesh(shape: tuple[int, int]) -> Mesh:
     """A ("data", "model") mesh with Auto axes.  (jax.make_mesh's default
-    from JAX 0.10 is Explicit axes, where a matmul contracting a sharded
+    from JAX 0.9 is Explicit axes, where a matmul contracting a sharded
     dimension must be given its output sharding: layer code JAX asks for,
-    not refx; refx works with both.)"""
+    not refx, e.g. ``self.linear(h, out_sharding=P("data", None))`` as in
+    NNX; refx works with both, see docs/nn.md.)"""
     devices = np.array(jax.devices()[: shape[0] * shape[1]]).reshape(shape)
     axis_type = getattr(jax.sharding, "AxisType", None)
     if axis_type is None:  # JAX < 0.6: every axis is Auto

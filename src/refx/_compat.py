@@ -130,7 +130,7 @@ _get_concrete = getattr(jax.sharding, "get_mesh", None) or getattr(
     _mesh_lib, "get_concrete_mesh", None)
 _get_abstract = getattr(jax.sharding, "get_abstract_mesh", None) or getattr(
     _mesh_lib, "get_abstract_mesh", None)
-# Explicit mesh axes (JAX 0.6+; jax.make_mesh's default from 0.10): an
+# Explicit mesh axes (JAX 0.6+; jax.make_mesh's default from 0.9): an
 # array's sharding is part of its type, changed with reshard, and
 # with_sharding_constraint only asserts it.
 _AxisType = getattr(jax.sharding, "AxisType", None)

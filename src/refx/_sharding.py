@@ -35,7 +35,7 @@ applies to each of its array leaves, except under a deref'ed node
 from ``get_partition(deref(model), "params")`` holds Values carrying each
 parameter's metadata, so its moments follow their parameter's sharding.
 
-Explicit mesh axes (``jax.make_mesh``'s default from JAX 0.10) make an
+Explicit mesh axes (``jax.make_mesh``'s default from JAX 0.9) make an
 array's sharding part of its type: a traced value is moved to a declared
 sharding over such axes with ``jax.sharding.reshard`` (with_sharding_
 constraint only asserts there), over Auto axes with with_sharding_
