@@ -542,6 +542,7 @@ class Embed(Module):
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError("Input type must be an integer or unsigned integer.")
         (embedding,) = promote_dtype((self.embedding.value,), dtype=self.dtype, inexact=False)
+        lookup: Callable[[jax.Array, jax.Array], jax.Array]
         if self.num_embeddings == 1:
             lookup = functools.partial(_broadcast_row, shape=inputs.shape + (self.features,))
         else:
@@ -551,7 +552,7 @@ class Embed(Module):
             # axes Auto, its result put on out_sharding, as NNX does (NNX
             # ignores out_sharding for a one-row table; refx does not)
             lookup = _compat.auto_axes(lookup, out_sharding, "Embed.__call__")
-        return lookup(embedding, inputs)  # type: ignore[no-any-return]
+        return lookup(embedding, inputs)
 
     def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
         query, embedding = promote_dtype((query, self.embedding.value), dtype=self.dtype)
