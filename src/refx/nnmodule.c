@@ -59,7 +59,7 @@
 #include <structmember.h>
 
 /* Aux pairs kept for reuse (see kept_pair): a power of two. */
-#define MF_KEPT 512
+#define MF_KEPT 1024
 
 typedef struct {
     PyObject_HEAD
@@ -309,25 +309,33 @@ is_plain_atom(PyObject *v)
 /* The aux entry (name, value), value being the child marker or a plain
  * atom.  A model's aux is the same pairs call after call, and making and
  * freeing a tuple per attribute was the largest cost of the flatten, so
- * such pairs are kept in a small table indexed by the two addresses: a
- * pair found there holding these very objects is reused, else a new one
- * takes its place.  (An immutable pair of the same two objects: only its
- * identity differs from a new one.  Nothing kept refers to anything but a
- * str and an atom or the marker, so keeping them costs nothing, and
- * replacing one runs no Python code.) */
+ * such pairs are kept in a small table indexed by the two addresses, two
+ * ways per set: a pair found there holding these very objects is reused;
+ * else a new one takes the set's first way, the first moving to the
+ * second (so two pairs of one module that share a set do not evict each
+ * other on every call).  An immutable pair of the same two objects: only
+ * its identity differs from a new one.  Nothing kept refers to anything
+ * but a str and an atom or the marker, so keeping them costs nothing,
+ * and dropping one runs no Python code. */
 static PyObject *
 kept_pair(ModuleFlattenObject *mf, PyObject *name, PyObject *value)
 {
-    size_t i =
-        (refx_ptr_hash(name) ^ (refx_ptr_hash(value) >> 7)) & (MF_KEPT - 1);
-    PyObject *p = mf->kept[i];
-    if (p != NULL && PyTuple_GET_ITEM(p, 0) == name &&
-        PyTuple_GET_ITEM(p, 1) == value) {
-        return Py_NewRef(p);
+    size_t i = ((refx_ptr_hash(name) ^ (refx_ptr_hash(value) >> 7)) &
+                (MF_KEPT / 2 - 1)) *
+               2;
+    for (size_t w = i; w < i + 2; w++) {
+        PyObject *p = mf->kept[w];
+        if (p != NULL && PyTuple_GET_ITEM(p, 0) == name &&
+            PyTuple_GET_ITEM(p, 1) == value) {
+            return Py_NewRef(p);
+        }
     }
-    p = pair_of(name, value);
+    PyObject *p = pair_of(name, value);
     if (p != NULL && PyUnicode_CheckExact(name)) {
-        Py_XSETREF(mf->kept[i], Py_NewRef(p));
+        PyObject *old = mf->kept[i + 1];
+        mf->kept[i + 1] = mf->kept[i];
+        mf->kept[i] = Py_NewRef(p);
+        Py_XDECREF(old);
     }
     return p;
 }
