@@ -24,12 +24,13 @@
  *   the mark    d.get("__refx_children__", ()) (set by unflatten): the
  *               names that are children whatever they hold (`k in
  *               forced`); the mark itself is skipped (`k == mark`).
- *   state?      mf_is_state, below: atoms, Refs, Modules, Derefs and
- *               NOTHING by their type; then _module.py's two type caches
- *               (the very sets _is_state fills); lists, tuples and dicts by
- *               their elements (a namedtuple or a dict subclass by
- *               _is_state's isinstance steps and iteration); anything else
- *               by calling _is_state.
+ *   state?      mf_is_state, below: atoms and NOTHING by themselves;
+ *               _module.py's two type caches (the very sets _is_state
+ *               fills); Refs, Modules and Derefs of a type not cached yet
+ *               by their type (cached then, as _is_state does); lists,
+ *               tuples and dicts by their elements (a namedtuple or a dict
+ *               subclass by _is_state's isinstance steps and iteration);
+ *               anything else by calling _is_state.
  *   statics     (name, value); a value whose hash raises TypeError is
  *               (name, frozen(value)), frozen being _module._Frozen.
  *   children    their values, or (GetAttrKey(name), value) for the
@@ -73,7 +74,7 @@ typedef struct {
     PyObject *mark;         /* str: the attribute naming forced children */
     PyObject *key;          /* GetAttrKey, or NULL: children without keys */
     PyObject *nothing;      /* NOTHING */
-    PyObject *ref_type;     /* Ref, Module, Deref: state without a lookup */
+    PyObject *ref_type;     /* Ref, Module, Deref: state, cache or not */
     PyObject *module_type;
     PyObject *deref_type;
     PyObject *node_types;    /* (Ref, Module, Deref), for isinstance */
@@ -227,23 +228,21 @@ subclass_any(ModuleFlattenObject *mf, PyObject *v)
  * by _is_state's rule: the type of a value that is a Ref, Module, Deref
  * (by isinstance) or NOTHING or an array goes in _STATE_TYPES, the type of
  * a leaf that is none of those in _STATIC_TYPES, which starts with the
- * atoms' types.  So an exact atom is never state, and a value whose type
- * is a subtype of Ref, Module or Deref (or NOTHING) always is, without a
- * lookup: the lookups would say the same or, before the first time, the
- * isinstance after them would. */
+ * atoms' types.  So an exact atom is never state (no lookup needed), and
+ * NOTHING or a value whose type is a subtype of Ref, Module or Deref
+ * always is: the lookups would say the same or, before the first time,
+ * the isinstance after them would (and the type is cached here as
+ * _is_state caches it). */
 static int
 mf_is_state(ModuleFlattenObject *mf, PyObject *v)
 {
     if (is_atom(v)) {
         return 0;
     }
-    PyTypeObject *t = Py_TYPE(v);
-    if (v == mf->nothing ||
-        PyType_IsSubtype(t, (PyTypeObject *)mf->ref_type) ||
-        PyType_IsSubtype(t, (PyTypeObject *)mf->module_type) ||
-        PyType_IsSubtype(t, (PyTypeObject *)mf->deref_type)) {
+    if (v == mf->nothing) {
         return 1;
     }
+    PyTypeObject *t = Py_TYPE(v);
     int r = PySet_Contains(mf->state_types, (PyObject *)t);
     if (r != 0) {
         return r;
@@ -251,6 +250,12 @@ mf_is_state(ModuleFlattenObject *mf, PyObject *v)
     r = PySet_Contains(mf->static_types, (PyObject *)t);
     if (r != 0) {
         return r < 0 ? -1 : 0; /* v is not NOTHING */
+    }
+    if (PyType_IsSubtype(t, (PyTypeObject *)mf->ref_type) ||
+        PyType_IsSubtype(t, (PyTypeObject *)mf->module_type) ||
+        PyType_IsSubtype(t, (PyTypeObject *)mf->deref_type)) {
+        /* seen for the first time: cached, as _is_state caches it */
+        return PySet_Add(mf->state_types, (PyObject *)t) < 0 ? -1 : 1;
     }
     if (PyList_Check(v) || PyTuple_Check(v) || PyDict_Check(v)) {
         if (Py_EnterRecursiveCall(" in refx.nn.Module's flatten")) {

@@ -60,8 +60,9 @@ _ATOMS = (bool, int, float, complex, str, bytes, type(None), type)
 # Containers are not cached (their contents decide).  Flattening a model
 # decides this for every attribute on every refx.jit call, and jax.Array's
 # isinstance is a Python __instancecheck__: the cache makes it one set
-# lookup.  The C flatten reads these very sets, and relies on them being
-# private and only growing, by this function's rule alone.
+# lookup.  The C flatten shares these very sets (it reads both and adds a
+# Ref/Module/Deref type to the first, as this function would): it relies
+# on them being private and only growing, by this function's rule alone.
 _STATE_TYPES: set[type] = set()
 _STATIC_TYPES: set[type] = set(_ATOMS)
 
