@@ -37,10 +37,11 @@
  *               flatten_with_keys (made with key=GetAttrKey); the aux
  *               entry is (name, child), child being _module._CHILD.
  *
- * Nothing about a module is kept between calls.  What is kept is objects:
- * an aux pair whose value is the child marker or an atom is reused when
- * the same two objects come again (kept_pair), a tuple less to make and
- * free per attribute.
+ * Nothing about a module is kept between calls.  What is kept: an aux
+ * pair whose value is the child marker or an atom, reused when the same
+ * two objects come again (kept_pair: a tuple less to make and free per
+ * attribute), and what the type caches answered for a type (they only
+ * grow, so the answer stands; mf_is_state).
  *
  * The children list and the aux tuple are made at the end from C arrays,
  * each filled as soon as it exists: no Python code (a __hash__ calling
@@ -59,8 +60,16 @@
 #include "ptrmap.h"
 #include <structmember.h>
 
-/* Aux pairs kept for reuse (see kept_pair): a power of two. */
-#define MF_KEPT 1024
+/* Aux pairs kept for reuse (see kept_pair), in sets of two ways, and
+ * types whose answer the caches gave (see mf_is_state): powers of two. */
+#define MF_KEPT_BITS 9
+#define MF_KEPT (2 << MF_KEPT_BITS)
+#define MF_TYPES 128
+
+typedef struct {
+    PyObject *type; /* owned (the cache that answered holds it anyway) */
+    int state;
+} mf_type_entry;
 
 typedef struct {
     PyObject_HEAD
@@ -82,6 +91,7 @@ typedef struct {
     PyObject *str_values;    /* "values" */
     PyObject *str_dict;      /* "__dict__" */
     PyObject *kept[MF_KEPT]; /* (name, value) pairs for reuse, by address */
+    mf_type_entry types[MF_TYPES]; /* the caches' answers, by address */
 } ModuleFlattenObject;
 #define MF_CAST(op) ((ModuleFlattenObject *)(op))
 
@@ -221,6 +231,26 @@ subclass_any(ModuleFlattenObject *mf, PyObject *v)
     return -2;
 }
 
+/* Note what the caches said of type t (state: 1, static: 0) in its
+ * entry, and return it.  The caches only grow, so what they said stays
+ * true: the entry needs no checking but its type's identity, which it
+ * holds.  (Unless t's metaclass hashes or compares types its own way: a
+ * set's answer for such a t may change, so it is not noted.)  Replacing
+ * an entry runs no Python code (its type is in a cache too). */
+static int
+remember(mf_type_entry *e, PyTypeObject *t, int state)
+{
+    if (Py_TYPE(t)->tp_hash != PyType_Type.tp_hash ||
+        Py_TYPE(t)->tp_richcompare != PyType_Type.tp_richcompare) {
+        return state;
+    }
+    PyObject *old = e->type;
+    e->type = Py_NewRef((PyObject *)t);
+    e->state = state;
+    Py_XDECREF(old);
+    return state;
+}
+
 /* _module._is_state(v): 1 state, 0 not, -1 error.  v is held by the
  * caller.
  *
@@ -243,19 +273,28 @@ mf_is_state(ModuleFlattenObject *mf, PyObject *v)
         return 1;
     }
     PyTypeObject *t = Py_TYPE(v);
-    int r = PySet_Contains(mf->state_types, (PyObject *)t);
-    if (r != 0) {
-        return r;
+    mf_type_entry *e = &mf->types[refx_ptr_hash(t) & (MF_TYPES - 1)];
+    if (e->type == (PyObject *)t) {
+        return e->state; /* (v is not NOTHING) */
     }
-    r = PySet_Contains(mf->static_types, (PyObject *)t);
+    int r = PySet_Contains(mf->state_types, (PyObject *)t);
+    if (r == 0) {
+        r = PySet_Contains(mf->static_types, (PyObject *)t);
+        if (r > 0) {
+            return remember(e, t, 0);
+        }
+    }
     if (r != 0) {
-        return r < 0 ? -1 : 0; /* v is not NOTHING */
+        return r < 0 ? -1 : remember(e, t, 1);
     }
     if (PyType_IsSubtype(t, (PyTypeObject *)mf->ref_type) ||
         PyType_IsSubtype(t, (PyTypeObject *)mf->module_type) ||
         PyType_IsSubtype(t, (PyTypeObject *)mf->deref_type)) {
         /* seen for the first time: cached, as _is_state caches it */
-        return PySet_Add(mf->state_types, (PyObject *)t) < 0 ? -1 : 1;
+        if (PySet_Add(mf->state_types, (PyObject *)t) < 0) {
+            return -1;
+        }
+        return remember(e, t, 1);
     }
     if (PyList_Check(v) || PyTuple_Check(v) || PyDict_Check(v)) {
         if (Py_EnterRecursiveCall(" in refx.nn.Module's flatten")) {
@@ -325,9 +364,11 @@ is_plain_atom(PyObject *v)
 static PyObject *
 kept_pair(ModuleFlattenObject *mf, PyObject *name, PyObject *value)
 {
-    size_t i = ((refx_ptr_hash(name) ^ (refx_ptr_hash(value) >> 7)) &
-                (MF_KEPT / 2 - 1)) *
-               2;
+    /* multiplicative hashing of the two addresses, the top bits */
+    uint64_t h =
+        ((uint64_t)(uintptr_t)name >> 4 ^ (uint64_t)(uintptr_t)value << 9) *
+        0x9E3779B97F4A7C15ull;
+    size_t i = (size_t)(h >> (64 - MF_KEPT_BITS)) * 2;
     for (size_t w = i; w < i + 2; w++) {
         PyObject *p = mf->kept[w];
         if (p != NULL && PyTuple_GET_ITEM(p, 0) == name &&
@@ -605,6 +646,7 @@ mf_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     self->str_values = PyUnicode_InternFromString("values");
     self->str_dict = PyUnicode_InternFromString("__dict__");
     memset(self->kept, 0, sizeof(self->kept));
+    memset(self->types, 0, sizeof(self->types));
     PyObject_GC_Track(self);
     if (self->node_types == NULL || self->seq_types == NULL ||
         self->str_values == NULL || self->str_dict == NULL) {
@@ -625,6 +667,9 @@ mf_traverse(PyObject *op, visitproc visit, void *arg)
     for (size_t i = 0; i < MF_KEPT; i++) {
         Py_VISIT(self->kept[i]);
     }
+    for (size_t i = 0; i < MF_TYPES; i++) {
+        Py_VISIT(self->types[i].type);
+    }
     return 0;
 }
 
@@ -640,6 +685,9 @@ mf_clear(PyObject *op)
 #undef CLEAR
     for (size_t i = 0; i < MF_KEPT; i++) {
         Py_CLEAR(self->kept[i]);
+    }
+    for (size_t i = 0; i < MF_TYPES; i++) {
+        Py_CLEAR(self->types[i].type);
     }
     return 0;
 }
