@@ -314,3 +314,58 @@ def make_oracle(Ref, Value, Index, NOTHING, Partition=dict) -> types.SimpleNames
 
 
 PURE = make_oracle(PyRef, PyValue, PyIndex, PY_NOTHING)
+
+
+# ---------------------------------------------------------------------------
+# refx.nn.Module's pytree flatten, as it was in Python
+# ---------------------------------------------------------------------------
+
+
+def make_module_flatten(_module) -> types.SimpleNamespace:
+    """refx.nn.Module's flatten and flatten_with_keys as Python code, the
+    implementation refx/nnmodule.c replaced: the oracle of
+    tests/test_nn_flatten.py.  The rule itself (_is_state, _Frozen, _CHILD,
+    the mark) is taken from `_module` (refx.nn._module), which still uses
+    it; this is the loop around it."""
+    _is_state, _Frozen, _CHILD, _MARK = (
+        _module._is_state, _module._Frozen, _module._CHILD, _module._MARK)
+
+    def _static(v):
+        try:
+            hash(v)
+        except TypeError:
+            return _Frozen(v)
+        return v
+
+    def flatten(m):
+        children = []
+        aux = []
+        d = vars(m)
+        forced = d.get(_MARK, ())
+        for k, v in d.items():
+            if k == _MARK:
+                continue
+            if k in forced or _is_state(v):
+                children.append(v)
+                aux.append((k, _CHILD))
+            else:
+                aux.append((k, _static(v)))
+        return children, tuple(aux)
+
+    def flatten_with_keys(m):
+        children = []
+        aux = []
+        d = vars(m)
+        forced = d.get(_MARK, ())
+        for k, v in d.items():
+            if k == _MARK:
+                continue
+            if k in forced or _is_state(v):
+                children.append((tu.GetAttrKey(k), v))
+                aux.append((k, _CHILD))
+            else:
+                aux.append((k, _static(v)))
+        return children, tuple(aux)
+
+    return types.SimpleNamespace(flatten=flatten, flatten_with_keys=flatten_with_keys,
+                                 is_state=_is_state)

@@ -35,6 +35,7 @@ Prints one row per operation and exits 1 if anything drifts.
 
 from __future__ import annotations
 
+import collections
 import copy
 import gc
 import sys
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import refx
+import refx.nn as nn
 
 N = 20000  # calls measured per operation
 WARMUP = 200
@@ -428,6 +430,64 @@ def _mutable_set_all(refs, values):
         refx.update_refs(refs, values)
 
 
+# ---- refx.nn.Module's flatten (nnmodule.c), through jaxlib and refx.jit ----
+NN_RNGS = nn.Rngs(0)
+NN_MODEL = nn.Sequential(nn.Linear(2, 3, rngs=NN_RNGS), nn.BatchNorm(3, rngs=NN_RNGS),
+                         nn.Dropout(0.5, rngs=NN_RNGS), nn.Linear(3, 2, rngs=NN_RNGS))
+NN_STATIC = ("-".join(["static", "leakcheck"]), 3)  # a hashable static, not an atom
+NN_CFG = [1, {"a": [2]}]  # an unhashable static: a _Frozen in the aux data
+NN_NAME = "-".join(["attr", "leakcheck"])  # an attribute name built at run time
+vars(NN_MODEL).update({"static": NN_STATIC, "cfg": NN_CFG, NN_NAME: 7})
+NN_MODEL.eval()
+NN_TD = jax.tree_util.tree_structure(NN_MODEL)
+NN_NONES = jax.tree_util.tree_map(lambda _: None, NN_MODEL)  # forced children
+
+
+class _BadHash:
+    def __hash__(self):
+        raise Boom("hash")
+
+
+class _ResizingHash:
+    """A static whose hash resizes its module's dict: the RuntimeError."""
+
+    def __init__(self):
+        self.d = None
+
+    def __hash__(self):
+        if self.d.pop("extra", None) is None:
+            self.d["extra"] = 1
+        return 1
+
+
+# attributes the C flatten walks by _is_state's isinstance steps, called
+# directly (jaxlib's own flatten of a namedtuple allocates a few blocks
+# now and then for a while: not refx's)
+NN_ODD = nn.Sequential()
+vars(NN_ODD).update(state=collections.namedtuple("S", "n w")(1, refx.Ref(jnp.ones(2))),
+                    opts=collections.OrderedDict(a=1, b=(2, 3)), fn=len,
+                    nested=[{"x": (1, [2, NN_STATIC])}])
+NN_BADHASH = nn.Sequential()
+vars(NN_BADHASH)["h"] = _BadHash()
+NN_RESIZING = nn.Sequential()
+vars(NN_RESIZING)["h"] = _ResizingHash()
+vars(NN_RESIZING)["h"].d = vars(NN_RESIZING)
+JNN = refx.jit(lambda m, x: m(x))
+JNN(NN_MODEL, JX.reshape(1, 2))
+
+OPS.update({
+    "nn.Module flatten/unflatten": lambda: jax.tree_util.tree_unflatten(
+        NN_TD, jax.tree_util.tree_leaves(NN_MODEL)),
+    "nn.Module flatten_with_path": lambda: jax.tree_util.tree_flatten_with_path(NN_MODEL),
+    "nn.Module flatten, forced children": lambda: jax.tree_util.tree_flatten(NN_NONES),
+    "nn.Module flatten (C, direct), subclass walks": lambda: (
+        nn._module._flatten(NN_ODD), nn._module._flatten_with_keys(NN_ODD)),
+    "nn.Module flatten, hash raising": lambda: expect(Boom, jax.tree_util.tree_flatten, NN_BADHASH),
+    "nn.Module flatten, dict resized": lambda: expect(RuntimeError, jax.tree_util.tree_flatten, NN_RESIZING),
+    "refx.jit call, nn model": lambda: JNN(NN_MODEL, JX.reshape(1, 2)),
+})
+
+
 DEEP = refx.Ref(0)
 for _ in range(20000):  # beyond 3.13's C recursion limit (10,000) too
     DEEP = [DEEP]
@@ -462,6 +522,11 @@ PROBES = {
     "Static": STATIC,
     "refx.mutable filter": MUT_STATS.filter,
     "refx.mutable Ref": MUT_R,
+    "nn model": NN_MODEL,
+    "nn Param": NN_MODEL.layers[0].kernel,
+    "nn static": NN_STATIC,
+    "nn unhashable static": NN_CFG,
+    "nn attribute name": NN_NAME,
 }
 
 

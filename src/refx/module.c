@@ -231,6 +231,7 @@ static PyMethodDef module_functions[] = {
     X(jit_traceable) \
     X(jit_eval_trace) \
     X(jit_disable_jit) \
+    X(ModuleFlatten_Type) \
     X(mutable_var) \
     X(place) \
     X(capture_hook) \
@@ -347,7 +348,8 @@ module_exec(PyObject *module)
         PyModule_AddFunctions(module, refx_update_functions) < 0) {
         return -1;
     }
-    if (refx_init_jit(module, st) < 0) { /* jit.c */
+    if (refx_init_jit(module, st) < 0 || /* jit.c */
+        refx_init_nn(module, st) < 0) {  /* nnmodule.c */
         return -1;
     }
     return refx_init_tree_types(module, st);

@@ -24,6 +24,8 @@
  *   jit.c        the per-call path of refx.jit / refx.jit_partial (the
  *                JitFunction type) and Static; their trace-time side is
  *                refx/_jit.py (over the lift, refx/_lift.py).
+ *   nnmodule.c   the pytree flatten of refx.nn.Module (_ModuleFlatten),
+ *                made and registered by refx/nn/_module.py.
  *   ptrmap.h     a pointer-keyed hash map for per-call identity tables.
  *
  * Naming: functions named refx_* are declared here and shared between
@@ -142,6 +144,9 @@ typedef struct {
     PyObject *jit_traceable;   /* _lift.traceable: may JAX take this leaf? */
     PyObject *jit_eval_trace;  /* jax's EvalTrace type: "outside any trace" */
     PyObject *jit_disable_jit; /* .value is jax_disable_jit */
+
+    /* refx.nn.Module's flatten (nnmodule.c) */
+    PyTypeObject *ModuleFlatten_Type;
 
     /* refx.mutable (ref.c): a ContextVar holding the filters of the
      * `with refx.mutable(f)` blocks this context is in (a tuple, innermost
@@ -477,5 +482,8 @@ extern PyMethodDef refx_update_functions[];
 
 /* jit.c: refx.jit's per-call path, Static */
 int refx_init_jit(PyObject *module, refx_state *st);
+
+/* nnmodule.c: refx.nn.Module's flatten */
+int refx_init_nn(PyObject *module, refx_state *st);
 
 #endif /* REFX_H */

@@ -12,7 +12,21 @@ those inside (at any depth; any other pytree is looked into with
 such as ``deterministic``, dtypes, functions, None) is *static*: it rides in
 the aux data, so it is part of ``refx.jit``'s cache key and a changed flag
 (``model.eval()``) retraces once, then hits the cache.  An unhashable static
-(a list of ints) is compared by a frozen copy.
+(a list of ints) is compared by a frozen copy.  After an unflatten, the
+attributes that were children stay children whatever they hold (JAX
+flattens trees of placeholders, ``tree_map(lambda _: None, model)``).
+
+The flatten is C (``_core._ModuleFlatten``, ``refx/nnmodule.c``): jaxlib
+calls it for every submodule on every ``refx.jit`` call, where the Python
+loop was most of refx.nn's per-call cost.  The rule stays here:
+``_is_state`` below.  The C side answers the common cases exactly as it
+would (the type caches are the same sets; Refs, Modules, Derefs, NOTHING
+and atoms by their type; lists, tuples, dicts and namedtuples by their
+elements) and calls it for anything else.  It reads ``vars(module)`` as
+``for k, v in vars(module).items()`` would (a dict that changes size
+under it raises the same RuntimeError) and keeps nothing about a module
+between calls: every call looks at every attribute, so a flag flipped,
+``set_attributes`` or a static turned into a Ref is seen on the next call.
 
 Children are keyed by attribute name (``GetAttrKey``), so partition paths
 and ``state_dict`` names read ``("encoder", "layers", "0", "kernel")`` and
@@ -33,6 +47,7 @@ import numpy as np
 from jax.tree_util import GetAttrKey
 
 from .. import NOTHING, Deref, Ref
+from .._core import _ModuleFlatten  # type: ignore[import-not-found]
 from .._inspect import short_repr
 
 M = TypeVar("M", bound="Module")
@@ -42,9 +57,12 @@ _ATOMS = (bool, int, float, complex, str, bytes, type(None), type)
 
 # Decisions by type, cached: a Ref/Module/Deref/array type is always state,
 # a leaf type that is none of those (a function, a dtype, an enum) never is.
-# Containers are not cached (their contents decide).  Flattening a model runs
-# this for every attribute on every refx.jit call, and jax.Array's
-# isinstance is a Python __instancecheck__: the cache makes it one set lookup.
+# Containers are not cached (their contents decide).  Flattening a model
+# decides this for every attribute on every refx.jit call, and jax.Array's
+# isinstance is a Python __instancecheck__: the cache makes it one set
+# lookup.  The C flatten shares these very sets (it reads both and adds a
+# Ref/Module/Deref type to the first, as this function would): it relies
+# on them being private and only growing, by this function's rule alone.
 _STATE_TYPES: set[type] = set()
 _STATIC_TYPES: set[type] = set(_ATOMS)
 
@@ -119,51 +137,11 @@ class _Frozen:
         return repr(self.value)
 
 
-def _static(v: Any) -> Any:
-    try:
-        hash(v)
-    except TypeError:
-        return _Frozen(v)
-    return v
-
-
 # Set by unflatten: the names that were children.  JAX unflattens trees with
 # placeholder leaves (jax.vmap's out_axes, tree_map to None...) and flattens
 # them again; a placeholder is not state by _is_state's rule, so without the
 # mark those attributes would turn static and the structure would change.
 _MARK = "__refx_children__"
-
-
-def _flatten(m: Module) -> tuple[list[Any], tuple[tuple[str, Any], ...]]:
-    children = []
-    aux = []
-    d = vars(m)
-    forced = d.get(_MARK, ())
-    for k, v in d.items():
-        if k == _MARK:
-            continue
-        if k in forced or _is_state(v):
-            children.append(v)
-            aux.append((k, _CHILD))
-        else:
-            aux.append((k, _static(v)))
-    return children, tuple(aux)
-
-
-def _flatten_with_keys(m: Module) -> tuple[list[tuple[GetAttrKey, Any]], Any]:
-    children = []
-    aux = []
-    d = vars(m)
-    forced = d.get(_MARK, ())
-    for k, v in d.items():
-        if k == _MARK:
-            continue
-        if k in forced or _is_state(v):
-            children.append((GetAttrKey(k), v))
-            aux.append((k, _CHILD))
-        else:
-            aux.append((k, _static(v)))
-    return children, tuple(aux)
 
 
 def _make_unflatten(cls: type) -> Any:
@@ -279,6 +257,16 @@ class Module:
         return _repr(self, {}, (), 0)
 
 
+# The flatten and flatten_with_keys, in C (refx/nnmodule.c): they run for
+# every submodule on every refx.jit call.  Each reads vars(m) as the loop
+# `for k, v in vars(m).items()` would, decides what it can exactly as
+# _is_state would (the two type caches above, shared; Refs, Modules, Derefs,
+# NOTHING and atoms by their types; lists, tuples and dicts by their
+# elements) and calls _is_state for the rest.
+_flatten = _ModuleFlatten(_STATE_TYPES, _STATIC_TYPES, _CHILD, _Frozen, _is_state, _MARK, Module)
+_flatten_with_keys = _ModuleFlatten(
+    _STATE_TYPES, _STATIC_TYPES, _CHILD, _Frozen, _is_state, _MARK, Module, key=GetAttrKey
+)
 _register(Module)
 
 
