@@ -446,6 +446,9 @@ typedef struct {
     DerefObject **values; /* borrowed (`leaves` holds them): Value number j */
     PyObject **refs;      /* owned: the Ref made of Value j */
     char *track;          /* refs[j] awaits tracking (see "Tracked later") */
+    Py_ssize_t *ref_at;   /* per leaf: the number of the Ref it becomes, or
+                           * -1 (passes through): reref_apply reads this,
+                           * not the leaves (a second miss per Value) */
     Py_ssize_t nvalues;
 } reref_plan;
 
@@ -560,10 +563,13 @@ reref_plan_leaf(reref_plan *p, Py_ssize_t i)
     refx_state *st = p->st;
     PyObject *leaf = PyList_GET_ITEM(p->leaves, i);
     PyTypeObject *tp = Py_TYPE(leaf);
+    p->ref_at[i] = -1;
     if (tp == st->Value_Type) {
+        p->ref_at[i] = p->nvalues;
         return reref_plan_value(p, i, (ValueObject *)leaf);
     }
     if (tp == st->Index_Type) {
+        p->ref_at[i] = ((DerefObject *)leaf)->index;
         return reref_plan_index(p, i, (DerefObject *)leaf);
     }
     if (Ref_Check(st, leaf)) {
@@ -576,36 +582,34 @@ reref_plan_leaf(reref_plan *p, Py_ssize_t i)
     return 0; /* passes through */
 }
 
-/* The output tree of a checked plan: Value j becomes its Ref, each Index
- * the Ref its Value made, other leaves pass through.  New reference. */
+/* The output tree of a checked plan: Value j becomes its Ref (a
+ * subclass's is made now), each Index the Ref its Value made, other leaves
+ * pass through.  New reference. */
 static PyObject *
 reref_apply(reref_plan *p, PyObject *treedef)
 {
-    refx_state *st = p->st;
-    Py_ssize_t n = PyList_GET_SIZE(p->leaves), made = 0;
+    Py_ssize_t n = PyList_GET_SIZE(p->leaves);
     PyObject *out = PyList_New(n);
     if (out == NULL) {
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *leaf = PyList_GET_ITEM(p->leaves, i), *new;
-        PyTypeObject *tp = Py_TYPE(leaf);
-        if (tp == st->Value_Type) {
-            if (p->refs[made] == NULL && make_ref(p, made) < 0) {
+        Py_ssize_t k = p->ref_at[i];
+        PyObject *new;
+        if (k < 0) {
+            new = Py_NewRef(PyList_GET_ITEM(p->leaves, i));
+        }
+        else {
+            /* a Value comes before its Indexes: its position makes it */
+            if (p->refs[k] == NULL && make_ref(p, k) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            new = Py_NewRef(p->refs[made++]);
-        }
-        else if (tp == st->Index_Type) {
-            new = Py_NewRef(p->refs[((DerefObject *)leaf)->index]);
-        }
-        else {
-            new = Py_NewRef(leaf);
+            new = Py_NewRef(p->refs[k]);
         }
         PyList_SET_ITEM(out, i, new);
     }
-    PyObject *res = refx_unflatten(st, treedef, out);
+    PyObject *res = refx_unflatten(p->st, treedef, out);
     Py_DECREF(out);
     return res;
 }
@@ -632,7 +636,9 @@ refx_reref(PyObject *module, PyObject *tree)
     p.values = PyMem_Malloc(cap * sizeof(DerefObject *));
     p.refs = PyMem_Malloc(cap * sizeof(PyObject *));
     p.track = PyMem_Malloc(cap);
-    if (p.values == NULL || p.refs == NULL || p.track == NULL) {
+    p.ref_at = PyMem_Malloc(cap * sizeof(Py_ssize_t));
+    if (p.values == NULL || p.refs == NULL || p.track == NULL ||
+        p.ref_at == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -653,6 +659,7 @@ done:
     PyMem_Free(p.values);
     PyMem_Free(p.refs);
     PyMem_Free(p.track);
+    PyMem_Free(p.ref_at);
     Py_XDECREF(p.trace);
     Py_XDECREF(p.leaves);
     Py_XDECREF(treedef);
