@@ -12,6 +12,7 @@ precomputed weak reference to itself (``Trace._weakref``).
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import jax
 import numpy as np
@@ -258,7 +259,7 @@ _auto_axes = getattr(jax.sharding, "auto_axes", None)  # JAX 0.7+ (public)
 # (the function, its name, the first JAX release whose function takes
 # out_sharding); looked up by identity, so a user's own dot_general is
 # passed out_sharding unchecked.
-_OUT_SHARDING_SINCE = (
+_OUT_SHARDING_SINCE: tuple[tuple[Any, str, str], ...] = (  # (Any: jnp.dot is a PjitFunction)
     (jax.lax.dot_general, "jax.lax.dot_general", "0.5.0"),
     (jax.numpy.einsum, "jax.numpy.einsum", "0.5.0"),
     (jax.numpy.dot, "jax.numpy.dot", "0.6.1"),

@@ -448,7 +448,8 @@ def _explicit_mask(
     spec = tuple(None if n != m else e for e, n, m in zip(spec, shape, full, strict=True))
     drawn = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
     if _compat.takes_out_sharding(jax.random.bernoulli, "jax.random.bernoulli"):
-        mask = jax.random.bernoulli(key, p=p, shape=shape, out_sharding=drawn)
+        kw: dict[str, Any] = {"out_sharding": drawn}  # (older JAX's stubs lack it)
+        mask = jax.random.bernoulli(key, p=p, shape=shape, **kw)
     else:  # JAX before 0.8.1: drawn whole, then resharded
         mask = _compat.reshard(jax.random.bernoulli(key, p=p, shape=shape), drawn)
     if tuple(shape) != tuple(full):
