@@ -46,8 +46,9 @@
  *              them (positions: an argument Ref number, or -1 when not
  *              passed) with the same specs, or the entry is built again
  *              (closure_fits, refresh_entry); those not passed are numbered
- *              after the arguments' Refs and their values read now
- *              (append_closure).
+ *              after the arguments' Refs (append_closure), and then every
+ *              Ref's value is read again, all at one moment
+ *              (reread_values).
  *   call       jitted(values, others): the distinct Refs' values in
  *              numbering order, then the other leaves.  With donation,
  *              jitted(mask, donated, kept, others), `mask` a static bytes
@@ -1005,27 +1006,6 @@ stand_in(call_ctx *c, RefObject *r)
     return err < 0 ? NULL : (RefObject *)sub;
 }
 
-/* The argument leaves, each Ref replaced by its stand-in (see stand_in) */
-static int
-substitute_leaves(call_ctx *c)
-{
-    Py_ssize_t n = PyList_GET_SIZE(c->leaves);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *leaf = PyList_GET_ITEM(c->leaves, i);
-        if (!Ref_Check(c->st, leaf)) {
-            continue;
-        }
-        RefObject *sub = stand_in(c, (RefObject *)leaf);
-        if (sub == NULL) {
-            return -1;
-        }
-        if ((PyObject *)sub != leaf) {
-            PyList_SetItem(c->leaves, i, Py_NewRef((PyObject *)sub));
-        }
-    }
-    return 0;
-}
-
 /* jit_partial's bound Refs, each replaced by its stand-in (see stand_in):
  * called inside another refx transform that closes over them, the call
  * reads and writes what the rest of that trace does (reading the Refs
@@ -1099,7 +1079,8 @@ reread_values(call_ctx *c)
 }
 
 /* The closed-over Refs the entry reads that are not among the arguments
- * (position -1): numbered after them, their values read now. */
+ * (position -1): numbered after them; reread_values, next, reads their
+ * values with the arguments'. */
 static int
 append_closure(call_ctx *c)
 {
@@ -1142,8 +1123,8 @@ append_closure(call_ctx *c)
         if (r == NULL) {
             return -1;
         }
-        c->refs[c->nrefs] = r; /* the entry (or c->hold) keeps it alive */
-        c->vals[c->nrefs] = Py_NewRef(r->value);
+        c->refs[c->nrefs] = r;    /* the entry (or c->hold) keeps it alive */
+        c->vals[c->nrefs] = NULL; /* read by reread_values */
         c->nrefs++;
     }
     return 0;
@@ -1652,7 +1633,8 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
     c->leaves = refx_flatten(st, c->tree, NULL, &c->treedef);
     if (c->leaves == NULL ||
         (refx_capture_depth > 0 &&
-         (substitute_leaves(c) < 0 || substitute_bound(c) < 0)) ||
+         (refx_substitute_captured(st, &c->leaves, Py_False) < 0 ||
+          substitute_bound(c) < 0)) ||
         snapshot(c) < 0) {
         return -1;
     }
