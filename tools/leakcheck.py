@@ -488,6 +488,28 @@ OPS.update({
 })
 
 
+# ---- refx.jit's argument flatten memo (flatmemo.c): hits, misses, rebuilds ----
+MEMO_TREE = ({"a": JX, "m": NN_MODEL, "l": [None, 1.0]},)
+MEMO_BOX, MEMO_BOX2 = [None], [None]
+refx._core._memo_flatten(MEMO_BOX, MEMO_TREE)
+MEMO_ALT = [({"a": JX},), ({"a": 1.0},)]  # leaf types alternate: every call rebuilds
+
+
+def _memo_alternate():
+    MEMO_ALT.reverse()
+    return refx._core._memo_flatten(MEMO_BOX2, MEMO_ALT[0])
+
+
+OPS.update({
+    "refx.jit flatten memo, hit": lambda: refx._core._memo_flatten(MEMO_BOX, MEMO_TREE),
+    "refx.jit flatten memo, miss and rebuild": _memo_alternate,
+    "refx.jit flatten memo, not memoized (Partition)": lambda: refx._core._memo_flatten(
+        [None], (refx.deref(JTREE),)),
+    "refx.jit flatten memo, hash raising": lambda: expect(
+        Boom, refx._core._memo_flatten, [None], (NN_BADHASH,)),
+})
+
+
 DEEP = refx.Ref(0)
 for _ in range(20000):  # beyond 3.13's C recursion limit (10,000) too
     DEEP = [DEEP]

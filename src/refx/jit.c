@@ -16,9 +16,13 @@
  *              a static argument, then ==), and so do we.  The rest are the
  *              dynamic arguments: a tuple, plus a dict when any keyword
  *              argument is dynamic.
- *   flatten    the dynamic arguments, once, by jaxlib and with no leaf
- *              predicate: a Ref is a leaf because it is not a pytree node;
- *              Value/Index/NOTHING/Partition are ordinary nodes.
+ *   flatten    the dynamic arguments, once, with no leaf predicate: a Ref
+ *              is a leaf because it is not a pytree node; Value/Index/
+ *              NOTHING/Partition are ordinary nodes.  The arguments are
+ *              walked against the memo of the last call's flatten
+ *              (jf->memo, flatmemo.c), which gives jaxlib's leaves and the
+ *              memo's own treedef when nothing changed; otherwise jaxlib
+ *              flattens and the memo is made again.
  *   snapshot   ONE pass over the leaves that numbers the distinct Refs
  *              (the bound ones of jit_partial first) and takes a new
  *              reference to each one's value, and runs no Python code and
@@ -379,6 +383,7 @@ typedef struct {
                              * ("refx.scan" for an eager refx.scan run
                              * through refx.jit), else refx.jit[_partial] */
     PyObject *last;         /* (key, entry) of the last cache lookup */
+    PyObject *memo;         /* the last argument flatten (flatmemo.c) */
     PyObject *eager;        /* NULL, or the object a call returns instead of
                              * running inside a trace, under
                              * jax.disable_jit, or when a leaf is one JAX
@@ -1630,7 +1635,8 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
     else {
         c->tree = Py_NewRef(c->dyn_args);
     }
-    c->leaves = refx_flatten(st, c->tree, NULL, &c->treedef);
+    int hit;
+    c->leaves = refx_memo_flatten(st, &jf->memo, c->tree, &c->treedef, &hit);
     if (c->leaves == NULL ||
         (refx_capture_depth > 0 &&
          (refx_substitute_captured(st, &c->leaves, Py_False) < 0 ||
@@ -2016,6 +2022,7 @@ jit_clear_cache(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     JitObject *self = JIT_CAST(op);
     Py_CLEAR(self->last);
+    Py_CLEAR(self->memo);
     PyDict_Clear(self->cache);
     Py_RETURN_NONE;
 }
@@ -2230,6 +2237,7 @@ jit_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->name);
     Py_VISIT(self->kind);
     Py_VISIT(self->last);
+    Py_VISIT(self->memo);
     Py_VISIT(self->eager);
     Py_VISIT(self->dict);
     return 0;
@@ -2253,6 +2261,7 @@ jit_clear(PyObject *op)
     Py_CLEAR(self->name);
     Py_CLEAR(self->kind);
     Py_CLEAR(self->last);
+    Py_CLEAR(self->memo);
     Py_CLEAR(self->eager);
     Py_CLEAR(self->dict);
     return 0;

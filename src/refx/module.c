@@ -348,8 +348,9 @@ module_exec(PyObject *module)
         PyModule_AddFunctions(module, refx_update_functions) < 0) {
         return -1;
     }
-    if (refx_init_jit(module, st) < 0 || /* jit.c */
-        refx_init_nn(module, st) < 0) {  /* nnmodule.c */
+    if (refx_init_jit(module, st) < 0 ||  /* jit.c */
+        refx_init_nn(module, st) < 0 ||   /* nnmodule.c */
+        refx_init_memo(module, st) < 0) { /* flatmemo.c */
         return -1;
     }
     return refx_init_tree_types(module, st);

@@ -576,6 +576,13 @@ error:
     return res;
 }
 
+int
+refx_module_flatten_is_plain(refx_state *st, PyObject *f)
+{
+    return Py_TYPE(f) == st->ModuleFlatten_Type &&
+           MF_CAST(f)->state_types != NULL && MF_CAST(f)->key == NULL;
+}
+
 /* ------------------------------------------------------------------ */
 /* the type                                                             */
 /* ------------------------------------------------------------------ */

@@ -26,6 +26,8 @@
  *                refx/_jit.py (over the lift, refx/_lift.py).
  *   nnmodule.c   the pytree flatten of refx.nn.Module (_ModuleFlatten),
  *                made and registered by refx/nn/_module.py.
+ *   flatmemo.c   refx.jit's argument flatten, checked against a memo of
+ *                the last call's instead of made again by jaxlib.
  *   ptrmap.h     a pointer-keyed hash map for per-call identity tables.
  *
  * Naming: functions named refx_* are declared here and shared between
@@ -485,5 +487,14 @@ int refx_init_jit(PyObject *module, refx_state *st);
 
 /* nnmodule.c: refx.nn.Module's flatten */
 int refx_init_nn(PyObject *module, refx_state *st);
+/* is f a _ModuleFlatten of the plain kind (no key paths)? */
+int refx_module_flatten_is_plain(refx_state *st, PyObject *f);
+
+/* flatmemo.c: refx.jit's argument flatten, checked against a memo of the
+ * last one (*slot, owned; replaced when it does not fit); *hit says
+ * whether the memo gave the leaves */
+PyObject *refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
+                            PyObject **treedef, int *hit);
+int refx_init_memo(PyObject *module, refx_state *st);
 
 #endif /* REFX_H */
