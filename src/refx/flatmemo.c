@@ -26,8 +26,8 @@
  *   NONE    None (a node with no children for jaxlib)
  *   TUPLE   an exact tuple of `arity` items
  *   LIST    an exact list of `arity` items
- *   DICT    an exact dict with exactly the keys objs[obj] (a tuple of
- *           exact str, sorted): looked up in that order
+ *   DICT    an exact dict with exactly the keys of objs[obj] (a dict
+ *           {key: position among the sorted keys}), each an exact str
  *   MODULE  a refx.nn.Module of the exact type objs[obj][0], whose
  *           flatten (objs[obj][2], the very rule jaxlib calls for that
  *           type) gives `arity` children and aux data == objs[obj][1]
@@ -37,35 +37,45 @@
  * type) and a leaf otherwise; a dict's children come in the order of its
  * sorted keys, and a treedef is equal to another when the kinds, arities,
  * dict keys and custom aux data are equal (==).  The walk checks exactly
- * those: exact types, arities, the key set (size, then every key found),
- * aux data (==).  What it takes on trust is a fact about types that cannot
- * change unseen: which types are registered pytree nodes.  Registration
- * cannot be undone and JAX's registry dict only grows, so the memo keeps
- * the dict's size and is dropped when it grows (the same test as tree.c's
- * check for registered Ref subclasses).  A type is memoized as a leaf only
- * if it is not in that dict, and a Module only if the rule registered for
- * its type is refx's own _ModuleFlatten (nnmodule.c).  Every other node
- * kind jaxlib knows (namedtuples, OrderedDict, defaultdict, dataclasses,
- * refx's Partition/Value/Static, any custom node, a tuple/list/dict
- * subclass, dict keys other than str) makes the tree unmemoized: such a
- * call flattens with jaxlib every time, and the memo then holds just
- * (treedef,) so the next call of the same structure does not try again.
+ * those: exact types, arities, the key set (each key an exact str found
+ * among the memo's: equal exact strs sort alike, where a str subclass, a
+ * StrEnum or np.str_ may not, and makes another treedef), aux data (==).
+ * What it takes on trust is a fact about types that cannot change unseen:
+ * which types are registered pytree nodes.  Registration cannot be undone
+ * and JAX's registry dict only grows, so the memo keeps the dict's size
+ * and is dropped when it grows (the same test as tree.c's check for
+ * registered Ref subclasses; a node registered on a jaxlib registry object
+ * directly, bypassing jax.tree_util, is not seen, as jax.jit does not see
+ * it either).  A Module is memoized only if the rule registered for its
+ * type is refx's own _ModuleFlatten (nnmodule.c).  Every other node kind
+ * jaxlib knows (namedtuples, OrderedDict, defaultdict, dataclasses, refx's
+ * Partition/Value/Static, any custom node, dict keys other than exact str)
+ * makes the tree unmemoized: such a call flattens with jaxlib every time,
+ * and the memo then holds just (treedef,) so the next call of the same
+ * structure does not try again.
  *
- * A memo is made only when its walk over the tree reproduces jaxlib's
- * flatten of that same tree: the same leaves (the same objects, in order)
- * and as many nodes as the treedef has.
+ * A memo is made from jaxlib's own answer, never from a second look at the
+ * tree: the treedef's node data and children (node_data(), children()) and
+ * the types of the leaves it returned.  Python code run by jaxlib's flatten
+ * (a static attribute's __hash__, another thread) may change the tree after
+ * jaxlib has passed a node; a memo made by walking the tree again would then
+ * describe the new tree next to the old treedef, and every later call in
+ * the new state would get the old treedef (found by the hostile review).
  *
- * Python code can run during a walk (a Module rule's _is_state, a dict key
- * lookup meeting a key with its own __eq__): every container being walked
+ * Python code can run during a walk (a Module rule's _is_state, a static's
+ * __eq__ comparing aux data; the pass over a dict's exact str keys runs
+ * none): every container being walked
  * and every child being descended into is held, lists and dicts are
  * re-measured, and the memo itself is held, so another thread replacing it
  * frees nothing in use.  A walk that fails with an ordinary exception
  * falls back to jaxlib's flatten, which raises what it raises.
  *
- * Functions in this file: the check walk (memo_check), the build walk
- * (memo_build), refx_memo_flatten, _core._memo_flatten (for tests).
+ * Functions in this file: the check walk (memo_check, memo_check_dict), the
+ * build from a treedef (memo_build, memo_make), refx_memo_flatten,
+ * _core._memo_flatten (for tests).
  */
 #include "refx.h"
+#include <string.h>
 
 enum { M_LEAF, M_NONE, M_TUPLE, M_LIST, M_DICT, M_MODULE };
 
@@ -100,6 +110,58 @@ memo_check_held(memo_walk *w, PyObject *o, int depth)
     int r = memo_check(w, o, depth);
     Py_DECREF(o);
     return r;
+}
+
+/* A DICT node: `o` an exact dict with exactly the keys of `pos` ({key:
+ * sorted position}), each an exact str, its values checked in that order.
+ * The pass over the dict runs no Python code (exact str keys hash and
+ * compare in C), so the values it collects are held before any can go. */
+static int
+memo_check_dict(memo_walk *w, PyObject *o, PyObject *pos, Py_ssize_t arity,
+                int depth)
+{
+    if (!PyDict_CheckExact(o) || PyDict_GET_SIZE(o) != arity) {
+        return 0;
+    }
+    PyObject *stack[16], **vals = stack;
+    if (arity > 16) {
+        vals = PyMem_Calloc((size_t)arity, sizeof(PyObject *));
+        if (vals == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    else {
+        memset(stack, 0, sizeof(stack));
+    }
+    Py_ssize_t it = 0, seen = 0;
+    PyObject *k, *v;
+    int r = 1;
+    while (r > 0 && PyDict_Next(o, &it, &k, &v)) {
+        PyObject *at = PyUnicode_CheckExact(k) ? PyDict_GetItem(pos, k) : NULL;
+        Py_ssize_t i = at != NULL ? PyLong_AsSsize_t(at) : -1;
+        if (i < 0 || i >= arity || vals[i] != NULL) {
+            r = 0;
+        }
+        else {
+            vals[i] = v; /* borrowed for now; held below, no code between */
+            seen++;
+        }
+    }
+    r = r > 0 && seen == arity;
+    for (Py_ssize_t i = 0; i < arity; i++) {
+        Py_XINCREF(vals[i]);
+    }
+    for (Py_ssize_t i = 0; r > 0 && i < arity; i++) {
+        r = memo_check(w, vals[i], depth + 1);
+    }
+    for (Py_ssize_t i = 0; i < arity; i++) {
+        Py_XDECREF(vals[i]);
+    }
+    if (vals != stack) {
+        PyMem_Free(vals);
+    }
+    return r > 0 ? PyDict_GET_SIZE(o) == arity : r;
 }
 
 /* 1: `o` is as the memo's next node says (its leaves appended); 0: it is
@@ -147,24 +209,9 @@ memo_check(memo_walk *w, PyObject *o, int depth)
             }
         }
         return PyList_GET_SIZE(o) == arity;
-    case M_DICT: {
-        PyObject *keys = PyTuple_GET_ITEM(w->objs, n->obj);
-        if (!PyDict_CheckExact(o) || PyDict_GET_SIZE(o) != arity) {
-            return 0;
-        }
-        for (Py_ssize_t i = 0; i < arity; i++) {
-            PyObject *v =
-                PyDict_GetItemWithError(o, PyTuple_GET_ITEM(keys, i));
-            if (v == NULL) {
-                return PyErr_Occurred() ? -1 : 0;
-            }
-            int r = memo_check_held(w, v, depth + 1);
-            if (r <= 0) {
-                return r;
-            }
-        }
-        return PyDict_GET_SIZE(o) == arity;
-    }
+    case M_DICT:
+        return memo_check_dict(w, o, PyTuple_GET_ITEM(w->objs, n->obj), arity,
+                               depth);
     case M_MODULE: {
         PyObject *spec = PyTuple_GET_ITEM(w->objs, n->obj);
         if ((PyObject *)Py_TYPE(o) != PyTuple_GET_ITEM(spec, 0)) {
@@ -208,10 +255,11 @@ typedef struct {
     memo_node *nodes;
     Py_ssize_t nnodes, cap;
     PyObject *objs;   /* list */
-    PyObject *leaves; /* list: the leaves the walk saw */
+    PyObject *leaves; /* jaxlib's leaves, taken in order */
+    Py_ssize_t k;
 } memo_build_ctx;
 
-static Py_ssize_t
+static int
 memo_push(memo_build_ctx *b, uint32_t kind, Py_ssize_t arity, PyObject *obj)
 {
     if (arity > UINT32_MAX || PyList_GET_SIZE(b->objs) >= UINT32_MAX) {
@@ -237,170 +285,125 @@ memo_push(memo_build_ctx *b, uint32_t kind, Py_ssize_t arity, PyObject *obj)
     return 1;
 }
 
-/* 1: `o` described (children too); 0: a node kind the memo does not take;
- * -1: error.  `o` is held by the caller. */
+/* A DICT node's object: {key: position in sorted order} for jaxlib's
+ * sorted keys `keys` (a list), or NULL (no error) when a key is not an
+ * exact str. */
+static PyObject *
+memo_positions(PyObject *keys)
+{
+    PyObject *pos = PyDict_New();
+    if (pos == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *k = PyList_GET_ITEM(keys, i);
+        PyObject *at = PyUnicode_CheckExact(k) ? PyLong_FromSsize_t(i) : NULL;
+        if (at == NULL || PyDict_SetItem(pos, k, at) < 0) {
+            Py_XDECREF(at);
+            Py_DECREF(pos);
+            return NULL;
+        }
+        Py_DECREF(at);
+    }
+    return pos;
+}
+
+/* Describe the subtree of treedef `td` (jaxlib's, with its node data and
+ * children as jaxlib recorded them): 1 done, 0 a node kind the memo does
+ * not take, -1 error. */
 static int
-memo_build(memo_build_ctx *b, PyObject *o, int depth)
+memo_build(memo_build_ctx *b, PyObject *td, int depth)
 {
     refx_state *st = b->st;
     if (depth > MEMO_MAX_DEPTH) {
         return 0;
     }
-    int r;
-    if (o == Py_None) {
-        return (int)memo_push(b, M_NONE, 0, NULL);
-    }
-    if (PyTuple_CheckExact(o)) {
-        Py_ssize_t n = PyTuple_GET_SIZE(o);
-        if ((r = (int)memo_push(b, M_TUPLE, n, NULL)) <= 0) {
-            return r;
-        }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if ((r = memo_build(b, PyTuple_GET_ITEM(o, i), depth + 1)) <= 0) {
-                return r;
-            }
-        }
-        return 1;
-    }
-    if (PyList_CheckExact(o)) {
-        Py_ssize_t n = PyList_GET_SIZE(o);
-        if ((r = (int)memo_push(b, M_LIST, n, NULL)) <= 0) {
-            return r;
-        }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if (PyList_GET_SIZE(o) != n) {
-                return 0;
-            }
-            PyObject *x = Py_NewRef(PyList_GET_ITEM(o, i));
-            r = memo_build(b, x, depth + 1);
-            Py_DECREF(x);
-            if (r <= 0) {
-                return r;
-            }
-        }
-        return PyList_GET_SIZE(o) == n;
-    }
-    if (PyDict_CheckExact(o)) {
-        PyObject *keys = PyDict_Keys(o), *sorted = NULL;
-        if (keys == NULL) {
-            return -1;
-        }
-        r = 1;
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
-            if (!PyUnicode_CheckExact(PyList_GET_ITEM(keys, i))) {
-                r = 0; /* jaxlib sorts other keys its own way */
-            }
-        }
-        if (r > 0 && (PyList_Sort(keys) < 0 ||
-                      (sorted = PyList_AsTuple(keys)) == NULL)) {
-            r = -1;
-        }
-        Py_DECREF(keys);
-        if (r <= 0) {
-            return r;
-        }
-        Py_ssize_t n = PyTuple_GET_SIZE(sorted);
-        r = (int)memo_push(b, M_DICT, n, sorted);
-        for (Py_ssize_t i = 0; r > 0 && i < n; i++) {
-            PyObject *v =
-                PyDict_GetItemWithError(o, PyTuple_GET_ITEM(sorted, i));
-            if (v == NULL) {
-                r = PyErr_Occurred() ? -1 : 0;
-                break;
-            }
-            Py_INCREF(v);
-            r = memo_build(b, v, depth + 1);
-            Py_DECREF(v);
-        }
-        Py_DECREF(sorted);
-        return r > 0 ? PyDict_GET_SIZE(o) == n : r;
-    }
-    if (PyTuple_Check(o) || PyList_Check(o) || PyDict_Check(o)) {
-        return 0; /* namedtuples, OrderedDict, defaultdict, other subclasses */
-    }
-    PyObject *type = (PyObject *)Py_TYPE(o);
-    PyObject *entry = PyDict_GetItemWithError(st->pytree_registry, type);
-    if (entry == NULL) {
-        if (PyErr_Occurred()) {
-            return -1;
-        }
-        if ((r = (int)memo_push(b, M_LEAF, 0, type)) <= 0) {
-            return r;
-        }
-        return PyList_Append(b->leaves, o) < 0 ? -1 : 1;
-    }
-    /* a registered node: only refx.nn.Module's own rule is taken */
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 1 ||
-        !refx_module_flatten_is_plain(st, PyTuple_GET_ITEM(entry, 0))) {
-        return 0;
-    }
-    PyObject *rule = PyTuple_GET_ITEM(entry, 0);
-    PyObject *flat = PyObject_Vectorcall(rule, &o, 1, NULL), *spec = NULL;
-    if (flat == NULL) {
+    PyObject *nd = PyObject_CallMethod(td, "node_data", NULL);
+    if (nd == NULL) {
         return -1;
     }
-    if (!PyTuple_CheckExact(flat) || PyTuple_GET_SIZE(flat) != 2 ||
-        !PyList_CheckExact(PyTuple_GET_ITEM(flat, 0))) {
-        Py_DECREF(flat);
-        return 0;
-    }
-    PyObject *kids = PyTuple_GET_ITEM(flat, 0);
-    Py_ssize_t n = PyList_GET_SIZE(kids);
-    spec = PyTuple_Pack(3, type, PyTuple_GET_ITEM(flat, 1), rule);
-    r = spec == NULL ? -1 : (int)memo_push(b, M_MODULE, n, spec);
-    Py_XDECREF(spec);
-    for (Py_ssize_t i = 0; r > 0 && i < n; i++) {
-        if (PyList_GET_SIZE(kids) != n) {
-            r = 0;
-            break;
+    if (nd == Py_None) { /* a leaf: the next of jaxlib's leaves */
+        Py_DECREF(nd);
+        if (b->k >= PyList_GET_SIZE(b->leaves)) {
+            return 0;
         }
-        PyObject *x = Py_NewRef(PyList_GET_ITEM(kids, i));
-        r = memo_build(b, x, depth + 1);
-        Py_DECREF(x);
+        PyObject *leaf = PyList_GET_ITEM(b->leaves, b->k++);
+        return memo_push(b, M_LEAF, 0, (PyObject *)Py_TYPE(leaf));
     }
-    Py_DECREF(flat);
+    PyObject *kids = NULL, *obj = NULL;
+    int r = 0;
+    if (!PyTuple_Check(nd) || PyTuple_GET_SIZE(nd) != 2) {
+        goto done;
+    }
+    kids = PyObject_CallMethod(td, "children", NULL);
+    if (kids == NULL || !PyList_Check(kids)) {
+        r = kids == NULL ? -1 : 0;
+        goto done;
+    }
+    PyObject *type = PyTuple_GET_ITEM(nd, 0), *data = PyTuple_GET_ITEM(nd, 1);
+    Py_ssize_t n = PyList_GET_SIZE(kids);
+    if (type == (PyObject *)&PyTuple_Type) {
+        r = memo_push(b, M_TUPLE, n, NULL);
+    }
+    else if (type == (PyObject *)&PyList_Type) {
+        r = memo_push(b, M_LIST, n, NULL);
+    }
+    else if (type == (PyObject *)Py_TYPE(Py_None)) {
+        r = n == 0 ? memo_push(b, M_NONE, 0, NULL) : 0;
+    }
+    else if (type == (PyObject *)&PyDict_Type) {
+        if (PyList_Check(data) && PyList_GET_SIZE(data) == n) {
+            obj = memo_positions(data);
+            r = obj != NULL ? memo_push(b, M_DICT, n, obj)
+                            : (PyErr_Occurred() ? -1 : 0);
+        }
+    }
+    else { /* a registered node: only refx.nn.Module's own rule is taken */
+        PyObject *entry = PyDict_GetItemWithError(st->pytree_registry, type);
+        if (entry == NULL) {
+            r = PyErr_Occurred() ? -1 : 0;
+        }
+        else if (PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) >= 1 &&
+                 refx_module_flatten_is_plain(st,
+                                              PyTuple_GET_ITEM(entry, 0))) {
+            obj = PyTuple_Pack(3, type, data, PyTuple_GET_ITEM(entry, 0));
+            r = obj != NULL ? memo_push(b, M_MODULE, n, obj) : -1;
+        }
+    }
+    for (Py_ssize_t i = 0; r > 0 && i < n; i++) {
+        r = memo_build(b, PyList_GET_ITEM(kids, i), depth + 1);
+    }
+done:
+    Py_XDECREF(obj);
+    Py_XDECREF(kids);
+    Py_DECREF(nd);
     return r;
 }
 
-/* The memo of `tree`, whose jaxlib flatten gave `leaves` and `treedef`:
- * the 5-tuple, or (treedef,) when the tree is not memoized; NULL on error.
- * Registry size `regsize` as read before the flatten. */
+/* The memo of a tree whose jaxlib flatten gave `leaves` and `treedef`,
+ * made from those two alone (not from the tree, which Python code run by
+ * the flatten may have changed since): the 5-tuple, or (treedef,) when the
+ * tree is not memoized; NULL on error.  `regsize`: the registry's size as
+ * read before the flatten. */
 static PyObject *
-memo_make(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *treedef,
+memo_make(refx_state *st, PyObject *leaves, PyObject *treedef,
           Py_ssize_t regsize)
 {
-    memo_build_ctx b = {st, NULL, 0, 0, PyList_New(0), PyList_New(0)};
-    PyObject *res = NULL, *nodes = NULL, *objs = NULL, *num = NULL;
-    if (b.objs == NULL || b.leaves == NULL) {
+    memo_build_ctx b = {st, NULL, 0, 0, PyList_New(0), leaves, 0};
+    PyObject *res = NULL, *nodes = NULL, *objs = NULL;
+    if (b.objs == NULL) {
         goto done;
     }
-    Py_INCREF(tree);
-    int r = memo_build(&b, tree, 0);
-    Py_DECREF(tree);
+    int r = memo_build(&b, treedef, 0);
     if (r < 0) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) {
             goto done;
         }
-        PyErr_Clear(); /* jaxlib's flatten of the same tree did not fail */
+        PyErr_Clear();
         r = 0;
     }
-    if (r > 0) { /* the walk must be jaxlib's flatten exactly */
-        Py_ssize_t n = PyList_GET_SIZE(leaves);
-        r = PyList_GET_SIZE(b.leaves) == n &&
-            PyDict_GET_SIZE(st->pytree_registry) == regsize;
-        for (Py_ssize_t i = 0; r && i < n; i++) {
-            r = PyList_GET_ITEM(b.leaves, i) == PyList_GET_ITEM(leaves, i);
-        }
-        if (r) {
-            num = PyObject_GetAttrString(treedef, "num_nodes");
-            if (num == NULL) {
-                goto done;
-            }
-            r = PyLong_CheckExact(num) && PyLong_AsSsize_t(num) == b.nnodes;
-            Py_CLEAR(num);
-        }
-    }
-    if (!r) {
+    if (r == 0 || b.k != PyList_GET_SIZE(leaves) ||
+        PyDict_GET_SIZE(st->pytree_registry) != regsize) {
         res = PyTuple_Pack(1, treedef);
         goto done;
     }
@@ -417,7 +420,6 @@ memo_make(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *treedef,
 done:
     PyMem_Free(b.nodes);
     Py_XDECREF(b.objs);
-    Py_XDECREF(b.leaves);
     Py_XDECREF(nodes);
     Py_XDECREF(objs);
     return res;
@@ -500,7 +502,7 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
         }
     }
     Py_XDECREF(memo);
-    PyObject *fresh = memo_make(st, tree, leaves, *treedef, regsize);
+    PyObject *fresh = memo_make(st, leaves, *treedef, regsize);
     if (fresh == NULL) {
         Py_CLEAR(*treedef);
         Py_DECREF(leaves);
