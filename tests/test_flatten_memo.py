@@ -121,9 +121,7 @@ def test_non_str_keys_are_left_to_jaxlib():
 
 
 def test_node_kinds_not_memoized_still_agree():
-    P = collections.namedtuple("P", "a b")
     trees = [
-        (P(1.0, refx.Ref(1.0)),),
         (collections.OrderedDict(b=1, a=2),),
         (collections.defaultdict(list, a=[1]),),
         (refx.deref({"a": refx.Ref(1.0)}),),
@@ -134,6 +132,27 @@ def test_node_kinds_not_memoized_still_agree():
         box = [None]
         for _ in range(3):
             assert not check(box, t)
+
+
+def test_namedtuples():
+    P = collections.namedtuple("P", "a b")
+    Q = collections.namedtuple("Q", "a b")  # same fields, another type
+    box = [None]
+    t = (P(1.0, [refx.Ref(1.0)]),)
+    check(box, t)
+    assert check(box, t)
+    assert check(box, (P(2.0, [refx.Ref(2.0)]),))  # another instance
+    assert not check(box, (Q(1.0, [refx.Ref(1.0)]),))
+    assert not check(box, ((1.0, [refx.Ref(1.0)]),))  # a plain tuple
+    assert not check(box, (P(1.0, (refx.Ref(1.0),)),))
+
+    class Sub(tuple):  # a tuple subclass without _fields: a leaf for jaxlib
+        pass
+
+    box = [None]
+    check(box, (Sub((1, 2)),))
+    assert check(box, (Sub((1, 2)),))
+    assert not check(box, (P(1, 2),))
 
 
 def test_registering_a_leaf_type_drops_the_memo():
@@ -316,9 +335,13 @@ trees = st.recursive(
         st.lists(kids, max_size=4).map(tuple),
         st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), kids, max_size=4),
         st.lists(kids, max_size=3).map(lambda xs: _module_of(xs)),
+        st.tuples(kids, kids).map(lambda ab: _NT(*ab)),
     ),
     max_leaves=20,
 )
+
+
+_NT = collections.namedtuple("_NT", "a b")
 
 
 def _module_of(xs):

@@ -25,6 +25,8 @@
  *   LEAF    the object's exact type (objs): a leaf is a leaf of that type
  *   NONE    None (a node with no children for jaxlib)
  *   TUPLE   an exact tuple of `arity` items
+ *   NAMEDTUPLE  a tuple of the exact type objs[obj] (a tuple subclass with
+ *           _fields, not registered: jaxlib's namedtuple), `arity` items
  *   LIST    an exact list of `arity` items
  *   DICT    an exact dict with exactly the keys of objs[obj] (a dict
  *           {key: position among the sorted keys}), each an exact str
@@ -48,7 +50,7 @@
  * directly, bypassing jax.tree_util, is not seen, as jax.jit does not see
  * it either).  A Module is memoized only if the rule registered for its
  * type is refx's own _ModuleFlatten (nnmodule.c).  Every other node kind
- * jaxlib knows (namedtuples, OrderedDict, defaultdict, dataclasses, refx's
+ * jaxlib knows (OrderedDict, defaultdict, dataclasses, refx's
  * Partition/Value/Static, any custom node, dict keys other than exact str)
  * makes the tree unmemoized: such a call flattens with jaxlib every time,
  * and the memo then holds just (treedef,) so the next call of the same
@@ -77,7 +79,7 @@
 #include "refx.h"
 #include <string.h>
 
-enum { M_LEAF, M_NONE, M_TUPLE, M_LIST, M_DICT, M_MODULE };
+enum { M_LEAF, M_NONE, M_TUPLE, M_NAMEDTUPLE, M_LIST, M_DICT, M_MODULE };
 
 typedef struct {
     uint32_t kind;
@@ -186,6 +188,18 @@ memo_check(memo_walk *w, PyObject *o, int depth)
         return o == Py_None;
     case M_TUPLE:
         if (!PyTuple_CheckExact(o) || PyTuple_GET_SIZE(o) != arity) {
+            return 0;
+        }
+        for (Py_ssize_t i = 0; i < arity; i++) {
+            int r = memo_check(w, PyTuple_GET_ITEM(o, i), depth + 1);
+            if (r <= 0) {
+                return r;
+            }
+        }
+        return 1;
+    case M_NAMEDTUPLE:
+        if ((PyObject *)Py_TYPE(o) != PyTuple_GET_ITEM(w->objs, n->obj) ||
+            PyTuple_GET_SIZE(o) != arity) {
             return 0;
         }
         for (Py_ssize_t i = 0; i < arity; i++) {
@@ -360,7 +374,12 @@ memo_build(memo_build_ctx *b, PyObject *td, int depth)
     }
     else { /* a registered node: only refx.nn.Module's own rule is taken */
         PyObject *entry = PyDict_GetItemWithError(st->pytree_registry, type);
-        if (entry == NULL) {
+        if (entry == NULL && !PyErr_Occurred() && PyType_Check(type) &&
+            PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type) &&
+            data == Py_None) { /* jaxlib's namedtuple */
+            r = memo_push(b, M_NAMEDTUPLE, n, type);
+        }
+        else if (entry == NULL) {
             r = PyErr_Occurred() ? -1 : 0;
         }
         else if (PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) >= 1 &&
