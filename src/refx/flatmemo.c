@@ -23,10 +23,13 @@
  * they name.  A record is one of
  *
  *   LEAF    the object's exact type (objs): a leaf is a leaf of that type
+ *           (never a tuple subclass: jaxlib asks those for _fields anew)
  *   NONE    None (a node with no children for jaxlib)
  *   TUPLE   an exact tuple of `arity` items
- *   NAMEDTUPLE  a tuple of the exact type objs[obj] (a tuple subclass with
- *           _fields, not registered: jaxlib's namedtuple), `arity` items
+ *   NAMEDTUPLE  a tuple of the exact type objs[obj][0] (a tuple subclass
+ *           whose class has as many _fields as it has items, not
+ *           registered: jaxlib's namedtuple), `arity` items, and
+ *           hasattr(o, "_fields") (jaxlib's own per-object test)
  *   LIST    an exact list of `arity` items
  *   DICT    an exact dict with exactly the keys of objs[obj] (a dict
  *           {key: position among the sorted keys}), each an exact str
@@ -197,9 +200,13 @@ memo_check(memo_walk *w, PyObject *o, int depth)
             }
         }
         return 1;
-    case M_NAMEDTUPLE:
-        if ((PyObject *)Py_TYPE(o) != PyTuple_GET_ITEM(w->objs, n->obj) ||
-            PyTuple_GET_SIZE(o) != arity) {
+    case M_NAMEDTUPLE: {
+        /* (type, "_fields"): jaxlib asks hasattr(o, "_fields") of every
+         * tuple subclass on every flatten, so the walk asks it too */
+        PyObject *spec = PyTuple_GET_ITEM(w->objs, n->obj);
+        if ((PyObject *)Py_TYPE(o) != PyTuple_GET_ITEM(spec, 0) ||
+            PyTuple_GET_SIZE(o) != arity ||
+            !PyObject_HasAttr(o, PyTuple_GET_ITEM(spec, 1))) {
             return 0;
         }
         for (Py_ssize_t i = 0; i < arity; i++) {
@@ -209,6 +216,7 @@ memo_check(memo_walk *w, PyObject *o, int depth)
             }
         }
         return 1;
+    }
     case M_LIST:
         if (!PyList_CheckExact(o)) {
             return 0;
@@ -322,6 +330,34 @@ memo_positions(PyObject *keys)
     return pos;
 }
 
+/* A tuple subclass jaxlib flattened with no aux data: its namedtuple kind
+ * (a tuple subclass with _fields), or a node registered on a jaxlib
+ * registry object directly (unseen in JAX's registry dict).  Memoized only
+ * when the class itself has _fields, as many as the node's children (a
+ * namedtuple's own signature); the walk asks hasattr(o, "_fields") again
+ * on every call, as jaxlib does. */
+static int
+memo_namedtuple(memo_build_ctx *b, PyObject *type, Py_ssize_t n)
+{
+    PyObject *name = PyUnicode_InternFromString("_fields");
+    if (name == NULL) {
+        return -1;
+    }
+    PyObject *fields = PyObject_GetAttr(type, name), *spec = NULL;
+    int r = 0;
+    if (fields == NULL) {
+        PyErr_Clear();
+    }
+    else if (PyTuple_Check(fields) && PyTuple_GET_SIZE(fields) == n) {
+        spec = PyTuple_Pack(2, type, name);
+        r = spec != NULL ? memo_push(b, M_NAMEDTUPLE, n, spec) : -1;
+    }
+    Py_XDECREF(fields);
+    Py_XDECREF(spec);
+    Py_DECREF(name);
+    return r;
+}
+
 /* Describe the subtree of treedef `td` (jaxlib's, with its node data and
  * children as jaxlib recorded them): 1 done, 0 a node kind the memo does
  * not take, -1 error. */
@@ -342,6 +378,9 @@ memo_build(memo_build_ctx *b, PyObject *td, int depth)
             return 0;
         }
         PyObject *leaf = PyList_GET_ITEM(b->leaves, b->k++);
+        if (PyTuple_Check(leaf)) {
+            return 0; /* a tuple subclass is a leaf until it has _fields */
+        }
         return memo_push(b, M_LEAF, 0, (PyObject *)Py_TYPE(leaf));
     }
     PyObject *kids = NULL, *obj = NULL;
@@ -376,8 +415,8 @@ memo_build(memo_build_ctx *b, PyObject *td, int depth)
         PyObject *entry = PyDict_GetItemWithError(st->pytree_registry, type);
         if (entry == NULL && !PyErr_Occurred() && PyType_Check(type) &&
             PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type) &&
-            data == Py_None) { /* jaxlib's namedtuple */
-            r = memo_push(b, M_NAMEDTUPLE, n, type);
+            data == Py_None) {
+            r = memo_namedtuple(b, type, n);
         }
         else if (entry == NULL) {
             r = PyErr_Occurred() ? -1 : 0;
@@ -468,12 +507,16 @@ memo_try(refx_state *st, PyObject *memo, PyObject *tree, PyObject **treedef)
         PyLong_AsSsize_t(PyTuple_GET_ITEM(memo, 3)),
         0,
     };
-    w.leaves = PyList_New(w.nleaves); /* NULL items until filled */
+    /* NULL items until filled: kept out of the collector's sight (a
+     * gc.get_objects() from Python code the walk runs would read them) */
+    w.leaves = PyList_New(w.nleaves);
     if (w.leaves == NULL) {
         return NULL;
     }
+    PyObject_GC_UnTrack(w.leaves);
     int r = memo_check(&w, tree, 0);
     if (r > 0 && w.k == w.nleaves && w.at == w.nnodes) {
+        PyObject_GC_Track(w.leaves);
         *treedef = Py_NewRef(PyTuple_GET_ITEM(memo, 0));
         return w.leaves;
     }
