@@ -593,6 +593,9 @@ reref_apply(reref_plan *p, PyObject *treedef)
     if (out == NULL) {
         return NULL;
     }
+    /* make_ref may run Python code (a subclass Ref): the list, NULL items
+     * until filled, stays out of gc.get_objects() */
+    PyObject_GC_UnTrack(out);
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t k = p->ref_at[i];
         PyObject *new;
@@ -609,6 +612,7 @@ reref_apply(reref_plan *p, PyObject *treedef)
         }
         PyList_SET_ITEM(out, i, new);
     }
+    PyObject_GC_Track(out);
     PyObject *res = refx_unflatten(p->st, treedef, out);
     Py_DECREF(out);
     return res;

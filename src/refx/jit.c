@@ -1750,6 +1750,9 @@ jit_outputs(call_ctx *c, PyObject *plan, PyObject *payload, PyObject *trace)
         }
         goto done;
     }
+    /* making a new Ref may run Python code (a declared sharding's place):
+     * the list, NULL items until filled, stays out of gc.get_objects() */
+    PyObject_GC_UnTrack(leaves);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *s = PyTuple_GET_ITEM(spec, i), *leaf;
         if (s == Py_None) {
@@ -1796,6 +1799,7 @@ jit_outputs(call_ctx *c, PyObject *plan, PyObject *payload, PyObject *trace)
         }
         PyList_SET_ITEM(leaves, i, leaf);
     }
+    PyObject_GC_Track(leaves);
     out = refx_unflatten(st, out_td, leaves);
 done:
     if (news != NULL) {
@@ -2414,6 +2418,7 @@ make_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(trace);
         return NULL;
     }
+    PyObject_GC_UnTrack(out); /* as in jit_outputs: filled below */
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *r = ref_from_spec(st, PyTuple_GET_ITEM(args[2], k),
                                     PyList_GET_ITEM(args[0], k),
@@ -2425,6 +2430,7 @@ make_refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         PyList_SET_ITEM(out, k, r);
     }
+    PyObject_GC_Track(out);
     Py_DECREF(trace);
     return out;
 }
