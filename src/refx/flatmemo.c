@@ -75,8 +75,9 @@
  * frees nothing in use.  A walk that fails with an ordinary exception
  * falls back to jaxlib's flatten, which raises what it raises.
  *
- * Functions in this file: the check walk (memo_check, memo_check_dict), the
- * build from a treedef (memo_build, memo_make), refx_memo_flatten,
+ * Functions in this file: the check walk (memo_check, memo_check_items,
+ * memo_check_dict), the build from a treedef (memo_build, memo_make),
+ * refx_memo_flatten,
  * _core._memo_flatten (for tests).
  */
 #include "refx.h"
@@ -115,6 +116,20 @@ memo_check_held(memo_walk *w, PyObject *o, int depth)
     int r = memo_check(w, o, depth);
     Py_DECREF(o);
     return r;
+}
+
+/* The items of tuple `o` (held by the caller; a tuple's items cannot
+ * change under the walk), checked in order. */
+static int
+memo_check_items(memo_walk *w, PyObject *o, Py_ssize_t arity, int depth)
+{
+    for (Py_ssize_t i = 0; i < arity; i++) {
+        int r = memo_check(w, PyTuple_GET_ITEM(o, i), depth + 1);
+        if (r <= 0) {
+            return r;
+        }
+    }
+    return 1;
 }
 
 /* A DICT node: `o` an exact dict with exactly the keys of `pos` ({key:
@@ -193,13 +208,7 @@ memo_check(memo_walk *w, PyObject *o, int depth)
         if (!PyTuple_CheckExact(o) || PyTuple_GET_SIZE(o) != arity) {
             return 0;
         }
-        for (Py_ssize_t i = 0; i < arity; i++) {
-            int r = memo_check(w, PyTuple_GET_ITEM(o, i), depth + 1);
-            if (r <= 0) {
-                return r;
-            }
-        }
-        return 1;
+        return memo_check_items(w, o, arity, depth);
     case M_NAMEDTUPLE: {
         /* (type, "_fields"): jaxlib asks hasattr(o, "_fields") of every
          * tuple subclass on every flatten, so the walk asks it too */
@@ -209,13 +218,7 @@ memo_check(memo_walk *w, PyObject *o, int depth)
             !PyObject_HasAttr(o, PyTuple_GET_ITEM(spec, 1))) {
             return 0;
         }
-        for (Py_ssize_t i = 0; i < arity; i++) {
-            int r = memo_check(w, PyTuple_GET_ITEM(o, i), depth + 1);
-            if (r <= 0) {
-                return r;
-            }
-        }
-        return 1;
+        return memo_check_items(w, o, arity, depth);
     }
     case M_LIST:
         if (!PyList_CheckExact(o)) {
@@ -531,7 +534,9 @@ PyObject *
 refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
                   PyObject **treedef, int *hit)
 {
-    *hit = 0;
+    if (hit != NULL) {
+        *hit = 0;
+    }
     if (st->pytree_registry == NULL) {
         return refx_flatten(st, tree, NULL, treedef);
     }
@@ -539,7 +544,9 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
     if (memo != NULL) {
         PyObject *leaves = memo_try(st, memo, tree, treedef);
         if (leaves != NULL || PyErr_Occurred()) {
-            *hit = leaves != NULL;
+            if (hit != NULL) {
+                *hit = leaves != NULL;
+            }
             Py_DECREF(memo);
             return leaves;
         }

@@ -491,8 +491,8 @@ int refx_init_nn(PyObject *module, refx_state *st);
 int refx_module_flatten_is_plain(refx_state *st, PyObject *f);
 
 /* flatmemo.c: refx.jit's argument flatten, checked against a memo of the
- * last one (*slot, owned; replaced when it does not fit); *hit says
- * whether the memo gave the leaves */
+ * last one (*slot, owned; replaced when it does not fit); *hit (when not
+ * NULL) says whether the memo gave the leaves */
 PyObject *refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
                             PyObject **treedef, int *hit);
 int refx_init_memo(PyObject *module, refx_state *st);
