@@ -83,6 +83,25 @@ R = refx.Ref(1.0, "c")
 DTD = jax.tree_util.tree_structure(D)
 OTHER = list(range(len(PARTS[0])))  # another tree with as many leaves
 P_AUX = refx._core._partition_flatten(PARTS[1])[1]
+P_KIDS = refx._core._partition_flatten(PARTS[1])[0]
+
+
+class _AuxTuple(tuple):  # aux data of this type is unflattened item by item
+    pass
+
+
+def partition_unflatten_churn():
+    """Partition unflatten through the template cache: a fresh aux tuple
+    each time (a new entry evicting another), the cached one, and the item
+    by item path (crafted aux)."""
+    # new path tuples too: the cache may hold a bounded number of entries,
+    # which must not show as drift of the probed paths' refcounts
+    fresh = (tuple(tuple(list(p)) for p in P_AUX[0]), tuple(P_AUX[1]))
+    refx._core._partition_unflatten(fresh, P_KIDS)
+    refx._core._partition_unflatten(P_AUX, P_KIDS)
+    refx._core._partition_unflatten(_AuxTuple(P_AUX), P_KIDS)
+    refx._core._partition_unflatten(((("a",), ("a",)), ()), [1, 2])  # two paths alike
+    refx._core._partition_unflatten((((1,),), ()), [1])  # a non-str path
 COLL = ("unique", "collection")  # a collection no one else holds
 
 
@@ -183,6 +202,7 @@ OPS = {
         Boom, refx.update_refs, BADEQ_TREE, [refx.Value(1.0, 0, "c")]),
     "Value/Index flatten+unflatten": lambda: jax.tree_util.tree_unflatten(DTD, jax.tree_util.tree_leaves(D)),
     "Partition flatten_with_path": lambda: jax.tree_util.tree_flatten_with_path(PARTS[1]),
+    "Partition unflatten, template cache": partition_unflatten_churn,
     "Partition unflatten error": lambda: expect(ValueError, refx._core._partition_unflatten, P_AUX, [1]),
     "Not/All/Any()": lambda: (refx.Not("c"), refx.All(refx.Ref, "c"), refx.Any(int, ("c", refx.Ref))),
     "Not() bad filter": lambda: expect(TypeError, refx.Not, []),

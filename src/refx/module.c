@@ -209,6 +209,7 @@ static PyMethodDef module_functions[] = {
     X(pred_deref) \
     X(pred_refx) \
     X(path_cache) \
+    X(unflat_cache) \
     X(str_value) \
     X(str_unflatten) \
     X(str_num_leaves) \
@@ -323,6 +324,9 @@ module_exec(PyObject *module)
         return -1;
     }
     if ((st->path_cache = PyDict_New()) == NULL) {
+        return -1;
+    }
+    if ((st->unflat_cache = refx_unflat_cache_new()) == NULL) {
         return -1;
     }
     st->path_cache_max_paths = 500000; /* see partition.c */

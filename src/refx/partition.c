@@ -62,8 +62,13 @@
  * type and aux data up to equality: two such nodes whose aux data compare
  * equal (keys 1 and 1.0) get the paths of the first one cached.
  *
- * Functions in this file: the Partition type and its pytree functions,
- * the path cache (path_info_from_pairs, path_cache_get/put,
+ * Unflatten's templates (see there): jaxlib's unflatten of a Partition
+ * clones a template {path: NOTHING} kept per aux data object and stores
+ * the children with their paths' known hashes.
+ *
+ * Functions in this file: the Partition type and its pytree functions
+ * (partition_unflatten over the template cache: unflat_lookup,
+ * unflat_make, partition_from_entry), the path cache (path_info_from_pairs, path_cache_get/put,
  * tree_path_info, treedef_path_info), tree_partition, get_partition,
  * merge_partitions (merge_check_args, merge_at_path, merge_by_paths).
  */
@@ -458,11 +463,178 @@ error:
     return res;
 }
 
+/*
+ * Unflatten's templates.  jaxlib unflattens a Partition wherever one leaves
+ * a transform: every refx.jit call that writes an optimiser state held in
+ * one Ref gets its moments back as Partitions, from the aux data of the
+ * traced output.  Stored item by item, a Partition costs a tuple hash and a
+ * dict insertion (with the dict's resizes) per path: ~10,000 instructions
+ * for 20 paths, the largest piece of such a call's cost above bare
+ * jax.jit (callgrind).  The aux data is the same object call after call
+ * (the treedef holds it), so its template {path: NOTHING} and the paths'
+ * hashes are made once and kept, as tree_partition keeps them per treedef:
+ * a Partition is then a clone of the template (a memcpy in dict_merge) and
+ * one known-hash store per child.
+ *
+ * The cache is direct-mapped on the aux object's address: UNFLAT_SLOTS (64)
+ * entries (aux, template, hashes), an entry holding its aux, so the
+ * address cannot be reused while the entry names it.  Only aux data whose
+ * paths are all exact tuples of exact str, with no two alike, gets an
+ * entry (hashing them runs no Python code, and nothing in them can change
+ * its hash later); any other aux data (crafted with treedef.unflatten) is
+ * unflattened item by item, every time.  The positions of NOTHING are
+ * checked when the entry is made (the aux tuple cannot change after).
+ */
+#define UNFLAT_SLOTS 64
+
+static Py_ssize_t
+unflat_slot(PyObject *aux)
+{
+    /* Fibonacci hashing: the top 6 bits of the address times 2^64/phi */
+    return (Py_ssize_t)(((uint64_t)(uintptr_t)aux * 0x9E3779B97F4A7C15ull) >>
+                        58);
+}
+
+PyObject *
+refx_unflat_cache_new(void)
+{
+    PyObject *cache = PyList_New(UNFLAT_SLOTS);
+    if (cache == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < UNFLAT_SLOTS; i++) {
+        PyList_SET_ITEM(cache, i, Py_NewRef(Py_None));
+    }
+    return cache;
+}
+
+/* Positions of NOTHING `holes` must be increasing ints below n (aux data
+ * can be crafted: treedef.unflatten of anything). */
+static int
+check_holes(PyObject *holes, Py_ssize_t n)
+{
+    for (Py_ssize_t h = 0, prev = -1; h < PyTuple_GET_SIZE(holes); h++) {
+        PyObject *o = PyTuple_GET_ITEM(holes, h);
+        int overflow = 0;
+        long long at = PyLong_CheckExact(o)
+                           ? PyLong_AsLongLongAndOverflow(o, &overflow)
+                           : -1;
+        if (at <= prev || at >= n || overflow) {
+            PyErr_Format(PyExc_ValueError,
+                         "Partition: positions of NOTHING must be increasing "
+                         "ints below the number of paths (%zd), got %R",
+                         n, holes);
+            return -1;
+        }
+        prev = (Py_ssize_t)at;
+    }
+    return 0;
+}
+
+/* aux's entry (aux, template, hashes) when the cache holds one, else NULL */
+static PyObject *
+unflat_lookup(refx_state *st, PyObject *aux)
+{
+    Py_ssize_t slot = unflat_slot(aux);
+    PyObject *entry = PyList_GET_ITEM(st->unflat_cache, slot);
+    if (entry != Py_None && PyTuple_GET_ITEM(entry, 0) == aux) {
+        return Py_NewRef(entry);
+    }
+    return NULL;
+}
+
+/* A new entry for `aux` (an exact tuple of two exact tuples, its positions
+ * of NOTHING checked), kept in aux's slot; NULL with no error when such
+ * aux data gets none. */
+static PyObject *
+unflat_make(refx_state *st, PyObject *aux)
+{
+    Py_ssize_t slot = unflat_slot(aux);
+    PyObject *entry;
+    PyObject *paths = PyTuple_GET_ITEM(aux, 0);
+    Py_ssize_t n = PyTuple_GET_SIZE(paths);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *path = PyTuple_GET_ITEM(paths, i);
+        if (!PyTuple_CheckExact(path)) {
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(path); j++) {
+            if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(path, j))) {
+                return NULL;
+            }
+        }
+    }
+    PyObject *template = PyDict_New();
+    PyObject *hashes =
+        PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(Py_hash_t));
+    if (template == NULL || hashes == NULL) {
+        goto error;
+    }
+    Py_hash_t *hs = (Py_hash_t *)PyBytes_AS_STRING(hashes);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *path = PyTuple_GET_ITEM(paths, i);
+        hs[i] = PyObject_Hash(path); /* str items: no Python code runs */
+        if (hs[i] == -1 || refx_dict_setitem_known_hash(
+                               template, path, st->nothing, hs[i]) < 0) {
+            goto error;
+        }
+    }
+    if (PyDict_GET_SIZE(template) != n) { /* two paths alike */
+        Py_DECREF(template);
+        Py_DECREF(hashes);
+        return NULL;
+    }
+    entry = PyTuple_Pack(3, aux, template, hashes);
+    Py_DECREF(template);
+    Py_DECREF(hashes);
+    if (entry != NULL) {
+        PyList_SetItem(st->unflat_cache, slot, Py_NewRef(entry)); /* steals */
+    }
+    return entry;
+error:
+    Py_XDECREF(template);
+    Py_XDECREF(hashes);
+    return NULL;
+}
+
+/* A Partition of aux's paths from its template: children (a fast
+ * sequence of exactly n - len(holes) items) at the paths not in holes. */
+static PyObject *
+partition_from_entry(refx_state *st, PyObject *entry, PyObject *children)
+{
+    PyObject *aux = PyTuple_GET_ITEM(entry, 0);
+    PyObject *paths = PyTuple_GET_ITEM(aux, 0);
+    PyObject *holes = PyTuple_GET_ITEM(aux, 1);
+    const Py_hash_t *hs =
+        (const Py_hash_t *)PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, 2));
+    Py_ssize_t n = PyTuple_GET_SIZE(paths), nh = PyTuple_GET_SIZE(holes);
+    PyObject *p = partition_alloc(st);
+    if (p == NULL || PyDict_Update(p, PyTuple_GET_ITEM(entry, 1)) < 0) {
+        Py_XDECREF(p);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0, h = 0, c = 0; i < n; i++) {
+        if (h < nh && PyLong_AsSsize_t(PyTuple_GET_ITEM(holes, h)) == i) {
+            h++;
+            continue;
+        }
+        if (refx_dict_setitem_known_hash(
+                p, PyTuple_GET_ITEM(paths, i),
+                PySequence_Fast_GET_ITEM(children, c++), hs[i]) < 0) {
+            Py_DECREF(p);
+            return NULL;
+        }
+    }
+    ((PartitionObject *)p)->paths = Py_NewRef(paths);
+    ((PartitionObject *)p)->aux = Py_NewRef(aux);
+    return p;
+}
+
 static PyObject *
 partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     refx_state *st = refx_get_state(module);
-    PyObject *children = NULL, *p = NULL;
+    PyObject *children = NULL, *p = NULL, *entry = NULL;
     PyObject *aux = nargs == 2 ? args[0] : NULL;
     if (aux == NULL || !PyTuple_Check(aux) || PyTuple_GET_SIZE(aux) != 2 ||
         !PyTuple_Check(PyTuple_GET_ITEM(aux, 0)) ||
@@ -479,22 +651,12 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(paths), nh = PyTuple_GET_SIZE(holes);
-    /* aux data can be crafted (treedef.unflatten of anything): positions of
-     * NOTHING must be increasing ints below n */
-    for (Py_ssize_t h = 0, prev = -1; h < nh; h++) {
-        PyObject *o = PyTuple_GET_ITEM(holes, h);
-        int overflow = 0;
-        long long at = PyLong_CheckExact(o)
-                           ? PyLong_AsLongLongAndOverflow(o, &overflow)
-                           : -1;
-        if (at <= prev || at >= n || overflow) {
-            PyErr_Format(PyExc_ValueError,
-                         "Partition: positions of NOTHING must be increasing "
-                         "ints below the number of paths (%zd), got %R",
-                         n, holes);
-            goto error;
-        }
-        prev = (Py_ssize_t)at;
+    int exact = PyTuple_CheckExact(aux) && PyTuple_CheckExact(paths) &&
+                PyTuple_CheckExact(holes);
+    /* an entry's positions of NOTHING were checked when it was made */
+    entry = exact ? unflat_lookup(st, aux) : NULL;
+    if (entry == NULL && check_holes(holes, n) < 0) {
+        goto error;
     }
     if (PySequence_Fast_GET_SIZE(children) != n - nh) {
         PyErr_Format(PyExc_ValueError,
@@ -502,6 +664,20 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      "children",
                      n, nh, PySequence_Fast_GET_SIZE(children));
         goto error;
+    }
+    if (entry != NULL) {
+        p = partition_from_entry(st, entry, children);
+        goto error;
+    }
+    if (exact) {
+        entry = unflat_make(st, aux);
+        if (entry != NULL) {
+            p = partition_from_entry(st, entry, children);
+            goto error;
+        }
+        if (PyErr_Occurred()) {
+            goto error;
+        }
     }
     p = partition_alloc(st);
     if (p == NULL) {
@@ -526,6 +702,7 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         ((PartitionObject *)p)->aux = Py_NewRef(aux);
     }
 error:
+    Py_XDECREF(entry);
     Py_XDECREF(children);
     return p;
 }

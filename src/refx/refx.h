@@ -116,6 +116,9 @@ typedef struct {
 
     /* treedef -> path info, bounded (see partition.c) */
     PyObject *path_cache;
+    /* Partition unflatten's templates: a list of UNFLAT_SLOTS items, each
+     * None or (aux, template, hashes) (see partition.c) */
+    PyObject *unflat_cache;
 
     /* interned strings */
     PyObject *str_value;
@@ -477,6 +480,7 @@ int refx_filter_match_at(refx_state *st, PyObject *filter, PyObject *path,
 
 /* partition.c */
 int refx_init_partition_types(PyObject *module, refx_state *st);
+PyObject *refx_unflat_cache_new(void);
 extern PyMethodDef refx_partition_functions[];
 
 /* update.c */
