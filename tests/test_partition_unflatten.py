@@ -224,3 +224,86 @@ def test_optimizer_state_in_one_ref_through_jit():
         mu = opt.value[0].mu
         assert type(mu) is refx.Partition
         assert list(mu) == list(o2.value[0].mu)
+
+
+# --- found by the hostile review of the cache (each failed before its fix)
+
+
+def test_cache_is_bounded_by_paths():
+    # a one-off Partition of many paths kept its template alive (50 MB for
+    # 300,000 paths) until its slot was reused; now at most 100,000 paths
+    # are held in all, and larger aux data is never cached
+    import gc
+    import tracemalloc
+
+    def once(n, tag):
+        aux = (tuple((f"{tag}{i}", "w") for i in range(n)), ())
+        return len(unflatten(aux, range(n)))
+
+    tracemalloc.start()
+    try:
+        gc.collect()
+        base = tracemalloc.get_traced_memory()[0]
+        assert once(150_000, "big") == 150_000
+        for k in range(6):  # several under the cap alone, over it together
+            assert once(40_000, f"mid{k}_") == 40_000
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    # at most 100,000 paths' templates (~10 MB with their path tuples)
+    assert held < 20e6, f"{held / 1e6:.1f} MB held after the Partitions are gone"
+
+
+def test_templates_are_out_of_gc_reach():
+    # gc.get_referrers handed out the cache entry and its template, whose
+    # edits showed in every later unflatten of that aux data
+    import gc
+
+    aux = ((("a",), ("b",)), (1,))
+    unflatten(aux, [1])
+    holders = [o for o in gc.get_referrers(aux) if o is not aux]
+    for o in holders:
+        assert not (type(o) is tuple and len(o) == 3 and o[0] is aux), "cache entry reachable"
+    for path in aux[0]:
+        for o in gc.get_referrers(path):
+            if type(o) is dict and list(o.values()) == [refx.NOTHING] * len(o):
+                pytest.fail("template reachable through gc")
+    assert list(unflatten(aux, [1]).items()) == [(("a",), 1), (("b",), refx.NOTHING)]
+
+
+@pytest.mark.parametrize("crafted", [False, True])
+def test_children_list_emptied_by_a_gc_callback(crafted):
+    # a gc callback run by an allocation inside the call cleared the
+    # children list after its length was checked: a read past its end
+    import gc
+
+    state = {"kids": None}
+
+    def cb(phase, info):
+        if phase == "start" and state["kids"] is not None:
+            state["kids"].clear()
+
+    paths = tuple((f"p{i}",) for i in range(50))
+    aux = AuxTuple((paths, ())) if crafted else (paths, ())
+    unflatten(aux, list(range(50)))
+    old = gc.get_threshold()
+    gc.callbacks.append(cb)
+    try:
+        for r in range(200):
+            kids = [object() for _ in range(50)]
+            gc.collect()
+            state["kids"] = kids
+            gc.set_threshold(1 + r % 6)
+            try:
+                p = unflatten(aux, kids)
+            except ValueError as e:  # the list was emptied before the copy
+                assert "but 0 children" in str(e)
+            else:
+                assert len(p) == 50 and all(v is not refx.NOTHING for v in p.values())
+            finally:
+                state["kids"] = None
+                gc.set_threshold(*old)
+    finally:
+        gc.callbacks.remove(cb)
+        gc.set_threshold(*old)

@@ -484,8 +484,20 @@ error:
  * its hash later); any other aux data (crafted with treedef.unflatten) is
  * unflattened item by item, every time.  The positions of NOTHING are
  * checked when the entry is made (the aux tuple cannot change after).
+ *
+ * Bounded by what it holds: at most UNFLAT_MAX_PATHS paths in all
+ * (st->unflat_paths counts them); an entry that would not fit empties the
+ * cache first, and aux data with more paths than that is never cached (a
+ * one-off Partition of 300,000 paths kept 50 MB alive until its slot was
+ * reused; found by the hostile review).  The list, its entries and the
+ * templates are untracked by the collector: they hold only tuples of str,
+ * NOTHING and bytes (no cycles), and so gc.get_referrers cannot hand a
+ * template to Python code that would edit it.  The children are taken as
+ * a tuple (jaxlib passes one; anything else is copied into one), so a
+ * collection run by an allocation cannot shrink them under the loop.
  */
 #define UNFLAT_SLOTS 64
+#define UNFLAT_MAX_PATHS 100000
 
 static Py_ssize_t
 unflat_slot(PyObject *aux)
@@ -505,6 +517,7 @@ refx_unflat_cache_new(void)
     for (Py_ssize_t i = 0; i < UNFLAT_SLOTS; i++) {
         PyList_SET_ITEM(cache, i, Py_NewRef(Py_None));
     }
+    PyObject_GC_UnTrack(cache);
     return cache;
 }
 
@@ -543,6 +556,34 @@ unflat_lookup(refx_state *st, PyObject *aux)
     return NULL;
 }
 
+/* the number of paths an entry (or None) holds */
+static Py_ssize_t
+unflat_size(PyObject *entry)
+{
+    return entry == Py_None ? 0
+                            : PyTuple_GET_SIZE(PyTuple_GET_ITEM(
+                                  PyTuple_GET_ITEM(entry, 0), 0));
+}
+
+/* Keep `entry` in `slot`, within UNFLAT_MAX_PATHS (the caller checked
+ * that it fits alone).  Entries dropped here may be in use further up the
+ * stack: their users hold them. */
+static void
+unflat_put(refx_state *st, Py_ssize_t slot, PyObject *entry)
+{
+    PyObject *cache = st->unflat_cache;
+    Py_ssize_t n = unflat_size(entry);
+    st->unflat_paths -= unflat_size(PyList_GET_ITEM(cache, slot));
+    if (st->unflat_paths + n > UNFLAT_MAX_PATHS) {
+        for (Py_ssize_t i = 0; i < UNFLAT_SLOTS; i++) {
+            PyList_SetItem(cache, i, Py_NewRef(Py_None)); /* steals */
+        }
+        st->unflat_paths = 0;
+    }
+    PyList_SetItem(cache, slot, Py_NewRef(entry)); /* steals */
+    st->unflat_paths += n;
+}
+
 /* A new entry for `aux` (an exact tuple of two exact tuples, its positions
  * of NOTHING checked), kept in aux's slot; NULL with no error when such
  * aux data gets none. */
@@ -553,6 +594,9 @@ unflat_make(refx_state *st, PyObject *aux)
     PyObject *entry;
     PyObject *paths = PyTuple_GET_ITEM(aux, 0);
     Py_ssize_t n = PyTuple_GET_SIZE(paths);
+    if (n > UNFLAT_MAX_PATHS) {
+        return NULL;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *path = PyTuple_GET_ITEM(paths, i);
         if (!PyTuple_CheckExact(path)) {
@@ -584,11 +628,13 @@ unflat_make(refx_state *st, PyObject *aux)
         Py_DECREF(hashes);
         return NULL;
     }
+    PyObject_GC_UnTrack(template);
     entry = PyTuple_Pack(3, aux, template, hashes);
     Py_DECREF(template);
     Py_DECREF(hashes);
     if (entry != NULL) {
-        PyList_SetItem(st->unflat_cache, slot, Py_NewRef(entry)); /* steals */
+        PyObject_GC_UnTrack(entry);
+        unflat_put(st, slot, entry);
     }
     return entry;
 error:
@@ -597,8 +643,8 @@ error:
     return NULL;
 }
 
-/* A Partition of aux's paths from its template: children (a fast
- * sequence of exactly n - len(holes) items) at the paths not in holes. */
+/* A Partition of aux's paths from its template: children (a tuple of
+ * exactly n - len(holes) items) at the paths not in holes. */
 static PyObject *
 partition_from_entry(refx_state *st, PyObject *entry, PyObject *children)
 {
@@ -618,9 +664,9 @@ partition_from_entry(refx_state *st, PyObject *entry, PyObject *children)
             h++;
             continue;
         }
-        if (refx_dict_setitem_known_hash(
-                p, PyTuple_GET_ITEM(paths, i),
-                PySequence_Fast_GET_ITEM(children, c++), hs[i]) < 0) {
+        if (refx_dict_setitem_known_hash(p, PyTuple_GET_ITEM(paths, i),
+                                         PyTuple_GET_ITEM(children, c++),
+                                         hs[i]) < 0) {
             Py_DECREF(p);
             return NULL;
         }
@@ -628,6 +674,27 @@ partition_from_entry(refx_state *st, PyObject *entry, PyObject *children)
     ((PartitionObject *)p)->paths = Py_NewRef(paths);
     ((PartitionObject *)p)->aux = Py_NewRef(aux);
     return p;
+}
+
+/* The children as a tuple: jaxlib's own, or a copy of any other iterable
+ * (a list could be changed under the loops by Python code an allocation
+ * runs, e.g. a gc callback). */
+static PyObject *
+unflatten_children(PyObject *o)
+{
+    if (PyTuple_CheckExact(o)) {
+        return Py_NewRef(o);
+    }
+    PyObject *it = PyObject_GetIter(o);
+    if (it == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_SetString(PyExc_TypeError, "children must be a sequence");
+        }
+        return NULL;
+    }
+    PyObject *t = PySequence_Tuple(it);
+    Py_DECREF(it);
+    return t;
 }
 
 static PyObject *
@@ -646,7 +713,7 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *paths = PyTuple_GET_ITEM(aux, 0);
     PyObject *holes = PyTuple_GET_ITEM(aux, 1);
-    children = PySequence_Fast(args[1], "children must be a sequence");
+    children = unflatten_children(args[1]);
     if (children == NULL) {
         return NULL;
     }
@@ -658,11 +725,11 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (entry == NULL && check_holes(holes, n) < 0) {
         goto error;
     }
-    if (PySequence_Fast_GET_SIZE(children) != n - nh) {
+    if (PyTuple_GET_SIZE(children) != n - nh) {
         PyErr_Format(PyExc_ValueError,
                      "Partition: %zd paths, %zd of them NOTHING, but %zd "
                      "children",
-                     n, nh, PySequence_Fast_GET_SIZE(children));
+                     n, nh, PyTuple_GET_SIZE(children));
         goto error;
     }
     if (entry != NULL) {
@@ -690,7 +757,7 @@ partition_unflatten(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             v = st->nothing; /* checked above: in range, in order */
         }
         else {
-            v = PySequence_Fast_GET_ITEM(children, c++);
+            v = PyTuple_GET_ITEM(children, c++);
         }
         if (PyDict_SetItem(p, PyTuple_GET_ITEM(paths, i), v) < 0) {
             Py_CLEAR(p);

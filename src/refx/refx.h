@@ -182,7 +182,8 @@ typedef struct {
     /* The path cache's bounds and what it holds (partition.c). */
     Py_ssize_t path_cache_paths, path_cache_max_paths, path_cache_max_entries;
     Py_ssize_t registry_seen; /* size of pytree_registry when last checked */
-    uint64_t eager_clock; /* counts eager transform calls (jit.c, `used`) */
+    uint64_t eager_clock;    /* counts eager transform calls (jit.c, `used`) */
+    Py_ssize_t unflat_paths; /* paths held by unflat_cache (partition.c) */
 } refx_state;
 
 extern PyModuleDef refx_module;
