@@ -58,13 +58,14 @@ from flax import nnx
 import refx
 import refx.nn as rnn
 
-from common import (SIZE_HEADER, SMOKE, bench_wall_cpu, check, fmt_time, print_table, save, size_str,
-                    tree_stats)
+from common import (SIZE_HEADER, SMOKE, bench_wall_cpu, check, fmt_time, paired_median, print_table, save,
+                    size_str, tree_stats)
 
 WIDTH, BATCH, MOMENTUM, EPS, LR = 32, 64, 0.99, 1e-5, 1e-3
 DEPTHS = [5] if SMOKE else [5, 100]
 PKEYS, SKEYS = ("w", "b", "scale", "bias"), ("mean", "var")
 BARE = "bare jax.jit"
+NNX_FAST = "nnx.jit_partial graph=False"  # NNX's fastest path
 COMPETITORS = [BARE, "refx.jit", "refx.jit_partial", "nnx.jit", "nnx.jit graph=False",
                "nnx.jit_partial graph=False", "eqx.filter_jit"]
 STEPS = ["SGD step", "eval step", "no-op step"]
@@ -574,7 +575,11 @@ def nn_main() -> str:
         variants, rmodel = nn_variants(kind)
         nn_agree(kind, variants, x, y)
         fns = {n: (lambda f=v[0]: jax.block_until_ready(f(x, y))) for n, v in variants.items()}
-        t, c = bench(fns, rounds=5 if SMOKE else 21, budget=0.01 if SMOKE else 0.2)
+        samples: dict = {}
+        t, c = bench(fns, rounds=5 if SMOKE else 21, budget=0.01 if SMOKE else 0.2, samples=samples)
+        # each variant against NNX's fastest path, paired round by round
+        vs_nnx = {n: [paired_median(samples[n][k], samples[NNX_FAST][k]) for k in (0, 1)]
+                  for n in variants}
         what = ("Linear 64-128-128-10, BatchNorm x2, Dropout" if kind == "MLP"
                 else f"Conv 3x3 1-16-32, BatchNorm x2, Linear; {NN_HW}x{NN_HW}")
         for name in variants:
@@ -582,15 +587,21 @@ def nn_main() -> str:
                          "-" if name == BARE else f"{t[name] / t[BARE]:.2f}x",
                          f"{t[name] / t['refx.jit']:.2f}x", fmt_time(c[name]),
                          "-" if name == BARE else f"{c[name] / c[BARE]:.2f}x",
-                         f"{c[name] / c['refx.jit']:.2f}x"])
+                         f"{c[name] / c['refx.jit']:.2f}x",
+                         "-" if name == NNX_FAST else
+                         f"{vs_nnx[name][0]:.3f}x / {vs_nnx[name][1]:.3f}x"])
         data["models"].append({"model": kind, "batch": NN_BATCH, "refs": tree_stats(rmodel),
-                               "seconds": t, "cpu_seconds": c})
+                               "seconds": t, "cpu_seconds": c,
+                               "paired_vs_nnx_jit_partial": {n: {"wall": w, "cpu": cc}
+                                                             for n, (w, cc) in vs_nnx.items()}})
     table = print_table(
         f"5b. time per SGD step, refx.nn models (batch {NN_BATCH}; goals: refx.jit <= 1.05x bare "
         "jax.jit on the same math, and faster than nnx.jit and nnx.jit_partial(graph=False); "
         "refx.jit_partial, with the model bound, is the like of nnx.jit_partial; "
-        "wall time and CPU time, medians)",
-        ["model", "variant", "wall", "/ bare", "/ refx.jit", "CPU", "/ bare", "/ refx.jit"], rows)
+        "wall time and CPU time, medians; the last column is the median over rounds of each "
+        "round's ratio to nnx.jit_partial(graph=False), wall / CPU, timed in the same round)",
+        ["model", "variant", "wall", "/ bare", "/ refx.jit", "CPU", "/ bare", "/ refx.jit",
+         "/ NNX partial, paired"], rows)
     if not SMOKE:
         save("step_nn", data, table)
     return table

@@ -158,13 +158,14 @@ def bench(fns: dict[str, Callable[[], object]], rounds: int | None = None,
 
 
 def bench_wall_cpu(fns: dict[str, Callable[[], object]], rounds: int,
-                   budget: float) -> tuple[dict[str, float], dict[str, float]]:
+                   budget: float, samples: dict | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """bench's method (interleaved rotated rounds, a gc.collect()
     before each batch, medians), timing each batch with two clocks: wall
     time, and this process's CPU time (all its threads, XLA's included).
     The machine is shared: when other jobs load it, wall-time medians of
     millisecond calls swing by 2x while CPU time stays put, so both are kept
-    and the goals are judged on both."""
+    and the goals are judged on both.  `samples`, if given, receives each
+    competitor's per-round (wall, cpu) lists, for paired_median."""
     numbers = batch_sizes(fns, budget, time.perf_counter, 1e-7)
     names = list(fns)
     wall: dict = {n: [] for n in fns}
@@ -178,8 +179,17 @@ def bench_wall_cpu(fns: dict[str, Callable[[], object]], rounds: int,
                 fn()
             wall[name].append((time.perf_counter() - t0) / n)
             cpu[name].append((time.process_time() - c0) / n)
+    if samples is not None:
+        samples.update({n: (wall[n], cpu[n]) for n in fns})
     return ({n: statistics.median(v) for n, v in wall.items()},
             {n: statistics.median(v) for n, v in cpu.items()})
+
+
+def paired_median(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a[r] / b[r]: two competitors timed in the same
+    round of bench_wall_cpu see the same machine, so drift between rounds
+    cancels in each ratio (a ratio of the two medians does not pair them)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def paired_ratios(base: Callable[[], object], fns: dict[str, Callable[[], object]],

@@ -149,6 +149,12 @@ def goals(r: dict) -> str:
             vals = [m[clock][num] / m[clock][den] for m in models]
             row(f"{goal} ({what})", vals, ok,
                 ", ".join(f"{v:.2f}x ({m['model']})" for v, m in zip(vals, models, strict=True)))
+    if all("paired_vs_nnx_jit_partial" in m for m in models):
+        for clock, what in (("wall", "wall time"), ("cpu", "CPU time")):
+            vals = [m["paired_vs_nnx_jit_partial"]["refx.jit"][clock] for m in models]
+            row(f"refx.nn model: refx.jit / nnx.jit_partial(graph=False) <= 1.0x ({what}, median of "
+                "per-round paired ratios)", vals, lambda v: v <= 1.0,
+                ", ".join(f"{v:.3f}x ({m['model']})" for v, m in zip(vals, models, strict=True)))
     eager = r["eager"]
     pairs = (("refx.scan", "jax.lax.scan"), ("refx.cond", "jax.lax.cond"),
              ("refx.fori_loop", "jax.lax.fori_loop"))
