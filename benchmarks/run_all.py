@@ -211,10 +211,10 @@ of distinct Refs.
 
 ![log-log time vs tree size per competitor](results/scaling.png)
 
-## Against the goals (latest full run)
+## Against the goals (the latest run of each question)
 
 {goals(results)}
-## Tables (latest full run)
+## Tables (the latest run of each question: tables 5 and 5b may come from a later run of bench_step.py alone, see NOTES)
 {tables}
 {notes}"""
     (HERE / "README.md").write_text(text)
