@@ -307,3 +307,17 @@ def test_children_list_emptied_by_a_gc_callback(crafted):
     finally:
         gc.callbacks.remove(cb)
         gc.set_threshold(*old)
+
+
+def test_clear_releases_what_the_cache_holds():
+    import sys
+
+    path = ("only", "here")
+    aux = ((path, ("b",)), ())
+    _core._clear_unflatten_cache()
+    before = sys.getrefcount(path)
+    unflatten(aux, [1, 2])
+    assert sys.getrefcount(path) > before  # the entry holds aux, its template the path
+    _core._clear_unflatten_cache()
+    assert sys.getrefcount(path) == before
+    assert list(unflatten(aux, [1, 2]).items()) == [(path, 1), (("b",), 2)]

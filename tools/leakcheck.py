@@ -595,6 +595,10 @@ def measure(op, n=N):
 
 
 def probe_refcounts():
+    # Partition unflatten's templates hold aux data (and so paths) of
+    # whichever Partitions were unflattened last, and an op may evict
+    # another op's entry: read the probes with that cache empty
+    refx._core._clear_unflatten_cache()
     return {k: sys.getrefcount(v) for k, v in PROBES.items()}
 
 

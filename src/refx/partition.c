@@ -1047,6 +1047,17 @@ path_cache_clear(PyObject *module, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+unflat_cache_clear(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    refx_state *st = refx_get_state(module);
+    for (Py_ssize_t i = 0; i < UNFLAT_SLOTS; i++) {
+        PyList_SetItem(st->unflat_cache, i, Py_NewRef(Py_None)); /* steals */
+    }
+    st->unflat_paths = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 path_cache_limits(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     refx_state *st = refx_get_state(module);
@@ -1538,6 +1549,9 @@ PyMethodDef refx_partition_functions[] = {
     {"_clear_path_cache", path_cache_clear, METH_NOARGS,
      "_clear_path_cache($module, /)\n--\n\n"
      "Forget the paths computed per treedef (tests, memory)."},
+    {"_clear_unflatten_cache", unflat_cache_clear, METH_NOARGS,
+     "_clear_unflatten_cache($module, /)\n--\n\n"
+     "Forget Partition unflatten's templates (tests, memory)."},
     {"_path_cache_limits", path_cache_limits, METH_NOARGS,
      "_path_cache_limits($module, /)\n--\n\n"
      "The path cache's bounds: {'paths': ..., 'entries': ...}."},
