@@ -90,18 +90,25 @@ class _AuxTuple(tuple):  # aux data of this type is unflattened item by item
     pass
 
 
+# aux data equal to P_AUX but of other objects (new path tuples too, so the
+# probed paths are not held by their entries): more of them than the cache
+# has slots, so entries are evicted and made again on every call, while the
+# set of slots in use stays fixed once each has been unflattened once
+P_AUX_POOL = [(tuple(tuple(list(p)) for p in P_AUX[0]), tuple(P_AUX[1])) for _ in range(150)]
+_pool_at = [0]
+
+
 def partition_unflatten_churn():
-    """Partition unflatten through the template cache: a fresh aux tuple
-    each time (a new entry evicting another), the cached one, and the item
-    by item path (crafted aux)."""
-    # new path tuples too: the cache may hold a bounded number of entries,
-    # which must not show as drift of the probed paths' refcounts
-    fresh = (tuple(tuple(list(p)) for p in P_AUX[0]), tuple(P_AUX[1]))
-    refx._core._partition_unflatten(fresh, P_KIDS)
+    """Partition unflatten through the template cache: an entry evicting
+    another, the cached one, and the item-by-item path (crafted aux)."""
+    _pool_at[0] = (_pool_at[0] + 1) % len(P_AUX_POOL)
+    refx._core._partition_unflatten(P_AUX_POOL[_pool_at[0]], P_KIDS)
     refx._core._partition_unflatten(P_AUX, P_KIDS)
     refx._core._partition_unflatten(_AuxTuple(P_AUX), P_KIDS)
     refx._core._partition_unflatten(((("a",), ("a",)), ()), [1, 2])  # two paths alike
     refx._core._partition_unflatten((((1,),), ()), [1])  # a non-str path
+
+
 COLL = ("unique", "collection")  # a collection no one else holds
 
 
@@ -630,7 +637,8 @@ def main(n: int = N) -> int:
         if name == "deep tree" and hasattr(sys, "gettotalrefcount"):
             continue  # jaxlib aborts debug interpreters on too-deep trees
         warm(op)  # caches filled by the first calls are not drift
-        before = probe_refcounts()
+        before = probe_refcounts()  # empties Partition unflatten's cache: fill it again
+        warm(op)
         objs = len(gc.get_objects())
         dblocks, dmem = measure(op, n)
         dobjs = (len(gc.get_objects()) - objs) / n
