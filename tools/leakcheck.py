@@ -82,8 +82,7 @@ CKPT = {k: v.value for k, v in refx.get_partition(D, PARAMS).items() if isinstan
 R = refx.Ref(1.0, "c")
 DTD = jax.tree_util.tree_structure(D)
 OTHER = list(range(len(PARTS[0])))  # another tree with as many leaves
-P_AUX = refx._core._partition_flatten(PARTS[1])[1]
-P_KIDS = refx._core._partition_flatten(PARTS[1])[0]
+P_KIDS, P_AUX = refx._core._partition_flatten(PARTS[1])
 
 
 class _AuxTuple(tuple):  # aux data of this type is unflattened item by item

@@ -565,6 +565,17 @@ unflat_size(PyObject *entry)
                                   PyTuple_GET_ITEM(entry, 0), 0));
 }
 
+/* Empty the cache.  Entries dropped here may be in use further up the
+ * stack: their users hold them. */
+static void
+unflat_clear(refx_state *st)
+{
+    for (Py_ssize_t i = 0; i < UNFLAT_SLOTS; i++) {
+        PyList_SetItem(st->unflat_cache, i, Py_NewRef(Py_None)); /* steals */
+    }
+    st->unflat_paths = 0;
+}
+
 /* Keep `entry` in `slot`, within UNFLAT_MAX_PATHS (the caller checked
  * that it fits alone).  Entries dropped here may be in use further up the
  * stack: their users hold them. */
@@ -575,10 +586,7 @@ unflat_put(refx_state *st, Py_ssize_t slot, PyObject *entry)
     Py_ssize_t n = unflat_size(entry);
     st->unflat_paths -= unflat_size(PyList_GET_ITEM(cache, slot));
     if (st->unflat_paths + n > UNFLAT_MAX_PATHS) {
-        for (Py_ssize_t i = 0; i < UNFLAT_SLOTS; i++) {
-            PyList_SetItem(cache, i, Py_NewRef(Py_None)); /* steals */
-        }
-        st->unflat_paths = 0;
+        unflat_clear(st);
     }
     PyList_SetItem(cache, slot, Py_NewRef(entry)); /* steals */
     st->unflat_paths += n;
@@ -1049,11 +1057,7 @@ path_cache_clear(PyObject *module, PyObject *Py_UNUSED(ignored))
 static PyObject *
 unflat_cache_clear(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
-    refx_state *st = refx_get_state(module);
-    for (Py_ssize_t i = 0; i < UNFLAT_SLOTS; i++) {
-        PyList_SetItem(st->unflat_cache, i, Py_NewRef(Py_None)); /* steals */
-    }
-    st->unflat_paths = 0;
+    unflat_clear(refx_get_state(module));
     Py_RETURN_NONE;
 }
 
