@@ -605,6 +605,9 @@ def probe_refcounts():
     # whichever Partitions were unflattened last, and an op may evict
     # another op's entry: read the probes with that cache empty
     refx._core._clear_unflatten_cache()
+    # likewise deref/clone's and reref's flatten memos (the last tree's
+    # treedef, with its aux data)
+    refx._core._clear_flatten_memos()
     return {k: sys.getrefcount(v) for k, v in PROBES.items()}
 
 

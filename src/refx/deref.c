@@ -27,8 +27,9 @@
  *   and promoted to older generations: at 3,000 Refs enough of them to
  *   set off a full collection of the whole heap every ~75 calls, which
  *   made deref 2.2x slower with the collector on (measured with
- *   gc.callbacks).  So each is made untracked (slot->track, or reref's
- *   track[] says it must be tracked) and tracked when the call ends, on
+ *   gc.callbacks).  So each is made untracked (a plain Ref is born so:
+ *   refx_ref_create_untracked; slot->track, or reref's track[], says it
+ *   must be tracked) and tracked when the call ends, on
  *   every exit once it may have reached Python code (the unflatten runs
  *   custom nodes' functions, which could keep it).  Until then the
  *   collector does not see it, which is safe: it only makes what it
@@ -59,6 +60,24 @@
  *   new Value's reference to each, and again when the result is freed),
  *   not instructions; a reused Value touches neither (flat list of 100,000
  *   Refs: 5.2x -> 1.9x the flatten+unflatten floor, same run, issue 19).
+ *
+ *   Memoized flattens.  A program derefs, clones and rerefs trees of the
+ *   same structure call after call, and jaxlib's flatten (a treedef built
+ *   node by node, dict keys sorted, a registry lookup and, for reref, a
+ *   call of the leaf predicate per node) was up to half of each.  So they
+ *   flatten as refx.jit flattens its arguments (flatmemo.c): against a
+ *   memo of the last tree, one for trees of Refs (deref, clone:
+ *   st->ref_tree_memo) and one for deref'ed trees (reref, with Value/Index
+ *   as leaves: st->reref_memo), which gives the leaves and the memo's
+ *   treedef when the tree still has that structure, and falls back to
+ *   jaxlib (and makes a new memo) at the first difference.  The output is
+ *   unflattened with that treedef, so these memos are strict where
+ *   refx.jit's is not: a module's static attributes must be the memo's own
+ *   objects, not equal ones (a static set to 2.0 where it was 2 comes out
+ *   as 2.0).  A memo holds its treedef (dict keys, node aux data, leaf
+ *   types: never a leaf) until a tree of another structure replaces it.
+ *   (deref at ~30 Refs: 1.11x -> 0.60x the flatten+unflatten floor; reref
+ *   1.59x -> 0.80x, at ~100,000 Refs 2.1x -> 1.5x.)
  *
  *   Already deref'ed input.  Value and Index are pytree nodes, so a plain
  *   flatten would walk into them; refx_flatten_leaves redoes the flatten
@@ -201,12 +220,22 @@ number_ref(numbering *nb, RefObject *ref, Py_ssize_t pos, int *is_new)
 }
 
 /* Flatten a tree of Refs (Value/Index as leaves if it holds any, so they
- * can be named).  The leaves list is ours alone, to rewrite in place. */
+ * can be named), through the Ref-tree memo (see "Memoized flattens").  The
+ * leaves list is ours alone, to rewrite in place. */
 static PyObject *
 flatten_ref_tree(refx_state *st, const char *fname, PyObject *tree,
                  PyObject **treedef)
 {
-    PyObject *leaves = refx_flatten_leaves(st, tree, st->pred_deref, treedef);
+    uint64_t seen = st->deref_nodes_seen;
+    PyObject *leaves = refx_memo_flatten(st, &st->ref_tree_memo, tree, NULL, 1,
+                                         treedef, NULL);
+    if (leaves != NULL && st->deref_nodes_seen != seen) {
+        /* a Value/Index was flattened as a node (never on a memo hit: a
+         * tree holding one is not memoized); again, with them as leaves */
+        Py_DECREF(leaves);
+        Py_CLEAR(*treedef);
+        leaves = refx_flatten(st, tree, st->pred_deref, treedef);
+    }
     if (leaves == NULL) {
         return NULL;
     }
@@ -457,12 +486,21 @@ static int
 make_ref(reref_plan *p, Py_ssize_t j)
 {
     DerefObject *d = p->values[j];
-    PyObject *ref = refx_ref_create_kind(
-        p->st, d->kind, ((ValueObject *)d)->value, d->collection, p->trace);
+    PyObject *value = ((ValueObject *)d)->value, *ref;
+    int track;
+    if (d->kind == NULL) {
+        ref = refx_ref_create_untracked(p->st, value, d->collection, p->trace,
+                                        &track);
+    }
+    else {
+        ref = refx_ref_create_kind(p->st, d->kind, value, d->collection,
+                                   p->trace);
+        track = ref != NULL ? defer_tracking(ref) : 0;
+    }
     if (ref == NULL) {
         return -1;
     }
-    p->track[j] = (char)defer_tracking(ref);
+    p->track[j] = (char)track;
     p->refs[j] = ref;
     return 0;
 }
@@ -627,7 +665,8 @@ refx_reref(PyObject *module, PyObject *tree)
     if (refx_require_trees(st, "reref") < 0) {
         goto done;
     }
-    p.leaves = refx_flatten(st, tree, p.pred, &treedef);
+    p.leaves = refx_memo_flatten(st, &st->reref_memo, tree, p.pred, 1,
+                                 &treedef, NULL);
     if (p.leaves == NULL) {
         goto done;
     }
@@ -637,15 +676,20 @@ refx_reref(PyObject *module, PyObject *tree)
     }
     Py_ssize_t n = PyList_GET_SIZE(p.leaves);
     size_t cap = (size_t)(n > 0 ? n : 1);
-    p.values = PyMem_Malloc(cap * sizeof(DerefObject *));
-    p.refs = PyMem_Malloc(cap * sizeof(PyObject *));
-    p.track = PyMem_Malloc(cap);
-    p.ref_at = PyMem_Malloc(cap * sizeof(Py_ssize_t));
-    if (p.values == NULL || p.refs == NULL || p.track == NULL ||
-        p.ref_at == NULL) {
+    /* one block for the plan's four arrays (pointer-sized first) */
+    if (cap > (PY_SSIZE_T_MAX - 1) / (3 * sizeof(void *) + 1)) {
         PyErr_NoMemory();
         goto done;
     }
+    char *block = PyMem_Malloc(cap * (3 * sizeof(void *) + 1));
+    if (block == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    p.values = (DerefObject **)block;
+    p.refs = (PyObject **)(block + cap * sizeof(void *));
+    p.ref_at = (Py_ssize_t *)(block + 2 * cap * sizeof(void *));
+    p.track = block + 3 * cap * sizeof(void *);
     for (Py_ssize_t i = 0; i < n; i++) {
         if (reref_plan_leaf(&p, i) < 0) {
             goto done;
@@ -660,10 +704,7 @@ done:
         }
         Py_XDECREF(p.refs[j]);
     }
-    PyMem_Free(p.values);
-    PyMem_Free(p.refs);
-    PyMem_Free(p.track);
-    PyMem_Free(p.ref_at);
+    PyMem_Free(p.values); /* the whole block */
     Py_XDECREF(p.trace);
     Py_XDECREF(p.leaves);
     Py_XDECREF(treedef);
@@ -712,12 +753,20 @@ clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace,
             if (err) {
                 goto done;
             }
-            slot->obj = refx_ref_create_kind(st, slot->kind, ref->value,
-                                             ref->collection, trace);
+            if (slot->kind == NULL) {
+                slot->obj = refx_ref_create_untracked(
+                    st, ref->value, ref->collection, trace, &slot->track);
+            }
+            else {
+                slot->obj = refx_ref_create_kind(st, slot->kind, ref->value,
+                                                 ref->collection, trace);
+                if (slot->obj != NULL) {
+                    slot->track = defer_tracking(slot->obj);
+                }
+            }
             if (slot->obj == NULL) {
                 goto done;
             }
-            slot->track = defer_tracking(slot->obj);
         }
         items[i] = Py_NewRef(slot->obj);
         Py_DECREF(leaf); /* the old Ref stays alive: the slot owns it */

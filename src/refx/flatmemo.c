@@ -13,6 +13,20 @@
  * and the treedef is the memo's own object (which also makes the cache
  * key's comparison an identity test); at the first difference the walk
  * stops and jaxlib flattens, as before, and a new memo is made from that.
+ * deref, clone and reref flatten the same way, each through a memo in the
+ * module state (deref.c, "Memoized flattens"); reref's flattens with
+ * Value/Index as leaves (pred_deref), which the walk honours for free:
+ * that predicate is a function of the exact type alone (Value and Index
+ * are final), so a LEAF record of type Value is what jaxlib with the
+ * predicate would say of any Value, and no container type the walk
+ * descends into is one the predicate takes.
+ *
+ * Strictness.  refx.jit's memo compares a module's aux data with ==, as
+ * its cache key and jax.jit's compare treedefs: an equal treedef is the
+ * same call to them.  deref, clone and reref build their output from the
+ * memo's treedef, so for them (strict) each (name, value) pair's value
+ * must be the very object the memo holds: a static set to 2.0 where the
+ * memo has 2 is a miss, and the output gets 2.0 (memo_same_aux).
  *
  * The memo is a tuple
  *
@@ -75,10 +89,10 @@
  * frees nothing in use.  A walk that fails with an ordinary exception
  * falls back to jaxlib's flatten, which raises what it raises.
  *
- * Functions in this file: the check walk (memo_check, memo_check_items,
- * memo_check_dict), the build from a treedef (memo_build, memo_make),
+ * Functions in this file: the check walk (memo_same_aux, memo_check,
+ * memo_check_items, memo_check_dict), the build from a treedef (memo_build, memo_make),
  * refx_memo_flatten,
- * _core._memo_flatten (for tests).
+ * _core._memo_flatten and _core._clear_flatten_memos (for tests).
  */
 #include "refx.h"
 #include <string.h>
@@ -104,7 +118,47 @@ typedef struct {
     PyObject *objs;   /* borrowed from the held memo */
     PyObject *leaves; /* a list of nleaves, filled from the front */
     Py_ssize_t nleaves, k;
+    int strict; /* a module's statics must be the memo's own objects */
 } memo_walk;
+
+/* A module's aux data, as the memo's walk compares it: == for refx.jit
+ * (its cache key compares treedefs with ==, as jax.jit's does), and for
+ * deref, reref and clone each (name, value) pair's value the very object
+ * the memo's treedef holds, since their output is unflattened with that
+ * treedef: a static set to 2.0 where the memo has 2 (equal, not the same)
+ * must come out as 2.0.  1 same, 0 not, -1 error. */
+static int
+memo_same_aux(const memo_walk *w, PyObject *aux, PyObject *memo_aux)
+{
+    if (!w->strict) {
+        return PyObject_RichCompareBool(aux, memo_aux, Py_EQ);
+    }
+    if (aux == memo_aux) {
+        return 1;
+    }
+    if (!PyTuple_CheckExact(aux) || !PyTuple_CheckExact(memo_aux) ||
+        PyTuple_GET_SIZE(aux) != PyTuple_GET_SIZE(memo_aux)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(aux); i++) {
+        PyObject *a = PyTuple_GET_ITEM(aux, i),
+                 *b = PyTuple_GET_ITEM(memo_aux, i);
+        if (a == b) {
+            continue;
+        }
+        /* (name, value) pairs: exact str names equal, values identical */
+        if (!PyTuple_CheckExact(a) || !PyTuple_CheckExact(b) ||
+            PyTuple_GET_SIZE(a) != 2 || PyTuple_GET_SIZE(b) != 2 ||
+            PyTuple_GET_ITEM(a, 1) != PyTuple_GET_ITEM(b, 1) ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(a, 0)) ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(b, 0)) ||
+            PyUnicode_Compare(PyTuple_GET_ITEM(a, 0),
+                              PyTuple_GET_ITEM(b, 0)) != 0) {
+            return 0;
+        }
+    }
+    return 1;
+}
 
 static int memo_check(memo_walk *w, PyObject *o, int depth);
 
@@ -251,8 +305,8 @@ memo_check(memo_walk *w, PyObject *o, int depth)
         if (PyTuple_CheckExact(flat) && PyTuple_GET_SIZE(flat) == 2 &&
             PyList_CheckExact(PyTuple_GET_ITEM(flat, 0)) &&
             PyList_GET_SIZE(PyTuple_GET_ITEM(flat, 0)) == arity) {
-            r = PyObject_RichCompareBool(PyTuple_GET_ITEM(flat, 1),
-                                         PyTuple_GET_ITEM(spec, 1), Py_EQ);
+            r = memo_same_aux(w, PyTuple_GET_ITEM(flat, 1),
+                              PyTuple_GET_ITEM(spec, 1));
             PyObject *kids = PyTuple_GET_ITEM(flat, 0); /* held by flat */
             for (Py_ssize_t i = 0; r > 0 && i < arity; i++) {
                 if (PyList_GET_SIZE(kids) != arity) {
@@ -493,7 +547,8 @@ done:
 /* The leaves of `tree` from the memo in *slot, or NULL with no error when
  * it does not fit. */
 static PyObject *
-memo_try(refx_state *st, PyObject *memo, PyObject *tree, PyObject **treedef)
+memo_try(refx_state *st, PyObject *memo, PyObject *tree, int strict,
+         PyObject **treedef)
 {
     if (PyTuple_GET_SIZE(memo) != 5 ||
         PyDict_GET_SIZE(st->pytree_registry) !=
@@ -509,6 +564,7 @@ memo_try(refx_state *st, PyObject *memo, PyObject *tree, PyObject **treedef)
         NULL,
         PyLong_AsSsize_t(PyTuple_GET_ITEM(memo, 3)),
         0,
+        strict,
     };
     /* NULL items until filled: kept out of the collector's sight (a
      * gc.get_objects() from Python code the walk runs would read them) */
@@ -532,17 +588,18 @@ memo_try(refx_state *st, PyObject *memo, PyObject *tree, PyObject **treedef)
 
 PyObject *
 refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
-                  PyObject **treedef, int *hit)
+                  PyObject *pred, int strict, PyObject **treedef, int *hit)
 {
+    assert(pred == NULL || pred == st->pred_deref);
     if (hit != NULL) {
         *hit = 0;
     }
     if (st->pytree_registry == NULL) {
-        return refx_flatten(st, tree, NULL, treedef);
+        return refx_flatten(st, tree, pred, treedef);
     }
     PyObject *memo = Py_XNewRef(*slot); /* held: another thread may swap */
     if (memo != NULL) {
-        PyObject *leaves = memo_try(st, memo, tree, treedef);
+        PyObject *leaves = memo_try(st, memo, tree, strict, treedef);
         if (leaves != NULL || PyErr_Occurred()) {
             if (hit != NULL) {
                 *hit = leaves != NULL;
@@ -552,7 +609,7 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
         }
     }
     Py_ssize_t regsize = PyDict_GET_SIZE(st->pytree_registry);
-    PyObject *leaves = refx_flatten(st, tree, NULL, treedef);
+    PyObject *leaves = refx_flatten(st, tree, pred, treedef);
     if (leaves == NULL) {
         Py_XDECREF(memo);
         return NULL;
@@ -615,7 +672,8 @@ memo_flatten_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *treedef = NULL;
     int hit;
-    PyObject *leaves = refx_memo_flatten(st, &slot, args[1], &treedef, &hit);
+    PyObject *leaves =
+        refx_memo_flatten(st, &slot, args[1], NULL, 0, &treedef, &hit);
     PyObject *res = NULL;
     if (leaves != NULL) {
         res =
@@ -631,9 +689,25 @@ memo_flatten_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return res;
 }
 
+PyDoc_STRVAR(clear_memos__doc__,
+             "_clear_flatten_memos($module, /)\n--\n\n"
+             "Drop the flatten memos of deref/clone and reref (the "
+             "structure of the last tree each saw).  For tests and the "
+             "leak check.");
+
+static PyObject *
+clear_memos_py(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    refx_state *st = refx_get_state(module);
+    Py_CLEAR(st->ref_tree_memo);
+    Py_CLEAR(st->reref_memo);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef memo_functions[] = {
     {"_memo_flatten", (PyCFunction)(void (*)(void))memo_flatten_py,
      METH_FASTCALL, memo_flatten__doc__},
+    {"_clear_flatten_memos", clear_memos_py, METH_NOARGS, clear_memos__doc__},
     {NULL, NULL, 0, NULL},
 };
 

@@ -210,6 +210,8 @@ static PyMethodDef module_functions[] = {
     X(pred_refx) \
     X(path_cache) \
     X(unflat_cache) \
+    X(ref_tree_memo) \
+    X(reref_memo) \
     X(str_value) \
     X(str_unflatten) \
     X(str_num_leaves) \

@@ -90,7 +90,8 @@
  * Functions in this file: refx_collection_of; the write check
  * (refx_is_plain_value, refx_check_value, check_mutable, refx_check_write)
  * and refx_write_all; may_close_cycle/ref_needs_tracking (GC); the Ref:
- * refx_ref_create, refx_ref_create_kind, ref_store/refx_ref_store, ref_new,
+ * refx_ref_create (ref_make), refx_ref_create_kind,
+ * refx_ref_create_untracked, ref_store/refx_ref_store, ref_new,
  * ref_place (declared shardings), ref_initialize, parse_ref_args,
  * ref_init, traverse/clear/dealloc, the value/collection/metadata getters
  * and the value setter, refx_short_repr, ref_repr, ref_replace,
@@ -362,9 +363,11 @@ ref_needs_tracking(PyObject *value, PyObject *collection)
 /* Ref                                                                  */
 /* ------------------------------------------------------------------ */
 
-PyObject *
-refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
-                PyObject *collection, PyObject *trace)
+/* A new Ref of class tp, not yet tracked if tp is Ref itself (a
+ * subclass's tp_alloc tracks it); see refx_ref_create. */
+static RefObject *
+ref_make(refx_state *st, PyTypeObject *tp, PyObject *value,
+         PyObject *collection, PyObject *trace)
 {
     RefObject *self;
     /* Owned before allocating: the allocation may run the GC, whose
@@ -396,9 +399,33 @@ refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
     self->trace = Py_NewRef(trace);
     self->initialized = 1;
     self->serial = ++refx_ref_serial;
-    if (!PyObject_GC_IsTracked((PyObject *)self) &&
+    return self;
+}
+
+PyObject *
+refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
+                PyObject *collection, PyObject *trace)
+{
+    RefObject *self = ref_make(st, tp, value, collection, trace);
+    if (self != NULL && !PyObject_GC_IsTracked((PyObject *)self) &&
         ref_needs_tracking(value, collection)) {
         PyObject_GC_Track(self);
+    }
+    return (PyObject *)self;
+}
+
+/* A new plain Ref left untracked; *track says whether the caller must
+ * track it (PyObject_GC_Track) once the call that made it ends: reref and
+ * clone make thousands at once (deref.c, "Tracked later"), and tracking
+ * one as it is born only to untrack it costs a write to the collector's
+ * list each way. */
+PyObject *
+refx_ref_create_untracked(refx_state *st, PyObject *value,
+                          PyObject *collection, PyObject *trace, int *track)
+{
+    RefObject *self = ref_make(st, st->Ref_Type, value, collection, trace);
+    if (self != NULL) {
+        *track = ref_needs_tracking(value, collection);
     }
     return (PyObject *)self;
 }

@@ -119,6 +119,10 @@ typedef struct {
     /* Partition unflatten's templates: a list of UNFLAT_SLOTS items, each
      * None or (aux, template, hashes) (see partition.c) */
     PyObject *unflat_cache;
+    /* flatten memos (flatmemo.c; NULL until first used): deref's and
+     * clone's of a tree of Refs, reref's of a deref'ed tree */
+    PyObject *ref_tree_memo;
+    PyObject *reref_memo;
 
     /* interned strings */
     PyObject *str_value;
@@ -386,6 +390,9 @@ PyObject *refx_ref_create(refx_state *st, PyTypeObject *tp, PyObject *value,
                           PyObject *collection, PyObject *trace);
 PyObject *refx_ref_create_kind(refx_state *st, PyObject *kind, PyObject *value,
                                PyObject *collection, PyObject *trace);
+PyObject *refx_ref_create_untracked(refx_state *st, PyObject *value,
+                                    PyObject *collection, PyObject *trace,
+                                    int *track);
 PyObject *refx_short_repr(PyObject *value);
 /* The first clause of the trace-level refusal: callers that say where the
  * Ref is keep it and drop the Ref's own account. */
@@ -495,11 +502,14 @@ int refx_init_nn(PyObject *module, refx_state *st);
 /* is f a _ModuleFlatten of the plain kind (no key paths)? */
 int refx_module_flatten_is_plain(refx_state *st, PyObject *f);
 
-/* flatmemo.c: refx.jit's argument flatten, checked against a memo of the
- * last one (*slot, owned; replaced when it does not fit); *hit (when not
+/* flatmemo.c: refx.jit's argument flatten (pred NULL, strict 0) and
+ * deref's, clone's (pred NULL) and reref's (pred_deref), strict 1, checked
+ * against a memo of the last one (*slot, owned; replaced when it does not
+ * fit; a slot is always used with one pred and strictness); *hit (when not
  * NULL) says whether the memo gave the leaves */
 PyObject *refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
-                            PyObject **treedef, int *hit);
+                            PyObject *pred, int strict, PyObject **treedef,
+                            int *hit);
 int refx_init_memo(PyObject *module, refx_state *st);
 
 #endif /* REFX_H */

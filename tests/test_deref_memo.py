@@ -1,0 +1,208 @@
+"""deref, clone and reref flatten through a memo of their last tree.
+
+deref and clone keep one memo of the last tree of Refs they flattened and
+reref one of the last deref'ed tree (src/refx/flatmemo.c, as refx.jit's
+argument memo, with "Memoized flattens" in src/refx/deref.c).  The promise
+is unchanged: the output is exactly what a fresh flatten would give, with
+the tree as it is now.  Unlike refx.jit's (whose cache compares treedefs
+with ==, as jax.jit's does), these memos give their treedef to the output,
+so a module's static attributes must be the very objects the memo holds,
+not equal ones: 2.0 set where 2 was comes out as 2.0.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import refx
+import refx.nn as nn
+from test_flatten_memo import LEAVES, make_leaf, mutate, trees
+
+is_deref = lambda x: isinstance(x, (refx.Value, refx.Index))  # noqa: E731
+
+
+def same_structure(a, b):
+    """Treedefs equal, and every custom node's aux data equal item by item
+    with (name, value) pairs holding the very same value objects."""
+    assert a == b, (a, b)
+    na, nb = a.node_data(), b.node_data()
+    if na is not None:
+        assert na[0] is nb[0]
+        if isinstance(na[1], tuple) and issubclass(na[0], nn.Module):
+            for pa, pb in zip(na[1], nb[1], strict=True):
+                va, vb = (getattr(v, "value", v) if type(v).__name__ == "_Frozen" else v
+                          for v in (pa[1], pb[1]))
+                assert pa[0] == pb[0] and va is vb, (pa, pb)
+    for ca, cb in zip(a.children(), b.children(), strict=True):
+        same_structure(ca, cb)
+
+
+def check_all(tree):
+    """deref, reref of it and clone: each as a fresh flatten says."""
+    leaves, td = jax.tree_util.tree_flatten(tree)
+    d = refx.deref(tree)
+    dl, dtd = jax.tree_util.tree_flatten(d, is_leaf=is_deref)
+    same_structure(dtd, td)
+    numbers: dict[int, int] = {}
+    for a, b in zip(leaves, dl, strict=True):
+        if isinstance(a, refx.Ref):
+            first = id(a) not in numbers
+            k = numbers.setdefault(id(a), len(numbers))
+            assert type(b) is (refx.Value if first else refx.Index)
+            assert b.index == k
+            if first:
+                assert b.value is a.value
+        else:
+            assert b is a
+    for out in (refx.reref(d), refx.clone(tree)):
+        ol, otd = jax.tree_util.tree_flatten(out)
+        same_structure(otd, td)
+        made: dict[int, refx.Ref] = {}
+        for a, b in zip(leaves, ol, strict=True):
+            if isinstance(a, refx.Ref):
+                assert isinstance(b, refx.Ref) and b is not a and b.value is a.value
+                assert made.setdefault(id(a), b) is b  # sharing kept
+            else:
+                assert b is a
+        assert len({id(r) for r in made.values()}) == len(made)
+
+
+class Block(nn.Module):
+    def __init__(self, k):
+        self.k = k
+        self.w = nn.Param(jnp.ones(2))
+
+
+@pytest.mark.parametrize("old, new", [(2, 2.0), (1, True), (0.0, -0.0), ("a", np.str_("a")),
+                                      ((1, 2), (1.0, 2.0))])
+def test_a_static_equal_to_the_memos_comes_out_as_set(old, new):
+    m = Block(old)
+    for _ in range(2):  # the memo made, then hit
+        check_all([m, m])
+    m.k = new
+    for _ in range(2):
+        check_all([m, m])
+        for out in (refx.reref(refx.deref([m])), refx.clone([m])):
+            assert out[0].k is new
+            assert type(out[0].k) is type(new)
+
+
+def test_second_call_agrees_after_every_kind_of_change():
+    r = refx.Ref(jnp.ones(2))
+    tree = {"a": [r, r, None, 1.0], "b": (refx.Ref(3.0), Block(1)), "c": {"x": r}}
+    check_all(tree)
+    check_all(tree)
+    tree["a"].append(refx.Ref(1.0))
+    check_all(tree)
+    tree["a"][2] = 0.5  # None -> a leaf
+    check_all(tree)
+    tree["c"] = {"y": r}  # same arity, another key
+    check_all(tree)
+    tree["b"][1].k = 2  # aux data
+    check_all(tree)
+    tree["b"][1].extra = nn.Param(jnp.zeros(1))  # a new child
+    check_all(tree)
+    tree["a"][0] = refx.Ref(jnp.zeros(2))  # another Ref, same structure
+    check_all(tree)
+
+
+def test_a_deref_ed_value_where_the_memo_has_a_ref_is_named():
+    good = {"a": refx.Ref(1.0), "b": [refx.Ref(2.0)]}
+    refx.deref(good)
+    refx.deref(good)
+    bad = {"a": refx.Ref(1.0), "b": [refx.Value(2.0, 0, None)]}
+    with pytest.raises(ValueError, match=r"deref: Value found at \('b', '0'\)"):
+        refx.deref(bad)
+    with pytest.raises(ValueError, match=r"clone: Value found at \('b', '0'\)"):
+        refx.clone(bad)
+
+
+def test_a_ref_where_reref_s_memo_has_a_value_is_named():
+    d = refx.deref({"a": refx.Ref(1.0), "b": [refx.Ref(2.0)]})
+    refx.reref(d)
+    refx.reref(d)
+    bad = {"a": d["a"], "b": [refx.Ref(2.0)]}
+    with pytest.raises(ValueError, match=r"reref: Ref found at \('b', '0'\)"):
+        refx.reref(bad)
+    with pytest.raises(ValueError, match=r"reref: Index\(0\) at \('a',\) comes before any Value"):
+        refx.reref({"a": refx.Index(0, None), "b": [d["a"]]})
+
+
+def test_index_and_value_swapped_at_the_same_places():
+    r = refx.Ref(1.0)
+    d = refx.deref([r, r])
+    refx.reref(d)
+    out = refx.reref(d)
+    assert out[0] is out[1]
+    d2 = refx.deref([r, refx.Ref(2.0)])  # Value, Value where it had Value, Index
+    out2 = refx.reref(d2)
+    assert out2[0] is not out2[1] and out2[1].value == 2.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(trees, st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50), LEAVES), max_size=6))
+def test_property_deref_reref_clone_always_as_fresh(tree, ops):
+    root = [tree]
+    check_all(root)
+    for op, which, leaf in ops:
+        mutate(root, op, which, make_leaf(leaf))
+        check_all(root)
+        check_all(root)
+
+
+def test_threads_with_other_structures():
+    trees_ = [[{"a": refx.Ref(float(i)), "b": [refx.Ref(1.0)] * (i % 3)}, Block(i % 2)]
+              for i in range(8)]
+    errors = []
+
+    def work(t):
+        try:
+            for _ in range(200):
+                check_all(t)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in trees_]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+
+
+def test_a_memo_holds_no_leaf_and_lets_go_of_its_structure():
+    import gc
+    import weakref
+
+    class Leaf:
+        pass
+
+    class Static:
+        def __hash__(self):
+            return 0
+
+        def __eq__(self, other):
+            return isinstance(other, Static)
+
+    leaf, static = Leaf(), Static()
+    m = Block(static)
+    tree = {"a": refx.Ref(leaf), "b": leaf, "m": m}
+    for _ in range(2):
+        refx.reref(refx.deref(tree))
+        refx.clone(tree)
+    wl, ws = weakref.ref(leaf), weakref.ref(static)
+    del leaf, static, m, tree
+    gc.collect()
+    assert wl() is None  # never held by a memo
+    # the module's static is in the last treedef each memo keeps: a tree of
+    # another structure replaces it
+    refx.reref(refx.deref([refx.Ref(1.0)]))
+    gc.collect()
+    assert ws() is None
