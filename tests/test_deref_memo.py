@@ -12,6 +12,7 @@ not equal ones: 2.0 set where 2 was comes out as 2.0.
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import jax
@@ -206,3 +207,75 @@ def test_a_memo_holds_no_leaf_and_lets_go_of_its_structure():
     refx.reref(refx.deref([refx.Ref(1.0)]))
     gc.collect()
     assert ws() is None
+
+
+class _HookNT(collections.namedtuple("_HookNT", "x")):
+    """A namedtuple whose _fields lookup (asked on every flatten, by jaxlib
+    and by the memo's walk) runs armed[0] once."""
+
+    __slots__ = ()
+    armed: list = [None]
+
+    def __getattribute__(self, name):
+        if name == "_fields" and _HookNT.armed[0] is not None:
+            f, _HookNT.armed[0] = _HookNT.armed[0], None
+            f()
+        return object.__getattribute__(self, name)
+
+
+def test_a_dict_changed_while_the_walk_is_inside_it():
+    # the walk took the dict's values before walking into "a"; Python code
+    # run there replaces "b": the output must hold the new Ref's value
+    tree = {"a": _HookNT(refx.Ref(0.0)), "b": refx.Ref(1.0)}
+    refx.deref(tree)
+    refx.deref(tree)
+    new = refx.Ref(2.0)
+    _HookNT.armed[0] = lambda: tree.__setitem__("b", new)
+    assert refx.deref(tree)["b"].value == 2.0
+    # and reref, with a Value replaced
+    d = refx.deref({"a": _HookNT(refx.Ref(0.0)), "b": refx.Ref(1.0)})
+    refx.reref(d)
+    refx.reref(d)
+    newv = refx.deref([refx.Ref(5.0), refx.Ref(6.0)])[1]
+    _HookNT.armed[0] = lambda: d.__setitem__("b", newv)
+    assert refx.reref(d)["b"].value == 6.0
+
+
+def test_a_type_registered_while_the_walk_runs():
+    class Box:
+        def __init__(self, v):
+            self.v = v
+
+    tree = [_HookNT(refx.Ref(0.0)), Box(refx.Ref(1.0))]
+    refx.deref(tree)
+    refx.deref(tree)  # Box a leaf, in the memo
+    _HookNT.armed[0] = lambda: jax.tree_util.register_pytree_node(
+        Box, lambda b: ((b.v,), None), lambda _, c: Box(*c))
+    out = refx.deref(tree)
+    assert isinstance(out[1], Box) and out[1] is not tree[1]
+    assert isinstance(out[1].v, refx.Value)  # a node now: its Ref deref'ed
+
+
+def test_no_memo_inside_a_trace_keeps_a_tracer():
+    class Blk(nn.Module):
+        def __init__(self, scale):
+            self.act = lambda x: x * scale  # a static closing over a tracer
+            self.w = nn.Param(jnp.ones(2))
+
+    def f(x):
+        d = refx.deref([Blk(x.sum())])
+        refx.clone([Blk(x.sum())])
+        return refx.reref(d)[0].w.value * 2
+
+    with jax.checking_leaks():
+        jax.jit(f)(jnp.ones(2))
+
+
+def test_an_unhashable_static_is_the_same_while_it_is_the_same_object():
+    m = Block([64, 64])
+    check_all([m])
+    check_all([m])
+    m.k = [64, 64]  # equal, another list: the output holds the new one
+    out = refx.reref(refx.deref([m]))
+    assert out[0].k is m.k
+    assert refx.clone([m])[0].k is m.k

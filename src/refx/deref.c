@@ -70,7 +70,9 @@
  *   st->ref_tree_memo) and one for deref'ed trees (reref, with Value/Index
  *   as leaves: st->reref_memo), which gives the leaves and the memo's
  *   treedef when the tree still has that structure, and falls back to
- *   jaxlib (and makes a new memo) at the first difference.  The output is
+ *   jaxlib (and makes a new memo) at the first difference.  Only outside
+ *   every transform (memo_allowed): a memo made in a trace would keep that
+ *   trace's tracers (a module static closing over one) past its end.  The output is
  *   unflattened with that treedef, so these memos are strict where
  *   refx.jit's is not: a module's static attributes must be the memo's own
  *   objects, not equal ones (a static set to 2.0 where it was 2 comes out
@@ -219,6 +221,39 @@ number_ref(numbering *nb, RefObject *ref, Py_ssize_t pos, int *is_new)
     return k;
 }
 
+/* May a flatten go through a memo here?  Only outside every transform:
+ * a memo keeps its treedef, whose aux data made inside a trace may hold
+ * that trace's tracers (a static closing over one) past its end.  1 yes,
+ * 0 no, -1 error. */
+static int
+memo_allowed(refx_state *st)
+{
+    if (st->jit_eval_trace == NULL) {
+        return 0;
+    }
+    PyObject *wr = refx_current_trace(st);
+    if (wr == NULL) {
+        return -1;
+    }
+    int r = PyWeakref_Check(wr) &&
+            refx_weakref_is_a(wr, (PyTypeObject *)st->jit_eval_trace);
+    Py_DECREF(wr);
+    return r;
+}
+
+/* A flatten through `*slot` when memo_allowed, else jaxlib's. */
+static PyObject *
+memo_flatten(refx_state *st, PyObject **slot, PyObject *tree, PyObject *pred,
+             PyObject **treedef)
+{
+    int allowed = memo_allowed(st);
+    if (allowed < 0) {
+        return NULL;
+    }
+    return allowed ? refx_memo_flatten(st, slot, tree, pred, 1, treedef, NULL)
+                   : refx_flatten(st, tree, pred, treedef);
+}
+
 /* Flatten a tree of Refs (Value/Index as leaves if it holds any, so they
  * can be named), through the Ref-tree memo (see "Memoized flattens").  The
  * leaves list is ours alone, to rewrite in place. */
@@ -227,11 +262,12 @@ flatten_ref_tree(refx_state *st, const char *fname, PyObject *tree,
                  PyObject **treedef)
 {
     uint64_t seen = st->deref_nodes_seen;
-    PyObject *leaves = refx_memo_flatten(st, &st->ref_tree_memo, tree, NULL, 1,
-                                         treedef, NULL);
+    PyObject *leaves =
+        memo_flatten(st, &st->ref_tree_memo, tree, NULL, treedef);
     if (leaves != NULL && st->deref_nodes_seen != seen) {
         /* a Value/Index was flattened as a node (never on a memo hit: a
-         * tree holding one is not memoized); again, with them as leaves */
+         * tree holding one is not memoized); again, with them as leaves
+         * (refx_flatten_leaves' test, for the same reason) */
         Py_DECREF(leaves);
         Py_CLEAR(*treedef);
         leaves = refx_flatten(st, tree, st->pred_deref, treedef);
@@ -665,8 +701,7 @@ refx_reref(PyObject *module, PyObject *tree)
     if (refx_require_trees(st, "reref") < 0) {
         goto done;
     }
-    p.leaves = refx_memo_flatten(st, &st->reref_memo, tree, p.pred, 1,
-                                 &treedef, NULL);
+    p.leaves = memo_flatten(st, &st->reref_memo, tree, p.pred, &treedef);
     if (p.leaves == NULL) {
         goto done;
     }

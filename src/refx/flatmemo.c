@@ -113,6 +113,7 @@ typedef struct {
 /* ------------------------------------------------------------------ */
 
 typedef struct {
+    refx_state *st;
     const memo_node *nodes;
     Py_ssize_t nnodes, at;
     PyObject *objs;   /* borrowed from the held memo */
@@ -128,7 +129,8 @@ typedef struct {
  * treedef: a static set to 2.0 where the memo has 2 (equal, not the same)
  * must come out as 2.0.  1 same, 0 not, -1 error. */
 static int
-memo_same_aux(const memo_walk *w, PyObject *aux, PyObject *memo_aux)
+memo_same_aux(const memo_walk *w, PyObject *aux, PyObject *memo_aux,
+              PyObject *frozen)
 {
     if (!w->strict) {
         return PyObject_RichCompareBool(aux, memo_aux, Py_EQ);
@@ -149,11 +151,32 @@ memo_same_aux(const memo_walk *w, PyObject *aux, PyObject *memo_aux)
         /* (name, value) pairs: exact str names equal, values identical */
         if (!PyTuple_CheckExact(a) || !PyTuple_CheckExact(b) ||
             PyTuple_GET_SIZE(a) != 2 || PyTuple_GET_SIZE(b) != 2 ||
-            PyTuple_GET_ITEM(a, 1) != PyTuple_GET_ITEM(b, 1) ||
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(a, 0)) ||
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(b, 0)) ||
             PyUnicode_Compare(PyTuple_GET_ITEM(a, 0),
                               PyTuple_GET_ITEM(b, 0)) != 0) {
+            return 0;
+        }
+        PyObject *va = PyTuple_GET_ITEM(a, 1), *vb = PyTuple_GET_ITEM(b, 1);
+        if (va == vb) {
+            continue;
+        }
+        /* an unhashable static is wrapped anew on every flatten: the same
+         * if it wraps the very same object */
+        if (frozen == NULL || (PyObject *)Py_TYPE(va) != frozen ||
+            (PyObject *)Py_TYPE(vb) != frozen) {
+            return 0;
+        }
+        PyObject *ia = PyObject_GetAttr(va, w->st->str_value);
+        PyObject *ib =
+            ia != NULL ? PyObject_GetAttr(vb, w->st->str_value) : NULL;
+        int same = ia != NULL && ib != NULL && ia == ib;
+        Py_XDECREF(ia);
+        Py_XDECREF(ib);
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        if (!same) {
             return 0;
         }
     }
@@ -197,9 +220,10 @@ memo_check_dict(memo_walk *w, PyObject *o, PyObject *pos, Py_ssize_t arity,
     if (!PyDict_CheckExact(o) || PyDict_GET_SIZE(o) != arity) {
         return 0;
     }
-    PyObject *stack[16], **vals = stack;
+    /* vals[i] the value of the i-th key in sorted order, keys[i] that key */
+    PyObject *stack[32], **vals = stack, **keys;
     if (arity > 16) {
-        vals = PyMem_Calloc((size_t)arity, sizeof(PyObject *));
+        vals = PyMem_Calloc(2 * (size_t)arity, sizeof(PyObject *));
         if (vals == NULL) {
             PyErr_NoMemory();
             return -1;
@@ -208,6 +232,7 @@ memo_check_dict(memo_walk *w, PyObject *o, PyObject *pos, Py_ssize_t arity,
     else {
         memset(stack, 0, sizeof(stack));
     }
+    keys = vals + arity;
     Py_ssize_t it = 0, seen = 0;
     PyObject *k, *v;
     int r = 1;
@@ -219,23 +244,36 @@ memo_check_dict(memo_walk *w, PyObject *o, PyObject *pos, Py_ssize_t arity,
         }
         else {
             vals[i] = v; /* borrowed for now; held below, no code between */
+            keys[i] = k;
             seen++;
         }
     }
     r = r > 0 && seen == arity;
-    for (Py_ssize_t i = 0; i < arity; i++) {
+    for (Py_ssize_t i = 0; i < 2 * arity; i++) {
         Py_XINCREF(vals[i]);
     }
     for (Py_ssize_t i = 0; r > 0 && i < arity; i++) {
         r = memo_check(w, vals[i], depth + 1);
     }
-    for (Py_ssize_t i = 0; i < arity; i++) {
+    /* Python code the walk ran (a static's __hash__, a namedtuple's
+     * _fields) may have changed this dict: jaxlib reads each value after
+     * walking the ones before it, so a value replaced meanwhile is one the
+     * walk must not have used.  Still the same keys and values?  (Exact
+     * str keys: the lookups run no Python code.) */
+    if (r > 0 && PyDict_GET_SIZE(o) != arity) {
+        r = 0;
+    }
+    for (Py_ssize_t i = 0; r > 0 && i < arity; i++) {
+        PyObject *now = PyDict_GetItemWithError(o, keys[i]);
+        r = now == vals[i] ? 1 : (PyErr_Occurred() ? -1 : 0);
+    }
+    for (Py_ssize_t i = 0; i < 2 * arity; i++) {
         Py_XDECREF(vals[i]);
     }
     if (vals != stack) {
         PyMem_Free(vals);
     }
-    return r > 0 ? PyDict_GET_SIZE(o) == arity : r;
+    return r;
 }
 
 /* 1: `o` is as the memo's next node says (its leaves appended); 0: it is
@@ -305,8 +343,9 @@ memo_check(memo_walk *w, PyObject *o, int depth)
         if (PyTuple_CheckExact(flat) && PyTuple_GET_SIZE(flat) == 2 &&
             PyList_CheckExact(PyTuple_GET_ITEM(flat, 0)) &&
             PyList_GET_SIZE(PyTuple_GET_ITEM(flat, 0)) == arity) {
-            r = memo_same_aux(w, PyTuple_GET_ITEM(flat, 1),
-                              PyTuple_GET_ITEM(spec, 1));
+            r = memo_same_aux(
+                w, PyTuple_GET_ITEM(flat, 1), PyTuple_GET_ITEM(spec, 1),
+                refx_module_flatten_frozen(PyTuple_GET_ITEM(spec, 2)));
             PyObject *kids = PyTuple_GET_ITEM(flat, 0); /* held by flat */
             for (Py_ssize_t i = 0; r > 0 && i < arity; i++) {
                 if (PyList_GET_SIZE(kids) != arity) {
@@ -557,6 +596,7 @@ memo_try(refx_state *st, PyObject *memo, PyObject *tree, int strict,
     }
     PyObject *nodes = PyTuple_GET_ITEM(memo, 1);
     memo_walk w = {
+        st,
         (const memo_node *)PyBytes_AS_STRING(nodes),
         PyBytes_GET_SIZE(nodes) / (Py_ssize_t)sizeof(memo_node),
         0,
@@ -574,7 +614,11 @@ memo_try(refx_state *st, PyObject *memo, PyObject *tree, int strict,
     }
     PyObject_GC_UnTrack(w.leaves);
     int r = memo_check(&w, tree, 0);
-    if (r > 0 && w.k == w.nleaves && w.at == w.nnodes) {
+    /* the registry again: Python code run by the walk may have registered
+     * a type a leaf already passed has */
+    if (r > 0 && w.k == w.nleaves && w.at == w.nnodes &&
+        PyDict_GET_SIZE(st->pytree_registry) ==
+            PyLong_AsSsize_t(PyTuple_GET_ITEM(memo, 4))) {
         PyObject_GC_Track(w.leaves);
         *treedef = Py_NewRef(PyTuple_GET_ITEM(memo, 0));
         return w.leaves;

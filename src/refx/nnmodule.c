@@ -583,6 +583,14 @@ refx_module_flatten_is_plain(refx_state *st, PyObject *f)
            MF_CAST(f)->state_types != NULL && MF_CAST(f)->key == NULL;
 }
 
+/* The class a plain _ModuleFlatten wraps unhashable statics in (borrowed;
+ * f must pass refx_module_flatten_is_plain). */
+PyObject *
+refx_module_flatten_frozen(PyObject *f)
+{
+    return MF_CAST(f)->frozen;
+}
+
 /* ------------------------------------------------------------------ */
 /* the type                                                             */
 /* ------------------------------------------------------------------ */

@@ -501,6 +501,7 @@ int refx_init_jit(PyObject *module, refx_state *st);
 int refx_init_nn(PyObject *module, refx_state *st);
 /* is f a _ModuleFlatten of the plain kind (no key paths)? */
 int refx_module_flatten_is_plain(refx_state *st, PyObject *f);
+PyObject *refx_module_flatten_frozen(PyObject *f);
 
 /* flatmemo.c: refx.jit's argument flatten (pred NULL, strict 0) and
  * deref's, clone's (pred NULL) and reref's (pred_deref), strict 1, checked
