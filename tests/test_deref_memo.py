@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import refx
 import refx.nn as nn
+from refx import _core
 from test_flatten_memo import LEAVES, make_leaf, mutate, trees
 
 is_deref = lambda x: isinstance(x, (refx.Value, refx.Index))  # noqa: E731
@@ -45,8 +46,31 @@ def same_structure(a, b):
         same_structure(ca, cb)
 
 
+def memoized(tree, derefed=False):
+    """Is a memo of tree's structure first in its box (so the next call's
+    walk starts with it)?"""
+    box = _core._flatten_memos()[1 if derefed else 0]
+    is_leaf = is_deref if derefed else None
+    td = jax.tree_util.tree_structure(tree, is_leaf=is_leaf)
+    return box is not None and box[0] is not None and len(box[0]) == 5 and box[0][0] == td
+
+
+def warm(tree):
+    """Calls enough for deref/clone's and reref's memos of tree: a memo is
+    made for a structure's second flatten that found none."""
+    for _ in range(3):
+        refx.reref(refx.deref(tree))
+    assert memoized(tree) and memoized(refx.deref(tree), derefed=True)
+
+
 def check_all(tree):
-    """deref, reref of it and clone: each as a fresh flatten says."""
+    """deref, reref of it and clone: each as a fresh flatten says, three
+    times (the third with the memos a second flatten makes)."""
+    for _ in range(3):
+        _check_once(tree)
+
+
+def _check_once(tree):
     leaves, td = jax.tree_util.tree_flatten(tree)
     d = refx.deref(tree)
     dl, dtd = jax.tree_util.tree_flatten(d, is_leaf=is_deref)
@@ -85,11 +109,11 @@ class Block(nn.Module):
                                       ((1, 2), (1.0, 2.0))])
 def test_a_static_equal_to_the_memos_comes_out_as_set(old, new):
     m = Block(old)
-    for _ in range(2):  # the memo made, then hit
-        check_all([m, m])
+    check_all([m, m])
+    assert memoized([m, m])
     m.k = new
-    for _ in range(2):
-        check_all([m, m])
+    check_all([m, m])
+    for _ in range(3):
         for out in (refx.reref(refx.deref([m])), refx.clone([m])):
             assert out[0].k is new
             assert type(out[0].k) is type(new)
@@ -116,8 +140,7 @@ def test_second_call_agrees_after_every_kind_of_change():
 
 def test_a_deref_ed_value_where_the_memo_has_a_ref_is_named():
     good = {"a": refx.Ref(1.0), "b": [refx.Ref(2.0)]}
-    refx.deref(good)
-    refx.deref(good)
+    warm(good)
     bad = {"a": refx.Ref(1.0), "b": [refx.Value(2.0, 0, None)]}
     with pytest.raises(ValueError, match=r"deref: Value found at \('b', '0'\)"):
         refx.deref(bad)
@@ -127,8 +150,7 @@ def test_a_deref_ed_value_where_the_memo_has_a_ref_is_named():
 
 def test_a_ref_where_reref_s_memo_has_a_value_is_named():
     d = refx.deref({"a": refx.Ref(1.0), "b": [refx.Ref(2.0)]})
-    refx.reref(d)
-    refx.reref(d)
+    warm({"a": refx.Ref(1.0), "b": [refx.Ref(2.0)]})
     bad = {"a": d["a"], "b": [refx.Ref(2.0)]}
     with pytest.raises(ValueError, match=r"reref: Ref found at \('b', '0'\)"):
         refx.reref(bad)
@@ -139,7 +161,7 @@ def test_a_ref_where_reref_s_memo_has_a_value_is_named():
 def test_index_and_value_swapped_at_the_same_places():
     r = refx.Ref(1.0)
     d = refx.deref([r, r])
-    refx.reref(d)
+    warm([r, r])
     out = refx.reref(d)
     assert out[0] is out[1]
     d2 = refx.deref([r, refx.Ref(2.0)])  # Value, Value where it had Value, Index
@@ -202,9 +224,11 @@ def test_a_memo_holds_no_leaf_and_lets_go_of_its_structure():
     del leaf, static, m, tree
     gc.collect()
     assert wl() is None  # never held by a memo
-    # the module's static is in the last treedef each memo keeps: a tree of
-    # another structure replaces it
-    refx.reref(refx.deref([refx.Ref(1.0)]))
+    # the module's static is in the treedefs the memos keep: trees of two
+    # other structures, each flattened twice, replace them
+    for k in (1, 2):
+        for _ in range(2):
+            refx.reref(refx.deref([refx.Ref(1.0)] * k))
     gc.collect()
     assert ws() is None
 
@@ -227,15 +251,13 @@ def test_a_dict_changed_while_the_walk_is_inside_it():
     # the walk took the dict's values before walking into "a"; Python code
     # run there replaces "b": the output must hold the new Ref's value
     tree = {"a": _HookNT(refx.Ref(0.0)), "b": refx.Ref(1.0)}
-    refx.deref(tree)
-    refx.deref(tree)
+    warm(tree)
     new = refx.Ref(2.0)
     _HookNT.armed[0] = lambda: tree.__setitem__("b", new)
     assert refx.deref(tree)["b"].value == 2.0
     # and reref, with a Value replaced
     d = refx.deref({"a": _HookNT(refx.Ref(0.0)), "b": refx.Ref(1.0)})
-    refx.reref(d)
-    refx.reref(d)
+    warm({"a": _HookNT(refx.Ref(0.0)), "b": refx.Ref(1.0)})
     newv = refx.deref([refx.Ref(5.0), refx.Ref(6.0)])[1]
     _HookNT.armed[0] = lambda: d.__setitem__("b", newv)
     assert refx.reref(d)["b"].value == 6.0
@@ -247,8 +269,7 @@ def test_a_type_registered_while_the_walk_runs():
             self.v = v
 
     tree = [_HookNT(refx.Ref(0.0)), Box(refx.Ref(1.0))]
-    refx.deref(tree)
-    refx.deref(tree)  # Box a leaf, in the memo
+    warm(tree)  # Box a leaf, in the memo
     _HookNT.armed[0] = lambda: jax.tree_util.register_pytree_node(
         Box, lambda b: ((b.v,), None), lambda _, c: Box(*c))
     out = refx.deref(tree)
@@ -279,3 +300,34 @@ def test_an_unhashable_static_is_the_same_while_it_is_the_same_object():
     out = refx.reref(refx.deref([m]))
     assert out[0].k is m.k
     assert refx.clone([m])[0].k is m.k
+
+
+def test_two_trees_in_turn_each_get_a_memo():
+    a = {"w": refx.Ref(jnp.ones(2)), "b": [refx.Ref(1.0)]}
+    b = (refx.Ref(2.0), Block(3))
+    for _ in range(3):
+        refx.deref(a)
+        refx.deref(b)
+    box = _core._flatten_memos()[0]
+    tds = {box[0][0], box[1][0]}
+    assert tds == {jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)}
+    for _ in range(3):
+        check_all(a)
+        check_all(b)
+
+
+def test_a_structure_seen_once_makes_no_memo():
+    _core._clear_flatten_memos()
+    refx.deref([refx.Ref(1.0)])
+    box = _core._flatten_memos()[0]
+    assert box[0] is None and box[1] is None  # only remembered as seen
+    refx.deref([refx.Ref(1.0)])
+    assert memoized([refx.Ref(1.0)])
+
+
+def test_a_structure_not_memoized_is_not_tried_again():
+    tree = {1: refx.Ref(1.0)}  # a non-str key: left to jaxlib
+    for _ in range(3):
+        check_all(tree)
+    box = _core._flatten_memos()[0]
+    assert len(box[0]) == 1 and box[0][0] == jax.tree_util.tree_structure(tree)

@@ -65,21 +65,22 @@
  *   same structure call after call, and jaxlib's flatten (a treedef built
  *   node by node, dict keys sorted, a registry lookup and, for reref, a
  *   call of the leaf predicate per node) was up to half of each.  So they
- *   flatten as refx.jit flattens its arguments (flatmemo.c): against a
- *   memo of the last tree, one for trees of Refs (deref, clone:
- *   st->ref_tree_memo) and one for deref'ed trees (reref, with Value/Index
- *   as leaves: st->reref_memo), which gives the leaves and the memo's
- *   treedef when the tree still has that structure, and falls back to
- *   jaxlib (and makes a new memo) at the first difference.  Only outside
- *   every transform (memo_allowed): a memo made in a trace would keep that
- *   trace's tracers (a module static closing over one) past its end.  The output is
- *   unflattened with that treedef, so these memos are strict where
- *   refx.jit's is not: a module's static attributes must be the memo's own
- *   objects, not equal ones (a static set to 2.0 where it was 2 comes out
- *   as 2.0).  A memo holds its treedef (dict keys, node aux data, leaf
- *   types: never a leaf) until a tree of another structure replaces it.
- *   (deref at ~30 Refs: 1.11x -> 0.60x the flatten+unflatten floor; reref
- *   1.59x -> 0.80x, at ~100,000 Refs 2.1x -> 1.5x.)
+ *   flatten as refx.jit flattens its arguments (flatmemo.c): against
+ *   memos of the last two structures that came twice, for trees of Refs
+ *   (deref, clone: st->ref_tree_memo) and for deref'ed trees (reref, with
+ *   Value/Index as leaves: st->reref_memo), which give the leaves and the
+ *   memo's treedef when the tree has one's structure; otherwise jaxlib
+ *   flattens (refx_memo_flatten_eager says when a memo is made).  Only
+ *   outside every transform (memo_allowed): a memo made in a trace would
+ *   keep that trace's tracers (a module static closing over one) past its
+ *   end.  The output is unflattened with the memo's treedef, so these
+ *   memos are strict where refx.jit's is not: a module's static
+ *   attributes must be the memo's own objects, not equal ones (a static
+ *   set to 2.0 where it was 2 comes out as 2.0).  The memos hold treedefs
+ *   (dict keys, node aux data, leaf types: never a leaf) of the last few
+ *   structures until others replace them.  (deref at ~30 Refs: 1.11x ->
+ *   0.60x the flatten+unflatten floor; reref 1.59x -> 0.80x, at ~100,000
+ *   Refs 2.1x -> 1.5x.)
  *
  *   Already deref'ed input.  Value and Index are pytree nodes, so a plain
  *   flatten would walk into them; refx_flatten_leaves redoes the flatten
@@ -250,7 +251,7 @@ memo_flatten(refx_state *st, PyObject **slot, PyObject *tree, PyObject *pred,
     if (allowed < 0) {
         return NULL;
     }
-    return allowed ? refx_memo_flatten(st, slot, tree, pred, 1, treedef, NULL)
+    return allowed ? refx_memo_flatten_eager(st, slot, tree, pred, treedef)
                    : refx_flatten(st, tree, pred, treedef);
 }
 

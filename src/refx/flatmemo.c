@@ -21,6 +21,14 @@
  * predicate would say of any Value, and no container type the walk
  * descends into is one the predicate takes.
  *
+ * deref's, clone's and reref's memos (refx_memo_flatten_eager) serve
+ * every call of the program, not one function's, so they keep two memos,
+ * the last one made or hit first, and make a memo only for a structure
+ * that came before: one of the last two no memo took (a memo costs a
+ * walk of the treedef through Python calls, about a flatten), or one
+ * whose memo missed on a leaf's type or a static's identity.  Trees that
+ * alternate get a memo each; a structure seen once costs no memo.
+ *
  * Strictness.  refx.jit's memo compares a module's aux data with ==, as
  * its cache key and jax.jit's compare treedefs: an equal treedef is the
  * same call to them.  deref, clone and reref build their output from the
@@ -91,8 +99,8 @@
  *
  * Functions in this file: the check walk (memo_same_aux, memo_check,
  * memo_check_items, memo_check_dict), the build from a treedef (memo_build, memo_make),
- * refx_memo_flatten,
- * _core._memo_flatten and _core._clear_flatten_memos (for tests).
+ * refx_memo_flatten, refx_memo_flatten_eager (eager_same, eager_push),
+ * _core._memo_flatten, _flatten_memos and _clear_flatten_memos (tests).
  */
 #include "refx.h"
 #include <string.h>
@@ -683,6 +691,128 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
 }
 
 /* ------------------------------------------------------------------ */
+/* deref's, clone's and reref's memos                                   */
+/* ------------------------------------------------------------------ */
+
+/* Does *box (a list of EAGER_BOX items, made here at first use) hold
+ * at position i a treedef or a memo of one == treedef?  1, 0, -1 error. */
+static int
+eager_same(PyObject *box, Py_ssize_t i, PyObject *treedef)
+{
+    PyObject *o = PyList_GET_ITEM(box, i);
+    if (o == Py_None) {
+        return 0;
+    }
+    Py_INCREF(o); /* the compare may run Python code (aux __eq__) */
+    PyObject *td = PyTuple_Check(o) ? PyTuple_GET_ITEM(o, 0) : o;
+    int eq = PyObject_RichCompareBool(td, treedef, Py_EQ);
+    Py_DECREF(o);
+    return eq;
+}
+
+/* Put `o` (a new reference, stolen) first among box[lo..lo+2), moving
+ * the first to the second; no Python code runs until the dropped one is
+ * released. */
+static void
+eager_push(PyObject *box, Py_ssize_t lo, PyObject *o)
+{
+    PyObject *dropped = PyList_GET_ITEM(box, lo + 1);
+    PyList_SET_ITEM(box, lo + 1, PyList_GET_ITEM(box, lo));
+    PyList_SET_ITEM(box, lo, o);
+    Py_DECREF(dropped);
+}
+
+#define EAGER_BOX 4
+
+PyObject *
+refx_memo_flatten_eager(refx_state *st, PyObject **boxp, PyObject *tree,
+                        PyObject *pred, PyObject **treedef)
+{
+    if (st->pytree_registry == NULL) {
+        return refx_flatten(st, tree, pred, treedef);
+    }
+    if (*boxp == NULL) {
+        PyObject *b = PyList_New(EAGER_BOX);
+        if (b == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < EAGER_BOX; i++) {
+            PyList_SET_ITEM(b, i, Py_NewRef(Py_None));
+        }
+        *boxp = b;
+    }
+    PyObject *box = Py_NewRef(*boxp), *leaves = NULL;
+    /* the two memos, the last one made or hit first */
+    for (Py_ssize_t i = 0; i < 2 && leaves == NULL; i++) {
+        PyObject *memo = PyList_GET_ITEM(box, i);
+        if (!PyTuple_Check(memo)) {
+            continue;
+        }
+        Py_INCREF(memo); /* held: the walk may run Python code */
+        leaves = memo_try(st, memo, tree, 1, treedef);
+        if (leaves != NULL && i == 1 && PyList_GET_ITEM(box, 1) == memo) {
+            PyList_SET_ITEM(box, 1, PyList_GET_ITEM(box, 0));
+            PyList_SET_ITEM(box, 0, memo); /* the list's reference moves */
+            Py_INCREF(memo);
+        }
+        Py_DECREF(memo);
+        if (leaves == NULL && PyErr_Occurred()) {
+            goto done;
+        }
+    }
+    if (leaves != NULL) {
+        goto done;
+    }
+    Py_ssize_t regsize = PyDict_GET_SIZE(st->pytree_registry);
+    leaves = refx_flatten(st, tree, pred, treedef);
+    if (leaves == NULL) {
+        goto done;
+    }
+    /* A memo costs a walk of the treedef through Python calls (~the
+     * flatten's own cost), so one is made only for a structure that came
+     * before: one of the last two that no memo took (box[2], box[3]), or
+     * one whose memo missed (a leaf of another type, a static replaced by
+     * an equal object).  Alternating trees get a memo each; a structure
+     * never seen again costs no memo; one the memo cannot take is kept as
+     * (treedef,) and not tried again. */
+    Py_ssize_t at = -1;
+    for (Py_ssize_t i = 0; i < EAGER_BOX && at < 0; i++) {
+        int eq = eager_same(box, i, *treedef);
+        if (eq < 0) {
+            goto error;
+        }
+        at = eq ? i : -1;
+    }
+    if (at < 0) {
+        eager_push(box, 2, Py_NewRef(*treedef));
+        goto done;
+    }
+    PyObject *old = PyList_GET_ITEM(box, at);
+    if (PyTuple_Check(old) && PyTuple_GET_SIZE(old) == 1) {
+        goto done; /* not memoized */
+    }
+    PyObject *fresh = memo_make(st, leaves, *treedef, regsize);
+    if (fresh == NULL) {
+        goto error;
+    }
+    if (at < 2 && PyList_GET_ITEM(box, at) == old) { /* made again */
+        PyList_SET_ITEM(box, at, PyList_GET_ITEM(box, 0));
+        PyList_SET_ITEM(box, 0, fresh);
+        Py_DECREF(old);
+    }
+    else {
+        eager_push(box, 0, fresh);
+    }
+    goto done;
+error:
+    Py_CLEAR(leaves);
+    Py_CLEAR(*treedef);
+done:
+    Py_DECREF(box);
+    return leaves;
+}
+
+/* ------------------------------------------------------------------ */
 /* _core._memo_flatten (tests)                                          */
 /* ------------------------------------------------------------------ */
 
@@ -748,7 +878,29 @@ clear_memos_py(PyObject *module, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(flatten_memos__doc__,
+             "_flatten_memos($module, /)\n--\n\n"
+             "(deref/clone's, reref's) memo boxes, each None or a tuple "
+             "(memo0, memo1, seen0, seen1): a memo is (treedef, ...), "
+             "(treedef,) for a structure not memoized, or None.  For "
+             "tests.");
+
+static PyObject *
+flatten_memos_py(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    refx_state *st = refx_get_state(module);
+    PyObject *a = st->ref_tree_memo != NULL ? PyList_AsTuple(st->ref_tree_memo)
+                                            : Py_NewRef(Py_None);
+    PyObject *b = st->reref_memo != NULL ? PyList_AsTuple(st->reref_memo)
+                                         : Py_NewRef(Py_None);
+    PyObject *res = a != NULL && b != NULL ? PyTuple_Pack(2, a, b) : NULL;
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    return res;
+}
+
 static PyMethodDef memo_functions[] = {
+    {"_flatten_memos", flatten_memos_py, METH_NOARGS, flatten_memos__doc__},
     {"_memo_flatten", (PyCFunction)(void (*)(void))memo_flatten_py,
      METH_FASTCALL, memo_flatten__doc__},
     {"_clear_flatten_memos", clear_memos_py, METH_NOARGS, clear_memos__doc__},

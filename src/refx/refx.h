@@ -119,8 +119,9 @@ typedef struct {
     /* Partition unflatten's templates: a list of UNFLAT_SLOTS items, each
      * None or (aux, template, hashes) (see partition.c) */
     PyObject *unflat_cache;
-    /* flatten memos (flatmemo.c; NULL until first used): deref's and
-     * clone's of a tree of Refs, reref's of a deref'ed tree */
+    /* flatten memos (flatmemo.c, refx_memo_flatten_eager; NULL until
+     * first used): deref's and clone's of a tree of Refs, reref's of a
+     * deref'ed tree */
     PyObject *ref_tree_memo;
     PyObject *reref_memo;
 
@@ -511,6 +512,11 @@ PyObject *refx_module_flatten_frozen(PyObject *f);
 PyObject *refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
                             PyObject *pred, int strict, PyObject **treedef,
                             int *hit);
+/* deref's/clone's and reref's flatten (strict; *box, owned, made at first
+ * use: two memos and the last two structures no memo took) */
+PyObject *refx_memo_flatten_eager(refx_state *st, PyObject **box,
+                                  PyObject *tree, PyObject *pred,
+                                  PyObject **treedef);
 int refx_init_memo(PyObject *module, refx_state *st);
 
 #endif /* REFX_H */
