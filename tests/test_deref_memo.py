@@ -331,3 +331,26 @@ def test_a_structure_not_memoized_is_not_tried_again():
         check_all(tree)
     box = _core._flatten_memos()[0]
     assert len(box[0]) == 1 and box[0][0] == jax.tree_util.tree_structure(tree)
+
+
+def test_memos_trading_places_leak_nothing():
+    import sys
+
+    a = {"w": refx.Ref(jnp.ones(2))}
+    b = [refx.Ref(2.0), refx.Ref(3.0)]
+    for _ in range(3):
+        refx.deref(a)
+        refx.deref(b)
+        refx.reref(refx.deref(a))
+        refx.reref(refx.deref(b))
+    boxes = _core._flatten_memos()
+    memos = [m for box in boxes for m in box[:2]]
+    before = [sys.getrefcount(m) for m in memos]
+    del boxes
+    for _ in range(100):  # each call hits the second memo, which moves first
+        refx.reref(refx.deref(a))
+        refx.reref(refx.deref(b))
+        refx.clone(a)
+    boxes = _core._flatten_memos()
+    assert [sys.getrefcount(m) for m in memos] == before
+    assert {id(m) for box in boxes for m in box[:2]} == {id(m) for m in memos}

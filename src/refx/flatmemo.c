@@ -751,9 +751,9 @@ refx_memo_flatten_eager(refx_state *st, PyObject **boxp, PyObject *tree,
         Py_INCREF(memo); /* held: the walk may run Python code */
         leaves = memo_try(st, memo, tree, 1, treedef);
         if (leaves != NULL && i == 1 && PyList_GET_ITEM(box, 1) == memo) {
+            /* the two swap places, each with the list's reference */
             PyList_SET_ITEM(box, 1, PyList_GET_ITEM(box, 0));
-            PyList_SET_ITEM(box, 0, memo); /* the list's reference moves */
-            Py_INCREF(memo);
+            PyList_SET_ITEM(box, 0, memo);
         }
         Py_DECREF(memo);
         if (leaves == NULL && PyErr_Occurred()) {
