@@ -695,7 +695,10 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
 /* ------------------------------------------------------------------ */
 
 /* Does *box (a list of EAGER_BOX items, made here at first use) hold
- * at position i a treedef or a memo of one == treedef?  1, 0, -1 error. */
+ * at position i a treedef or a memo of one == treedef?  1, 0, -1 error.
+ * An aux data __eq__ that raises (np.int64(1) == (1, 2) is an array, whose
+ * truth raises) says "not the same": the call flattened fine and must not
+ * fail for a memo's sake. */
 static int
 eager_same(PyObject *box, Py_ssize_t i, PyObject *treedef)
 {
@@ -707,6 +710,10 @@ eager_same(PyObject *box, Py_ssize_t i, PyObject *treedef)
     PyObject *td = PyTuple_Check(o) ? PyTuple_GET_ITEM(o, 0) : o;
     int eq = PyObject_RichCompareBool(td, treedef, Py_EQ);
     Py_DECREF(o);
+    if (eq < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear();
+        eq = 0;
+    }
     return eq;
 }
 
