@@ -224,10 +224,10 @@ def test_a_memo_holds_no_leaf_and_lets_go_of_its_structure():
     del leaf, static, m, tree
     gc.collect()
     assert wl() is None  # never held by a memo
-    # the module's static is in the treedefs the memos keep: trees of two
-    # other structures, each flattened twice, replace them
-    for k in (1, 2):
-        for _ in range(2):
+    # the module's static is in the treedefs the boxes keep: trees of other
+    # structures, flattened in turn, replace them
+    for _ in range(20):
+        for k in (1, 2, 3, 4):
             refx.reref(refx.deref([refx.Ref(1.0)] * k))
     gc.collect()
     assert ws() is None
@@ -305,7 +305,7 @@ def test_an_unhashable_static_is_the_same_while_it_is_the_same_object():
 def test_two_trees_in_turn_each_get_a_memo():
     a = {"w": refx.Ref(jnp.ones(2)), "b": [refx.Ref(1.0)]}
     b = (refx.Ref(2.0), Block(3))
-    for _ in range(3):
+    for _ in range(6):  # memos of earlier work, hit lately, give way after a while
         refx.deref(a)
         refx.deref(b)
     box = _core._flatten_memos()[0]
@@ -365,3 +365,56 @@ def test_a_raising_aux_compare_against_a_memo_is_no_error():
     check_all([m])
     m.k = np.int64(1)
     check_all([m])
+
+
+def test_a_structure_that_keeps_missing_its_memo_is_marked():
+    # the last leaf's type alternates: the treedef is the same, the memo's
+    # walk misses; made again once, then the structure is marked not
+    # memoized, so each call costs a plain flatten, not a memo's making
+    refs = [refx.Ref(1.0) for _ in range(5)]
+    for i in range(8):
+        check_all(refs + [1.0 if i % 2 else np.float32(1.0)])
+    box = _core._flatten_memos()[0]
+    td = jax.tree_util.tree_structure(refs + [1.0])
+    assert len(box[0]) == 1 and box[0][0] == td
+
+
+def test_memos_a_workload_left_are_dropped():
+    a, b = [refx.Ref(1.0)], {"x": refx.Ref(2.0)}
+    for _ in range(3):
+        refx.deref(a)
+        refx.deref(b)
+    rotation = [[refx.Ref(1.0)] * k + [None] for k in range(1, 4)]  # never twice in a row's reach
+    for _ in range(20):
+        for t in rotation:
+            refx.deref(t)
+    box = _core._flatten_memos()[0]
+    left = {jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)}
+    assert not any(m is not None and m[0] in left for m in box[:2])
+    assert not any(box[i] in left for i in (2, 3, 9))
+    for t in rotation:
+        check_all(t)
+
+
+def test_the_memo_boxes_are_immutable():
+    refx.deref([refx.Ref(1.0)])
+    for box in _core._flatten_memos():
+        assert box is None or type(box) is tuple
+
+
+def test_three_trees_in_turn_keep_two_memos():
+    _core._clear_flatten_memos()
+    trees_ = [[refx.Ref(1.0)] * 50 + [[refx.Ref(2.0)] * k] for k in (1, 2, 3)]
+    for _ in range(10):
+        for t in trees_:
+            refx.deref(t)
+    box = _core._flatten_memos()[0]
+    kept = [m for m in box[:2] if m is not None and len(m) == 5]
+    assert len(kept) == 2
+    made = {id(m) for m in kept}
+    for _ in range(10):  # and no memo is made again
+        for t in trees_:
+            refx.deref(t)
+    assert {id(m) for m in _core._flatten_memos()[0][:2]} == made
+    for t in trees_:
+        check_all(t)

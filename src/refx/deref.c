@@ -66,7 +66,7 @@
  *   node by node, dict keys sorted, a registry lookup and, for reref, a
  *   call of the leaf predicate per node) was up to half of each.  So they
  *   flatten as refx.jit flattens its arguments (flatmemo.c): against
- *   memos of the last two structures that came twice, for trees of Refs
+ *   two memos of structures that came more than once, for trees of Refs
  *   (deref, clone: st->ref_tree_memo) and for deref'ed trees (reref, with
  *   Value/Index as leaves: st->reref_memo), which give the leaves and the
  *   memo's treedef when the tree has one's structure; otherwise jaxlib

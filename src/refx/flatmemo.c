@@ -24,10 +24,13 @@
  * deref's, clone's and reref's memos (refx_memo_flatten_eager) serve
  * every call of the program, not one function's, so they keep two memos,
  * the last one made or hit first, and make a memo only for a structure
- * that came before: one of the last two no memo took (a memo costs a
+ * that came before: one of the last three no memo took (a memo costs a
  * walk of the treedef through Python calls, about a flatten), or one
- * whose memo missed on a leaf's type or a static's identity.  Trees that
- * alternate get a memo each; a structure seen once costs no memo.
+ * whose memo missed on a leaf's type or a static's identity (made again
+ * once, then marked), and only in place of a memo not hit lately.  Trees
+ * that alternate get a memo each, three in turn keep two, a structure
+ * seen once costs no memo, memos a workload left are dropped (see the
+ * box, below).
  *
  * Strictness.  refx.jit's memo compares a module's aux data with ==, as
  * its cache key and jax.jit's compare treedefs: an equal treedef is the
@@ -99,7 +102,8 @@
  *
  * Functions in this file: the check walk (memo_same_aux, memo_check,
  * memo_check_items, memo_check_dict), the build from a treedef (memo_build, memo_make),
- * refx_memo_flatten, refx_memo_flatten_eager (eager_same, eager_push),
+ * refx_memo_flatten, refx_memo_flatten_eager (eager_same, eager_store,
+ * eager_items),
  * _core._memo_flatten, _flatten_memos and _clear_flatten_memos (tests).
  */
 #include "refx.h"
@@ -595,7 +599,7 @@ done:
  * it does not fit. */
 static PyObject *
 memo_try(refx_state *st, PyObject *memo, PyObject *tree, int strict,
-         PyObject **treedef)
+         PyObject **treedef, int *costly)
 {
     if (PyTuple_GET_SIZE(memo) != 5 ||
         PyDict_GET_SIZE(st->pytree_registry) !=
@@ -632,6 +636,9 @@ memo_try(refx_state *st, PyObject *memo, PyObject *tree, int strict,
         return w.leaves;
     }
     Py_DECREF(w.leaves);
+    if (costly != NULL) {
+        *costly = w.at * 4 > w.nnodes; /* a miss past a quarter of it */
+    }
     if (r < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
         PyErr_Clear(); /* jaxlib's flatten raises what it raises */
     }
@@ -651,7 +658,7 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
     }
     PyObject *memo = Py_XNewRef(*slot); /* held: another thread may swap */
     if (memo != NULL) {
-        PyObject *leaves = memo_try(st, memo, tree, strict, treedef);
+        PyObject *leaves = memo_try(st, memo, tree, strict, treedef, NULL);
         if (leaves != NULL || PyErr_Occurred()) {
             if (hit != NULL) {
                 *hit = leaves != NULL;
@@ -694,22 +701,55 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
 /* deref's, clone's and reref's memos                                   */
 /* ------------------------------------------------------------------ */
 
-/* Does *box (a list of EAGER_BOX items, made here at first use) hold
- * at position i a treedef or a memo of one == treedef?  1, 0, -1 error.
- * An aux data __eq__ that raises (np.int64(1) == (1, 2) is an array, whose
- * truth raises) says "not the same": the call flattened fine and must not
- * fail for a memo's sake. */
+/* A box is an immutable tuple, replaced whole (so Python code that gets
+ * hold of one, through gc.get_referents of the module, can change
+ * nothing):
+ *
+ *   (memo0, memo1, seen0, seen1, strikes0, strikes1, streak, hot0, hot1,
+ *    seen2)
+ *
+ * memo0/memo1 the two memos (a 5-tuple, (treedef,) for a structure the
+ * memo cannot take, or None), the last made or hit first; seen0, seen1,
+ * seen2 the treedefs of the last three structures no memo took (or None);
+ * strikes the times memo k was made again after missing (a leaf of
+ * another type, a static replaced by an equal object): at the second, a
+ * structure that keeps changing so is marked (treedef,) instead; streak
+ * the memos' misses in calls that made no memo (4 for a costly one, a
+ * walk past a quarter of the memo's nodes before the tree differed; 1
+ * for one at its first nodes), less 4 per hit: at EAGER_STALE, the
+ * second memo is dropped and the first moves second (a workload that
+ * moved on neither walks nor keeps old memos forever); hot: memo k was hit
+ * since it was made or last passed over.  A structure from the seen
+ * slots takes memo1's place only when memo1 is cold; else memo1 is made
+ * cold and no memo is made, so three structures in turn keep two memos
+ * instead of making one every other call. */
+enum {
+    B_MEMO0,
+    B_MEMO1,
+    B_SEEN0,
+    B_SEEN1,
+    B_STRIKES0,
+    B_STRIKES1,
+    B_STREAK,
+    B_HOT0,
+    B_HOT1,
+    B_SEEN2,
+    EAGER_BOX
+};
+#define EAGER_STALE 32
+
+/* Does `o` (a box item) hold a treedef, or a memo of one, == treedef?
+ * 1, 0, -1 error.  An aux data __eq__ that raises (np.int64(1) == (1, 2)
+ * is an array, whose truth raises) says "not the same": the call
+ * flattened fine and must not fail for a memo's sake. */
 static int
-eager_same(PyObject *box, Py_ssize_t i, PyObject *treedef)
+eager_same(PyObject *o, PyObject *treedef)
 {
-    PyObject *o = PyList_GET_ITEM(box, i);
     if (o == Py_None) {
         return 0;
     }
-    Py_INCREF(o); /* the compare may run Python code (aux __eq__) */
     PyObject *td = PyTuple_Check(o) ? PyTuple_GET_ITEM(o, 0) : o;
     int eq = PyObject_RichCompareBool(td, treedef, Py_EQ);
-    Py_DECREF(o);
     if (eq < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
         PyErr_Clear();
         eq = 0;
@@ -717,19 +757,38 @@ eager_same(PyObject *box, Py_ssize_t i, PyObject *treedef)
     return eq;
 }
 
-/* Put `o` (a new reference, stolen) first among box[lo..lo+2), moving
- * the first to the second; no Python code runs until the dropped one is
- * released. */
-static void
-eager_push(PyObject *box, Py_ssize_t lo, PyObject *o)
+/* Replace *boxp by a box of `items` (borrowed; NULL items are None). */
+static int
+eager_store(PyObject **boxp, PyObject *const *items)
 {
-    PyObject *dropped = PyList_GET_ITEM(box, lo + 1);
-    PyList_SET_ITEM(box, lo + 1, PyList_GET_ITEM(box, lo));
-    PyList_SET_ITEM(box, lo, o);
-    Py_DECREF(dropped);
+    PyObject *t = PyTuple_New(EAGER_BOX);
+    if (t == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < EAGER_BOX; i++) {
+        PyTuple_SET_ITEM(t, i,
+                         Py_NewRef(items[i] != NULL ? items[i] : Py_None));
+    }
+    Py_XSETREF(*boxp, t);
+    return 0;
 }
 
-#define EAGER_BOX 4
+/* The current box's items (borrowed from *cur, a new reference the
+ * caller releases; all None when there is none yet). */
+static void
+eager_items(PyObject **boxp, PyObject **cur, PyObject **items)
+{
+    *cur = Py_XNewRef(*boxp);
+    for (Py_ssize_t i = 0; i < EAGER_BOX; i++) {
+        items[i] = *cur != NULL ? PyTuple_GET_ITEM(*cur, i) : Py_None;
+    }
+}
+
+static long
+eager_count(PyObject *o)
+{
+    return PyLong_Check(o) ? PyLong_AsLong(o) : 0;
+}
 
 PyObject *
 refx_memo_flatten_eager(refx_state *st, PyObject **boxp, PyObject *tree,
@@ -738,37 +797,50 @@ refx_memo_flatten_eager(refx_state *st, PyObject **boxp, PyObject *tree,
     if (st->pytree_registry == NULL) {
         return refx_flatten(st, tree, pred, treedef);
     }
-    if (*boxp == NULL) {
-        PyObject *b = PyList_New(EAGER_BOX);
-        if (b == NULL) {
-            return NULL;
-        }
-        for (Py_ssize_t i = 0; i < EAGER_BOX; i++) {
-            PyList_SET_ITEM(b, i, Py_NewRef(Py_None));
-        }
-        *boxp = b;
-    }
-    PyObject *box = Py_NewRef(*boxp), *leaves = NULL;
+    PyObject *box, *it[EAGER_BOX], *leaves = NULL, *cur = NULL, *fresh = NULL;
+    PyObject *nums[3] = {NULL, NULL, NULL};
+    int costly = 0, tried = 0;
+    eager_items(boxp, &box, it); /* held: the walks may run Python code */
     /* the two memos, the last one made or hit first */
-    for (Py_ssize_t i = 0; i < 2 && leaves == NULL; i++) {
-        PyObject *memo = PyList_GET_ITEM(box, i);
-        if (!PyTuple_Check(memo)) {
+    for (Py_ssize_t i = B_MEMO0; i <= B_MEMO1 && leaves == NULL; i++) {
+        if (!PyTuple_Check(it[i])) {
             continue;
         }
-        Py_INCREF(memo); /* held: the walk may run Python code */
-        leaves = memo_try(st, memo, tree, 1, treedef);
-        if (leaves != NULL && i == 1 && PyList_GET_ITEM(box, 1) == memo) {
-            /* the two swap places, each with the list's reference */
-            PyList_SET_ITEM(box, 1, PyList_GET_ITEM(box, 0));
-            PyList_SET_ITEM(box, 0, memo);
-        }
-        Py_DECREF(memo);
+        int c = 0;
+        leaves = memo_try(st, it[i], tree, 1, treedef, &c);
+        costly |= c;
+        tried = 1;
         if (leaves == NULL && PyErr_Occurred()) {
             goto done;
         }
-    }
-    if (leaves != NULL) {
-        goto done;
+        if (leaves != NULL) {
+            /* the box again: Python code may have replaced it; a hit
+             * takes one off the streak of costly misses */
+            PyObject *now[EAGER_BOX];
+            eager_items(boxp, &cur, now);
+            long streak = eager_count(now[B_STREAK]);
+            if (now[i] == it[i] &&
+                (i == B_MEMO1 || streak > 0 || now[B_HOT0 + i] != Py_True)) {
+                nums[2] = streak > 4 ? PyLong_FromLong(streak - 4) : NULL;
+                PyObject *upd[EAGER_BOX] = {
+                    now[i],
+                    now[i == B_MEMO1 ? B_MEMO0 : B_MEMO1],
+                    now[B_SEEN0],
+                    now[B_SEEN1],
+                    now[i == B_MEMO1 ? B_STRIKES1 : B_STRIKES0],
+                    now[i == B_MEMO1 ? B_STRIKES0 : B_STRIKES1],
+                    nums[2],
+                    Py_True,
+                    now[i == B_MEMO1 ? B_HOT0 : B_HOT1],
+                    now[B_SEEN2]};
+                if ((streak > 4 && nums[2] == NULL) ||
+                    eager_store(boxp, upd) < 0) {
+                    Py_CLEAR(leaves);
+                    Py_CLEAR(*treedef);
+                }
+            }
+            goto done;
+        }
     }
     Py_ssize_t regsize = PyDict_GET_SIZE(st->pytree_registry);
     leaves = refx_flatten(st, tree, pred, treedef);
@@ -777,45 +849,100 @@ refx_memo_flatten_eager(refx_state *st, PyObject **boxp, PyObject *tree,
     }
     /* A memo costs a walk of the treedef through Python calls (~the
      * flatten's own cost), so one is made only for a structure that came
-     * before: one of the last two that no memo took (box[2], box[3]), or
-     * one whose memo missed (a leaf of another type, a static replaced by
-     * an equal object).  Alternating trees get a memo each; a structure
-     * never seen again costs no memo; one the memo cannot take is kept as
-     * (treedef,) and not tried again. */
+     * before: one of the last three no memo took, or one whose memo missed
+     * (made again once; a second time, the structure is marked).  One the
+     * memo cannot take is kept as (treedef,) and not tried again. */
     Py_ssize_t at = -1;
-    for (Py_ssize_t i = 0; i < EAGER_BOX && at < 0; i++) {
-        int eq = eager_same(box, i, *treedef);
+    static const Py_ssize_t where[] = {B_MEMO0, B_MEMO1, B_SEEN0, B_SEEN1,
+                                       B_SEEN2};
+    for (size_t k = 0; k < sizeof(where) / sizeof(where[0]) && at < 0; k++) {
+        int eq = eager_same(it[where[k]], *treedef);
         if (eq < 0) {
             goto error;
         }
-        at = eq ? i : -1;
+        at = eq ? where[k] : -1;
     }
-    if (at < 0) {
-        eager_push(box, 2, Py_NewRef(*treedef));
-        goto done;
-    }
-    PyObject *old = PyList_GET_ITEM(box, at);
-    if (PyTuple_Check(old) && PyTuple_GET_SIZE(old) == 1) {
+    if (at >= 0 && PyTuple_Check(it[at]) && PyTuple_GET_SIZE(it[at]) == 1) {
         goto done; /* not memoized */
     }
-    PyObject *fresh = memo_make(st, leaves, *treedef, regsize);
-    if (fresh == NULL) {
+    long strikes = at == B_MEMO0 || at == B_MEMO1
+                       ? eager_count(it[B_STRIKES0 + at]) + 1
+                       : 0;
+    if (at >= 0 && at != B_MEMO0 && at != B_MEMO1 &&
+        PyTuple_Check(it[B_MEMO1]) && PyTuple_GET_SIZE(it[B_MEMO1]) > 1 &&
+        it[B_HOT1] == Py_True) {
+        /* memo1 was hit lately: passed over, not replaced */
+        PyObject *now[EAGER_BOX], *upd[EAGER_BOX];
+        eager_items(boxp, &cur, now);
+        for (Py_ssize_t i = 0; i < EAGER_BOX; i++) {
+            upd[i] = now[i];
+        }
+        upd[B_HOT1] = NULL;
+        if (eager_store(boxp, upd) < 0) {
+            goto error;
+        }
+        goto done;
+    }
+    if (at >= 0) {
+        fresh = strikes >= 2 ? PyTuple_Pack(1, *treedef)
+                             : memo_make(st, leaves, *treedef, regsize);
+        if (fresh == NULL) {
+            goto error;
+        }
+    }
+    PyObject *now[EAGER_BOX];
+    eager_items(boxp, &cur, now);
+    if (at < 0) { /* remembered as seen; after a stale streak, one memo less */
+        long streak = eager_count(now[B_STREAK]) + (costly  ? 4
+                                                    : tried ? 1
+                                                            : 0);
+        int stale = streak >= EAGER_STALE;
+        nums[0] = PyLong_FromLong(stale ? 0 : streak);
+        if (nums[0] == NULL) {
+            goto error;
+        }
+        PyObject *upd[EAGER_BOX] = {stale ? NULL : now[B_MEMO0],
+                                    now[stale ? B_MEMO0 : B_MEMO1],
+                                    *treedef,
+                                    now[B_SEEN0],
+                                    stale ? NULL : now[B_STRIKES0],
+                                    now[stale ? B_STRIKES0 : B_STRIKES1],
+                                    nums[0],
+                                    stale ? NULL : now[B_HOT0],
+                                    now[stale ? B_HOT0 : B_HOT1],
+                                    now[B_SEEN1]};
+        if (eager_store(boxp, upd) < 0) {
+            goto error;
+        }
+        goto done;
+    }
+    nums[1] = PyLong_FromLong(strikes);
+    if (nums[1] == NULL) {
         goto error;
     }
-    if (at < 2 && PyList_GET_ITEM(box, at) == old) { /* made again */
-        PyList_SET_ITEM(box, at, PyList_GET_ITEM(box, 0));
-        PyList_SET_ITEM(box, 0, fresh);
-        Py_DECREF(old);
-    }
-    else {
-        eager_push(box, 0, fresh);
+    /* the new memo first; the other memo second (the one it replaces, if
+     * that is still where it was, is dropped) */
+    Py_ssize_t other =
+        at == B_MEMO0 && now[B_MEMO0] == it[B_MEMO0] ? B_MEMO1 : B_MEMO0;
+    PyObject *upd[EAGER_BOX] = {
+        fresh,        now[other], now[B_SEEN0],
+        now[B_SEEN1], nums[1],    now[B_STRIKES0 + other],
+        NULL,         Py_True,    now[B_HOT0 + other],
+        now[B_SEEN2]};
+    if (eager_store(boxp, upd) < 0) {
+        goto error;
     }
     goto done;
 error:
     Py_CLEAR(leaves);
     Py_CLEAR(*treedef);
 done:
-    Py_DECREF(box);
+    Py_XDECREF(fresh);
+    Py_XDECREF(nums[0]);
+    Py_XDECREF(nums[1]);
+    Py_XDECREF(nums[2]);
+    Py_XDECREF(cur);
+    Py_XDECREF(box);
     return leaves;
 }
 
@@ -888,18 +1015,18 @@ clear_memos_py(PyObject *module, PyObject *Py_UNUSED(ignored))
 PyDoc_STRVAR(flatten_memos__doc__,
              "_flatten_memos($module, /)\n--\n\n"
              "(deref/clone's, reref's) memo boxes, each None or a tuple "
-             "(memo0, memo1, seen0, seen1): a memo is (treedef, ...), "
-             "(treedef,) for a structure not memoized, or None.  For "
-             "tests.");
+             "(memo0, memo1, seen0, seen1, strikes0, strikes1, streak, hot0, "
+             "hot1, seen2): a "
+             "memo is (treedef, ...), (treedef,) for a structure not "
+             "memoized, or None.  For tests.");
 
 static PyObject *
 flatten_memos_py(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     refx_state *st = refx_get_state(module);
-    PyObject *a = st->ref_tree_memo != NULL ? PyList_AsTuple(st->ref_tree_memo)
-                                            : Py_NewRef(Py_None);
-    PyObject *b = st->reref_memo != NULL ? PyList_AsTuple(st->reref_memo)
-                                         : Py_NewRef(Py_None);
+    PyObject *a =
+        Py_NewRef(st->ref_tree_memo != NULL ? st->ref_tree_memo : Py_None);
+    PyObject *b = Py_NewRef(st->reref_memo != NULL ? st->reref_memo : Py_None);
     PyObject *res = a != NULL && b != NULL ? PyTuple_Pack(2, a, b) : NULL;
     Py_XDECREF(a);
     Py_XDECREF(b);

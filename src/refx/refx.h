@@ -513,7 +513,7 @@ PyObject *refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
                             PyObject *pred, int strict, PyObject **treedef,
                             int *hit);
 /* deref's/clone's and reref's flatten (strict; *box, owned, made at first
- * use: two memos and the last two structures no memo took) */
+ * use: two memos and the last three structures no memo took) */
 PyObject *refx_memo_flatten_eager(refx_state *st, PyObject **box,
                                   PyObject *tree, PyObject *pred,
                                   PyObject **treedef);
