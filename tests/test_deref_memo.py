@@ -30,6 +30,13 @@ from test_flatten_memo import LEAVES, make_leaf, mutate, trees
 is_deref = lambda x: isinstance(x, (refx.Value, refx.Index))  # noqa: E731
 
 
+@pytest.fixture(autouse=True)
+def _empty_memos():
+    """Each test starts with empty memo boxes: what earlier tests (in any
+    order) left there decides which memos are kept, not what is output."""
+    _core._clear_flatten_memos()
+
+
 def same_structure(a, b):
     """Treedefs equal, and every custom node's aux data equal item by item
     with (name, value) pairs holding the very same value objects."""
