@@ -474,9 +474,11 @@ def test_gc_finalizer_that_writes_refs_during_deref_or_clone(fn):
     refs = [refx.Ref(Box(i)) for i in range(2000)]
     armed = []
     # the flatten memo of deref/clone made now (at a structure's second
-    # flatten), from other Refs of the same structure: a call that makes a
-    # memo allocates (and may collect) before its read, not in it; these
-    # Refs have no kept Values
+    # flatten, the boxes emptied first so that what earlier tests left
+    # there cannot keep it from being made), from other Refs of the same
+    # structure: a call that makes a memo allocates (and may collect)
+    # before its read, not in it; these Refs have no kept Values
+    refx._core._clear_flatten_memos()
     for _ in range(2):
         getattr(refx, fn)([refx.Ref(Box(0)) for _ in refs])
 
