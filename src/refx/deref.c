@@ -78,9 +78,9 @@
  *   attributes must be the memo's own objects, not equal ones (a static
  *   set to 2.0 where it was 2 comes out as 2.0).  The memos hold treedefs
  *   (dict keys, node aux data, leaf types: never a leaf) of the last few
- *   structures until others replace them.  (deref at ~30 Refs: 1.11x ->
- *   0.60x the flatten+unflatten floor; reref 1.59x -> 0.80x, at ~100,000
- *   Refs 2.1x -> 1.5x.)
+ *   structures until others replace them.  (deref at ~30 Refs: 1.07x ->
+ *   0.66x the flatten+unflatten floor; reref 1.50x -> 0.85x, at ~100,000
+ *   Refs 2.12x -> 1.63x; benchmarks/NOTES.md.)
  *
  *   Already deref'ed input.  Value and Index are pytree nodes, so a plain
  *   flatten would walk into them; refx_flatten_leaves redoes the flatten

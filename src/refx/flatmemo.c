@@ -647,18 +647,17 @@ memo_try(refx_state *st, PyObject *memo, PyObject *tree, int strict,
 
 PyObject *
 refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
-                  PyObject *pred, int strict, PyObject **treedef, int *hit)
+                  PyObject **treedef, int *hit)
 {
-    assert(pred == NULL || pred == st->pred_deref);
     if (hit != NULL) {
         *hit = 0;
     }
     if (st->pytree_registry == NULL) {
-        return refx_flatten(st, tree, pred, treedef);
+        return refx_flatten(st, tree, NULL, treedef);
     }
     PyObject *memo = Py_XNewRef(*slot); /* held: another thread may swap */
     if (memo != NULL) {
-        PyObject *leaves = memo_try(st, memo, tree, strict, treedef, NULL);
+        PyObject *leaves = memo_try(st, memo, tree, 0, treedef, NULL);
         if (leaves != NULL || PyErr_Occurred()) {
             if (hit != NULL) {
                 *hit = leaves != NULL;
@@ -668,7 +667,7 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
         }
     }
     Py_ssize_t regsize = PyDict_GET_SIZE(st->pytree_registry);
-    PyObject *leaves = refx_flatten(st, tree, pred, treedef);
+    PyObject *leaves = refx_flatten(st, tree, NULL, treedef);
     if (leaves == NULL) {
         Py_XDECREF(memo);
         return NULL;
@@ -980,8 +979,7 @@ memo_flatten_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *treedef = NULL;
     int hit;
-    PyObject *leaves =
-        refx_memo_flatten(st, &slot, args[1], NULL, 0, &treedef, &hit);
+    PyObject *leaves = refx_memo_flatten(st, &slot, args[1], &treedef, &hit);
     PyObject *res = NULL;
     if (leaves != NULL) {
         res =
@@ -999,9 +997,8 @@ memo_flatten_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 PyDoc_STRVAR(clear_memos__doc__,
              "_clear_flatten_memos($module, /)\n--\n\n"
-             "Drop the flatten memos of deref/clone and reref (the "
-             "structure of the last tree each saw).  For tests and the "
-             "leak check.");
+             "Drop the flatten memo boxes of deref/clone and reref (the "
+             "structures they keep).  For tests and the leak check.");
 
 static PyObject *
 clear_memos_py(PyObject *module, PyObject *Py_UNUSED(ignored))
@@ -1024,13 +1021,9 @@ static PyObject *
 flatten_memos_py(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
     refx_state *st = refx_get_state(module);
-    PyObject *a =
-        Py_NewRef(st->ref_tree_memo != NULL ? st->ref_tree_memo : Py_None);
-    PyObject *b = Py_NewRef(st->reref_memo != NULL ? st->reref_memo : Py_None);
-    PyObject *res = a != NULL && b != NULL ? PyTuple_Pack(2, a, b) : NULL;
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    return res;
+    return PyTuple_Pack(
+        2, st->ref_tree_memo != NULL ? st->ref_tree_memo : Py_None,
+        st->reref_memo != NULL ? st->reref_memo : Py_None);
 }
 
 static PyMethodDef memo_functions[] = {

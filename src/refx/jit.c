@@ -1635,8 +1635,7 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
     else {
         c->tree = Py_NewRef(c->dyn_args);
     }
-    c->leaves =
-        refx_memo_flatten(st, &jf->memo, c->tree, NULL, 0, &c->treedef, NULL);
+    c->leaves = refx_memo_flatten(st, &jf->memo, c->tree, &c->treedef, NULL);
     if (c->leaves == NULL ||
         (refx_capture_depth > 0 &&
          (refx_substitute_captured(st, &c->leaves, Py_False) < 0 ||

@@ -504,14 +504,11 @@ int refx_init_nn(PyObject *module, refx_state *st);
 int refx_module_flatten_is_plain(refx_state *st, PyObject *f);
 PyObject *refx_module_flatten_frozen(PyObject *f);
 
-/* flatmemo.c: refx.jit's argument flatten (pred NULL, strict 0) and
- * deref's, clone's (pred NULL) and reref's (pred_deref), strict 1, checked
- * against a memo of the last one (*slot, owned; replaced when it does not
- * fit; a slot is always used with one pred and strictness); *hit (when not
+/* flatmemo.c: refx.jit's argument flatten, checked against a memo of the
+ * last one (*slot, owned; replaced when it does not fit); *hit (when not
  * NULL) says whether the memo gave the leaves */
 PyObject *refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
-                            PyObject *pred, int strict, PyObject **treedef,
-                            int *hit);
+                            PyObject **treedef, int *hit);
 /* deref's/clone's and reref's flatten (strict; *box, owned, made at first
  * use: two memos and the last three structures no memo took) */
 PyObject *refx_memo_flatten_eager(refx_state *st, PyObject **box,
