@@ -425,3 +425,29 @@ def test_three_trees_in_turn_keep_two_memos():
     assert {id(m) for m in _core._flatten_memos()[0][:2]} == made
     for t in trees_:
         check_all(t)
+
+
+def test_a_namedtuple_memo_runs_no_metaclass_code():
+    """The memo reads a namedtuple class's _fields as its instances find
+    it, not through the metaclass: a metaclass hook a plain flatten never
+    runs is not run (so it cannot fail the call, nor be swallowed)."""
+
+    class Stop(BaseException):
+        pass
+
+    class Meta(type):
+        def __getattribute__(cls, name):
+            if name == "_fields":
+                raise Stop(name)
+            return type.__getattribute__(cls, name)
+
+    class NT(tuple, metaclass=Meta):
+        def __new__(cls, *a):
+            return tuple.__new__(cls, a)
+
+    type.__setattr__(NT, "_fields", ("a",))
+    tree = [NT(refx.Ref(1.0))]
+    assert jax.tree_util.tree_structure(tree).num_leaves == 1
+    for _ in range(3):
+        check_all(tree)
+    assert memoized(tree)

@@ -443,7 +443,11 @@ memo_positions(PyObject *keys)
  * registry object directly (unseen in JAX's registry dict).  Memoized only
  * when the class itself has _fields, as many as the node's children (a
  * namedtuple's own signature); the walk asks hasattr(o, "_fields") again
- * on every call, as jaxlib does. */
+ * on every call, as jaxlib does.  The class's _fields is read from the
+ * dicts of its MRO (_PyType_Lookup), as an instance's lookup finds it:
+ * no Python code runs (a metaclass's __getattribute__ is not asked, as
+ * jaxlib's flatten never asks it), so nothing can raise here that a plain
+ * flatten would not, and nothing raised needs swallowing. */
 static int
 memo_namedtuple(memo_build_ctx *b, PyObject *type, Py_ssize_t n)
 {
@@ -451,17 +455,16 @@ memo_namedtuple(memo_build_ctx *b, PyObject *type, Py_ssize_t n)
     if (name == NULL) {
         return -1;
     }
-    PyObject *fields = PyObject_GetAttr(type, name), *spec = NULL;
+    PyObject *fields = PyType_Check(type)
+                           ? _PyType_Lookup((PyTypeObject *)type, name)
+                           : NULL; /* borrowed */
     int r = 0;
-    if (fields == NULL) {
-        PyErr_Clear();
-    }
-    else if (PyTuple_Check(fields) && PyTuple_GET_SIZE(fields) == n) {
-        spec = PyTuple_Pack(2, type, name);
+    if (fields != NULL && PyTuple_Check(fields) &&
+        PyTuple_GET_SIZE(fields) == n) {
+        PyObject *spec = PyTuple_Pack(2, type, name);
         r = spec != NULL ? memo_push(b, M_NAMEDTUPLE, n, spec) : -1;
+        Py_XDECREF(spec);
     }
-    Py_XDECREF(fields);
-    Py_XDECREF(spec);
     Py_DECREF(name);
     return r;
 }
