@@ -102,8 +102,8 @@
  *
  * Functions in this file: the check walk (memo_same_aux, memo_check,
  * memo_check_items, memo_check_dict), the build from a treedef (memo_build, memo_make),
- * refx_memo_flatten, refx_memo_flatten_eager (eager_same, eager_store,
- * eager_items),
+ * refx_memo_flatten, refx_memo_flatten_eager (the box: eager_read,
+ * eager_write; a hit: eager_hit; a miss: eager_plan, eager_apply),
  * _core._memo_flatten, _flatten_memos and _clear_flatten_memos (tests).
  */
 #include "refx.h"
@@ -724,7 +724,16 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
  * since it was made or last passed over.  A structure from the seen
  * slots takes memo1's place only when memo1 is cold; else memo1 is made
  * cold and no memo is made, so three structures in turn keep two memos
- * instead of making one every other call. */
+ * instead of making one every other call.
+ *
+ * In C a box is read into an eager_box (its objects borrowed from the
+ * tuple, which the reader holds) and written back whole by eager_write.
+ * A call reads the box once before its walks (`was`, what it tries) and
+ * again right before it writes (`now`): the walks and memo_make run
+ * Python code, and another thread may have stored a box meanwhile, whose
+ * memos must not be lost to this call's update.  A call that no memo
+ * served is planned against `was` (eager_plan: which slot, if any, saw
+ * this structure, and what follows) and applied to `now` (eager_apply). */
 enum {
     B_MEMO0,
     B_MEMO1,
@@ -739,6 +748,53 @@ enum {
     EAGER_BOX
 };
 #define EAGER_STALE 32
+
+typedef struct {
+    PyObject *memo[2]; /* a memo, (treedef,), or None (borrowed) */
+    PyObject *seen[3]; /* a treedef or None (borrowed) */
+    long strikes[2];
+    long streak;
+    int hot[2];
+} eager_box;
+
+static long
+eager_count(PyObject *o)
+{
+    return PyLong_Check(o) ? PyLong_AsLong(o) : 0;
+}
+
+/* The box `t` (NULL: none yet, all empty) as C values. */
+static void
+eager_read(PyObject *t, eager_box *b)
+{
+#define ITEM(i) (t != NULL ? PyTuple_GET_ITEM(t, (i)) : Py_None)
+    for (int k = 0; k < 2; k++) {
+        b->memo[k] = ITEM(B_MEMO0 + k);
+        b->strikes[k] = eager_count(ITEM(B_STRIKES0 + k));
+        b->hot[k] = ITEM(B_HOT0 + k) == Py_True;
+    }
+    b->seen[0] = ITEM(B_SEEN0);
+    b->seen[1] = ITEM(B_SEEN1);
+    b->seen[2] = ITEM(B_SEEN2);
+    b->streak = eager_count(ITEM(B_STREAK));
+#undef ITEM
+}
+
+/* Replace *boxp by the box `b` describes. */
+static int
+eager_write(PyObject **boxp, const eager_box *b)
+{
+    PyObject *t =
+        Py_BuildValue("(OOOOlllOOO)", b->memo[0], b->memo[1], b->seen[0],
+                      b->seen[1], b->strikes[0], b->strikes[1], b->streak,
+                      b->hot[0] ? Py_True : Py_False,
+                      b->hot[1] ? Py_True : Py_False, b->seen[2]);
+    if (t == NULL) {
+        return -1;
+    }
+    Py_XSETREF(*boxp, t);
+    return 0;
+}
 
 /* Does `o` (a box item) hold a treedef, or a memo of one, == treedef?
  * 1, 0, -1 error.  An aux data __eq__ that raises (np.int64(1) == (1, 2)
@@ -759,37 +815,147 @@ eager_same(PyObject *o, PyObject *treedef)
     return eq;
 }
 
-/* Replace *boxp by a box of `items` (borrowed; NULL items are None). */
+/* Memo k of `was` gave the leaves: it goes first, hot, and the streak of
+ * misses loses 4.  Skipped when the box has moved on (memo k is no longer
+ * where it was) or when nothing would change (memo0 hit again, already
+ * hot, no streak). */
 static int
-eager_store(PyObject **boxp, PyObject *const *items)
+eager_hit(PyObject **boxp, const eager_box *was, int k)
 {
-    PyObject *t = PyTuple_New(EAGER_BOX);
-    if (t == NULL) {
-        return -1;
+    PyObject *held = Py_XNewRef(*boxp);
+    eager_box now, upd;
+    eager_read(held, &now);
+    int r = 0;
+    if (now.memo[k] == was->memo[k] &&
+        (k == 1 || now.streak > 0 || !now.hot[0])) {
+        upd = now;
+        upd.memo[0] = now.memo[k];
+        upd.memo[1] = now.memo[1 - k];
+        upd.strikes[0] = now.strikes[k];
+        upd.strikes[1] = now.strikes[1 - k];
+        upd.hot[0] = 1;
+        upd.hot[1] = now.hot[1 - k];
+        upd.streak = now.streak > 4 ? now.streak - 4 : 0;
+        r = eager_write(boxp, &upd);
     }
-    for (Py_ssize_t i = 0; i < EAGER_BOX; i++) {
-        PyTuple_SET_ITEM(t, i,
-                         Py_NewRef(items[i] != NULL ? items[i] : Py_None));
+    Py_XDECREF(held);
+    return r;
+}
+
+/* What a call that no memo served does to the box (eager_plan decides it
+ * from `was`, eager_apply does it to the box as it is then). */
+typedef enum {
+    E_NOTHING,   /* a structure marked not memoized: tried no more */
+    E_SEEN,      /* new: remembered in seen0; the streak of misses grows */
+    E_PASS_OVER, /* came before, but memo1 was hit lately: memo1 cooled */
+    E_MAKE,      /* came before, or its memo missed: a memo made, first */
+    E_MARK,      /* its memo missed twice: marked (treedef,), first */
+} eager_action;
+
+typedef struct {
+    eager_action action;
+    int at;       /* E_MAKE/E_MARK: the memo slot it replaces, or -1 */
+    long strikes; /* E_MAKE/E_MARK: the new memo's strikes */
+    int streak;   /* E_SEEN: what the misses add to the streak */
+} eager_step;
+
+static int
+eager_plan(const eager_box *was, PyObject *treedef, int costly, int tried,
+           eager_step *step)
+{
+    /* where this structure was last seen: a memo slot, a seen slot, or
+     * nowhere */
+    PyObject *slots[5] = {was->memo[0], was->memo[1], was->seen[0],
+                          was->seen[1], was->seen[2]};
+    int at = -1;
+    for (int i = 0; i < 5 && at < 0; i++) {
+        int eq = eager_same(slots[i], treedef);
+        if (eq < 0) {
+            return -1;
+        }
+        at = eq ? i : -1;
     }
-    Py_XSETREF(*boxp, t);
+    *step = (eager_step){E_SEEN, -1, 0, costly ? 4 : tried ? 1 : 0};
+    if (at < 0) {
+        return 0;
+    }
+    if (at < 2) {
+        if (PyTuple_GET_SIZE(was->memo[at]) == 1) {
+            step->action = E_NOTHING;
+            return 0;
+        }
+        step->at = at;
+        step->strikes = was->strikes[at] + 1;
+        step->action = step->strikes >= 2 ? E_MARK : E_MAKE;
+        return 0;
+    }
+    int memo1_real =
+        PyTuple_Check(was->memo[1]) && PyTuple_GET_SIZE(was->memo[1]) > 1;
+    step->action = memo1_real && was->hot[1] ? E_PASS_OVER : E_MAKE;
     return 0;
 }
 
-/* The current box's items (borrowed from *cur, a new reference the
- * caller releases; all None when there is none yet). */
-static void
-eager_items(PyObject **boxp, PyObject **cur, PyObject **items)
+static int
+eager_apply(refx_state *st, PyObject **boxp, const eager_box *was,
+            const eager_step *step, PyObject *leaves, PyObject *treedef,
+            Py_ssize_t regsize)
 {
-    *cur = Py_XNewRef(*boxp);
-    for (Py_ssize_t i = 0; i < EAGER_BOX; i++) {
-        items[i] = *cur != NULL ? PyTuple_GET_ITEM(*cur, i) : Py_None;
+    if (step->action == E_NOTHING) {
+        return 0;
     }
-}
-
-static long
-eager_count(PyObject *o)
-{
-    return PyLong_Check(o) ? PyLong_AsLong(o) : 0;
+    /* the new memo before the box is read again: memo_make runs Python */
+    PyObject *fresh = NULL;
+    if (step->action == E_MARK) {
+        fresh = PyTuple_Pack(1, treedef);
+    }
+    else if (step->action == E_MAKE) {
+        fresh = memo_make(st, leaves, treedef, regsize);
+    }
+    if ((step->action == E_MARK || step->action == E_MAKE) && fresh == NULL) {
+        return -1;
+    }
+    PyObject *held = Py_XNewRef(*boxp);
+    eager_box now, upd;
+    eager_read(held, &now);
+    upd = now;
+    switch (step->action) {
+    case E_SEEN: { /* after a stale streak, one memo less */
+        long streak = now.streak + step->streak;
+        if (streak >= EAGER_STALE) {
+            upd.memo[0] = Py_None;
+            upd.memo[1] = now.memo[0];
+            upd.strikes[0] = 0;
+            upd.strikes[1] = now.strikes[0];
+            upd.hot[0] = 0;
+            upd.hot[1] = now.hot[0];
+            streak = 0;
+        }
+        upd.streak = streak;
+        upd.seen[0] = treedef;
+        upd.seen[1] = now.seen[0];
+        upd.seen[2] = now.seen[1];
+        break;
+    }
+    case E_PASS_OVER:
+        upd.hot[1] = 0;
+        break;
+    default: { /* E_MAKE, E_MARK: the new memo first; the other memo
+                * second (the one it replaces, if still there, dropped) */
+        int other = step->at == 0 && now.memo[0] == was->memo[0] ? 1 : 0;
+        upd.memo[0] = fresh;
+        upd.memo[1] = now.memo[other];
+        upd.strikes[0] = step->strikes;
+        upd.strikes[1] = now.strikes[other];
+        upd.hot[0] = 1;
+        upd.hot[1] = now.hot[other];
+        upd.streak = 0;
+        break;
+    }
+    }
+    int r = eager_write(boxp, &upd);
+    Py_XDECREF(held);
+    Py_XDECREF(fresh);
+    return r;
 }
 
 PyObject *
@@ -799,48 +965,26 @@ refx_memo_flatten_eager(refx_state *st, PyObject **boxp, PyObject *tree,
     if (st->pytree_registry == NULL) {
         return refx_flatten(st, tree, pred, treedef);
     }
-    PyObject *box, *it[EAGER_BOX], *leaves = NULL, *cur = NULL, *fresh = NULL;
-    PyObject *nums[3] = {NULL, NULL, NULL};
+    PyObject *held = Py_XNewRef(*boxp), *leaves = NULL;
+    eager_box was; /* borrowed from `held`: the walks may run Python code */
+    eager_read(held, &was);
     int costly = 0, tried = 0;
-    eager_items(boxp, &box, it); /* held: the walks may run Python code */
     /* the two memos, the last one made or hit first */
-    for (Py_ssize_t i = B_MEMO0; i <= B_MEMO1 && leaves == NULL; i++) {
-        if (!PyTuple_Check(it[i])) {
+    for (int k = 0; k < 2; k++) {
+        if (!PyTuple_Check(was.memo[k])) {
             continue;
         }
         int c = 0;
-        leaves = memo_try(st, it[i], tree, 1, treedef, &c);
-        costly |= c;
         tried = 1;
-        if (leaves == NULL && PyErr_Occurred()) {
+        leaves = memo_try(st, was.memo[k], tree, 1, treedef, &c);
+        costly |= c;
+        if (leaves != NULL) {
+            if (eager_hit(boxp, &was, k) < 0) {
+                goto error;
+            }
             goto done;
         }
-        if (leaves != NULL) {
-            /* the box again: Python code may have replaced it; a hit
-             * takes one off the streak of costly misses */
-            PyObject *now[EAGER_BOX];
-            eager_items(boxp, &cur, now);
-            long streak = eager_count(now[B_STREAK]);
-            if (now[i] == it[i] &&
-                (i == B_MEMO1 || streak > 0 || now[B_HOT0 + i] != Py_True)) {
-                nums[2] = streak > 4 ? PyLong_FromLong(streak - 4) : NULL;
-                PyObject *upd[EAGER_BOX] = {
-                    now[i],
-                    now[i == B_MEMO1 ? B_MEMO0 : B_MEMO1],
-                    now[B_SEEN0],
-                    now[B_SEEN1],
-                    now[i == B_MEMO1 ? B_STRIKES1 : B_STRIKES0],
-                    now[i == B_MEMO1 ? B_STRIKES0 : B_STRIKES1],
-                    nums[2],
-                    Py_True,
-                    now[i == B_MEMO1 ? B_HOT0 : B_HOT1],
-                    now[B_SEEN2]};
-                if ((streak > 4 && nums[2] == NULL) ||
-                    eager_store(boxp, upd) < 0) {
-                    Py_CLEAR(leaves);
-                    Py_CLEAR(*treedef);
-                }
-            }
+        if (PyErr_Occurred()) {
             goto done;
         }
     }
@@ -849,89 +993,9 @@ refx_memo_flatten_eager(refx_state *st, PyObject **boxp, PyObject *tree,
     if (leaves == NULL) {
         goto done;
     }
-    /* A memo costs a walk of the treedef through Python calls (~the
-     * flatten's own cost), so one is made only for a structure that came
-     * before: one of the last three no memo took, or one whose memo missed
-     * (made again once; a second time, the structure is marked).  One the
-     * memo cannot take is kept as (treedef,) and not tried again. */
-    Py_ssize_t at = -1;
-    static const Py_ssize_t where[] = {B_MEMO0, B_MEMO1, B_SEEN0, B_SEEN1,
-                                       B_SEEN2};
-    for (size_t k = 0; k < sizeof(where) / sizeof(where[0]) && at < 0; k++) {
-        int eq = eager_same(it[where[k]], *treedef);
-        if (eq < 0) {
-            goto error;
-        }
-        at = eq ? where[k] : -1;
-    }
-    if (at >= 0 && PyTuple_Check(it[at]) && PyTuple_GET_SIZE(it[at]) == 1) {
-        goto done; /* not memoized */
-    }
-    long strikes = at == B_MEMO0 || at == B_MEMO1
-                       ? eager_count(it[B_STRIKES0 + at]) + 1
-                       : 0;
-    if (at >= 0 && at != B_MEMO0 && at != B_MEMO1 &&
-        PyTuple_Check(it[B_MEMO1]) && PyTuple_GET_SIZE(it[B_MEMO1]) > 1 &&
-        it[B_HOT1] == Py_True) {
-        /* memo1 was hit lately: passed over, not replaced */
-        PyObject *now[EAGER_BOX], *upd[EAGER_BOX];
-        eager_items(boxp, &cur, now);
-        for (Py_ssize_t i = 0; i < EAGER_BOX; i++) {
-            upd[i] = now[i];
-        }
-        upd[B_HOT1] = NULL;
-        if (eager_store(boxp, upd) < 0) {
-            goto error;
-        }
-        goto done;
-    }
-    if (at >= 0) {
-        fresh = strikes >= 2 ? PyTuple_Pack(1, *treedef)
-                             : memo_make(st, leaves, *treedef, regsize);
-        if (fresh == NULL) {
-            goto error;
-        }
-    }
-    PyObject *now[EAGER_BOX];
-    eager_items(boxp, &cur, now);
-    if (at < 0) { /* remembered as seen; after a stale streak, one memo less */
-        long streak = eager_count(now[B_STREAK]) + (costly  ? 4
-                                                    : tried ? 1
-                                                            : 0);
-        int stale = streak >= EAGER_STALE;
-        nums[0] = PyLong_FromLong(stale ? 0 : streak);
-        if (nums[0] == NULL) {
-            goto error;
-        }
-        PyObject *upd[EAGER_BOX] = {stale ? NULL : now[B_MEMO0],
-                                    now[stale ? B_MEMO0 : B_MEMO1],
-                                    *treedef,
-                                    now[B_SEEN0],
-                                    stale ? NULL : now[B_STRIKES0],
-                                    now[stale ? B_STRIKES0 : B_STRIKES1],
-                                    nums[0],
-                                    stale ? NULL : now[B_HOT0],
-                                    now[stale ? B_HOT0 : B_HOT1],
-                                    now[B_SEEN1]};
-        if (eager_store(boxp, upd) < 0) {
-            goto error;
-        }
-        goto done;
-    }
-    nums[1] = PyLong_FromLong(strikes);
-    if (nums[1] == NULL) {
-        goto error;
-    }
-    /* the new memo first; the other memo second (the one it replaces, if
-     * that is still where it was, is dropped) */
-    Py_ssize_t other =
-        at == B_MEMO0 && now[B_MEMO0] == it[B_MEMO0] ? B_MEMO1 : B_MEMO0;
-    PyObject *upd[EAGER_BOX] = {
-        fresh,        now[other], now[B_SEEN0],
-        now[B_SEEN1], nums[1],    now[B_STRIKES0 + other],
-        NULL,         Py_True,    now[B_HOT0 + other],
-        now[B_SEEN2]};
-    if (eager_store(boxp, upd) < 0) {
+    eager_step step;
+    if (eager_plan(&was, *treedef, costly, tried, &step) < 0 ||
+        eager_apply(st, boxp, &was, &step, leaves, *treedef, regsize) < 0) {
         goto error;
     }
     goto done;
@@ -939,12 +1003,7 @@ error:
     Py_CLEAR(leaves);
     Py_CLEAR(*treedef);
 done:
-    Py_XDECREF(fresh);
-    Py_XDECREF(nums[0]);
-    Py_XDECREF(nums[1]);
-    Py_XDECREF(nums[2]);
-    Py_XDECREF(cur);
-    Py_XDECREF(box);
+    Py_XDECREF(held);
     return leaves;
 }
 
@@ -1016,7 +1075,7 @@ PyDoc_STRVAR(flatten_memos__doc__,
              "_flatten_memos($module, /)\n--\n\n"
              "(deref/clone's, reref's) memo boxes, each None or a tuple "
              "(memo0, memo1, seen0, seen1, strikes0, strikes1, streak, hot0, "
-             "hot1, seen2): a "
+             "hot1, seen2) (strikes and streak ints, hot bools): a "
              "memo is (treedef, ...), (treedef,) for a structure not "
              "memoized, or None.  For tests.");
 
