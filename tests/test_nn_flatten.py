@@ -5,6 +5,7 @@ modules; refx.jit's retrace/hit behaviour on changed statics; mutation
 under the flatten, threads, and references."""
 
 import collections
+import enum
 import functools
 import gc
 import sys
@@ -23,6 +24,7 @@ import refx.nn as nn
 from refx.nn import _module
 
 ORACLE = make_module_flatten(_module)
+_NT = collections.namedtuple("_NT", "a b")
 FLATTENS = ((_module._flatten, ORACLE.flatten), (_module._flatten_with_keys, ORACLE.flatten_with_keys))
 
 
@@ -62,8 +64,9 @@ def assert_same_flatten(m):
             else:
                 assert a is b, (a, b)
         for a, b in zip(aux, want[1], strict=True):
-            assert type(a) is tuple and len(a) == 2, a
+            assert type(a) is tuple and len(a) == len(b), (a, b)
             assert a[0] is b[0] and _same_static(a[1], b[1]), (a, b)
+            assert a[2:] == b[2:] and all(x is y for x, y in zip(a[2:], b[2:], strict=True)), (a, b)
         assert aux == want[1]
         try:
             h = hash(want[1])
@@ -274,6 +277,46 @@ def test_refx_jit_retraces_on_a_changed_static_and_hits_on_an_equal_one():
         assert len(traces) == expect
 
 
+class _Mode(enum.StrEnum):
+    fast = "fast"
+
+
+@pytest.mark.parametrize("old, new", [(2, 2.0), (1, True), (0.0, 0), ("fast", _Mode.fast), ((1, 2), _NT(1, 2))],
+                         ids=["int-float", "int-bool", "float-int", "str-strenum", "tuple-namedtuple"])
+def test_a_static_changed_to_an_equal_value_of_another_type_retraces(old, new):
+    """2 == 2.0, but a trace made for one is wrong for the other (an int32
+    array where float32 is due): statics are keyed with their type, as
+    static arguments are, in refx.jit, the eager transforms and jax.jit of
+    a Dag."""
+    assert old == new and type(old) is not type(new)
+
+    def out(m):  # an array that tells the types apart
+        v = m.v
+        if isinstance(v, tuple):
+            return jnp.asarray(v[0]) + (10 if hasattr(v, "_fields") else 0)
+        if isinstance(v, str):
+            return jnp.asarray(1 if isinstance(v, _Mode) else 0)
+        return jnp.asarray(v)
+
+    j = refx.jit(lambda m: (out(m), refx.Static(type(m.v))))
+    dag = jax.jit(lambda d: out(d.tree))
+    runs = {
+        "refx.jit": lambda m: j(m)[0],
+        "refx.scan": lambda m: refx.scan(lambda c, _: (c, out(c)), m, None, length=1)[1][0],
+        "refx.cond": lambda m: refx.cond(True, out, out, m),
+        "jax.jit of a Dag": lambda m: dag(refx.Dag(m)),
+    }
+    for name, run in runs.items():
+        for v in (old, new, old):
+            m = Plain(w=nn.Param(jnp.ones(())), v=v)
+            want = out(m)
+            got = run(m)
+            assert got.dtype == want.dtype and got == want, (name, v, got, want)
+    # and the trace sees the new value's own type
+    for v in (old, new):
+        assert j(Plain(w=nn.Param(jnp.ones(())), v=v))[1].value is type(v)
+
+
 def test_train_eval_through_refx_jit():
     rngs = nn.Rngs(0)
     m = Plain(l=nn.Linear(2, 2, rngs=rngs), bn=nn.BatchNorm(2, rngs=rngs), drop=nn.Dropout(0.5, rngs=rngs))
@@ -328,7 +371,7 @@ def test_a_hash_that_mutates_the_module_under_the_flatten(what):
             d.update(a=1, h=Mutating(actions[what]), z=2, w=refx.Ref(2))
             try:
                 children, aux = flatten(m)
-                results.append(("ok", [type(c) for c in children], [(k, type(v)) for k, v in aux]))
+                results.append(("ok", [type(c) for c in children], [(e[0], type(e[1])) for e in aux]))
             except RuntimeError as e:
                 results.append(("raised", str(e)))
         assert results[0] == results[1], (what, results)

@@ -35,7 +35,7 @@
  * Strictness.  refx.jit's memo compares a module's aux data with ==, as
  * its cache key and jax.jit's compare treedefs: an equal treedef is the
  * same call to them.  deref, clone and reref build their output from the
- * memo's treedef, so for them (strict) each (name, value) pair's value
+ * memo's treedef, so for them (strict) each static entry's value
  * must be the very object the memo holds: a static set to 2.0 where the
  * memo has 2 is a miss, and the output gets 2.0 (memo_same_aux).
  *
@@ -136,7 +136,7 @@ typedef struct {
 
 /* A module's aux data, as the memo's walk compares it: == for refx.jit
  * (its cache key compares treedefs with ==, as jax.jit's does), and for
- * deref, reref and clone each (name, value) pair's value the very object
+ * deref, reref and clone each static entry's value the very object
  * the memo's treedef holds, since their output is unflattened with that
  * treedef: a static set to 2.0 where the memo has 2 (equal, not the same)
  * must come out as 2.0.  1 same, 0 not, -1 error. */
@@ -160,9 +160,13 @@ memo_same_aux(const memo_walk *w, PyObject *aux, PyObject *memo_aux,
         if (a == b) {
             continue;
         }
-        /* (name, value) pairs: exact str names equal, values identical */
+        /* (name, child) or (name, value, type) entries: exact str names
+         * equal, values identical, types identical */
         if (!PyTuple_CheckExact(a) || !PyTuple_CheckExact(b) ||
-            PyTuple_GET_SIZE(a) != 2 || PyTuple_GET_SIZE(b) != 2 ||
+            PyTuple_GET_SIZE(a) != PyTuple_GET_SIZE(b) ||
+            PyTuple_GET_SIZE(a) < 2 || PyTuple_GET_SIZE(a) > 3 ||
+            (PyTuple_GET_SIZE(a) == 3 &&
+             PyTuple_GET_ITEM(a, 2) != PyTuple_GET_ITEM(b, 2)) ||
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(a, 0)) ||
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(b, 0)) ||
             PyUnicode_Compare(PyTuple_GET_ITEM(a, 0),

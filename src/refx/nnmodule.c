@@ -31,15 +31,19 @@
  *               tuples and dicts by their elements (a namedtuple or a dict
  *               subclass by _is_state's isinstance steps and iteration);
  *               anything else by calling _is_state.
- *   statics     (name, value); a value whose hash raises TypeError is
- *               (name, frozen(value)), frozen being _module._Frozen.
+ *   statics     (name, value, type(value)); a value whose hash raises
+ *               TypeError is (name, frozen(value), type(value)), frozen
+ *               being _module._Frozen.  The type makes a static changed
+ *               to an equal value of another type (2 -> 2.0, "a" -> a
+ *               StrEnum member) another treedef, so another cache key
+ *               (static_entry).
  *   children    their values, or (GetAttrKey(name), value) for the
  *               flatten_with_keys (made with key=GetAttrKey); the aux
  *               entry is (name, child), child being _module._CHILD.
  *
  * Nothing about a module is kept between calls.  What is kept: an aux
- * pair whose value is the child marker or an atom, reused when the same
- * two objects come again (kept_pair: a tuple less to make and free per
+ * entry whose value is the child marker or an atom, reused when the same
+ * two objects come again (kept_entry: a tuple less to make and free per
  * attribute), and what the type caches answered for a type (they only
  * grow, so the answer stands; mf_is_state).
  *
@@ -53,14 +57,14 @@
  * tree deeper than the recursion limit).
  *
  * Functions in this file: the state decision (mf_is_state and its
- * sequence, dict and iterator walks), the aux entries (kept_pair,
+ * sequence, dict and iterator walks), the aux entries (kept_entry,
  * static_entry), the flatten (mf_vectorcall), the type, refx_init_nn.
  */
 #include "refx.h"
 #include "ptrmap.h"
 #include <structmember.h>
 
-/* Aux pairs kept for reuse (see kept_pair), in sets of two ways, and
+/* Aux entries kept for reuse (see kept_entry), in sets of two ways, and
  * types whose answer the caches gave (see mf_is_state): powers of two. */
 #define MF_KEPT_BITS 9
 #define MF_KEPT (2 << MF_KEPT_BITS)
@@ -86,11 +90,11 @@ typedef struct {
     PyObject *ref_type;     /* Ref, Module, Deref: state, cache or not */
     PyObject *module_type;
     PyObject *deref_type;
-    PyObject *node_types;    /* (Ref, Module, Deref), for isinstance */
-    PyObject *seq_types;     /* (list, tuple), for isinstance */
-    PyObject *str_values;    /* "values" */
-    PyObject *str_dict;      /* "__dict__" */
-    PyObject *kept[MF_KEPT]; /* (name, value) pairs for reuse, by address */
+    PyObject *node_types;          /* (Ref, Module, Deref), for isinstance */
+    PyObject *seq_types;           /* (list, tuple), for isinstance */
+    PyObject *str_values;          /* "values" */
+    PyObject *str_dict;            /* "__dict__" */
+    PyObject *kept[MF_KEPT];       /* aux entries for reuse, by address */
     mf_type_entry types[MF_TYPES]; /* the caches' answers, by address */
 } ModuleFlattenObject;
 #define MF_CAST(op) ((ModuleFlattenObject *)(op))
@@ -350,19 +354,33 @@ is_plain_atom(PyObject *v)
            PyBytes_CheckExact(v) || PyComplex_CheckExact(v);
 }
 
-/* The aux entry (name, value), value being the child marker or a plain
- * atom.  A model's aux is the same pairs call after call, and making and
- * freeing a tuple per attribute was the largest cost of the flatten, so
- * such pairs are kept in a small table indexed by the two addresses, two
- * ways per set: a pair found there holding these very objects is reused;
- * else a new one takes the set's first way, the first moving to the
- * second (so two pairs of one module that share a set do not evict each
- * other on every call).  An immutable pair of the same two objects: only
- * its identity differs from a new one.  Nothing kept refers to anything
- * but a str and an atom or the marker, so keeping them costs nothing,
- * and dropping one runs no Python code. */
+/* A new tuple (name, value), or (name, value, type(value)) when typed. */
 static PyObject *
-kept_pair(ModuleFlattenObject *mf, PyObject *name, PyObject *value)
+entry_of(PyObject *name, PyObject *value, PyObject *type)
+{
+    PyObject *e = PyTuple_New(type != NULL ? 3 : 2);
+    if (e != NULL) {
+        PyTuple_SET_ITEM(e, 0, Py_NewRef(name));
+        PyTuple_SET_ITEM(e, 1, Py_NewRef(value));
+        if (type != NULL) {
+            PyTuple_SET_ITEM(e, 2, Py_NewRef(type));
+        }
+    }
+    return e;
+}
+
+/* The aux entry of a child, (name, marker), or of a static plain atom,
+ * (name, value, type(value)).  A model's aux is the same entries call
+ * after call, and making and freeing them was a visible part of a
+ * flatten, so each is kept in a small table by the addresses of its name
+ * and value and given again when the same two objects come (the
+ * attribute name is interned, a flag is True or False, a size the same
+ * int object call after call).  An immutable tuple of the same objects:
+ * only its identity differs from a new one.  Nothing kept refers to
+ * anything but a str, an atom or the marker and a builtin type, so
+ * keeping them costs nothing, and dropping one runs no Python code. */
+static PyObject *
+kept_entry(ModuleFlattenObject *mf, PyObject *name, PyObject *value)
 {
     /* multiplicative hashing of the two addresses, the top bits */
     uint64_t h =
@@ -376,7 +394,8 @@ kept_pair(ModuleFlattenObject *mf, PyObject *name, PyObject *value)
             return Py_NewRef(p);
         }
     }
-    PyObject *p = pair_of(name, value);
+    PyObject *p = entry_of(
+        name, value, value == mf->child ? NULL : (PyObject *)Py_TYPE(value));
     if (p != NULL && PyUnicode_CheckExact(name)) {
         PyObject *old = mf->kept[i + 1];
         mf->kept[i + 1] = mf->kept[i];
@@ -386,29 +405,34 @@ kept_pair(ModuleFlattenObject *mf, PyObject *name, PyObject *value)
     return p;
 }
 
-/* The aux entry of a static: (name, value) if value is hashable, else
- * (name, frozen(value)) (hash's TypeError, and only that, means
- * unhashable). */
+/* The aux entry of a static: (name, value, type(value)) if value is
+ * hashable, else (name, frozen(value), type(value)) (hash's TypeError,
+ * and only that, means unhashable).  The type is there because jaxlib
+ * compares aux data with ==, and 2 == 2.0 == True, "a" == a StrEnum
+ * member: without it a static changed to an equal value of another type
+ * would be the same treedef, the same refx.jit (and jax.jit) cache key,
+ * and run the trace made for the old value (an int32 array where the new
+ * value makes a float32 one).  Static arguments are compared the same
+ * way (jit.c, "split"). */
 static PyObject *
 static_entry(ModuleFlattenObject *mf, PyObject *name, PyObject *v)
 {
     if (is_plain_atom(v)) {
-        return kept_pair(mf, name, v); /* hashable, by its type */
+        return kept_entry(mf, name, v); /* hashable, by its type */
     }
-    if (PyObject_Hash(v) != -1) {
-        return pair_of(name, v);
+    if (PyObject_Hash(v) != -1) { /* the type after it: __hash__ is code */
+        return entry_of(name, v, (PyObject *)Py_TYPE(v));
     }
     if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
         return NULL;
     }
     PyErr_Clear();
+    PyObject *type = Py_NewRef(Py_TYPE(v)); /* _Frozen may run v's code */
     PyObject *frozen = PyObject_CallOneArg(mf->frozen, v);
-    if (frozen == NULL) {
-        return NULL;
-    }
-    PyObject *pair = pair_of(name, frozen);
-    Py_DECREF(frozen);
-    return pair;
+    PyObject *e = frozen != NULL ? entry_of(name, frozen, type) : NULL;
+    Py_XDECREF(frozen);
+    Py_DECREF(type);
+    return e;
 }
 
 /* k == mark */
@@ -518,7 +542,7 @@ mf_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
                     }
                 }
                 kids[nkids++] = kid;
-                entry = kept_pair(mf, k, mf->child);
+                entry = kept_entry(mf, k, mf->child);
             }
             else {
                 entry = static_entry(mf, k, v);

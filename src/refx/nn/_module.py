@@ -10,9 +10,11 @@ deref'ed ``Value``/``Index``/``NOTHING``, or a list/tuple/dict with one of
 those inside (at any depth; any other pytree is looked into with
 ``jax.tree_util.tree_leaves``).  Every other attribute (sizes, rates, flags
 such as ``deterministic``, dtypes, functions, None) is *static*: it rides in
-the aux data, so it is part of ``refx.jit``'s cache key and a changed flag
-(``model.eval()``) retraces once, then hits the cache.  An unhashable static
-(a list of ints) is compared by a frozen copy.  After an unflatten, the
+the aux data as ``(name, value, type(value))``, so it is part of
+``refx.jit``'s cache key and a changed flag (``model.eval()``) retraces
+once, then hits the cache; with its type, as static arguments are compared,
+since ``2 == 2.0`` and a trace made for one is wrong for the other.  An
+unhashable static (a list of ints) is compared by a frozen copy.  After an unflatten, the
 attributes that were children stay children whatever they hold (JAX
 flattens trees of placeholders, ``tree_map(lambda _: None, model)``).
 
@@ -145,12 +147,13 @@ _MARK = "__refx_children__"
 
 
 def _make_unflatten(cls: type) -> Any:
-    def unflatten(aux: tuple[tuple[str, Any], ...], children: Any) -> Any:
+    def unflatten(aux: tuple[tuple[Any, ...], ...], children: Any) -> Any:
         module: Any = object.__new__(cls)
         d = module.__dict__
         it = iter(children)
         names = []
-        for name, static in aux:
+        for entry in aux:  # (name, _CHILD) or (name, static, its type)
+            name, static = entry[0], entry[1]
             if static is _CHILD:
                 d[name] = next(it)
                 names.append(name)
