@@ -303,3 +303,74 @@ def test_batch_norm_axis_name_averages_statistics_across_the_mapped_axis():
     np.testing.assert_allclose(np.asarray(y).reshape(32, 3), whole(x.reshape(32, 3)), atol=1e-5)
     np.testing.assert_allclose(bn.mean.value, whole.mean.value, atol=1e-6)
     np.testing.assert_allclose(bn.var.value, whole.var.value, atol=1e-5)
+
+
+# -- jit_partial and a bound model that changes ------------------------------------
+
+
+class _Net(nn.Module):
+    def __init__(self, rngs):
+        self.l1 = nn.Linear(4, 4, rngs=rngs)
+        self.bn = nn.BatchNorm(4, rngs=rngs)
+        self.drop = nn.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.bn(self.l1(x)))
+
+
+def _state(m):
+    def host(v):
+        if jnp.issubdtype(v.dtype, jax.dtypes.prng_key):
+            v = jax.random.key_data(v)
+        return np.asarray(v)
+
+    return [host(v) for v in jax.tree_util.tree_leaves(refx.deref(m))]
+
+
+def test_jit_partial_refuses_a_bound_model_whose_mode_changed():
+    """A step bound in training mode, called after model.eval(), would run
+    the training trace (dropout, running statistics written): it raises,
+    naming the attribute, and writes nothing; train() makes it callable
+    again, and a step bound in eval mode runs the eval trace."""
+    m = _Net(nn.Rngs(0, dropout=1))
+    x = jnp.ones((3, 4))
+    fwd = refx.jit_partial(lambda m, x: m(x), m)
+    fwd(x)
+    m.eval()
+    before = _state(m)
+    with pytest.raises(ValueError, match=r"bound argument 0 at \('bn',\), static attribute "
+                                         r"'use_running_average' is True, bound as False.*bind again"):
+        fwd(x)
+    for a, b in zip(before, _state(m), strict=True):
+        np.testing.assert_array_equal(a, b)  # nothing written
+    ev = refx.jit_partial(lambda m, x: m(x), m)  # bound in eval mode
+    np.testing.assert_allclose(ev(x), m(x), rtol=1e-6)
+    for a, b in zip(before, _state(m), strict=True):
+        np.testing.assert_array_equal(a, b)  # eval writes no statistics
+    m.set_attributes(deterministic=True)  # an equal value: still what ev bound
+    ev(x)
+    m.train()
+    fwd(x)  # its own binding again
+    with pytest.raises(ValueError, match="static attribute '(use_running_average|deterministic)' is False"):
+        ev(x)
+
+
+def test_jit_partial_refuses_a_bound_model_whose_layer_or_ref_was_replaced():
+    m = _Net(nn.Rngs(0, dropout=1))
+    x = jnp.ones((3, 4))
+    fwd = refx.jit_partial(lambda m, x: m(x), m)
+    fwd(x)
+    m.l1.kernel = nn.Param(jnp.zeros((4, 4)))
+    with pytest.raises(ValueError, match=r"the Ref at bound argument 0 at \('l1', 'kernel'\) was replaced"):
+        fwd(x)
+    fwd = refx.jit_partial(lambda m, x: m.l1(x), m)  # bind again: the new Ref
+    np.testing.assert_allclose(fwd(x), m.l1.bias.value + jnp.zeros((3, 4)))
+    m.l1 = nn.Linear(4, 4, rngs=nn.Rngs(3))
+    with pytest.raises(ValueError, match="was replaced"):
+        fwd(x)
+    m.extra = 3
+    with pytest.raises(ValueError, match="attribute 'extra' was added"):
+        fwd(x)
+    del m.extra
+    with pytest.raises(ValueError, match="was replaced"):  # l1 is still another layer
+        fwd(x)

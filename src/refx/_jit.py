@@ -78,6 +78,73 @@ def _describe_leaf(tree, leaf_index, *, has_kwargs=True, bound=False, nbound=0, 
     return where + (f" at {tuple(_key_str(k) for k in keys)}" if keys else "")
 
 
+def _node_names(td):
+    """Names of the children of treedef node `td`, for paths."""
+    data = td.node_data()
+    n = len(td.children())
+    if data is not None:
+        kind, aux = data
+        if kind is dict:
+            return [str(k) for k in aux]
+        if isinstance(aux, tuple) and all(isinstance(e, tuple) and e and isinstance(e[0], str)
+                                          for e in aux):  # an nn.Module's entries
+            names = [e[0] for e in aux if len(e) == 2]
+            if len(names) == n:
+                return names
+    return [str(i) for i in range(n)]
+
+
+def _treedef_change(old, new, path=()):
+    """The first place where treedefs `old` and `new` differ: (path, what)."""
+    if old.node_data() != new.node_data() or len(old.children()) != len(new.children()):
+        od, nd = old.node_data(), new.node_data()
+        if (od is not None and nd is not None and od[0] is nd[0]
+                and isinstance(od[1], tuple) and isinstance(nd[1], tuple)):
+            olds = {e[0]: e for e in od[1] if isinstance(e, tuple) and e}
+            news = {e[0]: e for e in nd[1] if isinstance(e, tuple) and e}
+            for name in [*olds, *(k for k in news if k not in olds)]:
+                a, b = olds.get(name), news.get(name)
+                if a is None or b is None:
+                    how = "added" if a is None else "removed"
+                    return path, f"attribute {name!r} was {how}"
+                if a != b:
+                    if len(a) == 3 and len(b) == 3:
+                        return path, (f"static attribute {name!r} is {b[1]!r}, "
+                                      f"bound as {a[1]!r}")
+                    return path, f"attribute {name!r} changed between a child and a static"
+        return path, "its structure changed"
+    for name, a, b in zip(_node_names(old), old.children(), new.children(), strict=True):
+        found = _treedef_change(a, b, (*path, name))
+        if found is not None:
+            return found
+    return None
+
+
+def _bound_changed(jf, treedef, leaves):
+    """jit.c's check_binding found jit_partial's bound trees changed: raise
+    a ValueError saying where and how to bind again."""
+    kind = jf._kind or "refx.jit_partial"
+    prefix = f"{kind}({_name(jf._fun)})"
+    old_td, pattern = jf._bound_desc
+    fix = ("jit_partial binds its trees' structure, Refs and leaves once: bind again "
+           "(refx.jit_partial(fun, *trees); one function per mode, e.g. a train step "
+           "and an eval step each bound in its mode), or use refx.jit, which reads them "
+           "on every call")
+    if treedef != old_td:
+        path, what = _treedef_change(old_td, treedef)
+        where = f"bound argument {path[0]}" + (f" at {path[1:]}" if len(path) > 1 else "")
+        raise ValueError(f"{prefix}: the bound trees changed since binding: at {where}, "
+                         f"{what}; {fix}")
+    others = iter(jf._bound_others)
+    for i, (leaf, p) in enumerate(zip(leaves, pattern, strict=True)):
+        was = jf._bound_refs[p] if p >= 0 else next(others)
+        if leaf is not was:
+            what = "Ref" if p >= 0 else "leaf"
+            raise ValueError(f"{prefix}: the bound trees changed since binding: the {what} at "
+                             f"{_describe_leaf(jf._bound, i, bound=True)} was replaced; {fix}")
+    raise ValueError(f"{prefix}: the bound trees changed since binding; {fix}")
+
+
 def _describe_jit_leaf(jf, tree, has_kwargs, statics, leaf_index, bound):
     """jit.c's error path: where Ref leaf `leaf_index` sits."""
     if bound:
@@ -573,9 +640,11 @@ def jit(fun=None, /, *, static_argnums=(), static_argnames=(), donate_argnums=()
     back as new Refs.  Calls with the same argument structure, sharing,
     collections, static arguments and shapes/dtypes do not retrace.
 
-    A Ref closed over (not passed) may be read: its value is traced as a
-    constant, as jax.jit does with globals, and so is stale if it changes
-    later; writing it raises the trace-level ValueError.
+    A Ref closed over (not passed) is live: each call reads its current
+    value, and a write comes back as an argument Ref's would (the same Ref
+    closed over and passed is one Ref).  A container entry replaced after
+    the trace (a new layer put into a closed-over model) is not seen until
+    something retraces, as with any JAX closure.
 
     `donate_argnums`/`donate_argnames` donate the arrays of the Refs of
     those arguments that `fun` writes (every array of a Ref holding a
@@ -603,6 +672,9 @@ def jit_partial(fun, /, *bound_args, static_argnums=(), static_argnames=(), dona
     remaining arguments (the fast path for a training loop).  The bound
     trees' containers are not looked at again: a Ref added to, removed from
     or replaced in a bound container after binding is not seen (bind again).
+    An nn.Module attribute change (model.eval(), a layer or Ref assigned)
+    makes the next call check the bound trees: if they changed, it raises
+    ValueError saying where, and writes nothing.
     Argument numbers (static_argnums, donate_argnums) count the bound
     arguments first.
     """

@@ -87,5 +87,6 @@ def _array_type():
 
 _core._install_jit(builder=_jit._build_jit_entry, describe=_jit._describe_jit_leaf,
                    array_type=_array_type(), traceable=_lift.traceable,
-                   eval_trace=_EvalTrace, disable_jit=_disable_jit_state)
+                   eval_trace=_EvalTrace, disable_jit=_disable_jit_state,
+                   bound_changed=_jit._bound_changed)
 _core._install_capture(_lift.capture_hook, _lift.Rediscover)

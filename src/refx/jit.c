@@ -390,6 +390,8 @@ typedef struct {
                              * cannot take (an eager refx transform then
                              * runs uncached) */
     uint64_t used;          /* eager: st->eager_clock at the last call run */
+    uint64_t bound_epoch;   /* jit_partial: st->module_epoch when the bound
+                             * trees were last found as bound */
     PyObject *dict;
     PyObject *weakreflist;
 } JitObject;
@@ -1602,6 +1604,63 @@ eager_now(call_ctx *c)
 
 /* split, flatten, snapshot, key, lookup (or build), call arguments; 1
  * (nothing done) for a call an eager transform's function refuses */
+/* jit_partial binds its trees once (bind_trees).  An nn.Module attribute
+ * set since then (st->module_epoch moved: model.eval(), set_attributes, a
+ * layer or Ref assigned) may have changed them, and a call made with the
+ * binding of before would run the trace of the old structure (dropout in
+ * eval mode) and pass the old Refs and leaves.  So the bound trees are
+ * flattened again and must give the binding's treedef, its very Refs at
+ * the same leaves and its very other leaves; if they do, the epoch is
+ * recorded, else the call is refused before anything is read or written
+ * (_jit._bound_changed raises, saying what changed and how to bind
+ * again).  The epoch is read before the flatten, which runs Python code:
+ * a change made during it is checked at the next call.  0 current, -1
+ * error. */
+static int
+check_binding(refx_state *st, JitObject *jf)
+{
+    uint64_t epoch = st->module_epoch;
+    PyObject *treedef = NULL;
+    PyObject *leaves = refx_flatten(st, jf->bound, NULL, &treedef);
+    if (leaves == NULL) {
+        return -1;
+    }
+    PyObject *pattern = PyTuple_GET_ITEM(jf->bound_desc, 1);
+    int same = PyObject_RichCompareBool(
+        treedef, PyTuple_GET_ITEM(jf->bound_desc, 0), Py_EQ);
+    Py_ssize_t n = PyList_GET_SIZE(leaves), j = 0;
+    Py_ssize_t nothers = PyTuple_GET_SIZE(jf->bound_others);
+    if (same > 0 && n != PyTuple_GET_SIZE(pattern)) {
+        same = 0;
+    }
+    for (Py_ssize_t i = 0; same > 0 && i < n; i++) {
+        PyObject *leaf = PyList_GET_ITEM(leaves, i);
+        Py_ssize_t p = PyLong_AsSsize_t(PyTuple_GET_ITEM(pattern, i));
+        same = p >= 0 ? leaf == PyTuple_GET_ITEM(jf->bound_refs, p)
+                      : j < nothers &&
+                            leaf == PyTuple_GET_ITEM(jf->bound_others, j++);
+    }
+    if (same > 0) {
+        jf->bound_epoch = epoch;
+    }
+    else if (same == 0) {
+        if (st->jit_bound_changed != NULL) {
+            PyObject *r = PyObject_CallFunctionObjArgs(
+                st->jit_bound_changed, (PyObject *)jf, treedef, leaves, NULL);
+            Py_XDECREF(r);
+        }
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_ValueError,
+                         "refx.jit_partial(%U): the bound trees changed "
+                         "since binding; bind them again",
+                         jf->name);
+        }
+    }
+    Py_DECREF(leaves);
+    Py_DECREF(treedef);
+    return same > 0 ? 0 : -1;
+}
+
 static int
 jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
             PyObject *kwnames)
@@ -1622,6 +1681,10 @@ jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
         if (ok <= 0) {
             return ok < 0 ? -1 : 1;
         }
+    }
+    if (jf->bound != NULL && jf->bound_epoch != st->module_epoch &&
+        check_binding(st, jf) < 0) {
+        return -1;
     }
     if (split_args(c, args, PyVectorcall_NARGS(nargsf), kwnames) < 0) {
         return -1;
@@ -2114,6 +2177,7 @@ bind_trees(refx_state *st, JitObject *jf, PyObject *bound)
         }
         PyTuple_SET_ITEM(pattern, i, p);
     }
+    jf->bound_epoch = st->module_epoch;
     jf->bound = Py_NewRef(bound);
     jf->bound_refs = PyList_AsTuple(refs);
     jf->bound_others = PyList_AsTuple(others);
@@ -2322,6 +2386,7 @@ static PyGetSetDef jit_getset[] = {
     JIT_FIELD("_bound", bound, "jit_partial: the bound trees (or None)."),
     JIT_FIELD("_bound_desc", bound_desc, NULL),
     JIT_FIELD("_bound_refs", bound_refs, NULL),
+    JIT_FIELD("_bound_others", bound_others, NULL),
     JIT_FIELD(
         "_cache", cache,
         "key -> (jitted, donation candidates, closure, positions, specs)."),
@@ -2606,14 +2671,15 @@ ref_trace(PyObject *module, PyObject *ref)
 static PyObject *
 install_jit(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"builder",   "describe",   "array_type",
-                             "traceable", "eval_trace", "disable_jit",
-                             NULL};
+    static char *kwlist[] = {"builder",       "describe",   "array_type",
+                             "traceable",     "eval_trace", "disable_jit",
+                             "bound_changed", NULL};
     PyObject *builder, *describe, *array_type, *traceable, *eval_trace,
-        *disable_jit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOO:_install_jit",
+        *disable_jit, *bound_changed;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOOO:_install_jit",
                                      kwlist, &builder, &describe, &array_type,
-                                     &traceable, &eval_trace, &disable_jit)) {
+                                     &traceable, &eval_trace, &disable_jit,
+                                     &bound_changed)) {
         return NULL;
     }
     if (!PyType_Check(eval_trace)) {
@@ -2627,6 +2693,7 @@ install_jit(PyObject *module, PyObject *args, PyObject *kwargs)
     Py_XSETREF(st->jit_traceable, Py_NewRef(traceable));
     Py_XSETREF(st->jit_eval_trace, Py_NewRef(eval_trace));
     Py_XSETREF(st->jit_disable_jit, Py_NewRef(disable_jit));
+    Py_XSETREF(st->jit_bound_changed, Py_NewRef(bound_changed));
     Py_RETURN_NONE;
 }
 

@@ -234,6 +234,7 @@ static PyMethodDef module_functions[] = {
     X(jit_traceable) \
     X(jit_eval_trace) \
     X(jit_disable_jit) \
+    X(jit_bound_changed) \
     X(ModuleFlatten_Type) \
     X(mutable_var) \
     X(place) \

@@ -58,7 +58,8 @@
  *
  * Functions in this file: the state decision (mf_is_state and its
  * sequence, dict and iterator walks), the aux entries (kept_entry,
- * static_entry), the flatten (mf_vectorcall), the type, refx_init_nn.
+ * static_entry), the flatten (mf_vectorcall), the type, _module_changed
+ * (jit_partial's epoch of Module changes), refx_init_nn.
  */
 #include "refx.h"
 #include "ptrmap.h"
@@ -800,8 +801,29 @@ static PyType_Spec mf_spec = {
     .slots = mf_slots,
 };
 
+/* _core._module_changed(): an nn.Module attribute was set or deleted
+ * (Module.__setattr__, __delattr__, set_attributes).  jit_partial's bound
+ * trees are checked again at its next call (jit.c, check_binding). */
+static PyObject *
+module_changed(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    refx_get_state(module)->module_epoch++;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef nn_functions[] = {
+    {"_module_changed", module_changed, METH_NOARGS,
+     "_module_changed($module, /)\n--\n\n"
+     "Note that an nn.Module attribute changed: jit_partial checks its "
+     "bound trees again at its next call."},
+    {NULL, NULL, 0, NULL},
+};
+
 int
 refx_init_nn(PyObject *module, refx_state *st)
 {
+    if (PyModule_AddFunctions(module, nn_functions) < 0) {
+        return -1;
+    }
     return refx_add_type(module, &mf_spec, NULL, &st->ModuleFlatten_Type, 1);
 }

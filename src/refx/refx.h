@@ -154,6 +154,7 @@ typedef struct {
     PyObject *jit_traceable;   /* _lift.traceable: may JAX take this leaf? */
     PyObject *jit_eval_trace;  /* jax's EvalTrace type: "outside any trace" */
     PyObject *jit_disable_jit; /* .value is jax_disable_jit */
+    PyObject *jit_bound_changed; /* _jit: raises for a changed binding */
 
     /* refx.nn.Module's flatten (nnmodule.c) */
     PyTypeObject *ModuleFlatten_Type;
@@ -188,6 +189,8 @@ typedef struct {
     Py_ssize_t path_cache_paths, path_cache_max_paths, path_cache_max_entries;
     Py_ssize_t registry_seen; /* size of pytree_registry when last checked */
     uint64_t eager_clock;    /* counts eager transform calls (jit.c, `used`) */
+    uint64_t module_epoch;   /* counts nn.Module attribute changes (jit.c,
+                              * check_binding; _core._module_changed) */
     Py_ssize_t unflat_paths; /* paths held by unflat_cache (partition.c) */
 } refx_state;
 

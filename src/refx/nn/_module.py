@@ -49,7 +49,7 @@ import numpy as np
 from jax.tree_util import GetAttrKey
 
 from .. import NOTHING, Deref, Ref
-from .._core import _ModuleFlatten  # type: ignore[import-not-found]
+from .._core import _module_changed, _ModuleFlatten  # type: ignore[import-not-found]
 from .._inspect import short_repr
 
 M = TypeVar("M", bound="Module")
@@ -204,6 +204,18 @@ class Module:
         super().__init_subclass__(**kwargs)
         _register(cls)
 
+    # Every attribute change is noted (_module_changed): refx.jit_partial
+    # checks its bound trees again at its next call, and refuses a call
+    # whose bound model is no longer what it bound (model.eval() after
+    # binding a training step) instead of running the old trace.
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        _module_changed()
+
+    def __delattr__(self, name: str) -> None:
+        object.__delattr__(self, name)
+        _module_changed()
+
     # -- traversal --------------------------------------------------------
 
     def iter_modules(self) -> Iterator[tuple[tuple[str, ...], Module]]:
@@ -232,6 +244,7 @@ class Module:
                 if name in vars(m):
                     vars(m)[name] = value
                     found.add(name)
+        _module_changed()
         missing = set(attributes) - found
         if missing and raise_if_not_found:
             raise ValueError(
