@@ -349,7 +349,7 @@ def make_module_flatten(_module) -> types.SimpleNamespace:
                 children.append(v)
                 aux.append((k, _CHILD))
             else:
-                aux.append((k, _static(v), type(v)))
+                aux.append((k, type(v), _static(v)))
         return children, tuple(aux)
 
     def flatten_with_keys(m):
@@ -364,7 +364,7 @@ def make_module_flatten(_module) -> types.SimpleNamespace:
                 children.append((tu.GetAttrKey(k), v))
                 aux.append((k, _CHILD))
             else:
-                aux.append((k, _static(v), type(v)))
+                aux.append((k, type(v), _static(v)))
         return children, tuple(aux)
 
     return types.SimpleNamespace(flatten=flatten, flatten_with_keys=flatten_with_keys,

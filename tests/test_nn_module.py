@@ -374,3 +374,38 @@ def test_jit_partial_refuses_a_bound_model_whose_layer_or_ref_was_replaced():
     del m.extra
     with pytest.raises(ValueError, match="was replaced"):  # l1 is still another layer
         fwd(x)
+
+
+def test_jit_partial_sees_a_change_through_a_subclass_setattr():
+    class Own(nn.Module):
+        def __init__(self):
+            self.w = nn.Param(jnp.ones(()))
+            self.k = 1.0
+
+        def __setattr__(self, name, value):  # writes past Module.__setattr__
+            object.__setattr__(self, name, value)
+
+    m = Own()
+    f = refx.jit_partial(lambda m: m.w.value * m.k, m)
+    assert float(f()) == 1.0
+    m.k = 2.0
+    with pytest.raises(ValueError, match="static attribute 'k' is 2.0, bound as 1.0"):
+        f()
+    assert float(refx.jit_partial(lambda m: m.w.value * m.k, m)()) == 2.0
+
+
+def test_jit_partial_names_the_type_when_the_values_print_alike():
+    class MyInt(int):
+        pass
+
+    class P(nn.Module):
+        def __init__(self):
+            self.w = nn.Param(jnp.ones(()))
+            self.n = 2
+
+    m = P()
+    f = refx.jit_partial(lambda m: m.w.value * m.n, m)
+    f()
+    m.n = MyInt(2)
+    with pytest.raises(ValueError, match=r"'n' is 2 \(MyInt\), bound as 2 \(int\)"):
+        f()

@@ -88,7 +88,7 @@ def _node_names(td):
             return [str(k) for k in aux]
         if isinstance(aux, tuple) and all(isinstance(e, tuple) and e and isinstance(e[0], str)
                                           for e in aux):  # an nn.Module's entries
-            names = [e[0] for e in aux if len(e) == 2]
+            names = [e[0] for e in aux if len(e) == 2]  # (name, _CHILD)
             if len(names) == n:
                 return names
     return [str(i) for i in range(n)]
@@ -108,9 +108,11 @@ def _treedef_change(old, new, path=()):
                     how = "added" if a is None else "removed"
                     return path, f"attribute {name!r} was {how}"
                 if a != b:
-                    if len(a) == 3 and len(b) == 3:
-                        return path, (f"static attribute {name!r} is {b[1]!r}, "
-                                      f"bound as {a[1]!r}")
+                    if len(a) == 3 and len(b) == 3:  # (name, type, value)
+                        new, old = repr(b[2]), repr(a[2])
+                        if new == old:
+                            new, old = f"{new} ({b[1].__name__})", f"{old} ({a[1].__name__})"
+                        return path, f"static attribute {name!r} is {new}, bound as {old}"
                     return path, f"attribute {name!r} changed between a child and a static"
         return path, "its structure changed"
     for name, a, b in zip(_node_names(old), old.children(), new.children(), strict=True):

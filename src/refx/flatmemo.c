@@ -160,20 +160,20 @@ memo_same_aux(const memo_walk *w, PyObject *aux, PyObject *memo_aux,
         if (a == b) {
             continue;
         }
-        /* (name, child) or (name, value, type) entries: exact str names
-         * equal, values identical, types identical */
+        /* (name, child) or (name, type, value) entries: exact str names
+         * equal, types identical, values identical */
+        Py_ssize_t size = PyTuple_Check(a) ? PyTuple_GET_SIZE(a) : 0;
         if (!PyTuple_CheckExact(a) || !PyTuple_CheckExact(b) ||
-            PyTuple_GET_SIZE(a) != PyTuple_GET_SIZE(b) ||
-            PyTuple_GET_SIZE(a) < 2 || PyTuple_GET_SIZE(a) > 3 ||
-            (PyTuple_GET_SIZE(a) == 3 &&
-             PyTuple_GET_ITEM(a, 2) != PyTuple_GET_ITEM(b, 2)) ||
+            PyTuple_GET_SIZE(b) != size || size < 2 || size > 3 ||
+            (size == 3 && PyTuple_GET_ITEM(a, 1) != PyTuple_GET_ITEM(b, 1)) ||
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(a, 0)) ||
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(b, 0)) ||
             PyUnicode_Compare(PyTuple_GET_ITEM(a, 0),
                               PyTuple_GET_ITEM(b, 0)) != 0) {
             return 0;
         }
-        PyObject *va = PyTuple_GET_ITEM(a, 1), *vb = PyTuple_GET_ITEM(b, 1);
+        PyObject *va = PyTuple_GET_ITEM(a, size - 1),
+                 *vb = PyTuple_GET_ITEM(b, size - 1);
         if (va == vb) {
             continue;
         }

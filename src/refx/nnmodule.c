@@ -31,8 +31,8 @@
  *               tuples and dicts by their elements (a namedtuple or a dict
  *               subclass by _is_state's isinstance steps and iteration);
  *               anything else by calling _is_state.
- *   statics     (name, value, type(value)); a value whose hash raises
- *               TypeError is (name, frozen(value), type(value)), frozen
+ *   statics     (name, type(value), value); a value whose hash raises
+ *               TypeError is (name, type(value), frozen(value)), frozen
  *               being _module._Frozen.  The type makes a static changed
  *               to an equal value of another type (2 -> 2.0, "a" -> a
  *               StrEnum member) another treedef, so another cache key
@@ -355,23 +355,23 @@ is_plain_atom(PyObject *v)
            PyBytes_CheckExact(v) || PyComplex_CheckExact(v);
 }
 
-/* A new tuple (name, value), or (name, value, type(value)) when typed. */
+/* A new tuple (name, value), or (name, type(value), value) when typed. */
 static PyObject *
 entry_of(PyObject *name, PyObject *value, PyObject *type)
 {
     PyObject *e = PyTuple_New(type != NULL ? 3 : 2);
     if (e != NULL) {
         PyTuple_SET_ITEM(e, 0, Py_NewRef(name));
-        PyTuple_SET_ITEM(e, 1, Py_NewRef(value));
         if (type != NULL) {
-            PyTuple_SET_ITEM(e, 2, Py_NewRef(type));
+            PyTuple_SET_ITEM(e, 1, Py_NewRef(type));
         }
+        PyTuple_SET_ITEM(e, type != NULL ? 2 : 1, Py_NewRef(value));
     }
     return e;
 }
 
 /* The aux entry of a child, (name, marker), or of a static plain atom,
- * (name, value, type(value)).  A model's aux is the same entries call
+ * (name, type(value), value).  A model's aux is the same entries call
  * after call, and making and freeing them was a visible part of a
  * flatten, so each is kept in a small table by the addresses of its name
  * and value and given again when the same two objects come (the
@@ -391,7 +391,7 @@ kept_entry(ModuleFlattenObject *mf, PyObject *name, PyObject *value)
     for (size_t w = i; w < i + 2; w++) {
         PyObject *p = mf->kept[w];
         if (p != NULL && PyTuple_GET_ITEM(p, 0) == name &&
-            PyTuple_GET_ITEM(p, 1) == value) {
+            PyTuple_GET_ITEM(p, PyTuple_GET_SIZE(p) - 1) == value) {
             return Py_NewRef(p);
         }
     }
@@ -406,15 +406,17 @@ kept_entry(ModuleFlattenObject *mf, PyObject *name, PyObject *value)
     return p;
 }
 
-/* The aux entry of a static: (name, value, type(value)) if value is
- * hashable, else (name, frozen(value), type(value)) (hash's TypeError,
+/* The aux entry of a static: (name, type(value), value) if value is
+ * hashable, else (name, type(value), frozen(value)) (hash's TypeError,
  * and only that, means unhashable).  The type is there because jaxlib
  * compares aux data with ==, and 2 == 2.0 == True, "a" == a StrEnum
  * member: without it a static changed to an equal value of another type
  * would be the same treedef, the same refx.jit (and jax.jit) cache key,
  * and run the trace made for the old value (an int32 array where the new
  * value makes a float32 one).  Static arguments are compared the same
- * way (jit.c, "split"). */
+ * way (jit.c, "split").  It comes before the value, so two entries of
+ * different types compare unequal without running the values' __eq__
+ * (np.int32(2) == (1, 2) is an array, whose truth raises). */
 static PyObject *
 static_entry(ModuleFlattenObject *mf, PyObject *name, PyObject *v)
 {

@@ -10,11 +10,13 @@ deref'ed ``Value``/``Index``/``NOTHING``, or a list/tuple/dict with one of
 those inside (at any depth; any other pytree is looked into with
 ``jax.tree_util.tree_leaves``).  Every other attribute (sizes, rates, flags
 such as ``deterministic``, dtypes, functions, None) is *static*: it rides in
-the aux data as ``(name, value, type(value))``, so it is part of
+the aux data as ``(name, type(value), value)``, so it is part of
 ``refx.jit``'s cache key and a changed flag (``model.eval()``) retraces
 once, then hits the cache; with its type, as static arguments are compared,
 since ``2 == 2.0`` and a trace made for one is wrong for the other.  An
-unhashable static (a list of ints) is compared by a frozen copy.  After an unflatten, the
+unhashable static (a list of ints) is compared by a frozen copy (lists,
+tuples, dicts, sets and bytearrays; any other unhashable value by its
+identity: assign a new object to change it).  After an unflatten, the
 attributes that were children stay children whatever they hold (JAX
 flattens trees of placeholders, ``tree_map(lambda _: None, model)``).
 
@@ -41,6 +43,7 @@ Refs: the sharing that matters, of state, is kept.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -113,6 +116,10 @@ def _freeze(v: Any) -> Any:
         return (type(v).__name__, tuple(_freeze(x) for x in v))
     if isinstance(v, dict):
         return ("dict", tuple((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, set):  # its elements are hashable
+        return ("set", frozenset(v))
+    if isinstance(v, bytearray):
+        return ("bytearray", bytes(v))
     try:
         hash(v)
     except TypeError:
@@ -152,8 +159,8 @@ def _make_unflatten(cls: type) -> Any:
         d = module.__dict__
         it = iter(children)
         names = []
-        for entry in aux:  # (name, _CHILD) or (name, static, its type)
-            name, static = entry[0], entry[1]
+        for entry in aux:  # (name, _CHILD) or (name, type(static), static)
+            name, static = entry[0], entry[-1]
             if static is _CHILD:
                 d[name] = next(it)
                 names.append(name)
@@ -187,6 +194,18 @@ def _walk(v: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]
             yield from _walk(x, (*path, str(k)))
 
 
+def _noting(method: Any) -> Any:
+    """`method` (a __setattr__ or __delattr__), then _module_changed()."""
+
+    @functools.wraps(method)
+    def noting(self: Any, *args: Any) -> None:
+        method(self, *args)
+        _module_changed()
+
+    noting._refx_notes = True  # type: ignore[attr-defined]
+    return noting
+
+
 #: The mode flags `train()` / `eval()` set, NNX's names.
 MODE_FLAGS = ("deterministic", "use_running_average")
 
@@ -203,6 +222,12 @@ class Module:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _register(cls)
+        # a subclass's own __setattr__/__delattr__ (one calling
+        # object.__setattr__, say) still notes the change
+        for name in ("__setattr__", "__delattr__"):
+            own = cls.__dict__.get(name)
+            if own is not None and not getattr(own, "_refx_notes", False):
+                setattr(cls, name, _noting(own))
 
     # Every attribute change is noted (_module_changed): refx.jit_partial
     # checks its bound trees again at its next call, and refuses a call
@@ -215,6 +240,9 @@ class Module:
     def __delattr__(self, name: str) -> None:
         object.__delattr__(self, name)
         _module_changed()
+
+    __setattr__._refx_notes = True  # type: ignore[attr-defined]
+    __delattr__._refx_notes = True  # type: ignore[attr-defined]
 
     # -- traversal --------------------------------------------------------
 
