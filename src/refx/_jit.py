@@ -109,10 +109,10 @@ def _treedef_change(old, new, path=()):
                     return path, f"attribute {name!r} was {how}"
                 if a != b:
                     if len(a) == 3 and len(b) == 3:  # (name, type, value)
-                        new, old = repr(b[2]), repr(a[2])
-                        if new == old:
-                            new, old = f"{new} ({b[1].__name__})", f"{old} ({a[1].__name__})"
-                        return path, f"static attribute {name!r} is {new}, bound as {old}"
+                        now, was = repr(b[2]), repr(a[2])
+                        if now == was:  # 2 and MyInt(2): name the types
+                            now, was = f"{now} ({b[1].__name__})", f"{was} ({a[1].__name__})"
+                        return path, f"static attribute {name!r} is {now}, bound as {was}"
                     return path, f"attribute {name!r} changed between a child and a static"
         return path, "its structure changed"
     for name, a, b in zip(_node_names(old), old.children(), new.children(), strict=True):

@@ -111,7 +111,10 @@
  * current values in the snapshot pass and flattens only the remaining
  * arguments; the bound structure is constant, so it is not in the key, but
  * the bound Refs' collections and specs are (an attribute set on a bound
- * Ref after binding retraces).
+ * Ref after binding retraces).  It is kept constant by refusal: after an
+ * nn.Module attribute changed anywhere, the next call flattens the bound
+ * trees again and raises if they are no longer what was bound
+ * (check_binding).
  *
  * Eager mode (JitFunction(..., eager=sentinel): the function an eager
  * refx.scan/cond/... call runs through, refx/_control.py).  Before anything
@@ -125,7 +128,7 @@
  * (type(value), value): part of every treedef and so of every jit cache
  * key, and of refx.jit's; with the type, for the reason given above.
  *
- * Functions in this file: Static, the JitFunction type (split, snapshot,
+ * Functions in this file: Static, the JitFunction type (check_binding, split, snapshot,
  * key, call, finish: jit_outputs then jit_write_back), _make_refs/_ref_is_current/_write_refs (helpers for
  * the trace-time code), _install_jit, refx_init_jit.
  */
@@ -1602,8 +1605,6 @@ eager_now(call_ctx *c)
     return disabled < 0 ? -1 : !disabled;
 }
 
-/* split, flatten, snapshot, key, lookup (or build), call arguments; 1
- * (nothing done) for a call an eager transform's function refuses */
 /* jit_partial binds its trees once (bind_trees).  An nn.Module attribute
  * set since then (st->module_epoch moved: model.eval(), set_attributes, a
  * layer or Ref assigned) may have changed them, and a call made with the
@@ -1661,6 +1662,8 @@ check_binding(refx_state *st, JitObject *jf)
     return same > 0 ? 0 : -1;
 }
 
+/* split, flatten, snapshot, key, lookup (or build), call arguments; 1
+ * (nothing done) for a call an eager transform's function refuses */
 static int
 jit_prepare(call_ctx *c, PyObject *const *args, size_t nargsf,
             PyObject *kwnames)
