@@ -14,7 +14,7 @@ from setuptools.command.build_ext import build_ext
 
 SOURCES = ["module.c", "tree.c", "ref.c", "kinds.c", "deref.c", "filter.c", "partition.c",
            "update.c", "jit.c", "nnmodule.c",
-           "flatmemo.c"]
+           "flatmemo.c", "flatvalue.c"]
 
 compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 # -Werror only in development builds (REFX_WERROR=1, set by the Makefile):

@@ -471,6 +471,8 @@ def _build_jit_entry(jf, desc, closure=None):
         return _where(jf, treedef, has_kwargs, statics, call_others[i - nbo])
 
     def trace(vals, others, donated, mesh):
+        # a Ref's pytree value comes as a Flat of its leaves (flatvalue.c)
+        vals = _core._flat_restore(vals)
         if _explaining():
             _explain_retrace(prefix, seen, vals, others, where_ref, other_where)
         if declared:
@@ -507,7 +509,8 @@ def _build_jit_entry(jf, desc, closure=None):
         wvals = [inner.refs[k].value for k in written]
         if declared:
             wvals = _sharding.constrain_values(wvals, [types[k] for k in written], where, mesh)
-        return Static((tuple(written), spec, out_td)), wvals, payload
+        # and a written one goes back as a Flat, rebuilt in C (jit_finish)
+        return Static((tuple(written), spec, out_td)), _core._flat_out(wvals), payload
 
     cand = _donation_candidates(jf, treedef, has_kwargs, statics, pattern, kwnames)
     if cand is not None:

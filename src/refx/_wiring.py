@@ -2,7 +2,7 @@
 refx/__init__.py: it installs the core's hooks (the JAX calls that
 refx/_compat.py picked for the installed version, the sharding hook, the
 refx.jit builder) and registers the pytree nodes (Value, Index, NOTHING,
-Partition, Static, Dag).  No other module has import side effects.
+Partition, Static, Dag, Flat).  No other module has import side effects.
 """
 
 from __future__ import annotations
@@ -77,6 +77,15 @@ jax.tree_util.register_pytree_with_keys(
     lambda d: ((d._children(),), None),
 )
 jax.tree_util.register_pytree_node(_core.Static, _core._static_flatten, _core._static_unflatten)
+# a Ref's pytree value as refx.jit passes it through jax.jit (flatvalue.c);
+# keys only for key paths in JAX's messages
+jax.tree_util.register_pytree_with_keys(
+    _core._Flat,
+    lambda f: (tuple((jax.tree_util.FlattenedIndexKey(i), x) for i, x in enumerate(f.leaves)),
+               f.spec),
+    _core._flat_unflatten,
+    _core._flat_flatten,
+)
 
 
 def _array_type():

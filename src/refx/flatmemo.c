@@ -61,6 +61,19 @@
  *   MODULE  a refx.nn.Module of the exact type objs[obj][0], whose
  *           flatten (objs[obj][2], the very rule jaxlib calls for that
  *           type) gives `arity` children and aux data == objs[obj][1]
+ *   NODE    (value memos only) refx's own Value, Index, NOTHING or
+ *           Partition, of the exact type objs[obj][0], whose registered
+ *           C flatten objs[obj][2] gives `arity` children and aux data ==
+ *           objs[obj][1] (a Value's compared field by field, as == of the
+ *           tuple it would build); objs[obj][3] is its C unflatten
+ *
+ * Value memos (flatvalue.c: a Ref's pytree value passed to jax.jit as its
+ * leaves) take refx's own nodes, since an optimiser state over a deref'ed
+ * model is made of them, and are also rebuilt from: refx_value_memo_rebuild
+ * makes from leaves what jaxlib's unflatten of the memo's treedef makes
+ * (tuples, lists, dicts in sorted-key order, a namedtuple by calling its
+ * class, a NODE by calling its C unflatten with its aux data), without
+ * the treedef walk and the registry calls.
  *
  * Why a walk that agrees with the memo gives jaxlib's answer.  jaxlib
  * decides a node by its exact type (tuple, list, dict, None, a registered
@@ -100,16 +113,26 @@
  * frees nothing in use.  A walk that fails with an ordinary exception
  * falls back to jaxlib's flatten, which raises what it raises.
  *
- * Functions in this file: the check walk (memo_same_aux, memo_check,
- * memo_check_items, memo_check_dict), the build from a treedef (memo_build, memo_make),
- * refx_memo_flatten, refx_memo_flatten_eager (the box: eager_read,
+ * Functions in this file: the check walk (memo_same_aux, value_same_aux,
+ * memo_check, memo_check_items, memo_check_dict), the build from a treedef
+ * (memo_build, memo_make), value memos (refx_value_memo,
+ * refx_value_memo_leaves, refx_value_memo_rebuild), refx_memo_flatten, refx_memo_flatten_eager (the box: eager_read,
  * eager_write; a hit: eager_hit; a miss: eager_plan, eager_apply),
  * _core._memo_flatten, _flatten_memos and _clear_flatten_memos (tests).
  */
 #include "refx.h"
 #include <string.h>
 
-enum { M_LEAF, M_NONE, M_TUPLE, M_NAMEDTUPLE, M_LIST, M_DICT, M_MODULE };
+enum {
+    M_LEAF,
+    M_NONE,
+    M_TUPLE,
+    M_NAMEDTUPLE,
+    M_LIST,
+    M_DICT,
+    M_MODULE,
+    M_NODE
+};
 
 typedef struct {
     uint32_t kind;
@@ -200,6 +223,33 @@ memo_same_aux(const memo_walk *w, PyObject *aux, PyObject *memo_aux,
 }
 
 static int memo_check(memo_walk *w, PyObject *o, int depth);
+
+/* Would the aux data value_flatten gives Value `d`, (index, collection)
+ * or (index, collection, kind), == `aux`?  1 yes, 0 no, -1 error (tuple
+ * == compares items with ==, identity first; so does this). */
+static int
+value_same_aux(DerefObject *d, PyObject *aux)
+{
+    Py_ssize_t size = d->kind == NULL ? 2 : 3;
+    if (!PyTuple_CheckExact(aux) || PyTuple_GET_SIZE(aux) != size ||
+        !PyLong_CheckExact(PyTuple_GET_ITEM(aux, 0))) {
+        return 0;
+    }
+    Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(aux, 0));
+    if (index == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (index != d->index) {
+        return 0;
+    }
+    int r = PyObject_RichCompareBool(d->collection, PyTuple_GET_ITEM(aux, 1),
+                                     Py_EQ);
+    if (r > 0 && size == 3) {
+        r = PyObject_RichCompareBool(d->kind, PyTuple_GET_ITEM(aux, 2), Py_EQ);
+    }
+    return r;
+}
 
 /* Check child `o` (held by the caller across the call). */
 static int
@@ -374,6 +424,54 @@ memo_check(memo_walk *w, PyObject *o, int depth)
         Py_DECREF(flat);
         return r;
     }
+    case M_NODE: {
+        /* refx's own Value/Index/NOTHING/Partition (value memos only):
+         * (type, aux, flatten, unflatten); the C flatten jaxlib calls, its
+         * aux compared as jaxlib compares node data (==) */
+        PyObject *spec = PyTuple_GET_ITEM(w->objs, n->obj);
+        if ((PyObject *)Py_TYPE(o) != PyTuple_GET_ITEM(spec, 0)) {
+            return 0;
+        }
+        if (Py_TYPE(o) == w->st->Value_Type) {
+            /* a Value's aux data is (index, collection[, kind]), its one
+             * child its value: compared as jaxlib would compare the aux
+             * tuple value_flatten builds, without building it */
+            int r =
+                value_same_aux((DerefObject *)o, PyTuple_GET_ITEM(spec, 1));
+            return r <= 0 ? r
+                          : memo_check_held(w, ((ValueObject *)o)->value,
+                                            depth + 1);
+        }
+        PyObject *flat =
+            PyObject_Vectorcall(PyTuple_GET_ITEM(spec, 2), &o, 1, NULL);
+        if (flat == NULL) {
+            return -1;
+        }
+        int r = 0;
+        PyObject *kids =
+            PyTuple_CheckExact(flat) && PyTuple_GET_SIZE(flat) == 2
+                ? PyTuple_GET_ITEM(flat, 0)
+                : NULL; /* held by flat */
+        if (kids != NULL &&
+            (PyTuple_CheckExact(kids) || PyList_CheckExact(kids)) &&
+            PySequence_Fast_GET_SIZE(kids) == arity) {
+            PyObject *aux = PyTuple_GET_ITEM(flat, 1);
+            r = aux == PyTuple_GET_ITEM(spec, 1)
+                    ? 1
+                    : PyObject_RichCompareBool(aux, PyTuple_GET_ITEM(spec, 1),
+                                               Py_EQ);
+            for (Py_ssize_t i = 0; r > 0 && i < arity; i++) {
+                if (PySequence_Fast_GET_SIZE(kids) != arity) {
+                    r = 0;
+                    break;
+                }
+                r = memo_check_held(w, PySequence_Fast_GET_ITEM(kids, i),
+                                    depth + 1);
+            }
+        }
+        Py_DECREF(flat);
+        return r;
+    }
     default:
         REFX_BUG("flatmemo: unknown node kind");
         return -1;
@@ -391,6 +489,7 @@ typedef struct {
     PyObject *objs;   /* list */
     PyObject *leaves; /* jaxlib's leaves, taken in order */
     Py_ssize_t k;
+    int refx_nodes; /* a value memo: refx's own nodes taken (M_NODE) */
 } memo_build_ctx;
 
 static int
@@ -536,6 +635,16 @@ memo_build(memo_build_ctx *b, PyObject *td, int depth)
         else if (entry == NULL) {
             r = PyErr_Occurred() ? -1 : 0;
         }
+        else if (b->refx_nodes && PyTuple_Check(entry) &&
+                 PyTuple_GET_SIZE(entry) >= 2 &&
+                 (type == (PyObject *)st->Value_Type ||
+                  type == (PyObject *)st->Index_Type ||
+                  type == (PyObject *)st->Nothing_Type ||
+                  type == (PyObject *)st->Partition_Type)) {
+            obj = PyTuple_Pack(4, type, data, PyTuple_GET_ITEM(entry, 0),
+                               PyTuple_GET_ITEM(entry, 1));
+            r = obj != NULL ? memo_push(b, M_NODE, n, obj) : -1;
+        }
         else if (PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) >= 1 &&
                  refx_module_flatten_is_plain(st,
                                               PyTuple_GET_ITEM(entry, 0))) {
@@ -560,9 +669,9 @@ done:
  * read before the flatten. */
 static PyObject *
 memo_make(refx_state *st, PyObject *leaves, PyObject *treedef,
-          Py_ssize_t regsize)
+          Py_ssize_t regsize, int refx_nodes)
 {
-    memo_build_ctx b = {st, NULL, 0, 0, PyList_New(0), leaves, 0};
+    memo_build_ctx b = {st, NULL, 0, 0, PyList_New(0), leaves, 0, refx_nodes};
     PyObject *res = NULL, *nodes = NULL, *objs = NULL;
     if (b.objs == NULL) {
         goto done;
@@ -693,7 +802,7 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
         }
     }
     Py_XDECREF(memo);
-    PyObject *fresh = memo_make(st, leaves, *treedef, regsize);
+    PyObject *fresh = memo_make(st, leaves, *treedef, regsize, 0);
     if (fresh == NULL) {
         Py_CLEAR(*treedef);
         Py_DECREF(leaves);
@@ -701,6 +810,167 @@ refx_memo_flatten(refx_state *st, PyObject **slot, PyObject *tree,
     }
     Py_XSETREF(*slot, fresh);
     return leaves;
+}
+
+/* ------------------------------------------------------------------ */
+/* value memos (flatvalue.c)                                            */
+/* ------------------------------------------------------------------ */
+
+/* The memo of a Ref's pytree value from jaxlib's flatten of it (`leaves`,
+ * `treedef`; `regsize` the registry's size before that flatten), refx's
+ * own nodes (Value, Index, NOTHING, Partition) taken as M_NODE records:
+ * the 5-tuple, or NULL with no error when the value has a node the memo
+ * does not take. */
+PyObject *
+refx_value_memo(refx_state *st, PyObject *leaves, PyObject *treedef,
+                Py_ssize_t regsize)
+{
+    PyObject *m = memo_make(st, leaves, treedef, regsize, 1);
+    if (m != NULL && PyTuple_GET_SIZE(m) != 5) {
+        Py_CLEAR(m);
+    }
+    return m;
+}
+
+/* The leaves (a list) of `value` as value memo `memo` describes it (aux
+ * data compared with ==, as jaxlib compares treedefs), or NULL with no
+ * error when it does not fit. */
+PyObject *
+refx_value_memo_leaves(refx_state *st, PyObject *memo, PyObject *value)
+{
+    PyObject *td = NULL;
+    PyObject *leaves = memo_try(st, memo, value, 0, &td, NULL);
+    Py_XDECREF(td);
+    return leaves;
+}
+
+typedef struct {
+    refx_state *st;
+    const memo_node *nodes;
+    Py_ssize_t nnodes, at;
+    PyObject *objs;
+    PyObject *const *leaves;
+    Py_ssize_t nleaves, k;
+} memo_rebuild_ctx;
+
+/* The object of the memo's next node, made from the next leaves as
+ * jaxlib's unflatten of the memo's treedef makes it: a tuple, list, dict
+ * (keys in sorted order), namedtuple (its class called with the
+ * children), or refx node (its registered C unflatten called with its aux
+ * data and the children).  New reference, or NULL with an error. */
+static PyObject *
+memo_rebuild_node(memo_rebuild_ctx *r, int depth)
+{
+    if (r->at >= r->nnodes || depth > MEMO_MAX_DEPTH) {
+        return REFX_BUG("flatmemo: a rebuild ran past its memo");
+    }
+    const memo_node *n = &r->nodes[r->at++];
+    Py_ssize_t arity = (Py_ssize_t)n->arity;
+    if (n->kind == M_LEAF) {
+        if (r->k >= r->nleaves) {
+            return REFX_BUG("flatmemo: a rebuild ran out of leaves");
+        }
+        return Py_NewRef(r->leaves[r->k++]);
+    }
+    if (n->kind == M_NONE) {
+        return Py_NewRef(Py_None);
+    }
+    if (n->kind == M_MODULE) {
+        return REFX_BUG("flatmemo: a rebuild met a module node");
+    }
+    /* the children first; NULL items until made, so out of the
+     * collector's sight (a namedtuple's class may run Python code) */
+    PyObject *kids = PyTuple_New(arity), *res = NULL;
+    if (kids == NULL) {
+        return NULL;
+    }
+    PyObject_GC_UnTrack(kids);
+    for (Py_ssize_t i = 0; i < arity; i++) {
+        PyObject *c = memo_rebuild_node(r, depth + 1);
+        if (c == NULL) {
+            Py_DECREF(kids);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(kids, i, c);
+    }
+    PyObject_GC_Track(kids);
+    switch (n->kind) {
+    case M_TUPLE:
+        return kids;
+    case M_LIST:
+        res = PySequence_List(kids);
+        break;
+    case M_DICT: {
+        PyObject *pos = PyTuple_GET_ITEM(r->objs, n->obj), *key, *at;
+        Py_ssize_t it = 0, i = 0;
+        res = _PyDict_NewPresized(arity);
+        while (res != NULL && PyDict_Next(pos, &it, &key, &at)) {
+            if (i >= arity ||
+                PyDict_SetItem(res, key, PyTuple_GET_ITEM(kids, i++)) < 0) {
+                if (!PyErr_Occurred()) {
+                    REFX_BUG("flatmemo: a dict memo with too many keys");
+                }
+                Py_CLEAR(res);
+            }
+        }
+        break;
+    }
+    case M_NAMEDTUPLE:
+        res = PyObject_Call(
+            PyTuple_GET_ITEM(PyTuple_GET_ITEM(r->objs, n->obj), 0), kids,
+            NULL);
+        break;
+    case M_NODE: {
+        PyObject *spec = PyTuple_GET_ITEM(r->objs, n->obj);
+        PyObject *args[2] = {PyTuple_GET_ITEM(spec, 1), kids};
+        res = PyObject_Vectorcall(PyTuple_GET_ITEM(spec, 3), args, 2, NULL);
+        break;
+    }
+    default:
+        REFX_BUG("flatmemo: unknown node kind");
+    }
+    Py_DECREF(kids);
+    return res;
+}
+
+/* jaxlib's unflatten of value memo `memo`'s treedef with `leaves` (a
+ * tuple of exactly the memo's number of leaves), without jaxlib: no
+ * PyTreeDef walk, no custom-node calls through its registry.  A memo with
+ * a module node is unflattened by jaxlib.  New reference. */
+PyObject *
+refx_value_memo_rebuild(refx_state *st, PyObject *memo, PyObject *leaves)
+{
+    PyObject *nodes = PyTuple_GET_ITEM(memo, 1);
+    memo_rebuild_ctx r = {
+        st,
+        (const memo_node *)PyBytes_AS_STRING(nodes),
+        PyBytes_GET_SIZE(nodes) / (Py_ssize_t)sizeof(memo_node),
+        0,
+        PyTuple_GET_ITEM(memo, 2),
+        &PyTuple_GET_ITEM(leaves, 0),
+        PyTuple_GET_SIZE(leaves),
+        0,
+    };
+    if (PyLong_AsSsize_t(PyTuple_GET_ITEM(memo, 3)) != r.nleaves) {
+        return REFX_BUG("flatmemo: a rebuild given the wrong leaves");
+    }
+    for (Py_ssize_t i = 0; i < r.nnodes; i++) {
+        if (r.nodes[i].kind == M_MODULE) {
+            PyObject *list = PySequence_List(leaves);
+            PyObject *res =
+                list != NULL
+                    ? refx_unflatten(st, PyTuple_GET_ITEM(memo, 0), list)
+                    : NULL;
+            Py_XDECREF(list);
+            return res;
+        }
+    }
+    PyObject *res = memo_rebuild_node(&r, 0);
+    if (res != NULL && (r.at != r.nnodes || r.k != r.nleaves)) {
+        Py_DECREF(res);
+        return REFX_BUG("flatmemo: a rebuild left nodes or leaves over");
+    }
+    return res;
 }
 
 /* ------------------------------------------------------------------ */
@@ -913,7 +1183,7 @@ eager_apply(refx_state *st, PyObject **boxp, const eager_box *was,
         fresh = PyTuple_Pack(1, treedef);
     }
     else if (step->action == E_MAKE) {
-        fresh = memo_make(st, leaves, treedef, regsize);
+        fresh = memo_make(st, leaves, treedef, regsize, 0);
     }
     if ((step->action == E_MARK || step->action == E_MAKE) && fresh == NULL) {
         return -1;

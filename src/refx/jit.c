@@ -54,7 +54,9 @@
  *              Ref's value is read again, all at one moment
  *              (reread_values).
  *   call       jitted(values, others): the distinct Refs' values in
- *              numbering order, then the other leaves.  With donation,
+ *              numbering order (a value that is a pytree as a Flat of its
+ *              leaves, checked against the memo of the last value at its
+ *              number: flatvalue.c), then the other leaves.  With donation,
  *              jitted(mask, donated, kept, others), `mask` a static bytes
  *              argument saying which candidates are donated this call.
  *              A trace that finds new closed-over Refs stops with
@@ -77,8 +79,9 @@
  *              as its value, later ones the same new Ref; `type` is its
  *              spec: its class, or its kind when it has metadata or is a
  *              subclass, see ref_spec).
- *   outputs    built before anything is written, since building may fail
- *              (jit_outputs).
+ *   outputs    built before anything is written, since building may fail:
+ *              the written values that came back as Flats rebuilt
+ *              (refx_flat_restore), then the outputs (jit_outputs).
  *   write      all or nothing, through refx_write_all as update_refs
  *              (jit_write_back): every written Ref is checked first (the
  *              trace-level check: a Ref of another trace that `fun` wrote
@@ -387,6 +390,8 @@ typedef struct {
                              * through refx.jit), else refx.jit[_partial] */
     PyObject *last;         /* (key, entry) of the last cache lookup */
     PyObject *memo;         /* the last argument flatten (flatmemo.c) */
+    PyObject *vmemo;        /* NULL, or per Ref number the memo of the last
+                             * pytree value passed (flatvalue.c) */
     PyObject *eager;        /* NULL, or the object a call returns instead of
                              * running inside a trace, under
                              * jax.disable_jit, or when a leaf is one JAX
@@ -1267,10 +1272,20 @@ build_call(call_ctx *c, PyObject *cand)
             Py_DECREF(others);
             return -1;
         }
+        /* NULL items until filled, and refx_flat_in may run Python code */
+        PyObject_GC_UnTrack(vals);
         for (Py_ssize_t k = 0; k < c->nrefs; k++) {
-            /* a copy: a retry (closed-over Refs found) builds them again */
-            PyList_SET_ITEM(vals, k, Py_NewRef(c->vals[k]));
+            /* a pytree value as its leaves (flatvalue.c); a retry (closed-
+             * over Refs found) builds the list again */
+            PyObject *v = refx_flat_in(st, &jf->vmemo, k, c->vals[k]);
+            if (v == NULL) {
+                Py_DECREF(vals);
+                Py_DECREF(others);
+                return -1;
+            }
+            PyList_SET_ITEM(vals, k, v);
         }
+        PyObject_GC_Track(vals);
         c->call_args[0] = vals;
         c->call_args[1] = others;
         c->ncall = 2;
@@ -1937,16 +1952,35 @@ jit_finish(call_ctx *c, PyObject *res)
         REFX_BUG("malformed jit plan");
         return NULL;
     }
+    /* written pytree values came back as Flats (flatvalue.c): rebuilt
+     * first, since rebuilding may fail (a namedtuple's class raising) */
+    Py_ssize_t nw = PyList_GET_SIZE(wvals);
+    PyObject *values = PyList_New(nw);
+    if (values == NULL) {
+        return NULL;
+    }
+    PyObject_GC_UnTrack(values); /* NULL items until filled */
+    for (Py_ssize_t w = 0; w < nw; w++) {
+        PyObject *v = refx_flat_restore(st, PyList_GET_ITEM(wvals, w));
+        if (v == NULL) {
+            Py_DECREF(values);
+            return NULL;
+        }
+        PyList_SET_ITEM(values, w, v);
+    }
+    PyObject_GC_Track(values);
     PyObject *trace =
         c->trace != NULL ? Py_NewRef(c->trace) : refx_current_trace(st);
     if (trace == NULL) {
+        Py_DECREF(values);
         return NULL;
     }
     PyObject *out = jit_outputs(c, plan, PyTuple_GET_ITEM(res, 2), trace);
     if (out != NULL &&
-        jit_write_back(c, PyTuple_GET_ITEM(plan, 0), wvals, trace) < 0) {
+        jit_write_back(c, PyTuple_GET_ITEM(plan, 0), values, trace) < 0) {
         Py_CLEAR(out);
     }
+    Py_DECREF(values);
     Py_DECREF(trace);
     return out;
 }
@@ -2092,6 +2126,7 @@ jit_clear_cache(PyObject *op, PyObject *Py_UNUSED(ignored))
     JitObject *self = JIT_CAST(op);
     Py_CLEAR(self->last);
     Py_CLEAR(self->memo);
+    Py_CLEAR(self->vmemo);
     PyDict_Clear(self->cache);
     Py_RETURN_NONE;
 }
@@ -2308,6 +2343,7 @@ jit_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->kind);
     Py_VISIT(self->last);
     Py_VISIT(self->memo);
+    Py_VISIT(self->vmemo);
     Py_VISIT(self->eager);
     Py_VISIT(self->dict);
     return 0;
@@ -2332,6 +2368,7 @@ jit_clear(PyObject *op)
     Py_CLEAR(self->kind);
     Py_CLEAR(self->last);
     Py_CLEAR(self->memo);
+    Py_CLEAR(self->vmemo);
     Py_CLEAR(self->eager);
     Py_CLEAR(self->dict);
     return 0;
@@ -2376,6 +2413,14 @@ jit_get_field(PyObject *op, void *closure)
     return Py_NewRef(v != NULL ? v : Py_None);
 }
 
+/* a copy: the list itself is the per-call path's to change */
+static PyObject *
+jit_get_value_memos(PyObject *op, void *Py_UNUSED(closure))
+{
+    JitObject *self = JIT_CAST(op);
+    return self->vmemo != NULL ? PyList_AsTuple(self->vmemo) : PyTuple_New(0);
+}
+
 #define JIT_FIELD(name, field, doc)                                           \
     {name, jit_get_field, NULL, doc, (void *)offsetof(JitObject, field)}
 
@@ -2394,6 +2439,8 @@ static PyGetSetDef jit_getset[] = {
         "_cache", cache,
         "key -> (jitted, donation candidates, closure, positions, specs)."),
     JIT_FIELD("_kind", kind, "the transform messages name (None: refx.jit)."),
+    {"_value_memos", jit_get_value_memos, NULL,
+     "Per Ref number: None, a FlatSpec, or False (see flatvalue.c).", NULL},
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {NULL},
 };

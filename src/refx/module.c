@@ -236,6 +236,8 @@ static PyMethodDef module_functions[] = {
     X(jit_disable_jit) \
     X(jit_bound_changed) \
     X(ModuleFlatten_Type) \
+    X(Flat_Type) \
+    X(FlatSpec_Type) \
     X(mutable_var) \
     X(place) \
     X(capture_hook) \
@@ -357,7 +359,8 @@ module_exec(PyObject *module)
     }
     if (refx_init_jit(module, st) < 0 ||  /* jit.c */
         refx_init_nn(module, st) < 0 ||   /* nnmodule.c */
-        refx_init_memo(module, st) < 0) { /* flatmemo.c */
+        refx_init_memo(module, st) < 0 || /* flatmemo.c */
+        refx_init_flat(module, st) < 0) { /* flatvalue.c */
         return -1;
     }
     return refx_init_tree_types(module, st);

@@ -28,6 +28,8 @@
  *                made and registered by refx/nn/_module.py.
  *   flatmemo.c   refx.jit's argument flatten, checked against a memo of
  *                the last call's instead of made again by jaxlib.
+ *   flatvalue.c  a Ref's pytree value through refx.jit's jax.jit call as
+ *                its leaves (Flat, FlatSpec) and rebuilt in C.
  *   ptrmap.h     a pointer-keyed hash map for per-call identity tables.
  *
  * Naming: functions named refx_* are declared here and shared between
@@ -158,6 +160,10 @@ typedef struct {
 
     /* refx.nn.Module's flatten (nnmodule.c) */
     PyTypeObject *ModuleFlatten_Type;
+
+    /* a Ref's pytree value through jax.jit as its leaves (flatvalue.c) */
+    PyTypeObject *Flat_Type;
+    PyTypeObject *FlatSpec_Type;
 
     /* refx.mutable (ref.c): a ContextVar holding the filters of the
      * `with refx.mutable(f)` blocks this context is in (a tuple, innermost
@@ -518,5 +524,23 @@ PyObject *refx_memo_flatten_eager(refx_state *st, PyObject **box,
                                   PyObject *tree, PyObject *pred,
                                   PyObject **treedef);
 int refx_init_memo(PyObject *module, refx_state *st);
+/* value memos (flatmemo.c, for flatvalue.c): made from jaxlib's flatten of
+ * a Ref's value (NULL, no error: not memoized), the leaves of a value by
+ * one (NULL, no error: it does not fit), the value rebuilt from leaves */
+PyObject *refx_value_memo(refx_state *st, PyObject *leaves, PyObject *treedef,
+                          Py_ssize_t regsize);
+PyObject *refx_value_memo_leaves(refx_state *st, PyObject *memo,
+                                 PyObject *value);
+PyObject *refx_value_memo_rebuild(refx_state *st, PyObject *memo,
+                                  PyObject *leaves);
+
+/* flatvalue.c: a Ref's pytree value through jax.jit as its leaves */
+int refx_init_flat(PyObject *module, refx_state *st);
+/* the value refx.jit passes for Ref number k: a Flat or the value itself
+ * (*slots: the JitFunction's per-number memos, a list made at first use) */
+PyObject *refx_flat_in(refx_state *st, PyObject **slots, Py_ssize_t k,
+                       PyObject *value);
+/* a written value as jax.jit returned it: a Flat rebuilt, else itself */
+PyObject *refx_flat_restore(refx_state *st, PyObject *v);
 
 #endif /* REFX_H */
