@@ -408,6 +408,56 @@ def _captured_c_paths():
 for _f, _a in ((JCLOSE, (JX,)), (JDONATE_W, (PYTREE,)), (JPART_CL, (JX,))):
     _f(*_a)
 
+# ---- a Ref's pytree value through refx.jit as a Flat (flatvalue.c) ----
+_FState = collections.namedtuple("_FState", "mu part")
+FSTATE = refx.Ref(_FState({"a": jnp.ones(2)}, refx.get_partition(refx.deref(jmodel()), PARAMS)),
+                  "opt")
+JFLAT = refx.jit(lambda r: setattr(r, "value", jax.tree_util.tree_map(lambda v: v * 1, r.value)))
+FTURN = [refx.Ref({"a": jnp.ones(2)}), refx.Ref([jnp.ones(2), (jnp.zeros(1),)])]
+JFTURN = refx.jit(lambda r: setattr(r, "value", jax.tree_util.tree_map(lambda v: v + 1, r.value)))
+_fturn_at = [0]
+
+
+def _flat_alternating():
+    # the same Ref number sees two structures in turn: memos made again,
+    # then the number given up (and passed as it is)
+    _fturn_at[0] ^= 1
+    JFTURN(FTURN[_fturn_at[0]])
+
+
+class _Touchy(collections.namedtuple("_Touchy", "a")):
+    fail = False
+
+    def __new__(cls, a):
+        if cls.fail:
+            raise Boom("touchy")
+        return super().__new__(cls, a)
+
+
+TOUCHY = refx.Ref(_Touchy(jnp.ones(2)))
+JTOUCHY = refx.jit(lambda r: setattr(r, "value", _Touchy(r.value.a + 1)))
+
+
+def _flat_rebuild_raises():
+    _Touchy.fail = True
+    try:
+        expect(Boom, JTOUCHY, TOUCHY)
+    finally:
+        _Touchy.fail = False
+
+
+for _f, _a in ((JFLAT, (FSTATE,)), (JFTURN, (FTURN[0],)), (JFTURN, (FTURN[1],)),
+               (JTOUCHY, (TOUCHY,))):
+    _f(*_a)
+
+OPS.update({
+    "refx.jit call, pytree value as a Flat": lambda: JFLAT(FSTATE),
+    "refx.jit call, pytree values alternating": _flat_alternating,
+    "refx.jit call, a Flat's rebuild raising": _flat_rebuild_raises,
+    "_flat_out/_flat_restore": lambda: refx._core._flat_restore(
+        refx._core._flat_out([FSTATE.value, JX])),
+})
+
 OPS.update({
     "refx.jit call with closed-over Refs": lambda: JCLOSE(JX),
     "refx.jit donating a written pytree": lambda: JDONATE_W(PYTREE),
