@@ -301,3 +301,89 @@ def test_a_value_whose_aux_data_changed_is_not_taken_for_the_memo():
                              strict=True):
             assert (got.index, got.collection, type(got)) == (want.index, want.collection, type(want))
             assert jax.tree.structure(got) == jax.tree.structure(want)
+
+
+# ---- found by the hostile review of the Flat path ----
+
+
+@pytest.mark.parametrize("old, new", [(1, True), (True, 1), (1, 1.0), ("a", np.str_("a"))])
+def test_equal_aux_of_another_type_is_not_the_memos_when_jax_retraces(old, new):
+    # the memo compared aux data with ==; on a retrace the traced function
+    # then rebuilt the value with the memo's collection (1 for True)
+    f = refx.jit(bump)
+    r = refx.Ref({"p": refx.Value(jnp.ones(2), 0, old)})
+    f(r)
+    r.value = {"p": refx.Value(jnp.ones(3), 0, new)}  # a new shape: jax.jit retraces
+    oracle = refx.Ref({"p": refx.Value(jnp.ones(3), 0, new)})
+    check_same(f(r), bump(oracle))
+    got = r.value["p"].collection
+    assert type(got) is type(new) and got == new
+
+
+def test_partition_paths_of_another_type_are_not_the_memos():
+    def part(i, n):
+        return refx.Partition({("layers", i, "w"): jnp.ones(n)})
+
+    f = refx.jit(bump)
+    r = refx.Ref(part(1, 2))
+    f(r)
+    r.value = part(np.int64(1), 3)
+    f(r)
+    (path,) = r.value.keys()
+    assert type(path[1]) is np.int64
+
+
+class _Coll:
+    armed = False
+    fn = None
+
+    def __init__(self, name):
+        self.name = name
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __eq__(self, other):
+        if _Coll.armed:
+            _Coll.armed = False
+            _Coll.fn._clear_cache()  # frees the per-number memo list mid-walk
+            [[object() for _ in range(8)] for _ in range(2000)]
+            return False
+        return isinstance(other, _Coll) and self.name == other.name
+
+
+def test_the_memo_list_cleared_during_the_walk_is_not_used_freed():
+    f = _Coll.fn = refx.jit(bump)
+    r = refx.Ref({"p": refx.Value(jnp.ones(2), 0, _Coll("a"))})
+    f(r)
+    for _ in range(4):
+        r.value = {"p": refx.Value(jnp.ones(2), 0, _Coll("a"))}  # equal, not the same
+        _Coll.armed = True
+        f(r)
+    np.testing.assert_allclose(r.value["p"].value, 3.0)
+
+
+def test_jax_messages_name_the_path_inside_the_value():
+    nt = collections.namedtuple("NT", "mu nu")
+    r = refx.Ref(nt({"w": jnp.ones(2), "bad": np.array(["a", "b"])}, [jnp.zeros(1)]))
+    with pytest.raises(TypeError, match=r"\.mu\['bad'\]"):
+        refx.jit(bump)(r)
+
+
+def test_lower_shows_the_values_own_structure():
+    r = refx.Ref(State(jnp.ones(2), {"q": jnp.zeros(1)}, jnp.zeros(())))
+    lowered = refx.jit(bump).lower(r)
+    (vals, _), _ = lowered.args_info
+    assert type(vals[0]) is State and set(vals[0].nu) == {"q"}
+
+
+def test_a_structure_back_every_third_call_gives_up_its_memo():
+    a, b = refx.Ref({"a": jnp.ones(2)}), refx.Ref([jnp.ones(2)])
+    oa, ob = refx.Ref({"a": jnp.ones(2)}), refx.Ref([jnp.ones(2)])
+    f = refx.jit(bump)
+    for i in range(15):  # A A B A A B ...: a memo made twice every three calls
+        r, o = (b, ob) if i % 3 == 2 else (a, oa)
+        check_same(f(r), bump(o))
+    assert f._value_memos[0] is False
+    check_same(a.value, oa.value)
+    check_same(b.value, ob.value)

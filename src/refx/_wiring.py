@@ -77,15 +77,41 @@ jax.tree_util.register_pytree_with_keys(
     lambda d: ((d._children(),), None),
 )
 jax.tree_util.register_pytree_node(_core.Static, _core._static_flatten, _core._static_unflatten)
-# a Ref's pytree value as refx.jit passes it through jax.jit (flatvalue.c);
-# keys only for key paths in JAX's messages
+
+
+class _InValue:
+    """The key of a leaf of a Ref's pytree value passed as a Flat: its
+    path inside the value, printed as jax.tree_util.keystr prints it, so
+    JAX's messages name ``a[0][0].mu['w']`` as they did for the value."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path):
+        self.path = path
+
+    def __str__(self):
+        return jax.tree_util.keystr(self.path)
+
+    def __repr__(self):
+        return f"_InValue({self.path!r})"
+
+    def __eq__(self, other):
+        return type(other) is _InValue and other.path == self.path
+
+    def __hash__(self):
+        return hash(self.path)
+
+
+def _flat_with_keys(f):
+    # key paths only (JAX's messages, explain-cache-misses), never per call:
+    # the value rebuilt and flattened with its paths
+    paths = jax.tree_util.tree_flatten_with_path(_core._flat_restore([f])[0])[0]
+    return tuple((_InValue(p), x) for (p, _), x in zip(paths, f.leaves, strict=True)), f.spec
+
+
+# a Ref's pytree value as refx.jit passes it through jax.jit (flatvalue.c)
 jax.tree_util.register_pytree_with_keys(
-    _core._Flat,
-    lambda f: (tuple((jax.tree_util.FlattenedIndexKey(i), x) for i, x in enumerate(f.leaves)),
-               f.spec),
-    _core._flat_unflatten,
-    _core._flat_flatten,
-)
+    _core._Flat, _flat_with_keys, _core._flat_unflatten, _core._flat_flatten)
 
 
 def _array_type():

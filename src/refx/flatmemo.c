@@ -224,9 +224,39 @@ memo_same_aux(const memo_walk *w, PyObject *aux, PyObject *memo_aux,
 
 static int memo_check(memo_walk *w, PyObject *o, int depth);
 
-/* Would the aux data value_flatten gives Value `d`, (index, collection)
- * or (index, collection, kind), == `aux`?  1 yes, 0 no, -1 error (tuple
- * == compares items with ==, identity first; so does this). */
+/* Aux data as a value memo compares it: the same object, or of the same
+ * type and, for exact tuples, item by item so, else ==.  Stricter than
+ * jaxlib's ==, because the traced function rebuilds the value with the
+ * memo's aux objects: a collection True where the memo has 1 (equal,
+ * another type) must not be rebuilt as 1 (found by the hostile review).
+ * 1 same, 0 not, -1 error. */
+static int
+aux_same(PyObject *a, PyObject *b, int depth)
+{
+    if (a == b) {
+        return 1;
+    }
+    if (Py_TYPE(a) != Py_TYPE(b) || depth > MEMO_MAX_DEPTH) {
+        return 0;
+    }
+    if (!PyTuple_CheckExact(a)) {
+        return PyObject_RichCompareBool(a, b, Py_EQ);
+    }
+    if (PyTuple_GET_SIZE(a) != PyTuple_GET_SIZE(b)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(a); i++) {
+        int r = aux_same(PyTuple_GET_ITEM(a, i), PyTuple_GET_ITEM(b, i),
+                         depth + 1);
+        if (r <= 0) {
+            return r;
+        }
+    }
+    return 1;
+}
+
+/* Is the aux data value_flatten gives Value `d`, (index, collection) or
+ * (index, collection, kind), aux_same as `aux`?  1 yes, 0 no, -1 error. */
 static int
 value_same_aux(DerefObject *d, PyObject *aux)
 {
@@ -243,10 +273,9 @@ value_same_aux(DerefObject *d, PyObject *aux)
     if (index != d->index) {
         return 0;
     }
-    int r = PyObject_RichCompareBool(d->collection, PyTuple_GET_ITEM(aux, 1),
-                                     Py_EQ);
+    int r = aux_same(d->collection, PyTuple_GET_ITEM(aux, 1), 0);
     if (r > 0 && size == 3) {
-        r = PyObject_RichCompareBool(d->kind, PyTuple_GET_ITEM(aux, 2), Py_EQ);
+        r = aux_same(d->kind, PyTuple_GET_ITEM(aux, 2), 0);
     }
     return r;
 }
@@ -456,10 +485,7 @@ memo_check(memo_walk *w, PyObject *o, int depth)
             (PyTuple_CheckExact(kids) || PyList_CheckExact(kids)) &&
             PySequence_Fast_GET_SIZE(kids) == arity) {
             PyObject *aux = PyTuple_GET_ITEM(flat, 1);
-            r = aux == PyTuple_GET_ITEM(spec, 1)
-                    ? 1
-                    : PyObject_RichCompareBool(aux, PyTuple_GET_ITEM(spec, 1),
-                                               Py_EQ);
+            r = aux_same(aux, PyTuple_GET_ITEM(spec, 1), 0);
             for (Py_ssize_t i = 0; r > 0 && i < arity; i++) {
                 if (PySequence_Fast_GET_SIZE(kids) != arity) {
                     r = 0;

@@ -37,16 +37,24 @@
  * seen at the same Ref number by the same JitFunction (jf->vmemo, a list:
  * per Ref number None (not tried), a FlatSpec, or False (passed as it
  * is)): a walk in C that gives jaxlib's leaves when the structure is the
- * memo's (flatmemo.c's argument: exact types, arities, dict keys, aux data
- * ==, the registry unchanged); the FlatSpec object is then the memo's own,
+ * memo's (flatmemo.c's argument: exact types, arities, dict keys, the
+ * registry unchanged; aux data the same objects or of the same types and
+ * ==, stricter than jaxlib's ==, since the traced function rebuilds the
+ * value with the memo's aux objects); the FlatSpec object is then the memo's own,
  * so jax.jit's signature comparison is an identity test.  When it is not,
  * jaxlib flattens the value and a new memo is made from its answer.  A Ref
- * number whose memo has been made again three times with no hit between,
- * or whose value has a node the memo does not take (a custom node other
+ * number whose memo has been made again three times in a row, each after
+ * fewer than eight hits of the memo before (structures alternating: A B,
+ * A A B, ...), or whose value has a node the memo does not take (a custom node other
  * than refx's, an nn.Module), passes its values as they are from then on,
  * as before this file.  What is passed is always either the value or a
  * Flat of exactly jaxlib's leaves and an equal treedef: the memo is a
- * hint, never trusted.
+ * hint, never trusted.  (A jax.jit cache hit for an equal treedef whose
+ * aux objects differ, 1 where 1.0 was, runs the old trace, as jax.jit
+ * always has; see docs/pitfalls.md on cache keys.)
+ *
+ * JitFunction.lower passes the values as they are (no Flat), so the
+ * Lowered's args_info shows each value's own structure.
  *
  * Only the values refx.jit passes without donation go as Flats (donation
  * counts references to a value's arrays, jit.c value_donatable); written
@@ -60,8 +68,12 @@
 #include "refx.h"
 #include <structmember.h>
 
-/* a Ref number's memo is made again at most this many times in a row */
+/* A Ref number's memo is made again at most FLAT_MAX_MISSES times in a
+ * row that each followed fewer than FLAT_PAYS hits of the memo before:
+ * a memo costs about a flatten to make, so one hit a few times pays for
+ * itself, one made for every other call (A A B A A B ...) does not. */
 #define FLAT_MAX_MISSES 3
+#define FLAT_PAYS 8
 
 /* ------------------------------------------------------------------ */
 /* FlatSpec                                                             */
@@ -70,7 +82,9 @@
 typedef struct {
     PyObject_HEAD
     PyObject *memo; /* a value memo (flatmemo.c): the 5-tuple */
-    long misses;    /* memos made for this Ref number since its last hit */
+    long misses;    /* memos made in a row for this Ref number, each after
+                     * fewer than FLAT_PAYS hits of the one before */
+    long hits;      /* this memo's hits */
 } FlatSpecObject;
 #define SPEC_CAST(op) ((FlatSpecObject *)(op))
 #define SPEC_TREEDEF(op) PyTuple_GET_ITEM(SPEC_CAST(op)->memo, 0)
@@ -91,6 +105,7 @@ spec_create(refx_state *st, PyObject *memo, long misses)
     }
     self->memo = Py_NewRef(memo);
     self->misses = misses;
+    self->hits = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -350,13 +365,15 @@ refx_flat_in(refx_state *st, PyObject **slots, Py_ssize_t k, PyObject *value)
             return NULL;
         }
     }
-    PyObject *list = *slots;
+    /* held, as the spec below: Python code the walk runs (an aux __eq__)
+     * may clear the JitFunction's cache, or let another thread do it */
+    PyObject *list = Py_NewRef(*slots);
     while (PyList_GET_SIZE(list) <= k) {
         if (PyList_Append(list, Py_None) < 0) {
+            Py_DECREF(list);
             return NULL;
         }
     }
-    /* held: Python code the walk runs may let another thread replace it */
     PyObject *spec = Py_NewRef(PyList_GET_ITEM(list, k));
     long misses = 0;
     PyObject *res = NULL;
@@ -372,13 +389,15 @@ refx_flat_in(refx_state *st, PyObject **slots, Py_ssize_t k, PyObject *value)
             Py_DECREF(leaves);
             res = tuple != NULL ? flat_create(st, tuple, spec) : NULL;
             Py_XDECREF(tuple);
-            SPEC_CAST(spec)->misses = 0;
+            SPEC_CAST(spec)->hits++;
             goto done;
         }
         if (PyErr_Occurred()) {
             goto done;
         }
-        misses = SPEC_CAST(spec)->misses + 1;
+        misses = SPEC_CAST(spec)->hits < FLAT_PAYS
+                     ? SPEC_CAST(spec)->misses + 1
+                     : 0;
     }
     PyObject *fresh = NULL;
     if (misses <= FLAT_MAX_MISSES) {
@@ -399,6 +418,7 @@ refx_flat_in(refx_state *st, PyObject **slots, Py_ssize_t k, PyObject *value)
     }
 done:
     Py_DECREF(spec);
+    Py_DECREF(list);
     return res;
 }
 

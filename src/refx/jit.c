@@ -427,6 +427,7 @@ typedef struct {
     PyObject *trace; /* eager: the (eval) trace's weakref, read once */
     PyObject *call_args[4];
     size_t ncall;
+    int lowering; /* JitFunction.lower: values as they are, no Flat */
 } call_ctx;
 
 static void
@@ -1277,7 +1278,9 @@ build_call(call_ctx *c, PyObject *cand)
         for (Py_ssize_t k = 0; k < c->nrefs; k++) {
             /* a pytree value as its leaves (flatvalue.c); a retry (closed-
              * over Refs found) builds the list again */
-            PyObject *v = refx_flat_in(st, &jf->vmemo, k, c->vals[k]);
+            PyObject *v = c->lowering
+                              ? Py_NewRef(c->vals[k])
+                              : refx_flat_in(st, &jf->vmemo, k, c->vals[k]);
             if (v == NULL) {
                 Py_DECREF(vals);
                 Py_DECREF(others);
@@ -2077,6 +2080,7 @@ jit_lower(PyObject *self, PyObject *const *args, size_t nargsf,
     memset(&c, 0, sizeof(c));
     c.st = refx_state_from_type(Py_TYPE(self));
     c.jf = (JitObject *)self;
+    c.lowering = 1;
     PyObject *res = NULL;
     int prep = c.st == NULL ? -1 : jit_prepare(&c, args, nargsf, kwnames);
     if (prep != 0) {
