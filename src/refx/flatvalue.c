@@ -61,8 +61,8 @@
  * values come back as Flats on every path.
  *
  * Functions in this file: FlatSpec (richcompare, hash), Flat (its pytree
- * flatten/unflatten), refx_flat_in (jit.c, per call), refx_flat_restore
- * (jit.c, per written value), _flat_out and _flat_restore (refx/_jit.py,
+ * flatten/unflatten), refx_flat_in (jit.c, per call),
+ * refx_flat_restore_all (jit.c, the written values), _flat_out and _flat_restore (refx/_jit.py,
  * per trace), refx_init_flat.
  */
 #include "refx.h"
@@ -422,12 +422,10 @@ done:
     return res;
 }
 
-PyObject *
-refx_flat_restore(refx_state *st, PyObject *v)
+/* The value of Flat `v`, rebuilt.  New reference. */
+static PyObject *
+flat_restore(refx_state *st, PyObject *v)
 {
-    if (Py_TYPE(v) != st->Flat_Type) {
-        return Py_NewRef(v);
-    }
     FlatObject *f = FLAT_CAST(v);
     if (f->leaves == NULL || f->spec == NULL ||
         Py_TYPE(f->spec) != st->FlatSpec_Type ||
@@ -435,6 +433,37 @@ refx_flat_restore(refx_state *st, PyObject *v)
         return REFX_BUG("a cleared Flat");
     }
     return refx_value_memo_rebuild(st, SPEC_CAST(f->spec)->memo, f->leaves);
+}
+
+PyObject *
+refx_flat_restore_all(refx_state *st, PyObject *values)
+{
+    Py_ssize_t n = PyList_GET_SIZE(values), first = 0;
+    while (first < n &&
+           Py_TYPE(PyList_GET_ITEM(values, first)) != st->Flat_Type) {
+        first++;
+    }
+    if (first == n) { /* no Flat: the list itself, as most calls have it */
+        return Py_NewRef(values);
+    }
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    PyObject_GC_UnTrack(out); /* NULL items until filled, and a rebuild
+                               * may run Python code (a namedtuple's class) */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(values, i);
+        v = i >= first && Py_TYPE(v) == st->Flat_Type ? flat_restore(st, v)
+                                                      : Py_NewRef(v);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    PyObject_GC_Track(out);
+    return out;
 }
 
 /* ------------------------------------------------------------------ */
@@ -519,23 +548,12 @@ flat_out_py(PyObject *module, PyObject *values)
 static PyObject *
 flat_restore_py(PyObject *module, PyObject *values)
 {
-    refx_state *st = refx_get_state(module);
-    PyObject *seq = PySequence_List(values);
-    if (seq == NULL) {
-        return NULL;
+    PyObject *seq = PySequence_List(values), *res = NULL;
+    if (seq != NULL) {
+        res = refx_flat_restore_all(refx_get_state(module), seq);
+        Py_DECREF(seq);
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(seq); i++) {
-        PyObject *v = PyList_GET_ITEM(seq, i);
-        if (Py_TYPE(v) == st->Flat_Type) {
-            PyObject *r = refx_flat_restore(st, v);
-            if (r == NULL) {
-                Py_DECREF(seq);
-                return NULL;
-            }
-            PyList_SetItem(seq, i, r);
-        }
-    }
-    return seq;
+    return res;
 }
 
 static PyMethodDef flat_functions[] = {

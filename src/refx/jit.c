@@ -81,7 +81,7 @@
  *              subclass, see ref_spec).
  *   outputs    built before anything is written, since building may fail:
  *              the written values that came back as Flats rebuilt
- *              (refx_flat_restore), then the outputs (jit_outputs).
+ *              (refx_flat_restore_all), then the outputs (jit_outputs).
  *   write      all or nothing, through refx_write_all as update_refs
  *              (jit_write_back): every written Ref is checked first (the
  *              trace-level check: a Ref of another trace that `fun` wrote
@@ -1957,21 +1957,10 @@ jit_finish(call_ctx *c, PyObject *res)
     }
     /* written pytree values came back as Flats (flatvalue.c): rebuilt
      * first, since rebuilding may fail (a namedtuple's class raising) */
-    Py_ssize_t nw = PyList_GET_SIZE(wvals);
-    PyObject *values = PyList_New(nw);
+    PyObject *values = refx_flat_restore_all(st, wvals);
     if (values == NULL) {
         return NULL;
     }
-    PyObject_GC_UnTrack(values); /* NULL items until filled */
-    for (Py_ssize_t w = 0; w < nw; w++) {
-        PyObject *v = refx_flat_restore(st, PyList_GET_ITEM(wvals, w));
-        if (v == NULL) {
-            Py_DECREF(values);
-            return NULL;
-        }
-        PyList_SET_ITEM(values, w, v);
-    }
-    PyObject_GC_Track(values);
     PyObject *trace =
         c->trace != NULL ? Py_NewRef(c->trace) : refx_current_trace(st);
     if (trace == NULL) {

@@ -540,7 +540,8 @@ int refx_init_flat(PyObject *module, refx_state *st);
  * (*slots: the JitFunction's per-number memos, a list made at first use) */
 PyObject *refx_flat_in(refx_state *st, PyObject **slots, Py_ssize_t k,
                        PyObject *value);
-/* a written value as jax.jit returned it: a Flat rebuilt, else itself */
-PyObject *refx_flat_restore(refx_state *st, PyObject *v);
+/* the written values as jax.jit returned them (a list), each Flat rebuilt:
+ * a new list, or the list itself when it holds no Flat */
+PyObject *refx_flat_restore_all(refx_state *st, PyObject *values);
 
 #endif /* REFX_H */
