@@ -472,6 +472,7 @@ def _build_jit_entry(jf, desc, closure=None):
 
     def trace(vals, others, donated, mesh):
         # a Ref's pytree value comes as a Flat of its leaves (flatvalue.c)
+        given = vals
         vals = _core._flat_restore(vals)
         if _explaining():
             _explain_retrace(prefix, seen, vals, others, where_ref, other_where)
@@ -510,7 +511,9 @@ def _build_jit_entry(jf, desc, closure=None):
         if declared:
             wvals = _sharding.constrain_values(wvals, [types[k] for k in written], where, mesh)
         # and a written one goes back as a Flat, rebuilt in C (jit_finish)
-        return Static((tuple(written), spec, out_td)), _core._flat_out(wvals), payload
+        # or left in its Ref pending, when its structure is what was given
+        flat = _core._flat_out(wvals, [given[k] for k in written])
+        return Static((tuple(written), spec, out_td)), flat, payload
 
     cand = _donation_candidates(jf, treedef, has_kwargs, statics, pattern, kwnames)
     if cand is not None:

@@ -370,13 +370,17 @@ static inline PyObject *
 value_of(refx_state *st, RefObject *ref, Py_ssize_t k, numbered *slot)
 {
     ValueObject *last = (ValueObject *)ref->last;
-    if (last != NULL && last->value == ref->value && last->base.index == k &&
+    PyObject *value = refx_ref_value(st, ref); /* no Python code runs */
+    if (value == NULL) {
+        return NULL;
+    }
+    if (last != NULL && last->value == value && last->base.index == k &&
         last->base.collection == ref->collection &&
         last->base.kind == slot->kind) {
         return Py_NewRef(last);
     }
     PyObject *new =
-        refx_value_create_kind(st, ref->value, k, ref->collection, slot->kind);
+        refx_value_create_kind(st, value, k, ref->collection, slot->kind);
     if (new == NULL) {
         return NULL;
     }
@@ -789,12 +793,16 @@ clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace,
             if (err) {
                 goto done;
             }
+            PyObject *value = refx_ref_value(st, ref); /* no Python code */
+            if (value == NULL) {
+                goto done;
+            }
             if (slot->kind == NULL) {
                 slot->obj = refx_ref_create_untracked(
-                    st, ref->value, ref->collection, trace, &slot->track);
+                    st, value, ref->collection, trace, &slot->track);
             }
             else {
-                slot->obj = refx_ref_create_kind(st, slot->kind, ref->value,
+                slot->obj = refx_ref_create_kind(st, slot->kind, value,
                                                  ref->collection, trace);
                 if (slot->obj != NULL) {
                     slot->track = defer_tracking(slot->obj);
@@ -815,7 +823,8 @@ clone_leaves(refx_state *st, PyObject *tree, PyObject *leaves, PyObject *trace,
     res = 0;
     for (Py_ssize_t k = 0; k < nb.count && res == 0; k++) {
         RefObject *r = (RefObject *)nb.slots[k].obj;
-        if (refx_check_value(st, r->value, trace) < 0) {
+        PyObject *value = refx_ref_value(st, r);
+        if (value == NULL || refx_check_value(st, value, trace) < 0) {
             res = -1;
             if (PyErr_ExceptionMatches(PyExc_ValueError)) {
                 /* name the Ref's first position in the tree */

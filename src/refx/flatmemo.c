@@ -115,8 +115,9 @@
  *
  * Functions in this file: the check walk (memo_same_aux, value_same_aux,
  * memo_check, memo_check_items, memo_check_dict), the build from a treedef
- * (memo_build, memo_make), value memos (refx_value_memo,
- * refx_value_memo_leaves, refx_value_memo_rebuild), refx_memo_flatten, refx_memo_flatten_eager (the box: eager_read,
+ * (memo_build, memo_make, namedtuple_is_plain), value memos (refx_value_memo,
+ * refx_value_memo_leaves, refx_value_memo_rebuild, refx_value_memo_lazy,
+ * refx_value_memo_same), refx_memo_flatten, refx_memo_flatten_eager (the box: eager_read,
  * eager_write; a hit: eager_hit; a miss: eager_plan, eager_apply),
  * _core._memo_flatten, _flatten_memos and _clear_flatten_memos (tests).
  */
@@ -567,6 +568,88 @@ memo_positions(PyObject *keys)
     return pos;
 }
 
+/* Is `tp` a class collections.namedtuple made (or a subclass of one that
+ * adds no __new__, __init__ or metaclass)?  Then tp(*items) is
+ * tuple.__new__(tp, items): its generated __new__ calls nothing else, and
+ * a value memo's rebuild makes it so without running Python code
+ * (memo_rebuild_node).  Recognised by that __new__: a lambda compiled from
+ * "<string>" with one argument per field after the class, whose globals
+ * are the namespace namedtuple evaluated it in (no builtins, a
+ * "namedtuple_" __name__, tuple.__new__ as _tuple_new; found by the
+ * hostile review: globals alone took a module defining _tuple_new).  The
+ * staticmethod found (borrowed: the class dict holds it), or NULL.  Read
+ * from the class dicts (_PyType_Lookup), a function's globals and code:
+ * runs no Python code, raises nothing.  A class changed later (a new
+ * __new__ or __init__) is seen by namedtuple_still_plain. */
+static PyObject *
+namedtuple_plain_new(PyTypeObject *tp)
+{
+    if (Py_TYPE(tp) != &PyType_Type ||
+        tp->tp_init != PyBaseObject_Type.tp_init ||
+        tp->tp_alloc != PyType_GenericAlloc) {
+        return NULL;
+    }
+    PyObject *name = PyUnicode_InternFromString("__new__");
+    if (name == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *sm = _PyType_Lookup(tp, name); /* borrowed */
+    PyObject *real = PyDict_GetItemWithError(PyTuple_Type.tp_dict, name);
+    Py_DECREF(name);
+    if (sm == NULL || real == NULL || !Py_IS_TYPE(sm, &PyStaticMethod_Type)) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *fn = PyObject_GetAttrString(sm, "__func__"); /* a member */
+    int plain = 0;
+    if (fn != NULL && PyFunction_Check(fn) &&
+        PyDict_CheckExact(PyFunction_GET_GLOBALS(fn))) {
+        PyObject *g = PyFunction_GET_GLOBALS(fn);
+        PyCodeObject *code = (PyCodeObject *)PyFunction_GET_CODE(fn);
+        PyObject *tn = PyDict_GetItemString(g, "_tuple_new");
+        PyObject *bi = PyDict_GetItemString(g, "__builtins__");
+        PyObject *nm = PyDict_GetItemString(g, "__name__");
+        PyObject *fields = PyObject_GetAttrString((PyObject *)tp, "_fields");
+        plain =
+            tn == real && bi != NULL && PyDict_CheckExact(bi) &&
+            PyDict_GET_SIZE(bi) == 0 && nm != NULL &&
+            PyUnicode_CheckExact(nm) && PyUnicode_AsUTF8(nm) != NULL &&
+            strncmp(PyUnicode_AsUTF8(nm), "namedtuple_", 11) == 0 &&
+            PyCode_Check(code) &&
+            PyUnicode_CompareWithASCIIString(code->co_filename, "<string>") ==
+                0 &&
+            PyUnicode_CompareWithASCIIString(code->co_name, "<lambda>") == 0 &&
+            fields != NULL && PyTuple_Check(fields) &&
+            code->co_argcount == PyTuple_GET_SIZE(fields) + 1;
+        Py_XDECREF(fields);
+    }
+    Py_XDECREF(fn);
+    PyErr_Clear();
+    return plain ? sm : NULL;
+}
+
+/* Is the namedtuple of memo record `spec` (class, "_fields", plain
+ * __new__ or None) made by tuple.__new__ still: the class's __new__ the
+ * one found when the memo was made, and no __init__ or metaclass since? */
+static int
+namedtuple_still_plain(PyObject *spec)
+{
+    PyObject *cls = PyTuple_GET_ITEM(spec, 0), *sm = PyTuple_GET_ITEM(spec, 2);
+    if (sm == Py_None || Py_TYPE(cls) != &PyType_Type ||
+        ((PyTypeObject *)cls)->tp_init != PyBaseObject_Type.tp_init) {
+        return 0;
+    }
+    PyObject *name = PyUnicode_InternFromString("__new__");
+    if (name == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *now = _PyType_Lookup((PyTypeObject *)cls, name);
+    Py_DECREF(name);
+    return now == sm;
+}
+
 /* A tuple subclass jaxlib flattened with no aux data: its namedtuple kind
  * (a tuple subclass with _fields), or a node registered on a jaxlib
  * registry object directly (unseen in JAX's registry dict).  Memoized only
@@ -590,7 +673,9 @@ memo_namedtuple(memo_build_ctx *b, PyObject *type, Py_ssize_t n)
     int r = 0;
     if (fields != NULL && PyTuple_Check(fields) &&
         PyTuple_GET_SIZE(fields) == n) {
-        PyObject *spec = PyTuple_Pack(2, type, name);
+        PyObject *sm = namedtuple_plain_new((PyTypeObject *)type);
+        PyObject *spec =
+            PyTuple_Pack(3, type, name, sm != NULL ? sm : Py_None);
         r = spec != NULL ? memo_push(b, M_NAMEDTUPLE, n, spec) : -1;
         Py_XDECREF(spec);
     }
@@ -877,6 +962,7 @@ typedef struct {
     PyObject *objs;
     PyObject *const *leaves;
     Py_ssize_t nleaves, k;
+    int pending; /* a value left pending: its classes checked when written */
 } memo_rebuild_ctx;
 
 /* The object of the memo's next node, made from the next leaves as
@@ -941,11 +1027,27 @@ memo_rebuild_node(memo_rebuild_ctx *r, int depth)
         }
         break;
     }
-    case M_NAMEDTUPLE:
-        res = PyObject_Call(
-            PyTuple_GET_ITEM(PyTuple_GET_ITEM(r->objs, n->obj), 0), kids,
-            NULL);
+    case M_NAMEDTUPLE: {
+        /* (class, "_fields", plain __new__ or None): a plain namedtuple as
+         * its generated __new__ makes it, tuple.__new__(class, items), with
+         * no Python code; any other by calling its class.  A pending value
+         * (r->pending) was written when the class was plain (may_pend
+         * checked): made as it would have been then */
+        PyObject *spec = PyTuple_GET_ITEM(r->objs, n->obj);
+        PyObject *cls = PyTuple_GET_ITEM(spec, 0);
+        if (PyTuple_GET_ITEM(spec, 2) != Py_None &&
+            (r->pending || namedtuple_still_plain(spec))) {
+            PyObject *args = PyTuple_Pack(1, kids);
+            res = args != NULL
+                      ? PyTuple_Type.tp_new((PyTypeObject *)cls, args, NULL)
+                      : NULL;
+            Py_XDECREF(args);
+        }
+        else {
+            res = PyObject_Call(cls, kids, NULL);
+        }
         break;
+    }
     case M_NODE: {
         PyObject *spec = PyTuple_GET_ITEM(r->objs, n->obj);
         PyObject *args[2] = {PyTuple_GET_ITEM(spec, 1), kids};
@@ -964,7 +1066,8 @@ memo_rebuild_node(memo_rebuild_ctx *r, int depth)
  * PyTreeDef walk, no custom-node calls through its registry.  A memo with
  * a module node is unflattened by jaxlib.  New reference. */
 PyObject *
-refx_value_memo_rebuild(refx_state *st, PyObject *memo, PyObject *leaves)
+refx_value_memo_rebuild(refx_state *st, PyObject *memo, PyObject *leaves,
+                        int pending)
 {
     PyObject *nodes = PyTuple_GET_ITEM(memo, 1);
     memo_rebuild_ctx r = {
@@ -976,6 +1079,7 @@ refx_value_memo_rebuild(refx_state *st, PyObject *memo, PyObject *leaves)
         &PyTuple_GET_ITEM(leaves, 0),
         PyTuple_GET_SIZE(leaves),
         0,
+        pending,
     };
     if (PyLong_AsSsize_t(PyTuple_GET_ITEM(memo, 3)) != r.nleaves) {
         return REFX_BUG("flatmemo: a rebuild given the wrong leaves");
@@ -997,6 +1101,151 @@ refx_value_memo_rebuild(refx_state *st, PyObject *memo, PyObject *leaves)
         return REFX_BUG("flatmemo: a rebuild left nodes or leaves over");
     }
     return res;
+}
+
+/* Is aux item `o` of a kind whose hash and == run no Python code: exact
+ * str, int or None, or an exact tuple of them? */
+static int
+aux_is_plain(PyObject *o, int depth)
+{
+    if (o == Py_None || PyUnicode_CheckExact(o) || PyLong_CheckExact(o)) {
+        return 1;
+    }
+    if (!PyTuple_CheckExact(o) || depth > 4) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); i++) {
+        if (!aux_is_plain(PyTuple_GET_ITEM(o, i), depth + 1)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* May value memo `memo` be rebuilt later, by whoever first reads the Ref
+ * refx.jit left its Flat in (flatvalue.c, "Pending values")?  Only if the
+ * rebuild runs no Python code, so that it cannot fail (but for lack of
+ * memory), cannot be seen to run late, and may run where no Python code
+ * may (deref's one moment): tuples, lists, None, dicts (exact str keys, as
+ * every dict memo), plain namedtuples (namedtuple_is_plain), and refx's
+ * Value, Index, NOTHING and Partition whose aux data (index, collection,
+ * kind; paths) is exact str, int, None or tuples of them, or a kind refx
+ * made.  1 or 0; runs no Python code. */
+int
+refx_value_memo_lazy(refx_state *st, PyObject *memo)
+{
+    PyObject *nodes = PyTuple_GET_ITEM(memo, 1),
+             *objs = PyTuple_GET_ITEM(memo, 2);
+    const memo_node *ns = (const memo_node *)PyBytes_AS_STRING(nodes);
+    Py_ssize_t nn = PyBytes_GET_SIZE(nodes) / (Py_ssize_t)sizeof(memo_node);
+    for (Py_ssize_t i = 0; i < nn; i++) {
+        PyObject *spec = NULL;
+        switch (ns[i].kind) {
+        case M_LEAF:
+        case M_NONE:
+        case M_TUPLE:
+        case M_LIST:
+        case M_DICT:
+            continue;
+        case M_NAMEDTUPLE:
+            spec = PyTuple_GET_ITEM(objs, ns[i].obj);
+            if (!namedtuple_still_plain(spec)) {
+                return 0;
+            }
+            continue;
+        case M_NODE: {
+            spec = PyTuple_GET_ITEM(objs, ns[i].obj);
+            PyObject *tp = PyTuple_GET_ITEM(spec, 0),
+                     *aux = PyTuple_GET_ITEM(spec, 1);
+            if (tp == (PyObject *)st->Nothing_Type) {
+                continue;
+            }
+            if (tp == (PyObject *)st->Value_Type ||
+                tp == (PyObject *)st->Index_Type) {
+                /* (index, collection[, kind]): a kind is refx's own */
+                if (!PyTuple_CheckExact(aux) || PyTuple_GET_SIZE(aux) < 2 ||
+                    !aux_is_plain(PyTuple_GET_ITEM(aux, 0), 0) ||
+                    !aux_is_plain(PyTuple_GET_ITEM(aux, 1), 0) ||
+                    (PyTuple_GET_SIZE(aux) == 3 &&
+                     refx_check_kind(st, PyTuple_GET_ITEM(aux, 2), "Value") <
+                         0)) {
+                    PyErr_Clear();
+                    return 0;
+                }
+                continue;
+            }
+            if (tp == (PyObject *)st->Partition_Type && aux_is_plain(aux, 0)) {
+                continue;
+            }
+            return 0;
+        }
+        default:
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Are the namedtuples of lazy value memo `memo` still made by
+ * tuple.__new__ (namedtuple_still_plain: no class given a __new__ or
+ * __init__ since the memo was made)?  Checked when a value is left pending
+ * (flatvalue.c may_pend), since it is then made as the classes are now.
+ * 1 or 0; runs no Python code. */
+int
+refx_value_memo_plain_now(PyObject *memo)
+{
+    PyObject *nodes = PyTuple_GET_ITEM(memo, 1),
+             *objs = PyTuple_GET_ITEM(memo, 2);
+    const memo_node *ns = (const memo_node *)PyBytes_AS_STRING(nodes);
+    Py_ssize_t nn = PyBytes_GET_SIZE(nodes) / (Py_ssize_t)sizeof(memo_node);
+    for (Py_ssize_t i = 0; i < nn; i++) {
+        if (ns[i].kind == M_NAMEDTUPLE &&
+            !namedtuple_still_plain(PyTuple_GET_ITEM(objs, ns[i].obj))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Are value memos `a` and `b` the same structure, aux data compared as
+ * aux_same compares it (the same objects, or of the same types and ==),
+ * whatever the types of their leaves?
+ * For two lazy memos (refx_value_memo_lazy): their aux data is str, int,
+ * None, tuples, types and refx's kinds, so no Python code runs.  1 or 0
+ * (-1 with an error: only from an == of other memos). */
+int
+refx_value_memo_same(PyObject *a, PyObject *b)
+{
+    if (a == b) {
+        return 1;
+    }
+    PyObject *na = PyTuple_GET_ITEM(a, 1), *nb = PyTuple_GET_ITEM(b, 1);
+    if (PyBytes_GET_SIZE(na) != PyBytes_GET_SIZE(nb) ||
+        memcmp(PyBytes_AS_STRING(na), PyBytes_AS_STRING(nb),
+               (size_t)PyBytes_GET_SIZE(na)) != 0) {
+        return 0;
+    }
+    int r = PyObject_RichCompareBool(PyTuple_GET_ITEM(a, 3),
+                                     PyTuple_GET_ITEM(b, 3), Py_EQ);
+    /* node by node; a leaf's record is its type, which a memo made while
+     * tracing has as a tracer's: leaves are the avals' business */
+    const memo_node *ns = (const memo_node *)PyBytes_AS_STRING(na);
+    Py_ssize_t nn = PyBytes_GET_SIZE(na) / (Py_ssize_t)sizeof(memo_node);
+    PyObject *oa = PyTuple_GET_ITEM(a, 2), *ob = PyTuple_GET_ITEM(b, 2);
+    for (Py_ssize_t i = 0; r > 0 && i < nn; i++) {
+        switch (ns[i].kind) {
+        case M_NAMEDTUPLE:
+        case M_DICT:
+        case M_MODULE:
+        case M_NODE:
+            r = aux_same(PyTuple_GET_ITEM(oa, ns[i].obj),
+                         PyTuple_GET_ITEM(ob, ns[i].obj), 0);
+            break;
+        default:
+            break;
+        }
+    }
+    return r;
 }
 
 /* ------------------------------------------------------------------ */

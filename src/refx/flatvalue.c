@@ -60,9 +60,43 @@
  * counts references to a value's arrays, jit.c value_donatable); written
  * values come back as Flats on every path.
  *
+ * Pending values.  Rebuilding a written value and walking it again at the
+ * next call is most of what a pytree value costs (in the depth-5 SGD step,
+ * ~50,000 instructions a call: a Partition's key table, 20 Values, the
+ * namedtuples, freeing the last ones).  So a written Flat may stay in its
+ * Ref as it is, pending, and the next call passes it on untouched: a Ref's
+ * slot (RefObject.held) holds either its value or such a Flat, and
+ * everything but refx.jit's snapshot reads it through refx_ref_value,
+ * which makes the value (and keeps it in the slot) on the first read.
+ * A written Flat is left pending when
+ *
+ *   - its spec is the one this JitFunction passed that Ref number's value
+ *     with (jf->vmemo): the trace hands a written value back with the spec
+ *     it was given when their structures are the same, aux data compared
+ *     strictly (_flat_out, refx_value_memo_same), so the next call's
+ *     identity test hits;
+ *   - the spec is lazy (refx_value_memo_lazy): making the value runs no
+ *     Python code (plain namedtuples built by tuple.__new__, str dict keys,
+ *     refx's nodes with str/int/None aux data), so it cannot fail but for
+ *     memory, nobody can see it run late, and it may run inside deref's
+ *     one moment; a value whose making runs code (a namedtuple with its own
+ *     __new__, a collection with a Python __hash__) is made at the call,
+ *     as before, so its errors stay the call's;
+ *   - its leaves are concrete (not tracers of an enclosing trace).
+ *
+ * Readers: .value (and a capture stand-in's), repr, deref, clone,
+ * update_refs (its snapshot makes them after the moment, once per Flat),
+ * the capture hook, the clone check, the write check (holds_only_plain
+ * looks at a Flat's leaves).  refx.jit itself: a Flat whose spec is not
+ * the number's memo is made for the call (refx_flat_in), not in the Ref;
+ * a donating call makes them into their Refs first (a Flat's leaves are
+ * references more to the arrays), and the cache-miss description and
+ * JitFunction.lower get them made.
+ *
  * Functions in this file: FlatSpec (richcompare, hash), Flat (its pytree
  * flatten/unflatten), refx_flat_in (jit.c, per call),
- * refx_flat_restore_all (jit.c, the written values), _flat_out and _flat_restore (refx/_jit.py,
+ * refx_flat_restore_all (jit.c, the written values; may_pend),
+ * refx_flat_value and refx_flat_leaves (ref.c, deref.c, update.c), _flat_out and _flat_restore (refx/_jit.py,
  * per trace), refx_init_flat.
  */
 #include "refx.h"
@@ -85,6 +119,8 @@ typedef struct {
     long misses;    /* memos made in a row for this Ref number, each after
                      * fewer than FLAT_PAYS hits of the one before */
     long hits;      /* this memo's hits */
+    char lazy;      /* refx_value_memo_lazy(memo): a Flat of it may be left
+                     * in a Ref, pending (see "Pending values") */
 } FlatSpecObject;
 #define SPEC_CAST(op) ((FlatSpecObject *)(op))
 #define SPEC_TREEDEF(op) PyTuple_GET_ITEM(SPEC_CAST(op)->memo, 0)
@@ -106,6 +142,7 @@ spec_create(refx_state *st, PyObject *memo, long misses)
     self->memo = Py_NewRef(memo);
     self->misses = misses;
     self->hits = 0;
+    self->lazy = (char)refx_value_memo_lazy(st, memo);
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -353,9 +390,30 @@ done:
     return res;
 }
 
+static PyObject *flat_restore(refx_state *st, PyObject *v, int pending);
+
 PyObject *
 refx_flat_in(refx_state *st, PyObject **slots, Py_ssize_t k, PyObject *value)
 {
+    if (Py_TYPE(value) == st->Flat_Type) {
+        /* a value left pending by this function's last write of this
+         * number passes on as it is; any other is made first */
+        PyObject *spec = FLAT_CAST(value)->spec;
+        if (*slots != NULL && k < PyList_GET_SIZE(*slots) && spec != NULL &&
+            PyList_GET_ITEM(*slots, k) == spec) {
+            SPEC_CAST(spec)->hits++;
+            return Py_NewRef(value);
+        }
+        PyObject *made = flat_restore(st, value, 1);
+        PyObject *res = made != NULL && Py_TYPE(made) != st->Flat_Type
+                            ? refx_flat_in(st, slots, k, made)
+                            : NULL;
+        if (made != NULL && res == NULL && !PyErr_Occurred()) {
+            REFX_BUG("a Flat rebuilt into a Flat");
+        }
+        Py_XDECREF(made);
+        return res;
+    }
     if (!flat_candidate(st, value) || st->pytree_registry == NULL) {
         return Py_NewRef(value);
     }
@@ -422,9 +480,10 @@ done:
     return res;
 }
 
-/* The value of Flat `v`, rebuilt.  New reference. */
+/* The value of Flat `v`, rebuilt (pending: one a Ref held, see
+ * refx_value_memo_rebuild).  New reference. */
 static PyObject *
-flat_restore(refx_state *st, PyObject *v)
+flat_restore(refx_state *st, PyObject *v, int pending)
 {
     FlatObject *f = FLAT_CAST(v);
     if (f->leaves == NULL || f->spec == NULL ||
@@ -432,11 +491,57 @@ flat_restore(refx_state *st, PyObject *v)
         SPEC_CAST(f->spec)->memo == NULL) {
         return REFX_BUG("a cleared Flat");
     }
-    return refx_value_memo_rebuild(st, SPEC_CAST(f->spec)->memo, f->leaves);
+    return refx_value_memo_rebuild(st, SPEC_CAST(f->spec)->memo, f->leaves,
+                                   pending);
 }
 
 PyObject *
-refx_flat_restore_all(refx_state *st, PyObject *values)
+refx_flat_leaves(PyObject *flat)
+{
+    return FLAT_CAST(flat)->leaves;
+}
+
+PyObject *
+refx_flat_value(refx_state *st, PyObject *v)
+{
+    return Py_TYPE(v) == st->Flat_Type ? flat_restore(st, v, 1) : Py_NewRef(v);
+}
+
+/* May written Flat `v`, for Ref number `k`, be left in its Ref pending?
+ * If its spec is the one refx.jit passed that number's values with (the
+ * trace reused it, flat_out_py), so the next call passes it on untouched;
+ * if the spec is lazy (its rebuild runs no Python code) and its classes
+ * still are (refx_value_memo_plain_now: a namedtuple given a __new__
+ * since, found by the hostile review); and if its leaves
+ * are all concrete (refx_is_plain_value: jax Arrays, not tracers of an
+ * enclosing trace). */
+static int
+may_pend(refx_state *st, PyObject *v, PyObject *slots, PyObject *written,
+         Py_ssize_t w)
+{
+    FlatObject *f = FLAT_CAST(v);
+    if (slots == NULL || f->spec == NULL || f->leaves == NULL ||
+        !SPEC_CAST(f->spec)->lazy ||
+        !refx_value_memo_plain_now(SPEC_CAST(f->spec)->memo)) {
+        return 0;
+    }
+    Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, w));
+    if (k < 0 || k >= PyList_GET_SIZE(slots) ||
+        PyList_GET_ITEM(slots, k) != f->spec) {
+        PyErr_Clear();
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(f->leaves); i++) {
+        if (!refx_is_plain_value(st, PyTuple_GET_ITEM(f->leaves, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+PyObject *
+refx_flat_restore_all(refx_state *st, PyObject *values, PyObject *slots,
+                      PyObject *written)
 {
     Py_ssize_t n = PyList_GET_SIZE(values), first = 0;
     while (first < n &&
@@ -454,8 +559,10 @@ refx_flat_restore_all(refx_state *st, PyObject *values)
                                * may run Python code (a namedtuple's class) */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = PyList_GET_ITEM(values, i);
-        v = i >= first && Py_TYPE(v) == st->Flat_Type ? flat_restore(st, v)
-                                                      : Py_NewRef(v);
+        v = i >= first && Py_TYPE(v) == st->Flat_Type &&
+                    !may_pend(st, v, slots, written, i)
+                ? flat_restore(st, v, 0)
+                : Py_NewRef(v);
         if (v == NULL) {
             Py_DECREF(out);
             return NULL;
@@ -512,14 +619,26 @@ flat_unflatten_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return res;
 }
 
-/* _flat_out(values): each written value that is a pytree the memo takes,
- * as a Flat (while tracing: its leaves are tracers) */
+/* _flat_out(values, inputs=None): each written value that is a pytree the
+ * memo takes, as a Flat (while tracing: its leaves are tracers).  inputs,
+ * when given, holds per value what the trace was given for its Ref (a Flat
+ * or not): a value whose structure is the same as its input Flat's
+ * (refx_value_memo_same) comes back with that input's spec, so that a
+ * written value can be left pending and passed on untouched by the next
+ * call (see "Pending values"). */
 static PyObject *
-flat_out_py(PyObject *module, PyObject *values)
+flat_out_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     refx_state *st = refx_get_state(module);
-    if (!PyList_CheckExact(values)) {
-        PyErr_SetString(PyExc_TypeError, "_flat_out expects a list");
+    PyObject *values = nargs >= 1 ? args[0] : NULL;
+    PyObject *inputs = nargs >= 2 && args[1] != Py_None ? args[1] : NULL;
+    if (nargs < 1 || nargs > 2 || !PyList_CheckExact(values) ||
+        (inputs != NULL &&
+         (!PyList_CheckExact(inputs) ||
+          PyList_GET_SIZE(inputs) != PyList_GET_SIZE(values)))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_flat_out(values, inputs=None) expects a list (and "
+                        "a list as long)");
         return NULL;
     }
     if (refx_require_jax(st, "refx.jit") < 0) {
@@ -538,6 +657,28 @@ flat_out_py(PyObject *module, PyObject *values)
             Py_DECREF(out);
             return NULL;
         }
+        PyObject *in = inputs != NULL && i < PyList_GET_SIZE(inputs)
+                           ? PyList_GET_ITEM(inputs, i)
+                           : NULL;
+        if (in != NULL && Py_TYPE(in) == st->Flat_Type &&
+            Py_TYPE(o) == st->Flat_Type) {
+            PyObject *sin = FLAT_CAST(in)->spec, *sout = FLAT_CAST(o)->spec;
+            int same = sin != NULL && SPEC_CAST(sin)->lazy &&
+                               SPEC_CAST(sout)->lazy &&
+                               SPEC_CAST(sin)->memo != NULL
+                           ? refx_value_memo_same(SPEC_CAST(sin)->memo,
+                                                  SPEC_CAST(sout)->memo)
+                           : 0;
+            if (same < 0) {
+                Py_DECREF(o);
+                Py_DECREF(out);
+                return NULL;
+            }
+            if (same) {
+                Py_INCREF(sin);
+                Py_SETREF(FLAT_CAST(o)->spec, sin);
+            }
+        }
         PyList_SET_ITEM(out, i, o);
     }
     return out;
@@ -550,7 +691,7 @@ flat_restore_py(PyObject *module, PyObject *values)
 {
     PyObject *seq = PySequence_List(values), *res = NULL;
     if (seq != NULL) {
-        res = refx_flat_restore_all(refx_get_state(module), seq);
+        res = refx_flat_restore_all(refx_get_state(module), seq, NULL, NULL);
         Py_DECREF(seq);
     }
     return res;
@@ -563,8 +704,8 @@ static PyMethodDef flat_functions[] = {
      METH_FASTCALL,
      "_flat_unflatten($module, spec, children, /)\n--\n\n"
      "pytree unflatten of a Flat."},
-    {"_flat_out", flat_out_py, METH_O,
-     "_flat_out($module, values, /)\n--\n\n"
+    {"_flat_out", (PyCFunction)(void (*)(void))flat_out_py, METH_FASTCALL,
+     "_flat_out($module, values, inputs=None, /)\n--\n\n"
      "The values, each pytree refx.jit passes as its leaves as a Flat."},
     {"_flat_restore", flat_restore_py, METH_O,
      "_flat_restore($module, values, /)\n--\n\n"

@@ -651,7 +651,7 @@ snapshot(call_ctx *c)
         r->mark_epoch = epoch;
         r->mark_index = k;
         c->refs[k] = r;
-        c->vals[k] = Py_NewRef(r->value);
+        c->vals[k] = Py_NewRef(r->held); /* maybe pending: build_call */
     }
     nrefs = nb;
     PyObject **items = ((PyListObject *)c->leaves)->ob_item;
@@ -670,7 +670,7 @@ snapshot(call_ctx *c)
         r->mark_epoch = epoch;
         r->mark_index = nrefs;
         c->refs[nrefs] = r;
-        c->vals[nrefs] = Py_NewRef(r->value);
+        c->vals[nrefs] = Py_NewRef(r->held);
         c->pattern[i] = (int32_t)nrefs;
         nrefs++;
     }
@@ -822,7 +822,11 @@ make_desc(call_ctx *c)
             goto done;
         }
         PyTuple_SET_ITEM(types, k, spec);
-        PyList_SET_ITEM(vals, k, Py_NewRef(c->vals[k]));
+        PyObject *v = refx_flat_value(c->st, c->vals[k]); /* as it is */
+        if (v == NULL) {
+            goto done;
+        }
+        PyList_SET_ITEM(vals, k, v);
         PyTuple_SET_ITEM(refs, k, Py_NewRef((PyObject *)c->refs[k]));
     }
     for (Py_ssize_t i = 0; i < c->nothers; i++) {
@@ -1079,7 +1083,7 @@ reread_values(call_ctx *c)
         }
     }
     for (Py_ssize_t k = 0; k < c->nrefs; k++) {
-        PyObject *v = c->refs[k]->value;
+        PyObject *v = c->refs[k]->held;
         if (v != c->vals[k]) {
             olds[nold++] = c->vals[k];
             c->vals[k] = Py_NewRef(v);
@@ -1279,7 +1283,7 @@ build_call(call_ctx *c, PyObject *cand)
             /* a pytree value as its leaves (flatvalue.c); a retry (closed-
              * over Refs found) builds the list again */
             PyObject *v = c->lowering
-                              ? Py_NewRef(c->vals[k])
+                              ? refx_flat_value(st, c->vals[k])
                               : refx_flat_in(st, &jf->vmemo, k, c->vals[k]);
             if (v == NULL) {
                 Py_DECREF(vals);
@@ -1295,7 +1299,21 @@ build_call(call_ctx *c, PyObject *cand)
         return 0;
     }
     /* donation: a candidate is donated if its value is a jax Array that
-     * appears once among all inputs */
+     * appears once among all inputs; so a value left pending (a Flat,
+     * whose leaves are references more) is made first, into its Ref */
+    for (Py_ssize_t k = 0; k < c->nrefs; k++) {
+        if (Py_TYPE(c->vals[k]) != st->Flat_Type) {
+            continue;
+        }
+        PyObject *v = c->refs[k]->held == c->vals[k]
+                          ? Py_XNewRef(refx_ref_value(st, c->refs[k]))
+                          : refx_flat_value(st, c->vals[k]);
+        if (v == NULL) {
+            Py_DECREF(others);
+            return -1;
+        }
+        Py_SETREF(c->vals[k], v);
+    }
     Py_ssize_t ncand = PyTuple_GET_SIZE(cand);
     PyObject *mask = NULL, *donated = NULL, *kept = NULL, *trace = NULL;
     char *isd = PyMem_Calloc((size_t)(c->nrefs > 0 ? c->nrefs : 1), 1);
@@ -1957,7 +1975,8 @@ jit_finish(call_ctx *c, PyObject *res)
     }
     /* written pytree values came back as Flats (flatvalue.c): rebuilt
      * first, since rebuilding may fail (a namedtuple's class raising) */
-    PyObject *values = refx_flat_restore_all(st, wvals);
+    PyObject *values = refx_flat_restore_all(st, wvals, c->jf->vmemo,
+                                             PyTuple_GET_ITEM(plan, 0));
     if (values == NULL) {
         return NULL;
     }

@@ -175,6 +175,11 @@ holds_only_plain(refx_state *st, PyObject *v, int depth)
         }
         return 1;
     }
+    if (tp == st->Flat_Type) { /* a value refx.jit leaves pending: its
+                                 leaves are all it holds but aux data */
+        PyObject *leaves = refx_flat_leaves(v);
+        return leaves != NULL && holds_only_plain(st, leaves, depth + 1);
+    }
     if (tp == st->Value_Type) { /* a deref'ed state (optax over a Partition
                                   of Values): its value is its one child */
         return holds_only_plain(st, ((ValueObject *)v)->value, depth + 1);
@@ -326,7 +331,7 @@ refx_write_all(refx_state *st, RefObject *const *refs, PyObject *const *values,
         }
     }
     for (Py_ssize_t k = 0; k < n; k++) {
-        olds[k] = Py_NewRef(refs[k]->value);
+        olds[k] = Py_NewRef(refs[k]->held);
         refx_ref_store(st, refs[k], values[k]);
     }
     for (Py_ssize_t k = 0; k < n; k++) {
@@ -394,7 +399,7 @@ ref_make(refx_state *st, PyTypeObject *tp, PyObject *value,
         Py_DECREF(collection);
         return NULL;
     }
-    self->value = value;
+    self->held = value;
     self->collection = collection;
     self->trace = Py_NewRef(trace);
     self->initialized = 1;
@@ -485,7 +490,7 @@ static inline void
 ref_store(refx_state *st, RefObject *self, PyObject *value)
 {
     Py_CLEAR(self->last);
-    Py_XSETREF(self->value, Py_NewRef(value));
+    Py_XSETREF(self->held, Py_NewRef(value));
     if (!PyObject_GC_IsTracked((PyObject *)self) &&
         (ref_needs_tracking(value, self->collection) ||
          may_close_cycle(self->metadata))) {
@@ -497,6 +502,32 @@ void
 refx_ref_store(refx_state *st, RefObject *self, PyObject *value)
 {
     ref_store(st, self, value);
+}
+
+PyObject *
+refx_ref_value(refx_state *st, RefObject *self)
+{
+    /* a loop, though the rebuild of a pending value runs no Python code
+     * (flatmemo.c, refx_value_memo_lazy): a Flat put in some other way
+     * (reached through gc.get_referents) may run some */
+    while (self->held != NULL && Py_TYPE(self->held) == st->Flat_Type) {
+        PyObject *flat = Py_NewRef(self->held);
+        PyObject *made = refx_flat_value(st, flat);
+        if (made == NULL) {
+            Py_DECREF(flat);
+            return NULL;
+        }
+        if (self->held == flat) {
+            /* the same value, made: no write (no check, no Value of
+             * deref's kept as `last` was made of the Flat) */
+            Py_SETREF(self->held, made);
+        }
+        else {
+            Py_DECREF(made);
+        }
+        Py_DECREF(flat);
+    }
+    return self->held != NULL ? self->held : Py_None;
 }
 
 static PyObject *
@@ -688,7 +719,7 @@ ref_traverse(PyObject *op, visitproc visit, void *arg)
 {
     RefObject *self = REFX_REF_CAST(op);
     Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->value);
+    Py_VISIT(self->held);
     Py_VISIT(self->collection);
     Py_VISIT(self->trace);
     Py_VISIT(self->metadata);
@@ -702,7 +733,7 @@ ref_clear(PyObject *op)
 {
     RefObject *self = REFX_REF_CAST(op);
     Py_CLEAR(self->last);
-    Py_CLEAR(self->value);
+    Py_CLEAR(self->held);
     Py_CLEAR(self->collection);
     Py_CLEAR(self->trace);
     Py_CLEAR(self->metadata);
@@ -749,8 +780,11 @@ refx_ref_captured(RefObject *self, PyObject *writing)
     if (st->capture_hook == NULL) {
         return Py_NewRef(Py_None);
     }
-    PyObject *args[3] = {(PyObject *)self, writing,
-                         self->value != NULL ? self->value : Py_None};
+    PyObject *value = refx_ref_value(st, self);
+    if (value == NULL) {
+        return NULL;
+    }
+    PyObject *args[3] = {(PyObject *)self, writing, value};
     PyObject *res = PyObject_Vectorcall(st->capture_hook, args, 3, NULL);
     if (res != NULL && res != Py_None && !Ref_Check(st, res)) {
         Py_DECREF(res);
@@ -810,14 +844,17 @@ ref_get_value(PyObject *op, void *Py_UNUSED(closure))
             return NULL;
         }
         if (inner != Py_None) {
-            PyObject *v = ((RefObject *)inner)->value;
-            v = Py_NewRef(v != NULL ? v : Py_None);
+            PyObject *v = refx_ref_value(refx_state_from_type(Py_TYPE(self)),
+                                         (RefObject *)inner);
+            Py_XINCREF(v);
             Py_DECREF(inner);
             return v;
         }
         Py_DECREF(inner);
     }
-    return Py_NewRef(self->value != NULL ? self->value : Py_None);
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    PyObject *v = st != NULL ? refx_ref_value(st, self) : NULL;
+    return Py_XNewRef(v);
 }
 
 static int
@@ -903,8 +940,9 @@ ref_repr(PyObject *op)
                       : NULL;
     }
     PyObject *res = NULL;
-    PyObject *value =
-        refx_short_repr(self->value != NULL ? self->value : Py_None);
+    refx_state *st = refx_state_from_type(Py_TYPE(self));
+    PyObject *held = st != NULL ? refx_ref_value(st, self) : NULL;
+    PyObject *value = held != NULL ? refx_short_repr(held) : NULL;
     PyObject *meta = value != NULL ? refx_pairs_repr(self->metadata) : NULL;
     if (meta != NULL) {
         res = PyUnicode_FromFormat(

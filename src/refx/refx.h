@@ -292,7 +292,11 @@ refx_weakref_is_a(PyObject *wr, PyTypeObject *type)
 
 typedef struct {
     PyObject_HEAD
-    PyObject *value;      /* owned; never NULL after construction */
+    /* owned; never NULL after construction.  The Ref's value, or a Flat
+     * refx.jit left pending (flatvalue.c, "Pending values"): read it only
+     * through refx_ref_value, which makes the value first; only refx.jit's
+     * snapshot and the stores read or write it as it is. */
+    PyObject *held;
     PyObject *collection; /* owned, hashable; None by default */
     PyObject *trace;      /* owned weakref to the creating JAX trace */
     PyObject *weakreflist;
@@ -442,6 +446,10 @@ int refx_check_value(refx_state *st, PyObject *value, PyObject *trace);
 int refx_is_plain_value(refx_state *st, PyObject *value);
 /* Set ref.value (no checks), keeping GC tracking right. */
 void refx_ref_store(refx_state *st, RefObject *ref, PyObject *value);
+/* The value `ref` holds, made first if refx.jit left it pending: borrowed
+ * (Py_None for a Ref not yet initialized), or NULL with an error (out of
+ * memory).  Runs no Python code for a value refx.jit left pending. */
+PyObject *refx_ref_value(refx_state *st, RefObject *ref);
 PyObject *refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
                             PyObject *collection);
 PyObject *refx_index_create(refx_state *st, Py_ssize_t index,
@@ -531,8 +539,12 @@ PyObject *refx_value_memo(refx_state *st, PyObject *leaves, PyObject *treedef,
                           Py_ssize_t regsize);
 PyObject *refx_value_memo_leaves(refx_state *st, PyObject *memo,
                                  PyObject *value);
+/* pending: a value left pending (flatvalue.c), its classes checked then */
 PyObject *refx_value_memo_rebuild(refx_state *st, PyObject *memo,
-                                  PyObject *leaves);
+                                  PyObject *leaves, int pending);
+int refx_value_memo_lazy(refx_state *st, PyObject *memo);
+int refx_value_memo_plain_now(PyObject *memo);
+int refx_value_memo_same(PyObject *a, PyObject *b);
 
 /* flatvalue.c: a Ref's pytree value through jax.jit as its leaves */
 int refx_init_flat(PyObject *module, refx_state *st);
@@ -540,8 +552,15 @@ int refx_init_flat(PyObject *module, refx_state *st);
  * (*slots: the JitFunction's per-number memos, a list made at first use) */
 PyObject *refx_flat_in(refx_state *st, PyObject **slots, Py_ssize_t k,
                        PyObject *value);
-/* the written values as jax.jit returned them (a list), each Flat rebuilt:
- * a new list, or the list itself when it holds no Flat */
-PyObject *refx_flat_restore_all(refx_state *st, PyObject *values);
+/* the written values as jax.jit returned them (a list), each Flat rebuilt
+ * but those that may be left pending in their Refs (slots: as refx_flat_in's,
+ * or NULL for none; written: the Ref number of each value): a new list, or
+ * the list itself when it holds no Flat */
+PyObject *refx_flat_restore_all(refx_state *st, PyObject *values,
+                                PyObject *slots, PyObject *written);
+/* Flat `flat`'s leaves (a tuple, borrowed; NULL once cleared) */
+PyObject *refx_flat_leaves(PyObject *flat);
+/* `v` made if it is a Flat, else itself: a new reference */
+PyObject *refx_flat_value(refx_state *st, PyObject *v);
 
 #endif /* REFX_H */

@@ -488,7 +488,9 @@ collect_by_path(update_plan *p)
 /* ------------------------------------------------------------------ */
 
 /* Take the value of every source Ref, at one moment: this loop allocates
- * no Python object and so runs no Python code. */
+ * no Python object and so runs no Python code.  A value refx.jit left
+ * pending (a Flat, flatvalue.c) is made after it, once per Flat, and into
+ * its Ref if the Ref still holds it. */
 static int
 plan_snapshot(update_plan *p)
 {
@@ -501,8 +503,28 @@ plan_snapshot(update_plan *p)
     for (Py_ssize_t j = 0; j < n; j++) {
         PyObject *s = PyList_GET_ITEM(p->sl, j);
         if (Ref_Check(p->st, s)) {
-            p->snap[j] = Py_NewRef(((RefObject *)s)->value);
+            p->snap[j] = Py_NewRef(((RefObject *)s)->held);
         }
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *f = p->snap[j];
+        if (f == NULL || Py_TYPE(f) != p->st->Flat_Type) {
+            continue;
+        }
+        RefObject *r = (RefObject *)PyList_GET_ITEM(p->sl, j);
+        PyObject *made = r->held == f ? Py_XNewRef(refx_ref_value(p->st, r))
+                                      : refx_flat_value(p->st, f);
+        if (made == NULL) {
+            return -1;
+        }
+        Py_INCREF(f);
+        for (Py_ssize_t i = j; i < n; i++) {
+            if (p->snap[i] == f) {
+                Py_SETREF(p->snap[i], Py_NewRef(made));
+            }
+        }
+        Py_DECREF(f);
+        Py_DECREF(made);
     }
     return 0;
 }
@@ -628,10 +650,14 @@ static int
 plan_add(update_plan *p, Py_ssize_t j, RefObject *ref, PyObject *value)
 {
     Py_INCREF(value); /* the checks may run Python code */
-    if (p->by_path && check_shape(p, j, ref->value, value) < 0) {
+    PyObject *now = p->by_path ? Py_XNewRef(refx_ref_value(p->st, ref))
+                               : Py_NewRef(Py_None);
+    if (now == NULL || (p->by_path && check_shape(p, j, now, value) < 0)) {
+        Py_XDECREF(now);
         Py_DECREF(value);
         return -1;
     }
+    Py_DECREF(now);
     p->wrefs[p->nitems] = ref;
     p->wvalues[p->nitems] = value;
     p->wpos[p->nitems] = j;
