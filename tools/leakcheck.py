@@ -450,6 +450,43 @@ for _f, _a in ((JFLAT, (FSTATE,)), (JFTURN, (FTURN[0],)), (JFTURN, (FTURN[1],)),
                (JTOUCHY, (TOUCHY,))):
     _f(*_a)
 
+# ---- pending values: a written Flat left in its Ref until read ----
+FPEND = [refx.Ref(_FState({"a": jnp.ones(2)}, refx.get_partition(refx.deref(jmodel()), PARAMS)),
+                  "opt") for _ in range(3)]
+JFLAT_DONATE = refx.jit(lambda r: setattr(r, "value", jax.tree_util.tree_map(lambda v: v * 1, r.value)),
+                        donate_argnums=0)
+_FIN = refx._core._flat_out([FSTATE.value])
+
+
+def _pending_read():
+    JFLAT(FPEND[0])
+    return FPEND[0].value, repr(FPEND[0])
+
+
+def _pending_c_readers():
+    JFLAT(FPEND[1])
+    refx.deref({"s": FPEND[1]})
+    JFLAT(FPEND[1])
+    refx.clone({"s": FPEND[1]})
+    JFLAT(FPEND[1])
+    refx.update_refs({"s": FPEND[2]}, {"s": FPEND[1]})
+
+
+def _pending_donated():
+    JFLAT(FPEND[2])
+    JFLAT_DONATE(FPEND[2])
+
+
+for _op in (_pending_read, _pending_c_readers, _pending_donated):
+    _op()
+
+OPS.update({
+    "refx.jit pending write, then .value/repr": _pending_read,
+    "refx.jit pending write, deref/clone/update": _pending_c_readers,
+    "refx.jit pending write, then donated": _pending_donated,
+    "_flat_out given the input Flats": lambda: refx._core._flat_out([FSTATE.value], _FIN),
+})
+
 OPS.update({
     "refx.jit call, pytree value as a Flat": lambda: JFLAT(FSTATE),
     "refx.jit call, pytree values alternating": _flat_alternating,
