@@ -337,3 +337,91 @@ def test_a_module_defining_tuple_new_does_not_make_a_class_plain():
     f(r)
     assert not pending(r)
     assert len(ns["MADE"]) > n
+
+
+class _Clearing(collections.namedtuple("_Clearing", "a")):
+    fn = None
+    armed = False
+
+    def __new__(cls, a):
+        if cls.armed:
+            cls.armed = False
+            cls.fn._clear_cache()  # frees the per-number memo list mid-write-back
+            [[object() for _ in range(8)] for _ in range(2000)]
+        return super().__new__(cls, a)
+
+
+def test_a_rebuild_that_clears_the_cache_does_not_free_the_memos_in_use():
+    def step(a, b):
+        bump(a), bump(b)
+
+    f = _Clearing.fn = refx.jit(step)
+    a, b = refx.Ref(_Clearing(jnp.ones(2))), refx.Ref({"x": jnp.ones(2)})
+    oa, ob = refx.Ref(_Clearing(jnp.ones(2))), refx.Ref({"x": jnp.ones(2)})
+    for _ in range(4):
+        _Clearing.armed = True
+        f(a, b), step(oa, ob)
+        check_same(a.value, oa.value)
+        check_same(b.value, ob.value)
+
+
+# ---- found by the second reader of the change ----
+
+_hash_calls: list = []
+
+
+class _Meta:
+    """Ref metadata with a Python __hash__ that records when it runs."""
+
+    armed = False
+
+    def __eq__(self, other):
+        return type(other) is _Meta
+
+    def __hash__(self):
+        if _Meta.armed:
+            _hash_calls.append(1)
+            raise RuntimeError("a pending value's making ran Python code")
+        return 1
+
+
+class _Tagged(refx.Ref):
+    pass
+
+
+def test_making_a_value_with_metadata_runs_none_of_its_code():
+    # the making went through refx_parse_aux, which hashes the kind: user
+    # code ran inside deref's moment, and a later .value could raise
+    r = refx.Ref(refx.deref({"w": _Tagged(jnp.ones(2), m=_Meta())}))
+    oracle = refx.Ref(refx.deref({"w": _Tagged(jnp.ones(2), m=_Meta())}))
+    f = refx.jit(bump)
+    for _ in range(2):
+        f(r), bump(oracle)
+    assert pending(r)
+    _hash_calls.clear()
+    _Meta.armed = True
+    try:
+        d = refx.deref({"s": r})["s"].value
+        v = r.value
+    finally:
+        _Meta.armed = False
+    assert _hash_calls == []
+    check_same(v, oracle.value)
+    assert d is v
+    assert type(v["w"]) is refx.Value and v["w"].ref_type is _Tagged
+
+
+def test_update_refs_takes_every_source_at_one_moment():
+    # the review's case: code run while a pending source was made wrote the
+    # other source, and the snapshot took the later value; now the making
+    # runs none, and each source is the value it held at the moment
+    r1 = refx.Ref(refx.deref({"w": _Tagged(jnp.ones(2), m=_Meta())}))
+    r2 = refx.Ref(jnp.zeros(2))
+    f = refx.jit(bump)
+    f(r1), f(r1)
+    assert pending(r1)
+    want = jax.tree.map(lambda x: x * 2 + 1, refx.deref({"w": _Tagged(jnp.full(2, 3.0), m=_Meta())}))
+    d1, d2 = refx.Ref(None), refx.Ref(None)
+    refx.update_refs({"a": d1, "b": d2}, {"a": r1, "b": r2})
+    check_same(d1.value, want)
+    np.testing.assert_allclose(d2.value, 0.0)

@@ -965,6 +965,50 @@ typedef struct {
     int pending; /* a value left pending: its classes checked when written */
 } memo_rebuild_ctx;
 
+/* Is `aux` the aux data a Value or Index flattens to, as refx made it:
+ * (index, collection) or (index, collection, kind), the index an exact
+ * int and the kind (class, metadata, attributes)?  Then direct_deref makes
+ * the node as its unflatten would, without refx_parse_aux's checks (which
+ * hash the collection and kind): the memo took the aux from refx's own
+ * flatten of a Value or Index, which was made checked. */
+static int
+direct_deref_aux(PyObject *aux)
+{
+    if (!PyTuple_CheckExact(aux) ||
+        (PyTuple_GET_SIZE(aux) != 2 && PyTuple_GET_SIZE(aux) != 3) ||
+        !PyLong_CheckExact(PyTuple_GET_ITEM(aux, 0))) {
+        return 0;
+    }
+    PyObject *kind =
+        PyTuple_GET_SIZE(aux) == 3 ? PyTuple_GET_ITEM(aux, 2) : NULL;
+    return kind == NULL ||
+           (PyTuple_CheckExact(kind) && PyTuple_GET_SIZE(kind) == 3 &&
+            PyType_Check(PyTuple_GET_ITEM(kind, 0)));
+}
+
+/* A Value (of `kids`' one item) or Index from aux data direct_deref_aux
+ * took.  New reference, or NULL with an error. */
+static PyObject *
+direct_deref(refx_state *st, PyObject *type, PyObject *aux, PyObject *kids)
+{
+    Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(aux, 0));
+    if (index == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *collection = PyTuple_GET_ITEM(aux, 1);
+    PyObject *kind =
+        PyTuple_GET_SIZE(aux) == 3 ? PyTuple_GET_ITEM(aux, 2) : NULL;
+    if (type == (PyObject *)st->Index_Type) {
+        return PyTuple_GET_SIZE(kids) == 0
+                   ? refx_index_create_kind(st, index, collection, kind)
+                   : REFX_BUG("flatmemo: an Index with children");
+    }
+    return PyTuple_GET_SIZE(kids) == 1
+               ? refx_value_create_kind(st, PyTuple_GET_ITEM(kids, 0), index,
+                                        collection, kind)
+               : REFX_BUG("flatmemo: a Value without its one child");
+}
+
 /* The object of the memo's next node, made from the next leaves as
  * jaxlib's unflatten of the memo's treedef makes it: a tuple, list, dict
  * (keys in sorted order), namedtuple (its class called with the
@@ -1050,7 +1094,15 @@ memo_rebuild_node(memo_rebuild_ctx *r, int depth)
     }
     case M_NODE: {
         PyObject *spec = PyTuple_GET_ITEM(r->objs, n->obj);
-        PyObject *args[2] = {PyTuple_GET_ITEM(spec, 1), kids};
+        PyObject *type = PyTuple_GET_ITEM(spec, 0);
+        PyObject *aux = PyTuple_GET_ITEM(spec, 1);
+        if ((type == (PyObject *)r->st->Value_Type ||
+             type == (PyObject *)r->st->Index_Type) &&
+            direct_deref_aux(aux)) {
+            res = direct_deref(r->st, type, aux, kids);
+            break;
+        }
+        PyObject *args[2] = {aux, kids};
         res = PyObject_Vectorcall(PyTuple_GET_ITEM(spec, 3), args, 2, NULL);
         break;
     }
@@ -1162,14 +1214,11 @@ refx_value_memo_lazy(refx_state *st, PyObject *memo)
             }
             if (tp == (PyObject *)st->Value_Type ||
                 tp == (PyObject *)st->Index_Type) {
-                /* (index, collection[, kind]): a kind is refx's own */
-                if (!PyTuple_CheckExact(aux) || PyTuple_GET_SIZE(aux) < 2 ||
-                    !aux_is_plain(PyTuple_GET_ITEM(aux, 0), 0) ||
-                    !aux_is_plain(PyTuple_GET_ITEM(aux, 1), 0) ||
-                    (PyTuple_GET_SIZE(aux) == 3 &&
-                     refx_check_kind(st, PyTuple_GET_ITEM(aux, 2), "Value") <
-                         0)) {
-                    PyErr_Clear();
+                /* made by memo_rebuild_node's direct_deref, which reads
+                 * the kind without hashing it (its metadata may have a
+                 * Python __hash__: found by the second reader) */
+                if (!direct_deref_aux(aux) ||
+                    !aux_is_plain(PyTuple_GET_ITEM(aux, 1), 0)) {
                     return 0;
                 }
                 continue;

@@ -557,6 +557,7 @@ refx_flat_restore_all(refx_state *st, PyObject *values, PyObject *slots,
     }
     PyObject_GC_UnTrack(out); /* NULL items until filled, and a rebuild
                                * may run Python code (a namedtuple's class) */
+    Py_XINCREF(slots);        /* which may clear the JitFunction's cache */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = PyList_GET_ITEM(values, i);
         v = i >= first && Py_TYPE(v) == st->Flat_Type &&
@@ -564,12 +565,15 @@ refx_flat_restore_all(refx_state *st, PyObject *values, PyObject *slots,
                 ? flat_restore(st, v, 0)
                 : Py_NewRef(v);
         if (v == NULL) {
-            Py_DECREF(out);
-            return NULL;
+            Py_CLEAR(out);
+            break;
         }
         PyList_SET_ITEM(out, i, v);
     }
-    PyObject_GC_Track(out);
+    Py_XDECREF(slots);
+    if (out != NULL) {
+        PyObject_GC_Track(out);
+    }
     return out;
 }
 
@@ -660,7 +664,7 @@ flat_out_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *in = inputs != NULL && i < PyList_GET_SIZE(inputs)
                            ? PyList_GET_ITEM(inputs, i)
                            : NULL;
-        if (in != NULL && Py_TYPE(in) == st->Flat_Type &&
+        if (in != NULL && Py_TYPE(in) == st->Flat_Type && o != v &&
             Py_TYPE(o) == st->Flat_Type) {
             PyObject *sin = FLAT_CAST(in)->spec, *sout = FLAT_CAST(o)->spec;
             int same = sin != NULL && SPEC_CAST(sin)->lazy &&

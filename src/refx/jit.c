@@ -1305,9 +1305,7 @@ build_call(call_ctx *c, PyObject *cand)
         if (Py_TYPE(c->vals[k]) != st->Flat_Type) {
             continue;
         }
-        PyObject *v = c->refs[k]->held == c->vals[k]
-                          ? Py_XNewRef(refx_ref_value(st, c->refs[k]))
-                          : refx_flat_value(st, c->vals[k]);
+        PyObject *v = refx_ref_made(st, c->refs[k], c->vals[k]);
         if (v == NULL) {
             Py_DECREF(others);
             return -1;

@@ -505,27 +505,31 @@ refx_ref_store(refx_state *st, RefObject *self, PyObject *value)
 }
 
 PyObject *
+refx_ref_made(refx_state *st, RefObject *self, PyObject *flat)
+{
+    Py_INCREF(flat);
+    PyObject *made = refx_flat_value(st, flat);
+    if (made != NULL && self->held == flat) {
+        /* the same value, made: no write (no check; no Value deref kept
+         * as `last` was made of the Flat) */
+        Py_SETREF(self->held, Py_NewRef(made));
+    }
+    Py_DECREF(flat);
+    return made;
+}
+
+PyObject *
 refx_ref_value(refx_state *st, RefObject *self)
 {
-    /* a loop, though the rebuild of a pending value runs no Python code
+    /* a loop, though making a pending value runs no Python code
      * (flatmemo.c, refx_value_memo_lazy): a Flat put in some other way
      * (reached through gc.get_referents) may run some */
     while (self->held != NULL && Py_TYPE(self->held) == st->Flat_Type) {
-        PyObject *flat = Py_NewRef(self->held);
-        PyObject *made = refx_flat_value(st, flat);
+        PyObject *made = refx_ref_made(st, self, self->held);
         if (made == NULL) {
-            Py_DECREF(flat);
             return NULL;
         }
-        if (self->held == flat) {
-            /* the same value, made: no write (no check, no Value of
-             * deref's kept as `last` was made of the Flat) */
-            Py_SETREF(self->held, made);
-        }
-        else {
-            Py_DECREF(made);
-        }
-        Py_DECREF(flat);
+        Py_DECREF(made);
     }
     return self->held != NULL ? self->held : Py_None;
 }
@@ -844,8 +848,9 @@ ref_get_value(PyObject *op, void *Py_UNUSED(closure))
             return NULL;
         }
         if (inner != Py_None) {
-            PyObject *v = refx_ref_value(refx_state_from_type(Py_TYPE(self)),
-                                         (RefObject *)inner);
+            refx_state *st = refx_state_from_type(Py_TYPE(self));
+            PyObject *v =
+                st != NULL ? refx_ref_value(st, (RefObject *)inner) : NULL;
             Py_XINCREF(v);
             Py_DECREF(inner);
             return v;

@@ -450,6 +450,10 @@ void refx_ref_store(refx_state *st, RefObject *ref, PyObject *value);
  * (Py_None for a Ref not yet initialized), or NULL with an error (out of
  * memory).  Runs no Python code for a value refx.jit left pending. */
 PyObject *refx_ref_value(refx_state *st, RefObject *ref);
+/* The value made from `flat`, a Flat `ref` held at some moment (a new
+ * reference; a snapshot's value, whatever `ref` holds now), kept in `ref`
+ * if it still holds that Flat; NULL with an error. */
+PyObject *refx_ref_made(refx_state *st, RefObject *ref, PyObject *flat);
 PyObject *refx_value_create(refx_state *st, PyObject *value, Py_ssize_t index,
                             PyObject *collection);
 PyObject *refx_index_create(refx_state *st, Py_ssize_t index,

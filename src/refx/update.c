@@ -489,8 +489,8 @@ collect_by_path(update_plan *p)
 
 /* Take the value of every source Ref, at one moment: this loop allocates
  * no Python object and so runs no Python code.  A value refx.jit left
- * pending (a Flat, flatvalue.c) is made after it, once per Flat, and into
- * its Ref if the Ref still holds it. */
+ * pending (a Flat, flatvalue.c) is made after it, once per Flat, from the
+ * Flat taken at the moment (kept in its Ref if the Ref still holds it). */
 static int
 plan_snapshot(update_plan *p)
 {
@@ -511,9 +511,9 @@ plan_snapshot(update_plan *p)
         if (f == NULL || Py_TYPE(f) != p->st->Flat_Type) {
             continue;
         }
-        RefObject *r = (RefObject *)PyList_GET_ITEM(p->sl, j);
-        PyObject *made = r->held == f ? Py_XNewRef(refx_ref_value(p->st, r))
-                                      : refx_flat_value(p->st, f);
+        /* the moment's value, whatever the Ref holds by now */
+        PyObject *made =
+            refx_ref_made(p->st, (RefObject *)PyList_GET_ITEM(p->sl, j), f);
         if (made == NULL) {
             return -1;
         }
