@@ -595,7 +595,9 @@ namedtuple_plain_new(PyTypeObject *tp)
         return NULL;
     }
     PyObject *sm = _PyType_Lookup(tp, name); /* borrowed */
-    PyObject *real = PyDict_GetItemWithError(PyTuple_Type.tp_dict, name);
+    /* tuple.__new__, as namedtuple took it (not tp_dict: a static
+     * type's dict is per interpreter from CPython 3.12, tp_dict NULL) */
+    PyObject *real = _PyType_Lookup(&PyTuple_Type, name);
     Py_DECREF(name);
     if (sm == NULL || real == NULL || !Py_IS_TYPE(sm, &PyStaticMethod_Type)) {
         PyErr_Clear();
