@@ -42,6 +42,11 @@ def test_no_drift(name):
     before = leakcheck.probe_refcounts()  # empties Partition unflatten's cache: fill it again
     leakcheck.warm(leakcheck.OPS[name])
     blocks, mem = leakcheck.measure(leakcheck.OPS[name], CALLS)
+    if blocks > leakcheck.LIMIT or mem > 8.0:
+        # a leak repeats; a one-time growth does not (seen: 100-250 blocks
+        # kept once in 10,000 calls of _flat_out/_flat_restore, then 0-60 in
+        # each next 10,000, with nothing left after 80,000): measure again
+        blocks, mem = leakcheck.measure(leakcheck.OPS[name], CALLS)
     assert blocks <= leakcheck.LIMIT, f"{name}: {blocks:.4f} pymalloc blocks per call"
     assert mem <= 8.0, f"{name}: {mem:.1f} traced bytes per call"
     assert leakcheck.probe_refcounts() == before
