@@ -425,3 +425,11 @@ def test_update_refs_takes_every_source_at_one_moment():
     refx.update_refs({"a": d1, "b": d2}, {"a": r1, "b": r2})
     check_same(d1.value, want)
     np.testing.assert_allclose(d2.value, 0.0)
+
+
+def test_flat_out_checks_the_inputs_it_is_given():
+    with pytest.raises(TypeError, match=r"_flat_out\(values, inputs=None\) expects a list \(and a list as long\)"):
+        _core._flat_out([jnp.ones(1)], [None, None])
+    with pytest.raises(TypeError, match=r"expects a list"):
+        _core._flat_out([jnp.ones(1)], (None,))
+    assert _core._flat_out([jnp.ones(1)], None)[0].shape == (1,)

@@ -115,7 +115,7 @@
  *
  * Functions in this file: the check walk (memo_same_aux, value_same_aux,
  * memo_check, memo_check_items, memo_check_dict), the build from a treedef
- * (memo_build, memo_make, namedtuple_is_plain), value memos (refx_value_memo,
+ * (memo_build, memo_make, namedtuple_plain_new), value memos (refx_value_memo,
  * refx_value_memo_leaves, refx_value_memo_rebuild, refx_value_memo_lazy,
  * refx_value_memo_same), refx_memo_flatten, refx_memo_flatten_eager (the box: eager_read,
  * eager_write; a hit: eager_hit; a miss: eager_plan, eager_apply),
@@ -582,23 +582,17 @@ memo_positions(PyObject *keys)
  * runs no Python code, raises nothing.  A class changed later (a new
  * __new__ or __init__) is seen by namedtuple_still_plain. */
 static PyObject *
-namedtuple_plain_new(PyTypeObject *tp)
+namedtuple_plain_new(refx_state *st, PyTypeObject *tp, Py_ssize_t nfields)
 {
     if (Py_TYPE(tp) != &PyType_Type ||
         tp->tp_init != PyBaseObject_Type.tp_init ||
         tp->tp_alloc != PyType_GenericAlloc) {
         return NULL;
     }
-    PyObject *name = PyUnicode_InternFromString("__new__");
-    if (name == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    PyObject *sm = _PyType_Lookup(tp, name); /* borrowed */
+    PyObject *sm = _PyType_Lookup(tp, st->str_new); /* borrowed */
     /* tuple.__new__, as namedtuple took it (not tp_dict: a static
      * type's dict is per interpreter from CPython 3.12, tp_dict NULL) */
-    PyObject *real = _PyType_Lookup(&PyTuple_Type, name);
-    Py_DECREF(name);
+    PyObject *real = _PyType_Lookup(&PyTuple_Type, st->str_new);
     if (sm == NULL || real == NULL || !Py_IS_TYPE(sm, &PyStaticMethod_Type)) {
         PyErr_Clear();
         return NULL;
@@ -612,7 +606,6 @@ namedtuple_plain_new(PyTypeObject *tp)
         PyObject *tn = PyDict_GetItemString(g, "_tuple_new");
         PyObject *bi = PyDict_GetItemString(g, "__builtins__");
         PyObject *nm = PyDict_GetItemString(g, "__name__");
-        PyObject *fields = PyObject_GetAttrString((PyObject *)tp, "_fields");
         plain =
             tn == real && bi != NULL && PyDict_CheckExact(bi) &&
             PyDict_GET_SIZE(bi) == 0 && nm != NULL &&
@@ -622,9 +615,7 @@ namedtuple_plain_new(PyTypeObject *tp)
             PyUnicode_CompareWithASCIIString(code->co_filename, "<string>") ==
                 0 &&
             PyUnicode_CompareWithASCIIString(code->co_name, "<lambda>") == 0 &&
-            fields != NULL && PyTuple_Check(fields) &&
-            code->co_argcount == PyTuple_GET_SIZE(fields) + 1;
-        Py_XDECREF(fields);
+            code->co_argcount == nfields + 1;
     }
     Py_XDECREF(fn);
     PyErr_Clear();
@@ -635,21 +626,12 @@ namedtuple_plain_new(PyTypeObject *tp)
  * __new__ or None) made by tuple.__new__ still: the class's __new__ the
  * one found when the memo was made, and no __init__ or metaclass since? */
 static int
-namedtuple_still_plain(PyObject *spec)
+namedtuple_still_plain(refx_state *st, PyObject *spec)
 {
     PyObject *cls = PyTuple_GET_ITEM(spec, 0), *sm = PyTuple_GET_ITEM(spec, 2);
-    if (sm == Py_None || Py_TYPE(cls) != &PyType_Type ||
-        ((PyTypeObject *)cls)->tp_init != PyBaseObject_Type.tp_init) {
-        return 0;
-    }
-    PyObject *name = PyUnicode_InternFromString("__new__");
-    if (name == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    PyObject *now = _PyType_Lookup((PyTypeObject *)cls, name);
-    Py_DECREF(name);
-    return now == sm;
+    return sm != Py_None && Py_TYPE(cls) == &PyType_Type &&
+           ((PyTypeObject *)cls)->tp_init == PyBaseObject_Type.tp_init &&
+           _PyType_Lookup((PyTypeObject *)cls, st->str_new) == sm;
 }
 
 /* A tuple subclass jaxlib flattened with no aux data: its namedtuple kind
@@ -675,7 +657,7 @@ memo_namedtuple(memo_build_ctx *b, PyObject *type, Py_ssize_t n)
     int r = 0;
     if (fields != NULL && PyTuple_Check(fields) &&
         PyTuple_GET_SIZE(fields) == n) {
-        PyObject *sm = namedtuple_plain_new((PyTypeObject *)type);
+        PyObject *sm = namedtuple_plain_new(b->st, (PyTypeObject *)type, n);
         PyObject *spec =
             PyTuple_Pack(3, type, name, sm != NULL ? sm : Py_None);
         r = spec != NULL ? memo_push(b, M_NAMEDTUPLE, n, spec) : -1;
@@ -1082,7 +1064,7 @@ memo_rebuild_node(memo_rebuild_ctx *r, int depth)
         PyObject *spec = PyTuple_GET_ITEM(r->objs, n->obj);
         PyObject *cls = PyTuple_GET_ITEM(spec, 0);
         if (PyTuple_GET_ITEM(spec, 2) != Py_None &&
-            (r->pending || namedtuple_still_plain(spec))) {
+            (r->pending || namedtuple_still_plain(r->st, spec))) {
             PyObject *args = PyTuple_Pack(1, kids);
             res = args != NULL
                       ? PyTuple_Type.tp_new((PyTypeObject *)cls, args, NULL)
@@ -1181,7 +1163,7 @@ aux_is_plain(PyObject *o, int depth)
  * rebuild runs no Python code, so that it cannot fail (but for lack of
  * memory), cannot be seen to run late, and may run where no Python code
  * may (deref's one moment): tuples, lists, None, dicts (exact str keys, as
- * every dict memo), plain namedtuples (namedtuple_is_plain), and refx's
+ * every dict memo), plain namedtuples (namedtuple_plain_new), and refx's
  * Value, Index, NOTHING and Partition whose aux data (index, collection,
  * kind; paths) is exact str, int, None or tuples of them, or a kind refx
  * made.  1 or 0; runs no Python code. */
@@ -1203,7 +1185,7 @@ refx_value_memo_lazy(refx_state *st, PyObject *memo)
             continue;
         case M_NAMEDTUPLE:
             spec = PyTuple_GET_ITEM(objs, ns[i].obj);
-            if (!namedtuple_still_plain(spec)) {
+            if (!namedtuple_still_plain(st, spec)) {
                 return 0;
             }
             continue;
@@ -1243,7 +1225,7 @@ refx_value_memo_lazy(refx_state *st, PyObject *memo)
  * (flatvalue.c may_pend), since it is then made as the classes are now.
  * 1 or 0; runs no Python code. */
 int
-refx_value_memo_plain_now(PyObject *memo)
+refx_value_memo_plain_now(refx_state *st, PyObject *memo)
 {
     PyObject *nodes = PyTuple_GET_ITEM(memo, 1),
              *objs = PyTuple_GET_ITEM(memo, 2);
@@ -1251,7 +1233,7 @@ refx_value_memo_plain_now(PyObject *memo)
     Py_ssize_t nn = PyBytes_GET_SIZE(nodes) / (Py_ssize_t)sizeof(memo_node);
     for (Py_ssize_t i = 0; i < nn; i++) {
         if (ns[i].kind == M_NAMEDTUPLE &&
-            !namedtuple_still_plain(PyTuple_GET_ITEM(objs, ns[i].obj))) {
+            !namedtuple_still_plain(st, PyTuple_GET_ITEM(objs, ns[i].obj))) {
             return 0;
         }
     }

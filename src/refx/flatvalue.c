@@ -522,7 +522,7 @@ may_pend(refx_state *st, PyObject *v, PyObject *slots, PyObject *written,
     FlatObject *f = FLAT_CAST(v);
     if (slots == NULL || f->spec == NULL || f->leaves == NULL ||
         !SPEC_CAST(f->spec)->lazy ||
-        !refx_value_memo_plain_now(SPEC_CAST(f->spec)->memo)) {
+        !refx_value_memo_plain_now(st, SPEC_CAST(f->spec)->memo)) {
         return 0;
     }
     Py_ssize_t k = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, w));

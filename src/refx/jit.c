@@ -822,7 +822,8 @@ make_desc(call_ctx *c)
             goto done;
         }
         PyTuple_SET_ITEM(types, k, spec);
-        PyObject *v = refx_flat_value(c->st, c->vals[k]); /* as it is */
+        /* made: the entry builder reads the values themselves */
+        PyObject *v = refx_flat_value(c->st, c->vals[k]);
         if (v == NULL) {
             goto done;
         }

@@ -220,6 +220,7 @@ static PyMethodDef module_functions[] = {
     X(str_name) \
     X(str_flatten_up_to) \
     X(str_shape) \
+    X(str_new) \
     X(str_dtype) \
     X(str_position) \
     X(str_reason) \
@@ -315,6 +316,7 @@ module_exec(PyObject *module)
     INTERN(str_name, "name")
     INTERN(str_flatten_up_to, "flatten_up_to")
     INTERN(str_shape, "shape")
+    INTERN(str_new, "__new__")
     INTERN(str_dtype, "dtype")
     INTERN(str_position, "position")
     INTERN(str_reason, "reason")

@@ -136,6 +136,7 @@ typedef struct {
     PyObject *str_name;
     PyObject *str_flatten_up_to;
     PyObject *str_shape;
+    PyObject *str_new; /* "__new__": flatmemo.c's namedtuple checks */
     PyObject *str_dtype;
     PyObject *str_position; /* _WriteRefused's attributes and reasons */
     PyObject *str_reason;
@@ -547,7 +548,7 @@ PyObject *refx_value_memo_leaves(refx_state *st, PyObject *memo,
 PyObject *refx_value_memo_rebuild(refx_state *st, PyObject *memo,
                                   PyObject *leaves, int pending);
 int refx_value_memo_lazy(refx_state *st, PyObject *memo);
-int refx_value_memo_plain_now(PyObject *memo);
+int refx_value_memo_plain_now(refx_state *st, PyObject *memo);
 int refx_value_memo_same(PyObject *a, PyObject *b);
 
 /* flatvalue.c: a Ref's pytree value through jax.jit as its leaves */
